@@ -1,0 +1,176 @@
+"""The `zolite` command: parse, call zolite.*, print. No logic lives here."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from zolite.errors import ZoliteError
+
+
+class ZoliteGroup(click.Group):
+    """Turn a ZoliteError into one line on stderr and exit code 2, with no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ZoliteError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+def _quiet_transformers():
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+@click.group(cls=ZoliteGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zolite")
+def main():
+    """Zeroth-order fine-tuning of one dominant decoder layer. Layer indices are 0-based everywhere."""
+    _quiet_transformers()
+
+
+@main.command()
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Profile name (see `zolite models`), local HF folder, .gguf file or hub id.")
+@click.option("--task", default="sst2", show_default=True, help="Task name (see `zolite tasks`).")
+@click.option("--layer", "--layers", "layer", default=None,
+              help="Decoder layer(s) to tune, 0-based: N, N,M or 'all' (full-model MeZO). Default: the profile's dominant layer.")
+@click.option("--steps", type=int, help="ZO steps. Default: the profile's.")
+@click.option("--lr", type=float, help="Learning rate. Default: the profile's.")
+@click.option("--eps", type=float, help="Perturbation scale (absolute). Default: the profile's.")
+@click.option("--batch-size", type=int, help="Examples per step. Default: the profile's.")
+@click.option("--weight-decay", type=float, help="MeZO weight decay on matrices.  [default: 0]")
+@click.option("--eval-every", type=int, help="Score val and checkpoint every N steps (0: never).")
+@click.option("--seed", type=int, help="Seed of the perturbations and batch order.  [default: 0]")
+@click.option("--data-seed", type=int, help="Seed of the train/val/test split (keep it fixed to compare runs).  [default: 0]")
+@click.option("--objective", type=click.Choice(["ce", "lm"]), help="ce: cross-entropy over candidates; lm: gold-answer LM loss.  [default: ce]")
+@click.option("--keep", type=click.Choice(["best", "last"]), help="Patch the best-val weights or the last.  [default: best]")
+@click.option("--max-length", type=int, help="Longest prompt+answer in tokens (prompts are cut from the left).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Model dtype. Default: fp32 on CPU, the profile's on GPU.")
+@click.option("--device", help="cpu, cuda, cuda:1... Default: cuda when available.")
+@click.option("--data", help="Folder holding TASK/train.jsonl(.gz) or TASK.jsonl, or one JSONL file.")
+@click.option("--test", "eval_test", is_flag=True, default=None, help="Also score the held-out test rows at the end.")
+@click.option("--run-dir", type=click.Path(), help="Run folder (config, checkpoint, report). Default: runs/MODEL-TASK-LLAYER-sSEED.")
+@click.option("--out", type=click.Path(), help="Patch path. Default: RUN_DIR/patch.safetensors.")
+@click.option("--resume", type=click.Path(), help="Continue the run in this folder from its last checkpoint.")
+@click.option("--force", is_flag=True, help="Overwrite an existing run folder or patch.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def tune(ctx, model, task, run_dir, out, resume, force, as_json, quiet, **options):
+    """Tune one decoder layer with MeZO and write a patch."""
+    import zolite
+
+    if resume is not None:  # model/task/options must match the folder's; only those typed are checked
+        given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        model = model if given("model") else None
+        task = task if given("task") else None
+    report = zolite.tune(model, task, run_dir=run_dir, out=out, force=force, resume=resume,
+                         progress=not quiet, **options)
+    summary = {k: report[k] for k in ("patch", "run_dir", "layers", "steps", "kept_step", "tuned_params", "timing", "memory")}
+    summary["val_accuracy"] = report["final"]["val"]["accuracy"] if report["final"]["val"] else None
+    if "test" in report["final"]:
+        summary["test_accuracy"] = report["final"]["test"]["accuracy"]
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"patch: {summary['patch']} (layer {summary['layers']}, {summary['tuned_params']:,} params, "
+                   f"{summary['steps']} steps, kept step {summary['kept_step']})")
+        for part in ("val", "test"):
+            if report["final"].get(part):
+                r = report["final"][part]
+                click.echo(f"{part} accuracy: {r['accuracy']:.4f} on {r['n']} rows")
+        click.echo(f"report: {report['run_dir']}/report.json")
+
+
+def _print_eval(result: dict):
+    rows = [("zero-shot", result["zero_shot"])] + ([("patched", result["patched"])] if "patched" in result else [])
+    click.echo(f"{result['task']} {result['split']}: {result['rows']} rows from {result['source']}")
+    for name, r in rows:
+        lo, hi = r["ci95"]
+        click.echo(f"  {name:<9} accuracy {r['accuracy']:.4f}  (95% CI {lo:.4f}-{hi:.4f}, {r['correct']}/{r['n']})")
+
+
+@main.command("eval")
+@click.option("--model", default="smollm2-135m", show_default=True, help="Profile, local folder, .gguf or hub id.")
+@click.option("--task", default="sst2", show_default=True)
+@click.option("--patch", type=click.Path(), help="Also score this patch on the same rows.")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--data", help="Folder holding TASK/train.jsonl(.gz) or TASK.jsonl, or one JSONL file.")
+@click.option("--data-seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=int, help="Score only the first N rows of the split.")
+@click.option("--max-length", type=int, default=512, show_default=True)
+@click.option("--device")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--json", "as_json", is_flag=True)
+def eval_(model, task, patch, split, data, data_seed, limit, max_length, device, dtype, as_json):
+    """Zero-shot vs patched accuracy on the same rows."""
+    import zolite
+
+    result = zolite.evaluate(model, task, patch=patch, split=split, data=data, data_seed=data_seed, limit=limit,
+                             max_length=max_length, device=device, dtype=dtype)
+    click.echo(json.dumps(result)) if as_json else _print_eval(result)
+
+
+@main.command()
+@click.argument("patch", type=click.Path())
+@click.option("--model", default=None, help="Base model. Default: the one named in the patch.")
+@click.option("--prompt", help="Generate a continuation of this text.")
+@click.option("--chat", is_flag=True, help="Wrap --prompt in the model's chat template.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--eval", "eval_task", help="Score this task's test rows, zero-shot and patched.")
+@click.option("--input", "input_file", type=click.Path(), help="Classify each row of this JSONL file with the patch's task.")
+@click.option("--data", help="Data folder for --eval.")
+@click.option("--limit", type=int, help="With --eval: only the first N test rows.")
+@click.option("--device")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
+def apply(patch, model, prompt, chat, max_new_tokens, eval_task, input_file, data, limit, device, dtype):
+    """Load the base, check the patch fits, copy it in, then generate, evaluate or classify."""
+    import zolite
+    from zolite.tasks import get_task
+
+    if sum(x is not None for x in (prompt, eval_task, input_file)) != 1:
+        raise ZoliteError("pass exactly one of --prompt TEXT, --eval TASK or --input FILE.jsonl")
+    p = zolite.load_patch(patch)
+    model = model or p.metadata.get("zolite.model")
+    if eval_task is not None:
+        return _print_eval(zolite.evaluate(model, eval_task, patch=patch, data=data, limit=limit,
+                                           device=device, dtype=dtype))
+    task = get_task(p.task) if input_file is not None else None
+    loaded = zolite.load_model(model, device=device, dtype=dtype)
+    zolite.apply_patch(loaded.model, p)
+    if prompt is not None:
+        click.echo(zolite.generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat))
+        return
+    for prediction in zolite.classify_file(loaded.model, loaded.tokenizer, task, input_file):
+        click.echo(json.dumps(prediction))
+
+
+@main.command()
+def models():
+    """List the model profiles."""
+    from zolite.loading import known_models
+
+    for p in known_models():
+        layer = f"dominant layer {p.dominant_layer}" if p.dominant_layer is not None else "dominant layer unknown"
+        click.echo(f"{p.name:<14} {p.num_layers} layers, {layer:<22} {p.description}")
+
+
+@main.command()
+def tasks():
+    """List the tasks."""
+    from zolite.tasks import TASKS
+
+    for t in TASKS.values():
+        click.echo(f"{t.name:<8} {t.description}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Model profiles (*.toml), shipped inside the package as zolite.profiles."""

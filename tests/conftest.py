@@ -1,0 +1,84 @@
+"""Fixtures: a tiny random Llama (with a BPE tokenizer trained here) saved as a local HF folder, and small data."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(2)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def build_tiny_model(out: Path, seed: int = 0, layers: int = 4, hidden: int = 32) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from zolite.data import bundled_file, iter_rows
+
+    text = [r["sentence"] for r, _ in zip(iter_rows(bundled_file("sst2")), range(1500))]
+    text += [r["passage"] + " " + r["question"] for r, _ in zip(iter_rows(bundled_file("boolq")), range(200))]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model(tmp_path_factory) -> str:
+    """Same shape as tiny_model, other weights: a different base."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-other"), seed=1))
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> str:
+    """A data folder with 100 SST-2 and 100 BoolQ rows (split 40/20/40), for quick runs."""
+    from zolite.data import bundled_file, iter_rows
+
+    root = tmp_path_factory.mktemp("data")
+    for task in ("sst2", "boolq"):
+        rows = [r for r, _ in zip(iter_rows(bundled_file(task)), range(100))]
+        (root / task).mkdir()
+        with gzip.open(root / task / "train.jsonl.gz", "wt") as f:
+            for r in rows:
+                r.pop("_line")
+                f.write(json.dumps(r) + "\n")
+    return str(root)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(request, tmp_path, monkeypatch):
+    """Fast tests get an empty cache and no hub; slow tests keep the user's cache (the converted real model)."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("ZOLITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def run_cli(*args):
+    """Run `zolite ARGS` in-process; returns click's Result (exit_code, output)."""
+    from click.testing import CliRunner
+
+    from zolite.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])

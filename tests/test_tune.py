@@ -1,0 +1,122 @@
+"""The whole path on the tiny model: tune -> patch -> apply -> eval, determinism, kill-and-resume."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import zolite
+from conftest import run_cli
+from zolite.patch import load_patch
+
+QUICK = ["--layer", "1", "--steps", "6", "--eval-every", "3", "--batch-size", "4", "--lr", "1e-2", "--quiet"]
+
+
+def sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_tune_apply_eval_end_to_end(tiny_model, small_data, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("tune", "--model", tiny_model, "--task", "sst2", "--data", small_data, "--run-dir", run, "--json", *QUICK)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["steps"] == 6 and summary["layers"] == "1"
+
+    patch = load_patch(run / "patch.safetensors")
+    assert set(patch.metadata) >= {"zolite.format", "zolite.version", "zolite.model", "zolite.arch", "zolite.layer",
+                                   "zolite.base_sha256", "zolite.task", "zolite.steps", "zolite.metric", "zolite.hparams"}
+    assert patch.metadata["zolite.layer"] == "1" and patch.metadata["zolite.task"] == "sst2"
+    assert all(name.startswith("model.layers.1.") for name in patch.tensors)
+    assert all(t.dtype == torch.float16 for t in patch.tensors.values())
+    assert json.loads(patch.metadata["zolite.hparams"])["lr"] == 1e-2
+
+    report = json.loads((run / "report.json").read_text())
+    assert len(report["loss_curve"]) == 6 and [s for s, _ in report["val_curve"]] == [0, 3, 6]
+    assert report["data"]["counts"] == {"train": 40, "val": 20, "test": 40}
+    assert report["final"]["val"]["n"] == 20 and "cpu_rss_peak_gib" in report["memory"]
+    assert json.loads((run / "config.json").read_text())["layer"] == "1"
+
+    # the patch changes the model only in layer 1, and apply copies exactly the patch's values in
+    loaded = zolite.load_model(tiny_model)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    zolite.apply_patch(loaded.model, run / "patch.safetensors")
+    after = loaded.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= set(patch.tensors)
+    for name, t in patch.tensors.items():
+        assert torch.equal(after[name], t.float())
+
+    r = run_cli("apply", run / "patch.safetensors", "--model", tiny_model, "--prompt", "the movie was")
+    assert r.exit_code == 0 and r.output.strip(), r.output
+    r = run_cli("apply", run / "patch.safetensors", "--model", tiny_model, "--eval", "sst2", "--data", small_data)
+    assert r.exit_code == 0 and "zero-shot" in r.output and "patched" in r.output, r.output
+    rows = tmp_path / "in.jsonl"
+    rows.write_text('{"sentence": "a great film"}\n\n{"sentence": "dull and boring", "label": 0}\n')
+    r = run_cli("apply", run / "patch.safetensors", "--model", tiny_model, "--input", rows)
+    assert r.exit_code == 0, r.output
+    preds = [json.loads(line) for line in r.output.strip().splitlines()]
+    assert [p["line"] for p in preds] == [1, 3] and all(p["prediction"] in ("terrible", "great") for p in preds)
+
+    r = run_cli("eval", "--model", tiny_model, "--task", "sst2", "--data", small_data,
+                "--patch", run / "patch.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["rows"] == 40 and result["zero_shot"]["n"] == result["patched"]["n"] == 40
+    assert 0 <= result["patched"]["ci95"][0] <= result["patched"]["accuracy"] <= result["patched"]["ci95"][1] <= 1
+
+
+def test_same_seed_same_patch_bits(tiny_model, small_data, tmp_path):
+    a = zolite.tune(tiny_model, "boolq", data=small_data, run_dir=tmp_path / "a", layer="2", steps=5,
+                    eval_every=0, batch_size=3, lr=1e-2, progress=False)
+    b = zolite.tune(tiny_model, "boolq", data=small_data, run_dir=tmp_path / "b", layer="2", steps=5,
+                    eval_every=0, batch_size=3, lr=1e-2, progress=False)
+    c = zolite.tune(tiny_model, "boolq", data=small_data, run_dir=tmp_path / "c", layer="2", steps=5,
+                    eval_every=0, batch_size=3, lr=1e-2, seed=1, progress=False)
+    assert a["loss_curve"] == b["loss_curve"]
+    assert sha(a["patch"]) == sha(b["patch"])
+    assert sha(a["patch"]) != sha(c["patch"])
+
+
+def test_full_model_mode_tunes_every_layer(tiny_model, small_data, tmp_path):
+    report = zolite.tune(tiny_model, "sst2", data=small_data, run_dir=tmp_path / "all", layer="all", steps=3,
+                         eval_every=0, batch_size=4, lr=1e-2, progress=False)
+    patch = load_patch(report["patch"])
+    assert report["layers"] == "all" and patch.layers == [0, 1, 2, 3]
+    assert {n.split(".")[2] for n in patch.tensors} == {"0", "1", "2", "3"}
+
+
+def _tune_cmd(model, data, run_dir):
+    return [sys.executable, "-m", "zolite.cli", "tune", "--model", model, "--data", data, "--run-dir", str(run_dir),
+            "--layer", "1", "--steps", "300", "--eval-every", "10", "--batch-size", "4", "--lr", "1e-2", "--quiet"]
+
+
+def test_sigkill_and_resume_gives_the_same_patch(tiny_model, small_data, tmp_path):
+    full = tmp_path / "full"
+    subprocess.run(_tune_cmd(tiny_model, small_data, full), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_tune_cmd(tiny_model, small_data, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "patch.safetensors").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "zolite.cli", "tune", "--resume", str(killed), "--quiet"],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sha(killed / "patch.safetensors") == sha(full / "patch.safetensors")
+    assert (json.loads((killed / "report.json").read_text())["loss_curve"]
+            == json.loads((full / "report.json").read_text())["loss_curve"])

@@ -1,0 +1,12 @@
+"""zolite: zeroth-order fine-tuning of one dominant decoder layer, with tiny hot-swappable patches."""
+__version__ = "0.1.0"
+
+from .errors import ZoliteError  # noqa: E402
+from .loading import load_model  # noqa: E402
+from .patch import apply_patch, load_patch, save_patch  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .predict import classify_file, generate  # noqa: E402
+from .tune import tune  # noqa: E402
+
+__all__ = ["ZoliteError", "load_model", "apply_patch", "load_patch", "save_patch", "evaluate", "tune", "generate",
+           "classify_file", "__version__"]

@@ -1,0 +1,149 @@
+"""Task data: find it, read JSONL(.gz) as a stream, and sample MeZO's disjoint train/val/test splits.
+
+Only the sampled rows are ever held in memory: the file is read twice as a stream (count, then pick).
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ZoliteError
+
+PROTOCOL = {"train": 1000, "val": 500, "test": 1000}  # MeZO (Malladi et al. 2023), Sec. 4
+
+
+@dataclass
+class Splits:
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+    source: str                    # where the rows came from
+    total_rows: int                # rows in the file
+    counts: dict = field(default_factory=dict)
+
+
+def open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def iter_rows(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield each JSON object of a .jsonl or .jsonl.gz file, with its 1-based line number as row['_line']."""
+    path = Path(path)
+    try:
+        with open_text(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ZoliteError(f"{path}, line {line_no}: not valid JSON ({e.msg}); fix or remove that line") from None
+                if not isinstance(row, dict):
+                    raise ZoliteError(f"{path}, line {line_no}: expected a JSON object, got {type(row).__name__}")
+                row["_line"] = line_no
+                yield row
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ZoliteError(f"cannot read {path}: {e}") from None
+
+
+def split_sizes(n: int, protocol: dict = PROTOCOL) -> dict:
+    """MeZO's 1000/500/1000 when the file has enough rows; otherwise the file is split 2:1:2 (train:val:test)."""
+    if n >= sum(protocol.values()):
+        return dict(protocol)
+    train, val = (2 * n) // 5, n // 5
+    return {"train": train, "val": val, "test": n - train - val}
+
+
+def sample_splits(path: str | os.PathLike, *, seed: int = 0, protocol: dict = PROTOCOL,
+                  validate=None) -> Splits:
+    """Sample disjoint test, val and train rows (in that order) from `path` with a fixed seed."""
+    n = sum(1 for _ in iter_rows(path))
+    if n == 0:
+        raise ZoliteError(f"{path} holds no rows; pass a file with one JSON object per line")
+    sizes = split_sizes(n, protocol)
+    picked = random.Random(seed).sample(range(n), sum(sizes.values()))
+    part_of = {}
+    start = 0
+    for part in ("test", "val", "train"):
+        for rank, i in enumerate(picked[start:start + sizes[part]]):
+            part_of[i] = (part, rank)
+        start += sizes[part]
+    parts = {p: [None] * sizes[p] for p in sizes}
+    for i, row in enumerate(iter_rows(path)):
+        if i in part_of:
+            if validate is not None:
+                validate(row, path)
+            part, rank = part_of[i]
+            parts[part][rank] = row
+    return Splits(parts["train"], parts["val"], parts["test"], str(path), n, sizes)
+
+
+def bundled_file(task: str) -> Path | None:
+    f = resources.files("zolite") / "data" / f"{task}.jsonl.gz"
+    return Path(str(f)) if f.is_file() else None
+
+
+def find_data(task: str, data_dir: str | None = None, hf_dataset: tuple | None = None) -> Path:
+    """The JSONL file for `task`: --data DIR first, then the HF datasets cache/hub, then the bundled sample."""
+    if data_dir is not None:
+        root = Path(data_dir)
+        candidates = [root / task / f"train.{ext}" for ext in ("jsonl.gz", "jsonl")]
+        candidates += [root / f"{task}.{ext}" for ext in ("jsonl.gz", "jsonl")]
+        if root.is_file():
+            candidates.insert(0, root)
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise ZoliteError(f"no {task} data under {data_dir}: expected {candidates[0]} or {root / (task + '.jsonl')}")
+    if hf_dataset is not None and importlib.util.find_spec("datasets") is not None:
+        path = _from_hf_datasets(task, hf_dataset)
+        if path is not None:
+            return path
+    bundled = bundled_file(task)
+    if bundled is None:
+        raise ZoliteError(f"no data for task {task}: pass --data DIR holding {task}/train.jsonl(.gz), "
+                          "or install the `datasets` package and go online")
+    return bundled
+
+
+def _from_hf_datasets(task: str, hf_dataset: tuple) -> Path | None:
+    """Export the HF train split once to a JSONL file in zolite's cache; None when it cannot be had."""
+    from .loading import cache_dir
+
+    out = cache_dir() / "data" / f"{task}-{'-'.join(hf_dataset)}.jsonl"
+    if out.is_file():
+        return out
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(*hf_dataset, split="train")
+    except Exception:  # offline and not cached, or the hub refused: fall back to the bundled sample
+        return None
+    from .io import atomic_path
+
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in ds:
+            f.write(json.dumps(row) + "\n")
+    return out
+
+
+def batches_for_step(n_rows: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Row indices of step `step`'s batch: epochs of seeded permutations, laid end to end.
+
+    A function of the step alone, so a resumed run sees the same batches without saving a data cursor.
+    """
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n_rows)
+        order = list(range(n_rows))
+        random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
+        out.extend(order[offset:offset + batch_size - len(out)])
+    return out

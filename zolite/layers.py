@@ -1,0 +1,48 @@
+"""Where the decoder layers sit in each architecture, and which of them a run tunes (0-based indices)."""
+from __future__ import annotations
+
+import torch
+
+from .errors import ZoliteError
+
+# llama / mistral / qwen2 / qwen3: model.layers; OPT: model.decoder.layers; GPT-2: transformer.h; Pythia: gpt_neox.layers
+LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The dotted path of the decoder-layer list and the list itself."""
+    for path in LAYER_PATHS:
+        module = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, torch.nn.ModuleList):
+            return path, module
+    raise ZoliteError(f"cannot find the decoder layers of {type(model).__name__}; "
+                      f"supported layouts: {', '.join(LAYER_PATHS)}")
+
+
+def parse_layers(spec: str | int | None, num_layers: int, default: int | None) -> list[int]:
+    """'12' -> [12]; 'all' -> every layer; '3,5' -> [3, 5]; None -> the profile's dominant layer."""
+    if spec is None:
+        if default is None:
+            raise ZoliteError("this model has no known dominant layer; pass --layer N (0-based) or --layers all")
+        spec = default
+    if isinstance(spec, str) and spec.strip().lower() == "all":
+        return list(range(num_layers))
+    try:
+        indices = [int(spec)] if isinstance(spec, int) else [int(s) for s in str(spec).split(",")]
+    except ValueError:
+        raise ZoliteError(f"--layer '{spec}' is not a layer index; pass an integer (0-based), a list like 3,5, or all") from None
+    for i in indices:
+        if not 0 <= i < num_layers:
+            raise ZoliteError(f"layer {i} is out of range: this model has {num_layers} decoder layers, "
+                              f"0 to {num_layers - 1} (0-based)")
+    if len(set(indices)) != len(indices):
+        raise ZoliteError(f"--layer '{spec}' names a layer twice")
+    return sorted(indices)
+
+
+def format_layers(indices: list[int], num_layers: int) -> str:
+    return "all" if indices == list(range(num_layers)) else ",".join(map(str, indices))

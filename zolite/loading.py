@@ -1,0 +1,169 @@
+"""Find a model from a profile name, a folder, a .gguf file or a hub id, and load it with its tokenizer."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ZoliteError
+from .profile import Profile, find_profile, get_profile, profile_names
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cache_dir() -> Path:
+    """zolite's cache: $ZOLITE_CACHE, else $XDG_CACHE_HOME/zolite, else ~/.cache/zolite."""
+    if os.environ.get("ZOLITE_CACHE"):
+        return Path(os.environ["ZOLITE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zolite"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str                 # what the user asked for: a profile name, path or hub id
+    path: Path                # the Hugging Face folder the weights came from
+    profile: Profile | None
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_model(spec: str) -> tuple[Path, Profile | None]:
+    """The local Hugging Face folder for `spec`, converting or downloading once if needed."""
+    profile = find_profile(spec)
+    if profile is not None:
+        kind, _, where = profile.source.partition(":")
+        if kind == "package":
+            return convert_gguf_cached(_package_file(where, profile)), profile
+        return hub_folder(where), profile
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ZoliteError(f"{spec} is a folder without config.json; pass a Hugging Face model folder")
+        return path, None
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ZoliteError(f"{spec} is a file but not a .gguf; pass a .gguf file or a Hugging Face model folder")
+        return convert_gguf_cached(path), None
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return hub_folder(spec), None
+    raise ZoliteError(f"unknown model '{spec}': not a profile ({', '.join(profile_names())}), "
+                      "a local folder, a .gguf file or a hub id (org/name)")
+
+
+def _package_file(where: str, profile: Profile) -> Path:
+    module, _, filename = where.partition("/")
+    spec = importlib.util.find_spec(module)  # find, don't import: the package's own imports are not needed
+    if spec is None or spec.origin is None:
+        raise ZoliteError(f"model '{profile.name}' needs the package {module}: {profile.install_hint}")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ZoliteError(f"{path} is missing from the installed {module}; reinstall it: {profile.install_hint}")
+    return path
+
+
+def hub_folder(repo_id: str) -> Path:
+    """A snapshot of a hub repository: from the HF cache, downloading it first when online."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except (GatedRepoError, RepositoryNotFoundError) as e:
+        raise ZoliteError(f"hub model {repo_id} cannot be read ({type(e).__name__}): accept its license on the "
+                          "hub and run `hf auth login`, or pass a local folder") from None
+    except Exception:  # offline, DNS, proxy...: fall back to what the cache has
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            raise ZoliteError(f"hub model {repo_id} is not in the Hugging Face cache and the hub cannot be "
+                              "reached; download it where there is network, or pass a local folder") from None
+
+
+def convert_gguf_cached(gguf: Path) -> Path:
+    """Convert a .gguf file once into a Hugging Face folder (fp16 safetensors) under the cache; reuse it after."""
+    out = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process converted it meanwhile
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    # transformers de-quantizes GGUF tensors on load (~20 s) but refuses to save such a model, so the
+    # weights are copied into a fresh model of the same class built from the config minus its quantization.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ZoliteError("reading .gguf files needs the gguf package: pip install gguf")
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cfg = src.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
+    cfg["dtype"] = "float16"
+    dst = type(src)(type(src.config)(**cfg))
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if dst.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ZoliteError(f"{gguf}: weights do not match the architecture (missing {missing}, unexpected {unexpected})")
+    dst.tie_weights()
+    dst.to(torch.float16).save_pretrained(out)
+    tok.save_pretrained(out)
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    (out / "zolite_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest.hexdigest()}) + "\n")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def choose_dtype(dtype: str | None, device: torch.device, profile: Profile | None) -> torch.dtype:
+    """fp32 on the CPU (fp16 matmuls are slow there); on a GPU the profile's choice, fp16 without one."""
+    if dtype is None:
+        dtype = "float32" if device.type == "cpu" else (profile.defaults.get("dtype_cuda") if profile else None) or "float16"
+    if dtype not in DTYPES:
+        raise ZoliteError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(spec: str, *, device: str | torch.device | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load `spec` (profile, folder, .gguf or hub id) frozen, in eval mode, for inference-only use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, profile = resolve_model(spec)
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = choose_dtype(dtype, device, profile)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ZoliteError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model, tokenizer, spec, path, profile, device, torch_dtype)
+
+
+def known_models() -> list[Profile]:
+    return [get_profile(n) for n in profile_names()]

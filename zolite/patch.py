@@ -1,0 +1,129 @@
+"""The patch file: the tuned layers' weights as safetensors, with metadata naming the base they fit.
+
+Tensors are stored under their full names in the base model (`model.layers.12.self_attn.q_proj.weight`), so a
+patch is a partial state dict; `zolite.base_sha256` is the SHA-256 of the same tensors in the base model, in
+fp16, so a patch is refused by any other base.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from . import __version__
+from .errors import ZoliteError
+from .io import atomic_path, refuse_clobber
+
+FORMAT = "zolite-patch/1"
+
+
+@dataclass
+class Patch:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    path: Path | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(i) for i in self.metadata["zolite.layer"].split(",")]
+
+    @property
+    def task(self) -> str | None:
+        return self.metadata.get("zolite.task")
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names and fp16 bytes of `tensors` (sorted by name)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        t = tensors[name].detach().to("cpu", torch.float16).contiguous()
+        digest.update(t.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_patch(path, tensors: dict[str, torch.Tensor], metadata: dict[str, object], *,
+               dtype: torch.dtype = torch.float16, force: bool = False) -> Path:
+    """Write the patch atomically; refuse to overwrite an existing file unless force."""
+    refuse_clobber(path, force)
+    meta = {"zolite.format": FORMAT, "zolite.version": __version__, "zolite.dtype": str(dtype).removeprefix("torch.")}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    cpu = {name: t.detach().to("cpu", dtype).contiguous() for name, t in tensors.items()}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(_sorted_header(save(cpu, metadata=meta)))
+    return Path(path)
+
+
+def _sorted_header(blob: bytes) -> bytes:
+    """safetensors writes its header keys in hash order; sort them so the same patch is the same bytes."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)   # the data must stay 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + blob[8 + n:]
+
+
+def load_patch(path) -> Patch:
+    """Read and check a patch file; a clear error if it is missing, corrupt or not a zolite patch."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZoliteError(f"patch file {path} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ZoliteError(f"{path} is not a readable safetensors patch ({str(e).splitlines()[0]}); "
+                          "re-create it with zolite tune") from None
+    if metadata.get("zolite.format") != FORMAT:
+        raise ZoliteError(f"{path} is not a zolite patch (format {metadata.get('zolite.format')!r}, "
+                          f"expected {FORMAT!r})")
+    needed = ("zolite.layer", "zolite.base_sha256", "zolite.arch")
+    missing = [k for k in needed if k not in metadata]
+    if missing or not tensors:
+        raise ZoliteError(f"{path} is an incomplete zolite patch (missing {', '.join(missing) or 'tensors'})")
+    return Patch(tensors, metadata, path)
+
+
+def base_tensors(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {name: params[name] for name in names if name in params}
+
+
+def check_fits(model: torch.nn.Module, patch: Patch, base_sha256: str | None = None) -> None:
+    """Refuse a patch made for another architecture, layer layout or base model."""
+    where = patch.path or "patch"
+    arch = model.config.model_type
+    if patch.metadata["zolite.arch"] != arch:
+        raise ZoliteError(f"{where} was made for a {patch.metadata['zolite.arch']} model, not this {arch} model "
+                          f"({patch.metadata.get('zolite.model', '?')}); pass --model {patch.metadata.get('zolite.model', '...')}")
+    params = dict(model.named_parameters())
+    for name, t in patch.tensors.items():
+        if name not in params:
+            raise ZoliteError(f"{where} holds {name}, which this model does not have "
+                              f"(made for {patch.metadata.get('zolite.model', '?')}, layer {patch.metadata['zolite.layer']})")
+        if tuple(params[name].shape) != tuple(t.shape):
+            raise ZoliteError(f"{where}: {name} has shape {tuple(t.shape)} but the model's is "
+                              f"{tuple(params[name].shape)}; the patch is for another model")
+    if base_sha256 is None:
+        base_sha256 = fingerprint(base_tensors(model, patch.tensors))
+    if base_sha256 != patch.metadata["zolite.base_sha256"]:
+        raise ZoliteError(f"{where} was tuned from another base (layer {patch.metadata['zolite.layer']} fingerprint "
+                          f"differs; made for {patch.metadata.get('zolite.model', '?')}); apply it to that base model")
+
+
+@torch.no_grad()
+def apply_patch(model: torch.nn.Module, patch: Patch | str | Path, *, verify: bool = True) -> Patch:
+    """Check that `patch` fits `model`, then copy its tensors into the model's parameters in place."""
+    if not isinstance(patch, Patch):
+        patch = load_patch(patch)
+    if verify:
+        check_fits(model, patch)
+    params = dict(model.named_parameters())
+    for name, t in patch.tensors.items():
+        params[name].copy_(t.to(params[name].device, params[name].dtype))
+    return patch

@@ -1,0 +1,49 @@
+"""Use a (patched) model: generate from a prompt, or classify task rows from a JSONL file."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .data import iter_rows
+from .evaluate import encode_rows, score_encoded
+from .tasks import Task
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: bool = False) -> str:
+    """Greedy continuation of `prompt` (wrapped in the tokenizer's chat template when chat=True)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = ids.to(next(model.parameters()).device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def classify_file(model, tokenizer, task: Task, path, *, max_length: int = 512,
+                  batch_size: int = 32) -> Iterator[dict]:
+    """One prediction per row of `path` (task rows; the label field is optional), in file order."""
+    chunk: list[dict] = []
+
+    def flush():
+        encoded = encode_rows(tokenizer, task, chunk, max_length)
+        scores = score_encoded(model, tokenizer, encoded, batch_size)
+        for row, s in zip(chunk, scores):
+            best = int(s.argmax())
+            yield {"line": row["_line"], "prediction": task.example(row).candidates[best].strip(),
+                   "index": best, "scores": [round(float(x), 4) for x in s]}
+
+    for row in iter_rows(path):
+        row = dict(row)
+        row.setdefault("label", 0)   # rows to classify need no gold label; the template wants one
+        task.validate(row, path)
+        chunk.append(row)
+        if len(chunk) == 256:
+            yield from flush()
+            chunk = []
+    if chunk:
+        yield from flush()

@@ -1,0 +1,127 @@
+"""Score candidate answers by their log-likelihood, with logits computed only at the answer tokens.
+
+An example with C candidates becomes up to C token sequences (prompt + candidate[:-1]); identical sequences
+are shared, so single-token candidates cost one sequence per example. Batches are right-padded and run
+without an attention mask: under causal attention a real token never sees the padding after it, and with no
+per-row mask every later layer accepts a batch doubled for the +eps / -eps halves of a ZO step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ZoliteError
+from .tasks import Example
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    sequences: tuple[tuple[int, ...], ...]   # one per candidate: prompt + candidate[:-1]
+    answers: tuple[tuple[int, ...], ...]     # the candidate's tokens
+    label: int
+
+
+def encode_example(tokenizer, example: Example, max_length: int) -> EncodedExample:
+    prompt = tokenizer(example.prompt)["input_ids"]
+    sequences, answers = [], []
+    for cand in example.candidates:
+        full = tokenizer(example.prompt + cand)["input_ids"]
+        if full[:len(prompt)] == prompt and len(full) > len(prompt):
+            answer = full[len(prompt):]
+        else:  # the tokenizer merged across the boundary: tokenize the candidate on its own
+            answer = tokenizer(cand, add_special_tokens=False)["input_ids"]
+        if not answer:
+            raise ZoliteError(f"candidate {cand!r} tokenizes to nothing; use a non-empty candidate")
+        keep = max_length - len(answer)
+        if keep < 1:
+            raise ZoliteError(f"candidate {cand!r} is longer than --max-length {max_length}")
+        context = prompt if len(prompt) <= keep else _truncate_left(prompt, keep, tokenizer)
+        sequences.append(tuple(context + answer[:-1]))
+        answers.append(tuple(answer))
+    return EncodedExample(tuple(sequences), tuple(answers), example.label)
+
+
+def _truncate_left(ids: list[int], keep: int, tokenizer) -> list[int]:
+    """Drop tokens from the left (the question sits at the end), keeping a leading BOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and ids and ids[0] == bos and keep > 1:
+        return [bos] + ids[len(ids) - keep + 1:]
+    return ids[len(ids) - keep:]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor      # [S, T], right-padded
+    rows: torch.Tensor           # [K] sequence of each scored token
+    positions: torch.Tensor      # [K] position whose logits predict it
+    targets: torch.Tensor        # [K] the token
+    owners: torch.Tensor         # [K] example * C + candidate
+    counts: torch.Tensor         # [E * C] tokens per candidate (0 = no such candidate)
+    labels: torch.Tensor         # [E]
+    n_candidates: int
+
+    def to(self, device):
+        return Batch(*(getattr(self, f).to(device) for f in
+                       ("input_ids", "rows", "positions", "targets", "owners", "counts", "labels")),
+                     self.n_candidates)
+
+
+def collate(encoded: list[EncodedExample], pad_id: int) -> Batch:
+    n_cand = max(len(e.answers) for e in encoded)
+    seq_index: dict[tuple, int] = {}
+    rows, positions, targets, owners = [], [], [], []
+    for ei, e in enumerate(encoded):
+        for ci, (seq, ans) in enumerate(zip(e.sequences, e.answers)):
+            s = seq_index.setdefault(seq, len(seq_index))
+            first = len(seq) - len(ans)          # position whose logits predict the first answer token
+            for k, tok in enumerate(ans):
+                rows.append(s)
+                positions.append(first + k)
+                targets.append(tok)
+                owners.append(ei * n_cand + ci)
+    longest = max(len(s) for s in seq_index)
+    input_ids = torch.full((len(seq_index), longest), pad_id, dtype=torch.long)
+    for seq, s in seq_index.items():
+        input_ids[s, :len(seq)] = torch.tensor(seq)
+    owners_t = torch.tensor(owners)
+    counts = torch.bincount(owners_t, minlength=len(encoded) * n_cand)
+    return Batch(input_ids, torch.tensor(rows), torch.tensor(positions), torch.tensor(targets), owners_t,
+                 counts, torch.tensor([e.label for e in encoded]), n_cand)
+
+
+def pad_token_id(tokenizer) -> int:
+    """Any id works for right padding (it is never attended to); avoid the pad id itself so transformers
+    does not warn that padding was passed without an attention mask."""
+    return 0 if tokenizer.pad_token_id not in (None, 0) else 1
+
+
+def last_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (after the last norm), no KV cache, no logits."""
+    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def candidate_scores(model, batch: Batch, hidden: torch.Tensor) -> torch.Tensor:
+    """Mean log-probability of each candidate: [copies, E, C] (copies = 2 in a ZO step: +eps, -eps).
+
+    Missing candidates (tasks with fewer than C) get -inf.
+    """
+    n_seq = batch.input_ids.shape[0]
+    copies = hidden.shape[0] // n_seq
+    h = hidden.view(copies, n_seq, *hidden.shape[1:])[:, batch.rows, batch.positions]   # [copies, K, D]
+    logp = torch.log_softmax(model.get_output_embeddings()(h).float(), dim=-1)
+    token_logp = logp.gather(-1, batch.targets.expand(copies, -1).unsqueeze(-1)).squeeze(-1)
+    sums = torch.zeros(copies, batch.counts.numel(), device=h.device).index_add_(1, batch.owners, token_logp)
+    scores = sums / batch.counts.clamp(min=1)
+    scores = scores.masked_fill(batch.counts == 0, float("-inf"))
+    return scores.view(copies, -1, batch.n_candidates)
+
+
+def losses(scores: torch.Tensor, labels: torch.Tensor, objective: str = "ce") -> torch.Tensor:
+    """One loss per copy. 'ce': cross-entropy over the candidates; 'lm': -log-likelihood of the gold answer."""
+    if objective == "ce":
+        return torch.stack([F.cross_entropy(s, labels) for s in scores])
+    if objective == "lm":
+        return -scores.gather(2, labels.expand(scores.shape[0], -1).unsqueeze(-1)).mean(dim=(1, 2))
+    raise ZoliteError(f"unknown objective '{objective}'; choose ce or lm")

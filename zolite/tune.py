@@ -1,0 +1,244 @@
+"""`zolite tune`: MeZO on one decoder layer (or all of them), read top to bottom.
+
+set up (model, task data, tuned layers) -> loop (ZO step, log, eval, checkpoint) -> patch + report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import batches_for_step, find_data, sample_splits
+from .errors import ZoliteError
+from .evaluate import accuracy_report, encode_rows, score_encoded
+from .io import refuse_clobber, write_json
+from .layers import decoder_layers, format_layers, parse_layers
+from .loading import load_model
+from .patch import fingerprint, save_patch
+from .scoring import collate, pad_token_id
+from .tasks import get_task
+from .zo import TunedLayers, spsa_losses, step_seed
+
+BUILTIN_DEFAULTS = {"lr": 1e-6, "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
+
+
+@dataclass
+class TuneConfig:
+    """Everything that decides a run's result. None = the model profile's default."""
+    model: str = "smollm2-135m"
+    task: str = "sst2"
+    layer: str | None = None          # "12", "3,5" or "all" (0-based); None = the profile's dominant layer
+    steps: int | None = None
+    lr: float | None = None
+    eps: float | None = None
+    batch_size: int | None = None
+    weight_decay: float = 0.0
+    eval_every: int | None = None     # 0 = never (the patch is then the last step's weights)
+    seed: int = 0                     # step seeds (z) and batch order
+    data_seed: int = 0                # which rows go to train / val / test: fixed, so runs compare on the same rows
+    objective: str = "ce"             # ce: cross-entropy over candidates; lm: -log-likelihood of the gold answer
+    keep: str = "best"                # best: the weights of the best val step (step 0 included); last
+    max_length: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    data: str | None = None
+    eval_test: bool = False           # also score the held-out test rows at the end
+
+
+def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=None, force: bool = False,
+         resume=None, progress: bool = True, **options) -> dict:
+    """Tune and write a patch; returns the run's summary (also in RUN_DIR/report.json)."""
+    config, run_dir, out = _prepare_run(model, task, run_dir, out, force, resume, options)
+    t_start = time.perf_counter()
+
+    # --- set up: model, layers, data ---
+    loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+    net, tokenizer = loaded.model, loaded.tokenizer
+    _, layers = decoder_layers(net)
+    indices = parse_layers(config.layer, len(layers), loaded.profile.dominant_layer if loaded.profile else None)
+    config = _fill_defaults(config, loaded, indices, len(layers))
+    task_ = get_task(config.task)
+    splits = sample_splits(find_data(task_.name, config.data, task_.hf_dataset), seed=config.data_seed,
+                           validate=task_.validate)
+    if not splits.train:
+        raise ZoliteError(f"{splits.source} has too few rows to train on ({splits.total_rows}); pass a larger file")
+    train = encode_rows(tokenizer, task_, splits.train, config.max_length)
+    val = encode_rows(tokenizer, task_, splits.val, config.max_length)
+    tuned = TunedLayers(net, indices)
+    base_sha256 = fingerprint(tuned.state())
+    load_s = time.perf_counter() - t_start
+    write_json(run_dir / "config.json", dataclasses.asdict(config))
+
+    def val_accuracy() -> float:
+        scores = score_encoded(net, tokenizer, val, config.batch_size * 2)
+        return accuracy_report(scores, [e.label for e in val])["accuracy"]
+
+    # --- resume, or start with the base weights scored on val ---
+    state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0}
+    best = None
+    saved = load_checkpoint(run_dir) if resume else None
+    if saved is not None:
+        masters, best, state = saved
+        tuned.load(masters)
+    elif config.eval_every and val:
+        state["val"].append([0, val_accuracy()])
+        state["best_step"], state["best_metric"] = 0, state["val"][-1][1]
+        best = _cpu_copy(tuned.state())
+
+    # --- the loop ---
+    pad, device = pad_token_id(tokenizer), loaded.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = _progress_bar(state["step"], config.steps, progress)
+    while state["step"] < config.steps:
+        step = state["step"]
+        t0 = time.perf_counter()
+        batch = collate([train[i] for i in batches_for_step(len(train), config.batch_size, step, config.seed)],
+                        pad).to(device)
+        seed = step_seed(config.seed, step)
+        loss_plus, loss_minus = spsa_losses(net, tuned, batch, seed, config.eps, config.objective)
+        projected_grad = (loss_plus - loss_minus) / (2 * config.eps)
+        tuned.sgd_update(seed, projected_grad, config.lr, config.weight_decay)
+        state["losses"].append((loss_plus + loss_minus) / 2)
+        state["step"] = step + 1
+        state["train_s"] += time.perf_counter() - t0
+
+        if config.eval_every and state["step"] % config.eval_every == 0:
+            if val:
+                acc = val_accuracy()
+                state["val"].append([state["step"], acc])
+                if config.keep == "best" and acc > state["best_metric"]:
+                    state["best_step"], state["best_metric"] = state["step"], acc
+                    best = _cpu_copy(tuned.state())
+            save_checkpoint(run_dir, tuned.state(), best, state)
+        bar.update(1)
+        bar.set_postfix_str(_postfix(state, device))
+    bar.close()
+
+    # --- the patch: best (or last) weights, rounded to fp16 first so the final score is the patch's ---
+    if config.keep == "best" and best is not None:
+        tuned.load(best)
+    tuned.load({k: v.half().float() for k, v in tuned.state().items()})
+    final = {"val": accuracy_report(score_encoded(net, tokenizer, val, config.batch_size * 2),
+                                    [e.label for e in val]) if val else None}
+    if config.eval_test and splits.test:
+        final["test"] = accuracy_report(
+            score_encoded(net, tokenizer, encode_rows(tokenizer, task_, splits.test, config.max_length),
+                          config.batch_size * 2), [task_.label(r) for r in splits.test])
+    save_checkpoint(run_dir, tuned.state(), best, state)
+    metric = {"val_accuracy": final["val"]["accuracy"] if final["val"] else None,
+              "kept_step": state["best_step"] if config.keep == "best" else state["step"]}
+    save_patch(out, tuned.state(), {
+        "zolite.model": config.model, "zolite.arch": net.config.model_type,
+        "zolite.layer": ",".join(map(str, indices)), "zolite.base_sha256": base_sha256,
+        "zolite.task": config.task, "zolite.steps": str(state["step"]), "zolite.metric": metric,
+        "zolite.hparams": dataclasses.asdict(config)}, force=True)
+
+    report = {
+        "patch": str(out), "run_dir": str(run_dir), "config": dataclasses.asdict(config),
+        "model": {"name": config.model, "path": str(loaded.path), "arch": net.config.model_type,
+                  "num_layers": len(layers), "dtype": str(loaded.dtype).removeprefix("torch."),
+                  "device": str(device)},
+        "layers": format_layers(indices, len(layers)), "tuned_params": tuned.numel(),
+        "base_sha256": base_sha256,
+        "data": {"source": splits.source, "rows_in_file": splits.total_rows, "counts": splits.counts},
+        "steps": state["step"], "kept_step": metric["kept_step"],
+        "final": final, "val_curve": state["val"], "loss_curve": state["losses"],
+        "timing": {"load_s": round(load_s, 2), "train_s": round(state["train_s"], 2),
+                   "step_ms": round(1000 * state["train_s"] / max(1, len(state["losses"])), 2),
+                   "total_s": round(time.perf_counter() - t_start, 2)},
+        "memory": _memory_peaks(device),
+    }
+    write_json(run_dir / "report.json", report)
+    return report
+
+
+def _cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The best weights so far, kept off the GPU."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+
+
+def _prepare_run(model, task, run_dir, out, force, resume, options):
+    """The config, run folder and patch path; checks a resumed folder against the arguments given."""
+    unknown = set(options) - {f.name for f in dataclasses.fields(TuneConfig)}
+    if unknown:
+        raise TypeError(f"tune() got unknown options: {', '.join(sorted(unknown))}")
+    given = {k: v for k, v in options.items() if v is not None}
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.json").is_file():
+            raise ZoliteError(f"{run_dir} is not a zolite run folder (no config.json); pass the RUN_DIR of an earlier tune")
+        saved = json.loads((run_dir / "config.json").read_text())
+        given.update({k: v for k, v in (("model", model), ("task", task)) if v is not None})
+        for key, value in given.items():
+            if saved.get(key) != value and not (key == "layer" and str(saved.get(key)) == str(value)):
+                raise ZoliteError(f"{run_dir} was started with {key}={saved.get(key)!r}, not {value!r}; "
+                                  f"drop that option to resume it, or start a new run")
+        config = TuneConfig(**saved)
+        out = Path(out) if out else run_dir / "patch.safetensors"
+        return config, run_dir, out
+    config = TuneConfig(model=model, task=task, **given)
+    get_task(task)  # an unknown task fails before anything is loaded or written
+    if run_dir is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name)
+        run_dir = Path("runs") / f"{name}-{task}-L{config.layer or 'default'}-s{config.seed}"
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise ZoliteError(f"run folder {run_dir} already exists; resume it with --resume {run_dir}, "
+                          "pass --force to start it again, or choose another --run-dir")
+    out = Path(out) if out else run_dir / "patch.safetensors"
+    refuse_clobber(out, force)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("checkpoint.safetensors", "report.json"):
+        (run_dir / stale).unlink(missing_ok=True)
+    return config, run_dir, out
+
+
+def _fill_defaults(config: TuneConfig, loaded, indices, num_layers) -> TuneConfig:
+    defaults = dict(BUILTIN_DEFAULTS, **(loaded.profile.defaults if loaded.profile else {}))
+    filled = {k: defaults[k] for k in BUILTIN_DEFAULTS if getattr(config, k) is None}
+    filled["layer"] = format_layers(indices, num_layers)
+    filled["dtype"] = str(loaded.dtype).removeprefix("torch.")
+    filled["device"] = str(loaded.device)
+    config = dataclasses.replace(config, **filled)
+    for name in ("steps", "batch_size", "max_length"):
+        if getattr(config, name) < 1 and not (name == "steps" and config.steps == 0):
+            raise ZoliteError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.eps <= 0 or config.lr < 0:
+        raise ZoliteError(f"need eps > 0 and lr >= 0 (got eps={config.eps}, lr={config.lr})")
+    if config.keep not in ("best", "last"):
+        raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
+    if config.objective not in ("ce", "lm"):
+        raise ZoliteError(f"--objective must be ce or lm, got {config.objective!r}")
+    return config
+
+
+def _progress_bar(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, file=sys.stderr, unit="step", dynamic_ncols=True)
+
+
+def _postfix(state: dict, device: torch.device) -> str:
+    recent = state["losses"][-20:]
+    ms = 1000 * state["train_s"] / max(1, len(state["losses"]))
+    mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    val = f" val {state['val'][-1][1]:.3f}" if state["val"] else ""
+    return f"loss {sum(recent) / len(recent):.4f} {ms:.0f} ms/step mem {mem:.2f} GiB{val}"
+
+
+def _memory_peaks(device: torch.device) -> dict:
+    peaks = {"cpu_rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if device.type == "cuda":
+        peaks["gpu_allocated_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        peaks["gpu_reserved_peak_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
+    return peaks

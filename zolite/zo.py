@@ -1,0 +1,143 @@
+"""MeZO's zeroth-order step on a few decoder layers (Malladi et al. 2023, Algorithm 1).
+
+- z for tensor i is regenerated from (step seed, i) on the tensor's device: never stored.
+- Weights are never perturbed in place: each tuned module sees W + sign*eps*z, computed from the master
+  copy just before its forward and dropped right after, so restoring is exact and memory grows by one
+  module's tensor at a time.
+- The layers before the first tuned layer run once; from there the batch is doubled, the first half
+  seeing +eps and the second -eps, so l+ and l- come from one forward.
+- The update goes into an fp32 master copy (one layer), so many tiny steps are not lost to fp16 rounding.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .layers import decoder_layers
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def tensor_seed(step_seed: int, index: int) -> int:
+    return (step_seed * _MIX + index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+
+
+def sample_z(step_seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator(device=like.device).manual_seed(tensor_seed(step_seed, index))
+    return torch.randn(like.shape, generator=gen, device=like.device, dtype=torch.float32)
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    """The seed of step `step`: a pure function of the run seed, so resuming needs no RNG state."""
+    return tensor_seed(run_seed + 1, step) % (1 << 62)
+
+
+class TunedLayers:
+    """The tuned decoder layers: their parameters by full name, and fp32 masters where the model is not fp32."""
+
+    def __init__(self, model: torch.nn.Module, indices: list[int]):
+        prefix, layers = decoder_layers(model)
+        self.indices = list(indices)
+        self.layers = [layers[i] for i in self.indices]
+        self.names, self.params, self.owner = [], [], []   # owner: (module, attribute) holding the tensor
+        for i, layer in zip(self.indices, self.layers):
+            for mod_name, module in layer.named_modules():
+                for attr, p in module.named_parameters(recurse=False):
+                    self.names.append(".".join(filter(None, (prefix, str(i), mod_name, attr))))
+                    self.params.append(p)
+                    self.owner.append((module, attr))
+        self.masters = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in self.params]
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.masters))
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, master, p in zip(self.names, self.masters, self.params):
+            master.copy_(tensors[name])
+            if p.data_ptr() != master.data_ptr():
+                p.copy_(master)
+
+    @torch.no_grad()
+    def sgd_update(self, seed: int, projected_grad: float, lr: float, weight_decay: float = 0.0) -> None:
+        """MeZO's update: W <- W - lr * (g * z + wd * W), no decay on vectors (norms, biases)."""
+        for i, (master, p) in enumerate(zip(self.masters, self.params)):
+            z = sample_z(seed, i, master)
+            if weight_decay and master.dim() >= 2:
+                master.mul_(1 - lr * weight_decay)
+            master.add_(z, alpha=-lr * projected_grad)
+            if p.data_ptr() != master.data_ptr():
+                p.copy_(master)
+
+    @contextmanager
+    def perturbed(self, seed: int, eps: float):
+        """Within this block a forward of batch B returns 2B rows: [W + eps z | W - eps z]."""
+        state = {"sign": 0, "doubled": False}
+        handles, saved_forwards = [], []
+        by_module: dict[int, list] = {}
+        for i, (module, attr) in enumerate(self.owner):
+            by_module.setdefault(id(module), (module, []))[1].append((i, attr))
+
+        def swap_in(module, _args, _entries):
+            for i, attr in _entries:
+                master = self.masters[i]
+                w = master + (state["sign"] * eps) * sample_z(seed, i, master)
+                module._parameters[attr] = w.to(self.params[i].dtype)
+
+        def swap_out(module, _args, _out, _entries):
+            for i, attr in _entries:
+                module._parameters[attr] = self.params[i]
+
+        for module, entries in by_module.values():
+            handles.append(module.register_forward_pre_hook(lambda m, a, e=entries: swap_in(m, a, e)))
+            handles.append(module.register_forward_hook(lambda m, a, o, e=entries: swap_out(m, a, o, e)))
+
+        for layer in self.layers:
+            saved_forwards.append((layer, layer.__dict__.get("forward")))
+            layer.forward = _doubling_forward(layer.forward, state)
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for (module, attr), p in zip(self.owner, self.params):
+                module._parameters[attr] = p
+            for layer, forward in saved_forwards:
+                if forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = forward
+
+
+def _doubling_forward(forward, state):
+    def run(hidden, *args, **kwargs):
+        if state["doubled"]:
+            plus, minus = hidden.chunk(2)
+        else:  # first tuned layer: everything before it ran once on B rows
+            plus = minus = hidden
+            state["doubled"] = True
+        state["sign"] = 1
+        out_plus = forward(plus, *args, **kwargs)
+        state["sign"] = -1
+        out_minus = forward(minus, *args, **kwargs)
+        state["sign"] = 0
+        if isinstance(out_plus, tuple):  # older layers return (hidden, ...)
+            return (torch.cat([out_plus[0], out_minus[0]]),) + tuple(out_plus[1:])
+        return torch.cat([out_plus, out_minus])
+    return run
+
+
+def spsa_losses(model, tuned: TunedLayers, batch, seed: int, eps: float, objective: str) -> tuple[float, float]:
+    """l(W + eps z) and l(W - eps z) on one batch, from one forward of the doubled batch."""
+    from .scoring import candidate_scores, last_hidden, losses
+
+    with torch.inference_mode():
+        with tuned.perturbed(seed, eps):
+            hidden = last_hidden(model, batch.input_ids)
+        loss = losses(candidate_scores(model, batch, hidden), batch.labels, objective)
+    plus, minus = loss.tolist()
+    return plus, minus
