@@ -1,0 +1,102 @@
+"""Bad input: one line on stderr, exit code 2, no traceback, nothing overwritten."""
+from __future__ import annotations
+
+import pytest
+
+import zolite
+from conftest import run_cli
+
+QUICK = ["--steps", "2", "--eval-every", "0", "--batch-size", "2", "--quiet"]
+
+
+def assert_user_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    message = result.output.strip()
+    assert message.startswith("error: ") and len(message.splitlines()) == 1, message
+    for needle in needles:
+        assert needle in message, message
+
+
+@pytest.fixture(scope="module")
+def patch_file(tiny_model, small_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("p") / "run"
+    zolite.tune(tiny_model, "sst2", data=small_data, run_dir=run, layer="1", steps=2, eval_every=0, batch_size=2,
+                progress=False)
+    return run / "patch.safetensors"
+
+
+def test_unknown_model_task_and_layer(tiny_model, small_data, tmp_path):
+    assert_user_error(run_cli("tune", "--model", "llama9-1t", "--run-dir", tmp_path / "a"), "unknown model", "smollm2-135m")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--task", "mnli", "--run-dir", tmp_path / "b"),
+                      "unknown task 'mnli'", "sst2")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--layer", "4", "--data", small_data, "--run-dir",
+                              tmp_path / "c", *QUICK), "layer 4 is out of range", "0 to 3")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--layer", "x", "--data", small_data, "--run-dir",
+                              tmp_path / "d", *QUICK), "not a layer index")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--data", small_data, "--run-dir", tmp_path / "e", *QUICK),
+                      "no known dominant layer", "--layer")
+
+
+def test_missing_and_malformed_data(tiny_model, tmp_path):
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--layer", "1", "--data", tmp_path, "--run-dir",
+                              tmp_path / "r1", *QUICK), "no sst2 data under")
+    bad = tmp_path / "sst2.jsonl"
+    bad.write_text('{"sentence": "fine", "label": 1}\n{"sentence": "broken", "label": 1\n')
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--layer", "1", "--data", tmp_path, "--run-dir",
+                              tmp_path / "r2", *QUICK), "line 2", "not valid JSON")
+    bad.write_text("")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--layer", "1", "--data", tmp_path, "--run-dir",
+                              tmp_path / "r3", *QUICK), "holds no rows")
+
+
+def test_existing_outputs_are_not_overwritten(tiny_model, small_data, patch_file, tmp_path):
+    before = patch_file.read_bytes()
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--layer", "1", "--data", small_data,
+                              "--out", patch_file, "--run-dir", tmp_path / "new", *QUICK), "already exists", "--force")
+    assert patch_file.read_bytes() == before
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--layer", "1", "--data", small_data,
+                              "--run-dir", patch_file.parent, *QUICK), "already exists", "--resume")
+    assert patch_file.read_bytes() == before
+
+
+def test_resume_must_match_the_run(tiny_model, small_data, patch_file, tmp_path):
+    assert_user_error(run_cli("tune", "--resume", patch_file.parent, "--lr", "0.5"), "started with lr=", "not 0.5")
+    assert_user_error(run_cli("tune", "--resume", patch_file.parent, "--task", "boolq"), "task='sst2'")
+    assert_user_error(run_cli("tune", "--resume", tmp_path), "not a zolite run folder")
+
+
+def test_patch_for_another_base_or_model_is_refused(other_tiny_model, patch_file, tmp_path):
+    assert_user_error(run_cli("apply", patch_file, "--model", other_tiny_model, "--prompt", "hi"), "another base")
+    from conftest import build_tiny_model
+
+    wider = build_tiny_model(tmp_path / "wide", hidden=48)
+    assert_user_error(run_cli("apply", patch_file, "--model", wider, "--prompt", "hi"), "shape")
+    shallow = build_tiny_model(tmp_path / "shallow", layers=1)
+    assert_user_error(run_cli("apply", patch_file, "--model", shallow, "--prompt", "hi"), "does not have")
+
+
+def test_corrupt_or_foreign_patch_files(tiny_model, patch_file, tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(patch_file.read_bytes()[:-1000])
+    assert_user_error(run_cli("apply", truncated, "--model", tiny_model, "--prompt", "hi"), "not a readable safetensors patch")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    assert_user_error(run_cli("apply", garbage, "--model", tiny_model, "--prompt", "hi"), "not a readable")
+    from safetensors.torch import save_file
+    import torch
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, foreign)
+    assert_user_error(run_cli("apply", foreign, "--model", tiny_model, "--prompt", "hi"), "not a zolite patch")
+    assert_user_error(run_cli("apply", tmp_path / "nope.safetensors", "--model", tiny_model, "--prompt", "hi"),
+                      "does not exist")
+    assert_user_error(run_cli("apply", patch_file, "--model", tiny_model), "exactly one of")
+
+
+def test_model_paths(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_cli("eval", "--model", tmp_path / "empty"), "without config.json")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    assert_user_error(run_cli("eval", "--model", tmp_path / "weights.bin"), "not a .gguf")
+    assert_user_error(run_cli("eval", "--model", "nobody/no-such-model-xyz"), "not in the Hugging Face cache")

