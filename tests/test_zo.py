@@ -13,7 +13,7 @@ from zolite.zo import TunedLayers, sample_z, spsa_losses
 
 def _batch(loaded, task="sst2", n=6):
     rows = [r for r, _ in zip(iter_rows(bundled_file(task)), range(n))]
-    return collate(encode_rows(loaded.tokenizer, get_task(task), rows, 512), pad_token_id(loaded.tokenizer))
+    return collate(encode_rows(loaded.tokenizer, get_task(task), rows, 512), pad_token_id(loaded.tokenizer)).to(loaded.device)
 
 
 def _loss_with_weights(loaded, tuned, batch, seed, eps, sign):
@@ -44,9 +44,9 @@ def test_right_padding_without_mask_scores_like_one_at_a_time(tiny_model):
     rows = [r for r, _ in zip(iter_rows(bundled_file("boolq")), range(4))]
     encoded = encode_rows(loaded.tokenizer, get_task("boolq"), rows, 512)
     pad = pad_token_id(loaded.tokenizer)
-    together = candidate_scores(loaded.model, (b := collate(encoded, pad)), last_hidden(loaded.model, b.input_ids))[0]
+    together = candidate_scores(loaded.model, (b := collate(encoded, pad).to(loaded.device)), last_hidden(loaded.model, b.input_ids))[0]
     for i, e in enumerate(encoded):
-        alone = candidate_scores(loaded.model, (b := collate([e], pad)), last_hidden(loaded.model, b.input_ids))[0]
+        alone = candidate_scores(loaded.model, (b := collate([e], pad).to(loaded.device)), last_hidden(loaded.model, b.input_ids))[0]
         torch.testing.assert_close(together[i], alone[0], rtol=1e-5, atol=1e-5)
 
 
