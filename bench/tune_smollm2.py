@@ -109,9 +109,9 @@ class Results:
                          f"{statistics.mean(r['val'] for r in rs):.4f} | {zs if zs is None else f'{zs:.4f}'} | "
                          f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {statistics.mean(r['step_ms'] for r in rs):.1f} | "
                          f"{max(r['memory'].get('gpu_allocated_peak_gib', 0) for r in rs):.2f} |")
-        lines += ["", "lr grid (seed 0, val accuracy):", ""]
+        lines += ["", "lr grid (first seed, val accuracy):", ""]
         for r in self.runs:
-            if r["seed"] == 0:
+            if r["seed"] == int(a.seeds.split(",")[0]):
                 lines.append(f"- {r['task']} {r['arm']} lr {r['lr']:g}: val {r.get('val')}, test {r.get('test')}")
         lines += ["", f"Wall time per run includes model load and the val/test scoring; {a.parallel} runs shared the GPU at a time."]
         return "\n".join(lines) + "\n"
@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--lr-full", default="1e-5,3e-5")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--previous", type=Path, help="an earlier results.json: its runs are kept and not run again")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.runs_dir = args.runs_dir or args.out / "runs"
@@ -140,19 +141,28 @@ def main():
     cells = [(t, arm) for t in args.tasks.split(",") for arm in args.arms.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     results = Results(args)
+    if args.previous:
+        previous = json.loads(args.previous.read_text())
+        results.runs = [r for r in previous["runs"] if "error" not in r]
+        results.zero_shot = previous["zero_shot"]
+        results.meta["previous"] = {"file": str(args.previous), "argv": previous["argv"]}
     for t in args.tasks.split(","):
-        results.zero_shot[t] = zero_shot(args, t)
+        if t not in results.zero_shot:
+            results.zero_shot[t] = zero_shot(args, t)
     results.write()
+    done = {(r["task"], r["arm"], r["lr"], r["seed"]) for r in results.runs}
 
     def run(job):
-        results.add(run_tune(args, *job))
+        if job not in done:
+            results.add(run_tune(args, *job))
 
     with ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(run, [(t, arm, lr, seeds[0]) for t, arm in cells for lr in grid[arm]]))
         for t, arm in cells:
-            done = [r for r in results.runs if (r["task"], r["arm"]) == (t, arm) and r.get("val") is not None]
-            if done:
-                results.picked[(t, arm)] = max(done, key=lambda r: (r["val"], -r["lr"]))["lr"]
+            first = [r for r in results.runs if (r["task"], r["arm"], r["seed"]) == (t, arm, seeds[0])
+                     and r.get("val") is not None]
+            if first:
+                results.picked[(t, arm)] = max(first, key=lambda r: (r["val"], -r["lr"]))["lr"]
         results.write()
         list(pool.map(run, [(t, arm, results.picked[(t, arm)], s) for t, arm in cells if (t, arm) in results.picked
                             for s in seeds[1:]]))
