@@ -189,7 +189,7 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
     get_task(task)  # an unknown task fails before anything is loaded or written
     if run_dir is None:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name)
-        run_dir = Path("runs") / f"{name}-{task}-L{config.layer or 'default'}-s{config.seed}"
+        run_dir = Path("runs") / f"{name}-{task}-L{config.layer or 'dominant'}-s{config.seed}"
     run_dir = Path(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not force:
         raise ZoliteError(f"run folder {run_dir} already exists; resume it with --resume {run_dir}, "
