@@ -62,9 +62,16 @@ def split_sizes(n: int, protocol: dict = PROTOCOL) -> dict:
 
 
 def sample_splits(path: str | os.PathLike, *, seed: int = 0, protocol: dict = PROTOCOL,
-                  validate=None) -> Splits:
-    """Sample disjoint test, val and train rows (in that order) from `path` with a fixed seed."""
-    n = sum(1 for _ in iter_rows(path))
+                  validate=None, expand=None) -> Splits:
+    """Sample disjoint test, val and train rows (in that order) from `path` with a fixed seed.
+
+    `expand` turns one line into the examples it holds (MultiRC); rows are sampled among the examples.
+    """
+    def rows():
+        for line in iter_rows(path):
+            yield from (expand(line) if expand is not None else (line,))
+
+    n = sum(1 for _ in rows())
     if n == 0:
         raise ZoliteError(f"{path} holds no rows; pass a file with one JSON object per line")
     sizes = split_sizes(n, protocol)
@@ -76,7 +83,7 @@ def sample_splits(path: str | os.PathLike, *, seed: int = 0, protocol: dict = PR
             part_of[i] = (part, rank)
         start += sizes[part]
     parts = {p: [None] * sizes[p] for p in sizes}
-    for i, row in enumerate(iter_rows(path)):
+    for i, row in enumerate(rows()):
         if i in part_of:
             if validate is not None:
                 validate(row, path)

@@ -71,7 +71,8 @@ def evaluate(model: str = "smollm2-135m", task: str = "sst2", *, patch=None, spl
         raise ZoliteError(f"unknown split '{split}'; choose train, val or test")
     patch_ = load_patch(patch) if patch is not None else None   # a bad patch fails before the model loads
     loaded = load_model(model, device=device, dtype=dtype)
-    splits = sample_splits(find_data(task_.name, data, task_.hf_dataset), seed=data_seed, validate=task_.validate)
+    splits = sample_splits(find_data(task_.name, data, task_.hf_dataset), seed=data_seed, validate=task_.validate,
+                           expand=task_.expand)
     rows = getattr(splits, split)[:limit]
     if not rows:
         raise ZoliteError(f"the {split} split of {splits.source} is empty; pass a larger data file")

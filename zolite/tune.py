@@ -67,7 +67,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     config = _fill_defaults(config, loaded, indices, len(layers))
     task_ = get_task(config.task)
     splits = sample_splits(find_data(task_.name, config.data, task_.hf_dataset), seed=config.data_seed,
-                           validate=task_.validate)
+                           validate=task_.validate,
+                           expand=task_.expand)
     if not splits.train:
         raise ZoliteError(f"{splits.source} has too few rows to train on ({splits.total_rows}); pass a larger file")
     train = encode_rows(tokenizer, task_, splits.train, config.max_length)

@@ -23,6 +23,10 @@ class Task:
     def example(self, row: dict) -> Example:
         raise NotImplementedError
 
+    def expand(self, row: dict) -> list[dict]:
+        """The examples one line of the file holds (MultiRC: one per answer); most tasks: the line itself."""
+        return [row]
+
     def label(self, row: dict) -> int:
         raise NotImplementedError
 

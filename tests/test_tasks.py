@@ -1,0 +1,80 @@
+"""Each task's template renders a real row of ../shared/data into MeZO's prompt and candidates."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import SHARED_DATA
+from zolite.data import iter_rows, sample_splits
+from zolite.errors import ZoliteError
+from zolite.tasks import TASKS, get_task
+
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside the checkout")
+
+
+def first_row(task):
+    return next(iter_rows(SHARED_DATA / task / "train.jsonl.gz"))
+
+
+@needs_shared
+def test_rte_cb_wic_wsc_render_real_rows():
+    rte = get_task("rte").example(first_row("rte"))
+    assert rte.prompt == ('No Weapons of Mass Destruction Found in Iraq Yet.\nDoes this mean that "Weapons of Mass '
+                          'Destruction Found in Iraq." is true? Yes or No?\n')
+    assert rte.candidates == ("Yes", "No") and rte.label == 1          # not_entailment -> No
+    cb = get_task("cb").example(first_row("cb"))
+    assert cb.prompt.startswith("Suppose It was a complex language.")
+    assert cb.prompt.endswith('Can we infer that "the language was peeled down"? Yes, No, or Maybe?\n')
+    assert cb.candidates == ("Yes", "No", "Maybe") and cb.label == 0   # entailment -> Yes
+    wic = get_task("wic").example(first_row("wic"))
+    assert wic.prompt == ('Does the word "place" have the same meaning in these two sentences? Yes, No?\n'
+                          "Do you want to come over to my place later?\n"
+                          "A political system with no place for the less prominent groups.\n")
+    assert wic.label == 0
+    wsc = get_task("wsc").example(first_row("wsc"))
+    assert wsc.prompt.endswith('\nIn the previous sentence, does the pronoun "he" refer to Mark? Yes or No?\n')
+    assert wsc.candidates == ("No", "Yes") and wsc.label == 0
+
+
+@needs_shared
+def test_copa_has_per_example_candidates():
+    copa = get_task("copa").example(first_row("copa"))
+    assert copa.prompt == "My body cast a shadow over the grass because"
+    assert copa.candidates == (" the sun was rising.", " the grass was cut.") and copa.label == 0
+
+
+@needs_shared
+def test_multirc_expands_paragraphs_into_answers():
+    task = get_task("multirc")
+    line = first_row("multirc")
+    rows = task.expand(line)
+    n_answers = sum(len(q["answers"]) for q in line["passage"]["questions"])
+    assert len(rows) == n_answers and all(r["_line"] == 1 for r in rows)
+    ex = task.example(rows[0])
+    q = line["passage"]["questions"][0]
+    assert ex.prompt == (f"{line['passage']['text']}\nQuestion: {q['question']}\nI found this answer "
+                         f"\"{q['answers'][0]['text']}\". Is that correct? Yes or No?\n")
+    assert ex.label == q["answers"][0]["label"]
+    splits = sample_splits(SHARED_DATA / "multirc" / "train.jsonl.gz", validate=task.validate, expand=task.expand)
+    assert splits.total_rows == 27243 and splits.counts == {"train": 1000, "val": 500, "test": 1000}
+
+
+def test_labels_outside_the_task_are_named(tmp_path):
+    f = tmp_path / "rte.jsonl"
+    f.write_text('{"premise": "a", "hypothesis": "b", "label": "maybe"}\n' * 5)
+    with pytest.raises(ZoliteError, match=r"line \d+: cannot build a rte example .*not one of entailment"):
+        sample_splits(f, validate=get_task("rte").validate)
+
+
+def test_every_task_has_a_description():
+    assert all(t.description and t.name == name for name, t in TASKS.items())
+
+
+@needs_shared
+@pytest.mark.parametrize("task", ["copa", "cb", "multirc"])
+def test_multi_token_and_three_way_candidates_tune_and_score(task, tiny_model, tmp_path):
+    import zolite
+
+    report = zolite.tune(tiny_model, task, data=str(SHARED_DATA), run_dir=tmp_path / task, layer="1", steps=2,
+                         eval_every=0, batch_size=4, lr=1e-2, progress=False, eval_test=True)
+    assert len(report["loss_curve"]) == 2 and all(x == x for x in report["loss_curve"])
+    assert 0 <= report["final"]["test"]["accuracy"] <= 1 and report["final"]["test"]["n"] == report["data"]["counts"]["test"]
