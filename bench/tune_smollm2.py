@@ -55,7 +55,7 @@ def run_tune(args, task, arm, lr, seed) -> dict:
         return row
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     report = json.loads((run_dir / "report.json").read_text())
-    row.update(val=summary["val_accuracy"], test=summary.get("test_accuracy"), layers=summary["layers"],
+    row.update(val=summary["val_score"], test=summary.get("test_score"), layers=summary["layers"],
                kept_step=summary["kept_step"], step_ms=summary["timing"]["step_ms"], memory=summary["memory"],
                val_curve=report["val_curve"], loss_first=report["loss_curve"][:50], loss_last=report["loss_curve"][-50:])
     return row
@@ -64,7 +64,7 @@ def run_tune(args, task, arm, lr, seed) -> dict:
 def zero_shot(args, task) -> dict:
     cmd = [sys.executable, "-m", "zolite.cli", "eval", "--model", args.model, "--task", task, "--json"]
     result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-    return {"task": task, "test": result["zero_shot"]["accuracy"], "n": result["rows"], "command": shlex.join(cmd[1:])}
+    return {"task": task, "test": result["zero_shot"]["score"], "n": result["rows"], "command": shlex.join(cmd[1:])}
 
 
 def mean_std(xs):

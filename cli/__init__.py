@@ -50,7 +50,7 @@ def main():
 @click.option("--eval-every", type=int, help="Score val and checkpoint every N steps (0: never).")
 @click.option("--seed", type=int, help="Seed of the perturbations and batch order.  [default: 0]")
 @click.option("--data-seed", type=int, help="Seed of the train/val/test split (keep it fixed to compare runs).  [default: 0]")
-@click.option("--objective", type=click.Choice(["ce", "lm"]), help="ce: cross-entropy over candidates; lm: gold-answer LM loss.  [default: ce]")
+@click.option("--objective", type=click.Choice(["ce", "lm"]), help="ce: cross-entropy over candidates; lm: gold-answer LM loss.  [default: ce; lm for generation tasks]")
 @click.option("--keep", type=click.Choice(["best", "last"]), help="Patch the best-val weights or the last.  [default: best]")
 @click.option("--max-length", type=int, help="Longest prompt+answer in tokens (prompts are cut from the left).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Model dtype. Default: fp32 on CPU, the profile's on GPU.")
@@ -75,9 +75,10 @@ def tune(ctx, model, task, run_dir, out, resume, force, as_json, quiet, **option
     report = zolite.tune(model, task, run_dir=run_dir, out=out, force=force, resume=resume,
                          progress=not quiet, **options)
     summary = {k: report[k] for k in ("patch", "run_dir", "layers", "steps", "kept_step", "tuned_params", "timing", "memory")}
-    summary["val_accuracy"] = report["final"]["val"]["accuracy"] if report["final"]["val"] else None
+    summary["metric"] = (report["final"]["val"] or {}).get("metric")
+    summary["val_score"] = report["final"]["val"]["score"] if report["final"]["val"] else None
     if "test" in report["final"]:
-        summary["test_accuracy"] = report["final"]["test"]["accuracy"]
+        summary["test_score"] = report["final"]["test"]["score"]
     if as_json:
         click.echo(json.dumps(summary))
     else:
@@ -86,7 +87,7 @@ def tune(ctx, model, task, run_dir, out, resume, force, as_json, quiet, **option
         for part in ("val", "test"):
             if report["final"].get(part):
                 r = report["final"][part]
-                click.echo(f"{part} accuracy: {r['accuracy']:.4f} on {r['n']} rows")
+                click.echo(f"{part} {r['metric']}: {r['score']:.4f} on {r['n']} rows")
         click.echo(f"report: {report['run_dir']}/report.json")
 
 
@@ -95,7 +96,8 @@ def _print_eval(result: dict):
     click.echo(f"{result['task']} {result['split']}: {result['rows']} rows from {result['source']}")
     for name, r in rows:
         lo, hi = r["ci95"]
-        click.echo(f"  {name:<9} accuracy {r['accuracy']:.4f}  (95% CI {lo:.4f}-{hi:.4f}, {r['correct']}/{r['n']})")
+        counts = f"{r['correct']}/{r['n']}" if "correct" in r else f"EM {r['em']:.4f}, n={r['n']}"
+        click.echo(f"  {name:<9} {r['metric']} {r['score']:.4f}  (95% CI {lo:.4f}-{hi:.4f}, {counts})")
 
 
 @main.command("eval")
@@ -111,7 +113,7 @@ def _print_eval(result: dict):
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
 @click.option("--json", "as_json", is_flag=True)
 def eval_(model, task, patch, split, data, data_seed, limit, max_length, device, dtype, as_json):
-    """Zero-shot vs patched accuracy on the same rows."""
+    """Zero-shot vs patched score (accuracy, or F1/EM) on the same rows."""
     import zolite
 
     result = zolite.evaluate(model, task, patch=patch, split=split, data=data, data_seed=data_seed, limit=limit,

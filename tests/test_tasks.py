@@ -78,3 +78,22 @@ def test_multi_token_and_three_way_candidates_tune_and_score(task, tiny_model, t
                          eval_every=0, batch_size=4, lr=1e-2, progress=False, eval_test=True)
     assert len(report["loss_curve"]) == 2 and all(x == x for x in report["loss_curve"])
     assert 0 <= report["final"]["test"]["accuracy"] <= 1 and report["final"]["test"]["n"] == report["data"]["counts"]["test"]
+
+
+@needs_shared
+def test_squad_renders_and_tunes_with_the_lm_loss(tiny_model, tmp_path):
+    import zolite
+    from conftest import run_cli
+
+    task = get_task("squad")
+    rows = task.expand(next(iter_rows(SHARED_DATA / "squad" / "train.json.gz")))
+    ex = task.example(rows[0])
+    assert ex.prompt.startswith(f"Title: {rows[0]['title']}\nContext: ") and ex.prompt.endswith("\nAnswer:")
+    assert ex.candidates == (f" {rows[0]['answers'][0]}\n",)
+    report = zolite.tune(tiny_model, "squad", data=str(SHARED_DATA), run_dir=tmp_path / "sq", layer="1", steps=2,
+                         eval_every=0, batch_size=2, progress=False)
+    assert report["config"]["objective"] == "lm" and report["final"]["val"]["metric"] == "f1"
+    assert 0 <= report["final"]["val"]["em"] <= report["final"]["val"]["f1"] <= 1 and report["final"]["val"]["n"] == 500
+    r = run_cli("tune", "--model", tiny_model, "--task", "squad", "--data", SHARED_DATA, "--layer", "1",
+                "--objective", "ce", "--run-dir", tmp_path / "ce", "--steps", "1")
+    assert r.exit_code == 2 and "generation task" in r.output and "--objective lm" in r.output

@@ -34,8 +34,14 @@ def open_text(path: Path):
 
 
 def iter_rows(path: str | os.PathLike) -> Iterator[dict]:
-    """Yield each JSON object of a .jsonl or .jsonl.gz file, with its 1-based line number as row['_line']."""
+    """Yield each JSON object of a .jsonl or .jsonl.gz file, with its 1-based line number as row['_line'].
+
+    A .json(.gz) file in SQuAD's layout ({"data": [...]}) yields its articles, numbered from 1 (not streamed).
+    """
     path = Path(path)
+    if path.name.endswith((".json", ".json.gz")):
+        yield from _json_articles(path)
+        return
     try:
         with open_text(path) as f:
             for line_no, line in enumerate(f, 1):
@@ -51,6 +57,20 @@ def iter_rows(path: str | os.PathLike) -> Iterator[dict]:
                 yield row
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise ZoliteError(f"cannot read {path}: {e}") from None
+
+
+def _json_articles(path: Path) -> Iterator[dict]:
+    try:
+        with open_text(path) as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ZoliteError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ZoliteError(f"cannot read {path}: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise ZoliteError(f"{path}: expected SQuAD's layout {{\"data\": [articles]}}; or pass a .jsonl file")
+    for i, article in enumerate(doc["data"], 1):
+        yield {**article, "_line": i}
 
 
 def split_sizes(n: int, protocol: dict = PROTOCOL) -> dict:
@@ -101,7 +121,7 @@ def find_data(task: str, data_dir: str | None = None, hf_dataset: tuple | None =
     """The JSONL file for `task`: --data DIR first, then the HF datasets cache/hub, then the bundled sample."""
     if data_dir is not None:
         root = Path(data_dir)
-        candidates = [root / task / f"train.{ext}" for ext in ("jsonl.gz", "jsonl")]
+        candidates = [root / task / f"train.{ext}" for ext in ("jsonl.gz", "jsonl", "json.gz", "json")]
         candidates += [root / f"{task}.{ext}" for ext in ("jsonl.gz", "jsonl")]
         if root.is_file():
             candidates.insert(0, root)

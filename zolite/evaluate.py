@@ -46,12 +46,33 @@ def accuracy_report(scores: torch.Tensor, labels: list[int]) -> dict:
         c["correct"] += p == y
     for p in pred:
         per_class.setdefault(str(p), {"n": 0, "correct": 0, "predicted": 0})["predicted"] += 1
-    return {"accuracy": acc, "ci95": [centre - half, centre + half], "n": n, "correct": correct,
-            "per_class": dict(sorted(per_class.items()))}
+    return {"metric": "accuracy", "score": acc, "accuracy": acc, "ci95": [centre - half, centre + half], "n": n,
+            "correct": correct, "per_class": dict(sorted(per_class.items()))}
+
+
+def generation_report(predictions: list[str], golds: list[list[str]]) -> dict:
+    """Mean F1 and EM over the rows (best over each row's gold answers), F1 with a normal-approximation 95% CI."""
+    from .metrics import best_over_golds, exact_match, f1
+
+    f1s = [best_over_golds(f1, p, g) for p, g in zip(predictions, golds)]
+    ems = [best_over_golds(exact_match, p, g) for p, g in zip(predictions, golds)]
+    n = len(f1s)
+    mean = sum(f1s) / n
+    half = 1.96 * math.sqrt(sum((x - mean) ** 2 for x in f1s) / max(1, n - 1) / n)
+    return {"metric": "f1", "score": mean, "f1": mean, "em": sum(ems) / n, "ci95": [mean - half, mean + half], "n": n,
+            "examples": [{"prediction": p, "gold": g} for p, g in list(zip(predictions, golds))[:5]]}
 
 
 def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, max_length: int = 512,
                   batch_size: int = 32) -> dict:
+    """The task's metric on `rows`: accuracy over candidates, or F1/EM of greedy answers for generation tasks."""
+    if task.generative:
+        from .predict import generate_answers
+
+        predictions = generate_answers(model, tokenizer, [task.example(r).prompt for r in rows],
+                                       max_new_tokens=task.max_answer_tokens, max_length=max_length,
+                                       batch_size=batch_size)
+        return generation_report(predictions, [task.golds(r) for r in rows])
     encoded = encode_rows(tokenizer, task, rows, max_length)
     scores = score_encoded(model, tokenizer, encoded, batch_size)
     return accuracy_report(scores, [e.label for e in encoded])

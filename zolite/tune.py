@@ -18,7 +18,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import batches_for_step, find_data, sample_splits
 from .errors import ZoliteError
-from .evaluate import accuracy_report, encode_rows, score_encoded
+from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
 from .io import refuse_clobber, write_json
 from .layers import decoder_layers, format_layers, parse_layers
 from .loading import load_model
@@ -44,7 +44,8 @@ class TuneConfig:
     eval_every: int | None = None     # 0 = never (the patch is then the last step's weights)
     seed: int = 0                     # step seeds (z) and batch order
     data_seed: int = 0                # which rows go to train / val / test: fixed, so runs compare on the same rows
-    objective: str = "ce"             # ce: cross-entropy over candidates; lm: -log-likelihood of the gold answer
+    objective: str | None = None      # ce: cross-entropy over candidates; lm: -log-likelihood of the gold answer
+                                      # None: ce, or lm for generation tasks
     keep: str = "best"                # best: the weights of the best val step (step 0 included); last
     max_length: int | None = None
     dtype: str | None = None
@@ -64,8 +65,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     net, tokenizer = loaded.model, loaded.tokenizer
     _, layers = decoder_layers(net)
     indices = parse_layers(config.layer, len(layers), loaded.profile.dominant_layer if loaded.profile else None)
-    config = _fill_defaults(config, loaded, indices, len(layers))
     task_ = get_task(config.task)
+    config = _fill_defaults(config, loaded, indices, len(layers), task_)
     splits = sample_splits(find_data(task_.name, config.data, task_.hf_dataset), seed=config.data_seed,
                            validate=task_.validate,
                            expand=task_.expand)
@@ -78,9 +79,14 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     load_s = time.perf_counter() - t_start
     write_json(run_dir / "config.json", dataclasses.asdict(config))
 
-    def val_accuracy() -> float:
-        scores = score_encoded(net, tokenizer, val, config.batch_size * 2)
-        return accuracy_report(scores, [e.label for e in val])["accuracy"]
+    def score(rows: list[dict]) -> dict:
+        return evaluate_rows(net, tokenizer, task_, rows, max_length=config.max_length, batch_size=config.batch_size * 2)
+
+    def val_score() -> float:
+        if task_.generative:
+            return score(splits.val)["score"]
+        scores = score_encoded(net, tokenizer, val, config.batch_size * 2)   # classification: encoded once
+        return accuracy_report(scores, [e.label for e in val])["score"]
 
     # --- resume, or start with the base weights scored on val ---
     state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0}
@@ -90,7 +96,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         masters, best, state = saved
         tuned.load(masters)
     elif config.eval_every and val:
-        state["val"].append([0, val_accuracy()])
+        state["val"].append([0, val_score()])
         state["best_step"], state["best_metric"] = 0, state["val"][-1][1]
         best = _cpu_copy(tuned.state())
 
@@ -114,7 +120,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
 
         if config.eval_every and state["step"] % config.eval_every == 0:
             if val:
-                acc = val_accuracy()
+                acc = val_score()
                 state["val"].append([state["step"], acc])
                 if config.keep == "best" and acc > state["best_metric"]:
                     state["best_step"], state["best_metric"] = state["step"], acc
@@ -128,14 +134,11 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     if config.keep == "best" and best is not None:
         tuned.load(best)
     tuned.load({k: v.half().float() for k, v in tuned.state().items()})
-    final = {"val": accuracy_report(score_encoded(net, tokenizer, val, config.batch_size * 2),
-                                    [e.label for e in val]) if val else None}
+    final = {"val": score(splits.val) if splits.val else None}
     if config.eval_test and splits.test:
-        final["test"] = accuracy_report(
-            score_encoded(net, tokenizer, encode_rows(tokenizer, task_, splits.test, config.max_length),
-                          config.batch_size * 2), [task_.label(r) for r in splits.test])
+        final["test"] = score(splits.test)
     save_checkpoint(run_dir, tuned.state(), best, state)
-    metric = {"val_accuracy": final["val"]["accuracy"] if final["val"] else None,
+    metric = {"name": task_.metric, "val": final["val"]["score"] if final["val"] else None,
               "kept_step": state["best_step"] if config.keep == "best" else state["step"]}
     save_patch(out, tuned.state(), {
         "zolite.model": config.model, "zolite.arch": net.config.model_type,
@@ -203,12 +206,13 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
     return config, run_dir, out
 
 
-def _fill_defaults(config: TuneConfig, loaded, indices, num_layers) -> TuneConfig:
+def _fill_defaults(config: TuneConfig, loaded, indices, num_layers, task) -> TuneConfig:
     defaults = dict(BUILTIN_DEFAULTS, **(loaded.profile.defaults if loaded.profile else {}))
     filled = {k: defaults[k] for k in BUILTIN_DEFAULTS if getattr(config, k) is None}
     filled["layer"] = format_layers(indices, num_layers)
     filled["dtype"] = str(loaded.dtype).removeprefix("torch.")
     filled["device"] = str(loaded.device)
+    filled["objective"] = config.objective or ("lm" if task.generative else "ce")
     config = dataclasses.replace(config, **filled)
     for name in ("steps", "batch_size", "max_length"):
         if getattr(config, name) < 1 and not (name == "steps" and config.steps == 0):
@@ -219,6 +223,8 @@ def _fill_defaults(config: TuneConfig, loaded, indices, num_layers) -> TuneConfi
         raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
     if config.objective not in ("ce", "lm"):
         raise ZoliteError(f"--objective must be ce or lm, got {config.objective!r}")
+    if task.generative and config.objective == "ce":
+        raise ZoliteError(f"{task.name} is a generation task (one gold answer, no candidates): use --objective lm")
     return config
 
 

@@ -19,6 +19,12 @@ class Task:
     fields: tuple[str, ...] = ()         # fields every row must have
     hf_dataset: tuple | None = None      # (path, name) for datasets.load_dataset
     metric: str = "accuracy"
+    generative: bool = False             # True: scored by F1/EM of a greedy answer, trained with the LM loss
+    max_answer_tokens: int = 50
+
+    def golds(self, row: dict) -> list[str]:
+        """The accepted answers of a generation task's row."""
+        raise NotImplementedError
 
     def example(self, row: dict) -> Example:
         raise NotImplementedError
