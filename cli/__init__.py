@@ -21,6 +21,18 @@ class ZoliteGroup(click.Group):
             sys.exit(2)
 
 
+def custom_task_options(command):
+    """--template/--candidates/--label-field/--answer-field: a custom task from `--task FILE.jsonl`."""
+    for option in reversed([
+        click.option("--template", help="Custom task: prompt with {field} slots, e.g. \"Review: {text} Sentiment:\"."),
+        click.option("--candidates", help="Custom classification task: comma-separated answers, e.g. \"negative,positive\"."),
+        click.option("--label-field", help="Custom task: the field holding the gold candidate (text or index).  [default: label]"),
+        click.option("--answer-field", help="Custom generation task: the field holding the answer (string or list)."),
+    ]):
+        command = option(command)
+    return command
+
+
 def _quiet_transformers():
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers.utils import logging
@@ -39,7 +51,9 @@ def main():
 @main.command()
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Profile name (see `zolite models`), local HF folder, .gguf file or hub id.")
-@click.option("--task", default="sst2", show_default=True, help="Task name (see `zolite tasks`).")
+@click.option("--task", default="sst2", show_default=True,
+              help="Task name (see `zolite tasks`), or your own FILE.jsonl (with --template) or TASK.toml.")
+@custom_task_options
 @click.option("--layer", "--layers", "layer", default=None,
               help="Decoder layer(s) to tune, 0-based: N, N,M or 'all' (full-model MeZO). Default: the profile's dominant layer.")
 @click.option("--steps", type=int, help="ZO steps. Default: the profile's.")
@@ -102,7 +116,8 @@ def _print_eval(result: dict):
 
 @main.command("eval")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Profile, local folder, .gguf or hub id.")
-@click.option("--task", default="sst2", show_default=True)
+@click.option("--task", default="sst2", show_default=True, help="Task name, or FILE.jsonl (with --template) or TASK.toml.")
+@custom_task_options
 @click.option("--patch", type=click.Path(), help="Also score this patch on the same rows.")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--data", help="Folder holding TASK/train.jsonl(.gz) or TASK.jsonl, or one JSONL file.")
@@ -112,12 +127,12 @@ def _print_eval(result: dict):
 @click.option("--device")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
 @click.option("--json", "as_json", is_flag=True)
-def eval_(model, task, patch, split, data, data_seed, limit, max_length, device, dtype, as_json):
+def eval_(model, task, patch, split, data, data_seed, limit, max_length, device, dtype, as_json, **task_options):
     """Zero-shot vs patched score (accuracy, or F1/EM) on the same rows."""
     import zolite
 
     result = zolite.evaluate(model, task, patch=patch, split=split, data=data, data_seed=data_seed, limit=limit,
-                             max_length=max_length, device=device, dtype=dtype)
+                             max_length=max_length, device=device, dtype=dtype, **task_options)
     click.echo(json.dumps(result)) if as_json else _print_eval(result)
 
 
@@ -145,7 +160,7 @@ def apply(patch, model, prompt, chat, max_new_tokens, eval_task, input_file, dat
     if eval_task is not None:
         return _print_eval(zolite.evaluate(model, eval_task, patch=patch, data=data, limit=limit,
                                            device=device, dtype=dtype))
-    task = get_task(p.task) if input_file is not None else None
+    task = get_task(p.task, **p.task_options()) if input_file is not None else None
     loaded = zolite.load_model(model, device=device, dtype=dtype)
     zolite.apply_patch(loaded.model, p)
     if prompt is not None:

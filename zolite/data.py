@@ -91,7 +91,11 @@ def sample_splits(path: str | os.PathLike, *, seed: int = 0, protocol: dict = PR
         for line in iter_rows(path):
             yield from (expand(line) if expand is not None else (line,))
 
-    n = sum(1 for _ in rows())
+    n = 0
+    for row in rows():   # every row is checked up front, not only the sampled ones
+        if validate is not None:
+            validate(row, path)
+        n += 1
     if n == 0:
         raise ZoliteError(f"{path} holds no rows; pass a file with one JSON object per line")
     sizes = split_sizes(n, protocol)
@@ -105,8 +109,6 @@ def sample_splits(path: str | os.PathLike, *, seed: int = 0, protocol: dict = PR
     parts = {p: [None] * sizes[p] for p in sizes}
     for i, row in enumerate(rows()):
         if i in part_of:
-            if validate is not None:
-                validate(row, path)
             part, rank = part_of[i]
             parts[part][rank] = row
     return Splits(parts["train"], parts["val"], parts["test"], str(path), n, sizes)

@@ -80,19 +80,19 @@ def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, max_length:
 
 def evaluate(model: str = "smollm2-135m", task: str = "sst2", *, patch=None, split: str = "test",
              data: str | None = None, data_seed: int = 0, limit: int | None = None, max_length: int = 512,
-             batch_size: int = 32, device=None, dtype=None) -> dict:
+             batch_size: int = 32, device=None, dtype=None, **task_options) -> dict:
     """Zero-shot accuracy on a split of the task, and the patched model's on the same rows when a patch is given."""
-    from .data import find_data, sample_splits
+    from .data import sample_splits
     from .loading import load_model
     from .patch import apply_patch, load_patch
-    from .tasks import get_task
+    from .tasks import get_task, task_data
 
-    task_ = get_task(task)
+    task_ = get_task(task, **task_options)
     if split not in ("train", "val", "test"):
         raise ZoliteError(f"unknown split '{split}'; choose train, val or test")
     patch_ = load_patch(patch) if patch is not None else None   # a bad patch fails before the model loads
     loaded = load_model(model, device=device, dtype=dtype)
-    splits = sample_splits(find_data(task_.name, data, task_.hf_dataset), seed=data_seed, validate=task_.validate,
+    splits = sample_splits(task_data(task_, data), seed=data_seed, validate=task_.validate,
                            expand=task_.expand)
     rows = getattr(splits, split)[:limit]
     if not rows:

@@ -36,6 +36,11 @@ class Patch:
     def task(self) -> str | None:
         return self.metadata.get("zolite.task")
 
+    def task_options(self) -> dict:
+        """A custom task's template options, as the run that made the patch had them."""
+        hparams = json.loads(self.metadata.get("zolite.hparams", "{}"))
+        return {k: hparams.get(k) for k in ("template", "candidates", "label_field", "answer_field")}
+
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over the names and fp16 bytes of `tensors` (sorted by name)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import batches_for_step, find_data, sample_splits
+from .data import batches_for_step, sample_splits
 from .errors import ZoliteError
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
 from .io import refuse_clobber, write_json
@@ -24,7 +24,7 @@ from .layers import decoder_layers, format_layers, parse_layers
 from .loading import load_model
 from .patch import fingerprint, save_patch
 from .scoring import collate, pad_token_id
-from .tasks import get_task
+from .tasks import get_task, task_data
 from .zo import TunedLayers, spsa_losses, step_seed
 
 BUILTIN_DEFAULTS = {"lr": 1e-6, "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
@@ -52,6 +52,13 @@ class TuneConfig:
     device: str | None = None
     data: str | None = None
     eval_test: bool = False           # also score the held-out test rows at the end
+    template: str | None = None       # custom tasks (task = a .jsonl file): see zolite/tasks/custom.py
+    candidates: str | None = None
+    label_field: str | None = None
+    answer_field: str | None = None
+
+    def task_options(self) -> dict:
+        return {k: getattr(self, k) for k in ("template", "candidates", "label_field", "answer_field")}
 
 
 def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=None, force: bool = False,
@@ -65,9 +72,9 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     net, tokenizer = loaded.model, loaded.tokenizer
     _, layers = decoder_layers(net)
     indices = parse_layers(config.layer, len(layers), loaded.profile.dominant_layer if loaded.profile else None)
-    task_ = get_task(config.task)
+    task_ = get_task(config.task, **config.task_options())
     config = _fill_defaults(config, loaded, indices, len(layers), task_)
-    splits = sample_splits(find_data(task_.name, config.data, task_.hf_dataset), seed=config.data_seed,
+    splits = sample_splits(task_data(task_, config.data), seed=config.data_seed,
                            validate=task_.validate,
                            expand=task_.expand)
     if not splits.train:
@@ -190,7 +197,7 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
         out = Path(out) if out else run_dir / "patch.safetensors"
         return config, run_dir, out
     config = TuneConfig(model=model, task=task, **given)
-    get_task(task)  # an unknown task fails before anything is loaded or written
+    get_task(task, **config.task_options())  # a bad task fails before anything is loaded or written
     if run_dir is None:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name)
         run_dir = Path("runs") / f"{name}-{task}-L{config.layer or 'dominant'}-s{config.seed}"
