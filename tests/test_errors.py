@@ -38,6 +38,17 @@ def test_unknown_model_task_and_layer(tiny_model, small_data, tmp_path):
                       "no known dominant layer", "--layer")
 
 
+@pytest.mark.parametrize("option, value, needle", [
+    ("--steps", "-3", "--steps must be at least 0"), ("--batch-size", "0", "--batch-size must be at least 1"),
+    ("--eps", "0", "--eps must be above 0"), ("--lr", "-1", "--lr must be at least 0"),
+    ("--eval-every", "-1", "--eval-every must be at least 0"), ("--max-length", "1", "--max-length must be at least 2"),
+])
+def test_bad_numbers_fail_before_loading(option, value, needle, tmp_path):
+    # the model does not exist: the option is refused before anything is loaded
+    assert_user_error(run_cli("tune", "--model", tmp_path / "no-model", option, value, "--run-dir", tmp_path / "r"), needle)
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_and_malformed_data(tiny_model, tmp_path):
     assert_user_error(run_cli("tune", "--model", tiny_model, "--layer", "1", "--data", tmp_path, "--run-dir",
                               tmp_path / "r1", *QUICK), "no sst2 data under")

@@ -76,7 +76,7 @@ def load_patch(path) -> Patch:
     """Read and check a patch file; a clear error if it is missing, corrupt or not a zolite patch."""
     path = Path(path)
     if not path.is_file():
-        raise ZoliteError(f"patch file {path} does not exist")
+        raise ZoliteError(f"patch file {path} does not exist" if not path.exists() else f"{path} is not a patch file")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

@@ -197,6 +197,7 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
         out = Path(out) if out else run_dir / "patch.safetensors"
         return config, run_dir, out
     config = TuneConfig(model=model, task=task, **given)
+    _check_options(config)
     get_task(task, **config.task_options())  # a bad task fails before anything is loaded or written
     if run_dir is None:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name)
@@ -213,6 +214,21 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
     return config, run_dir, out
 
 
+def _check_options(config: TuneConfig) -> None:
+    """Numbers and choices the user gave, checked before anything is loaded (None = the profile's default)."""
+    minimum = {"steps": 0, "batch_size": 1, "max_length": 2, "eval_every": 0, "lr": 0.0, "weight_decay": 0.0}
+    for name, low in minimum.items():
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise ZoliteError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if config.eps is not None and config.eps <= 0:
+        raise ZoliteError(f"--eps must be above 0, got {config.eps}")
+    if config.keep not in ("best", "last"):
+        raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
+    if config.objective not in (None, "ce", "lm"):
+        raise ZoliteError(f"--objective must be ce or lm, got {config.objective!r}")
+
+
 def _fill_defaults(config: TuneConfig, loaded, indices, num_layers, task) -> TuneConfig:
     defaults = dict(BUILTIN_DEFAULTS, **(loaded.profile.defaults if loaded.profile else {}))
     filled = {k: defaults[k] for k in BUILTIN_DEFAULTS if getattr(config, k) is None}
@@ -221,15 +237,6 @@ def _fill_defaults(config: TuneConfig, loaded, indices, num_layers, task) -> Tun
     filled["device"] = str(loaded.device)
     filled["objective"] = config.objective or ("lm" if task.generative else "ce")
     config = dataclasses.replace(config, **filled)
-    for name in ("steps", "batch_size", "max_length"):
-        if getattr(config, name) < 1 and not (name == "steps" and config.steps == 0):
-            raise ZoliteError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.eps <= 0 or config.lr < 0:
-        raise ZoliteError(f"need eps > 0 and lr >= 0 (got eps={config.eps}, lr={config.lr})")
-    if config.keep not in ("best", "last"):
-        raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
-    if config.objective not in ("ce", "lm"):
-        raise ZoliteError(f"--objective must be ce or lm, got {config.objective!r}")
     if task.generative and config.objective == "ce":
         raise ZoliteError(f"{task.name} is a generation task (one gold answer, no candidates): use --objective lm")
     return config
