@@ -9,16 +9,11 @@ prompt ends in white space (a new line). The label is a candidate's text or its 
 from __future__ import annotations
 
 import string
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from ..errors import ZoliteError
+from ..profile import tomllib
 from .base import Example, Task
 
 
