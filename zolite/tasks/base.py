@@ -6,6 +6,13 @@ from dataclasses import dataclass
 from ..errors import ZoliteError
 
 
+def bool_label(value) -> int:
+    """A yes/no label given as true/false or 1/0."""
+    if value not in (True, False, 0, 1):
+        raise ValueError(f"label {value!r} is not true/false")
+    return int(bool(value))
+
+
 @dataclass(frozen=True)
 class Example:
     prompt: str

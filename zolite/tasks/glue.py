@@ -1,7 +1,7 @@
 """SST-2 and BoolQ with MeZO's prompt templates (princeton-nlp/MeZO, large_models/templates.py)."""
 from __future__ import annotations
 
-from .base import Example, Task
+from .base import Example, Task, bool_label
 
 
 class SST2(Task):
@@ -29,10 +29,7 @@ class BoolQ(Task):
     candidates = ("No", "Yes")
 
     def label(self, row):
-        label = row["label"]
-        if label not in (True, False, 0, 1):
-            raise ValueError(f"label {label!r} is not true/false")
-        return int(bool(label))
+        return bool_label(row["label"])
 
     def example(self, row):
         question = row["question"].strip()

@@ -2,13 +2,7 @@
 (princeton-nlp/MeZO, large_models/templates.py and tasks.py). Candidate order = label index."""
 from __future__ import annotations
 
-from .base import Example, Task
-
-
-def _bool_label(value) -> int:
-    if value not in (True, False, 0, 1):
-        raise ValueError(f"label {value!r} is not true/false")
-    return int(bool(value))
+from .base import Example, Task, bool_label
 
 
 def _named_label(value, names: tuple[str, ...]) -> int:
@@ -58,7 +52,7 @@ class WiC(Task):
     candidates = ("No", "Yes")
 
     def label(self, row):
-        return _bool_label(row["label"])
+        return bool_label(row["label"])
 
     def example(self, row):
         prompt = (f"Does the word \"{row['word']}\" have the same meaning in these two sentences? Yes, No?\n"
@@ -74,7 +68,7 @@ class WSC(Task):
     candidates = ("No", "Yes")
 
     def label(self, row):
-        return _bool_label(row["label"])
+        return bool_label(row["label"])
 
     def example(self, row):
         spans = row.get("target", row)   # SuperGLUE JSONL nests the spans under "target"; HF datasets does not
@@ -131,7 +125,7 @@ class MultiRC(Task):
         return out
 
     def label(self, row):
-        return _bool_label(row["label"])
+        return bool_label(row["label"])
 
     def example(self, row):
         prompt = (f"{row['paragraph']}\nQuestion: {row['question']}\nI found this answer \"{row['answer']}\". "
