@@ -64,7 +64,9 @@ def main():
 @click.option("--eval-every", type=int, help="Score val and checkpoint every N steps (0: never).")
 @click.option("--seed", type=int, help="Seed of the perturbations and batch order.  [default: 0]")
 @click.option("--data-seed", type=int, help="Seed of the train/val/test split (keep it fixed to compare runs).  [default: 0]")
-@click.option("--objective", type=click.Choice(["ce", "lm"]), help="ce: cross-entropy over candidates; lm: gold-answer LM loss.  [default: ce; lm for generation tasks]")
+@click.option("--objective", type=click.Choice(["ce", "lm", "accuracy", "f1"]),
+              help="ce: cross-entropy over candidates; lm: gold-answer LM loss; accuracy (classification) / f1 "
+                   "(generation): minus the batch's metric, non-differentiable.  [default: ce; lm for generation tasks]")
 @click.option("--keep", type=click.Choice(["best", "last"]), help="Patch the best-val weights or the last.  [default: best]")
 @click.option("--max-length", type=int, help="Longest prompt+answer in tokens (prompts are cut from the left).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Model dtype. Default: fp32 on CPU, the profile's on GPU.")

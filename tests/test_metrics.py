@@ -30,3 +30,38 @@ def test_best_over_several_golds():
     golds = ["Santa Clara, California", "Levi's Stadium", "Levi's Stadium in the San Francisco Bay Area"]
     assert best_over_golds(exact_match, "Levi's Stadium", golds) == 1.0
     assert best_over_golds(f1, "Santa Clara", golds) == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))
+
+
+# DROP: official drop_eval.py rules (numbers as floats, punctuation kept in numbers, multi-span alignment)
+@pytest.mark.parametrize("prediction, gold, em, f1_", [
+    ("570", ["570"], 1.0, 1.0),
+    ("570.0", ["570"], 1.0, 1.0),                       # numbers compare as floats
+    ("the 570 people", ["570"], 0.0, 0.67),             # {570.0, people} vs {570.0}: P 1/2, R 1 -> 0.67
+    ("571", ["570"], 0.0, 0.0),
+    ("3 March 1856", ["3 March 1856"], 1.0, 1.0),
+    ("fishermen", ["fishermen from Kestrel Point"], 0.0, 0.4),   # P 1, R 1/4 -> 0.4
+    ("Tobi Ash", ["Mara Venn", "Tobi Ash", "Lio Park"], 0.0, 0.33),   # one of three gold bags matched
+    ("well-known", ["well known"], 1.0, 1.0),          # hyphens split tokens
+    ("14 km", ["16 km"], 0.0, 0.0),                     # a gold number must appear in the prediction
+])
+def test_drop_scores_by_hand(prediction, gold, em, f1_):
+    from zolite.metrics import drop_scores
+
+    assert drop_scores(prediction, gold) == (em, pytest.approx(f1_))
+
+
+def test_drop_multi_span_prediction_is_aligned_one_to_one():
+    from zolite.metrics import drop_scores
+
+    assert drop_scores(["Tobi Ash", "Mara Venn"], ["Mara Venn", "Tobi Ash"]) == (1.0, 1.0)
+    # each gold bag takes at most one predicted bag: two golds, one prediction -> mean(1, 0)
+    assert drop_scores(["Ann"], ["Ann", "Bob"]) == (0.0, 0.5)
+
+
+def test_drop_answer_json():
+    from zolite.metrics import drop_answer_spans
+
+    assert drop_answer_spans({"number": "7", "spans": [], "date": {"day": "", "month": "", "year": ""}}) == ["7"]
+    assert drop_answer_spans({"number": "", "spans": ["a", "b"], "date": {}}) == ["a", "b"]
+    assert drop_answer_spans({"number": "", "spans": [], "date": {"day": "", "month": "May", "year": "1990"}}) == ["May 1990"]
+    assert drop_answer_spans({"number": "", "spans": [], "date": {"day": "", "month": "", "year": ""}}) == []

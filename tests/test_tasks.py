@@ -1,6 +1,8 @@
 """Each task's template renders a real row of ../shared/data into MeZO's prompt and candidates."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import SHARED_DATA
@@ -97,3 +99,74 @@ def test_squad_renders_and_tunes_with_the_lm_loss(tiny_model, tmp_path):
     r = run_cli("tune", "--model", tiny_model, "--task", "squad", "--data", SHARED_DATA, "--layer", "1",
                 "--objective", "ce", "--run-dir", tmp_path / "ce", "--steps", "1")
     assert r.exit_code == 2 and "generation task" in r.output and "--objective lm" in r.output
+
+
+@needs_shared
+def test_record_renders_mezo_template_with_entity_candidates():
+    task = get_task("record")
+    line = first_row("record")
+    rows = task.expand(line)
+    assert len(rows) == len(line["qas"]) == 1
+    ex = task.example(rows[0])
+    text = line["passage"]["text"]
+    assert ex.prompt == text.replace("@highlight\n", "- ") + "\n-" and "@highlight" not in ex.prompt
+    entities = list(dict.fromkeys(text[e["start"]:e["end"] + 1] for e in line["passage"]["entities"]))
+    assert len(ex.candidates) == len(entities) == 19            # 30 entity spans, 19 distinct
+    query = line["qas"][0]["query"]
+    assert ex.candidates[0] == " " + query.replace("@placeholder", "Hamish Mackay")
+    gold = entities.index("Olimpija Ljubljana")
+    assert ex.label == gold and ex.accepted == (gold,)
+    splits = sample_splits(SHARED_DATA / "record" / "train.jsonl.gz", validate=task.validate, expand=task.expand)
+    assert splits.total_rows == 64 and splits.counts == {"train": 25, "val": 12, "test": 27}
+
+
+def test_record_accepts_the_hf_release_and_every_gold_entity():
+    task = get_task("record")
+    row = {"passage": "Ann met Bob.\n@highlight\nBob is here", "query": "@placeholder waved.",
+           "entities": ["Ann", "Bob", "Ann"], "answers": ["Bob", "Ann"], "idx": {"passage": 0, "query": 0}}
+    assert task.expand(row) == [row]
+    ex = task.example(row)
+    assert ex.prompt == "Ann met Bob.\n- Bob is here\n-"
+    assert ex.candidates == (" Ann waved.", " Bob waved.") and ex.label == 1 and set(ex.correct()) == {0, 1}
+    with pytest.raises(ZoliteError, match="no gold answer is among"):
+        task.validate({**row, "answers": ["Cy"]}, "f.jsonl")
+
+
+DROP_FIXTURE = Path(__file__).parent / "fixtures" / "drop_handwritten.json"   # hand-written, not DROP data
+
+
+def test_drop_reads_the_official_json_schema():
+    task = get_task("drop")
+    lines = list(iter_rows(DROP_FIXTURE))
+    assert lines[0]["passage_id"] == "handwritten_harbour" and lines[0]["_line"] == 1
+    rows = [r for line in lines for r in task.expand(line)]
+    assert len(rows) == 10
+    ex = task.example(rows[0])
+    assert ex.prompt == (f"Passage: {lines[0]['passage']}\nQuestion: How many more inhabitants did Elmsby have "
+                         "in 1750 than in 1700?\nAnswer:")
+    assert ex.candidates == (" 570\n",)
+    assert task.golds(rows[1]) == [["fishermen from Kestrel Point"], ["fishermen"]]
+    assert task.golds(rows[2]) == [["3 March 1856"]]                      # a date answer
+    assert task.golds(rows[5]) == [["Mara Venn", "Tobi Ash", "Lio Park"]]  # one answer of three spans
+    assert task.example(rows[5]).candidates == (" Mara Venn, Tobi Ash, Lio Park\n",)
+    splits = sample_splits(DROP_FIXTURE, validate=task.validate, expand=task.expand)
+    assert splits.counts == {"train": 4, "val": 2, "test": 4}
+
+
+def test_drop_accepts_the_hf_release():
+    task = get_task("drop")
+    row = {"section_id": "s", "query_id": "q", "passage": "P", "question": "Q?",
+           "answers_spans": {"spans": ["Ann", "Bob"], "types": ["span", "span"]}}
+    (flat,) = task.expand(row)
+    assert task.golds(flat) == [["Ann"], ["Bob"]]
+    assert task.example(flat).prompt == "Passage: P\nQuestion: Q?\nAnswer:"
+
+
+def test_drop_tunes_on_the_hand_written_fixture_with_the_f1_objective(tiny_model, tmp_path):
+    import zolite
+
+    report = zolite.tune(tiny_model, "drop", data=str(DROP_FIXTURE), run_dir=tmp_path / "drop", layer="1", steps=2,
+                         eval_every=1, batch_size=2, objective="f1", eps=1e-1, progress=False, eval_test=True)
+    assert report["config"]["objective"] == "f1" and report["final"]["test"]["metric"] == "f1"
+    assert all(-1.0 <= x <= 0.0 for x in report["loss_curve"]) and len(report["loss_curve"]) == 2
+    assert report["final"]["test"]["n"] == 4

@@ -22,7 +22,7 @@ def _loss_with_weights(loaded, tuned, batch, seed, eps, sign):
     with torch.no_grad():
         for i, p in enumerate(tuned.params):
             p.copy_(tuned.masters[i] + sign * eps * sample_z(seed, i, tuned.masters[i]))
-        loss = losses(candidate_scores(loaded.model, batch, last_hidden(loaded.model, batch.input_ids)), batch.labels)
+        loss = losses(candidate_scores(loaded.model, batch, last_hidden(loaded.model, batch.input_ids)), batch)
         for p, s in zip(tuned.params, saved):
             p.copy_(s)
     return loss.item()

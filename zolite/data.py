@@ -36,7 +36,7 @@ def open_text(path: Path):
 def iter_rows(path: str | os.PathLike) -> Iterator[dict]:
     """Yield each JSON object of a .jsonl or .jsonl.gz file, with its 1-based line number as row['_line'].
 
-    A .json(.gz) file in SQuAD's layout ({"data": [...]}) yields its articles, numbered from 1 (not streamed).
+    A .json(.gz) file in SQuAD's or DROP's layout yields its articles / passages, numbered from 1 (not streamed).
     """
     path = Path(path)
     if path.name.endswith((".json", ".json.gz")):
@@ -67,9 +67,14 @@ def _json_articles(path: Path) -> Iterator[dict]:
         raise ZoliteError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise ZoliteError(f"cannot read {path}: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        raise ZoliteError(f"{path}: expected SQuAD's layout {{\"data\": [articles]}}; or pass a .jsonl file")
-    for i, article in enumerate(doc["data"], 1):
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):              # SQuAD: {"data": [articles]}
+        articles = doc["data"]
+    elif isinstance(doc, dict) and doc and all(isinstance(v, dict) and "qa_pairs" in v for v in doc.values()):
+        articles = [{"passage_id": k, **v} for k, v in doc.items()]             # DROP: {id: {passage, qa_pairs}}
+    else:
+        raise ZoliteError(f"{path}: expected SQuAD's layout {{\"data\": [articles]}} or DROP's "
+                          "{passage_id: {passage, qa_pairs}}; or pass a .jsonl file")
+    for i, article in enumerate(articles, 1):
         yield {**article, "_line": i}
 
 

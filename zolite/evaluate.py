@@ -16,46 +16,83 @@ def encode_rows(tokenizer, task: Task, rows: list[dict], max_length: int) -> lis
 
 @torch.inference_mode()
 def score_encoded(model, tokenizer, encoded: list[EncodedExample], batch_size: int = 32) -> torch.Tensor:
-    """Candidate scores [N, C] (mean log-prob per candidate), batching examples of similar length."""
+    """Candidate scores [N, C] (mean log-prob per candidate, -inf where an example has fewer).
+
+    Examples whose candidates need more than SHARE_PREFIX_FROM distinct sequences (ReCoRD's entities, long custom
+    candidates) run their prompt once and score every candidate from its KV cache; the others are batched by
+    length, identical sequences shared (single-token candidates cost one sequence per example).
+    """
     device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: max(len(s) for s in encoded[i].sequences))
+    n_cand = max(len(e.answers) for e in encoded)
+    out = torch.full((len(encoded), n_cand), float("-inf"))
+    shared = [i for i, e in enumerate(encoded) if len(set(e.sequences)) >= SHARE_PREFIX_FROM]
+    for i in shared:
+        out[i, :len(encoded[i].answers)] = prefix_shared_scores(model, encoded[i], device)
+    batched = sorted(set(range(len(encoded))) - set(shared), key=lambda i: max(map(len, encoded[i].sequences)))
     pad = pad_token_id(tokenizer)
-    out = [None] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for start in range(0, len(batched), batch_size):
+        chunk = batched[start:start + batch_size]
         batch = collate([encoded[i] for i in chunk], pad).to(device)
         scores = candidate_scores(model, batch, last_hidden(model, batch.input_ids))[0].cpu()
-        for i, s in zip(chunk, scores):
-            out[i] = s
-    return torch.stack(out)
+        out[chunk, :scores.shape[1]] = scores
+    return out
 
 
-def accuracy_report(scores: torch.Tensor, labels: list[int]) -> dict:
-    """Accuracy with a 95% Wilson interval and per-class counts."""
+SHARE_PREFIX_FROM = 3
+
+
+def prefix_shared_scores(model, e: EncodedExample, device) -> torch.Tensor:
+    """Mean log-prob of each candidate [C]: one forward of the prompt (kept as a KV cache, repeated per
+    candidate), then one batched forward of the candidates' tokens after it (right-padded: a real token never
+    sees the padding after it)."""
+    head = model.get_output_embeddings()
+    prompt = model.base_model(input_ids=torch.tensor([e.context], device=device), use_cache=True)
+    first = torch.log_softmax(head(prompt.last_hidden_state[0, -1]).float(), dim=-1)    # predicts answer[0]
+    sums = torch.stack([first[a[0]] for a in e.answers])
+    longest = max(len(a) for a in e.answers)
+    if longest > 1:
+        rest = torch.zeros(len(e.answers), longest - 1, dtype=torch.long, device=device)
+        for c, a in enumerate(e.answers):
+            rest[c, :len(a) - 1] = torch.tensor(a[:-1], device=device)
+        cache = prompt.past_key_values
+        cache.batch_repeat_interleave(len(e.answers))
+        hidden = model.base_model(input_ids=rest, past_key_values=cache, use_cache=True).last_hidden_state
+        logp = torch.log_softmax(head(hidden).float(), dim=-1)                            # [C, L-1, V]
+        for c, a in enumerate(e.answers):
+            if len(a) > 1:
+                sums[c] += logp[c, torch.arange(len(a) - 1), torch.tensor(a[1:], device=device)].sum()
+    return (sums / torch.tensor([len(a) for a in e.answers], device=device)).cpu()
+
+
+def accuracy_report(scores: torch.Tensor, accepted: list[tuple[int, ...]], per_class: bool = True) -> dict:
+    """Accuracy (the best candidate is an accepted one) with a 95% Wilson interval and per-class counts."""
     pred = scores.argmax(-1).tolist()
-    n = len(labels)
-    correct = sum(p == y for p, y in zip(pred, labels))
+    n = len(accepted)
+    hits = [p in ok for p, ok in zip(pred, accepted)]
+    correct = sum(hits)
     acc = correct / n if n else float("nan")
     z = 1.96
     centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    per_class = {}
-    for p, y in zip(pred, labels):
-        c = per_class.setdefault(str(y), {"n": 0, "correct": 0, "predicted": 0})
-        c["n"] += 1
-        c["correct"] += p == y
-    for p in pred:
-        per_class.setdefault(str(p), {"n": 0, "correct": 0, "predicted": 0})["predicted"] += 1
-    return {"metric": "accuracy", "score": acc, "accuracy": acc, "ci95": [centre - half, centre + half], "n": n,
-            "correct": correct, "per_class": dict(sorted(per_class.items()))}
+    report = {"metric": "accuracy", "score": acc, "accuracy": acc, "ci95": [centre - half, centre + half], "n": n,
+              "correct": correct}
+    if per_class:
+        counts = {}
+        for p, ok, hit in zip(pred, accepted, hits):
+            c = counts.setdefault(str(ok[0]), {"n": 0, "correct": 0, "predicted": 0})
+            c["n"] += 1
+            c["correct"] += hit
+        for p in pred:
+            counts.setdefault(str(p), {"n": 0, "correct": 0, "predicted": 0})["predicted"] += 1
+        report["per_class"] = dict(sorted(counts.items()))
+    return report
 
 
-def generation_report(predictions: list[str], golds: list[list[str]]) -> dict:
-    """Mean F1 and EM over the rows (best over each row's gold answers), F1 with a normal-approximation 95% CI."""
-    from .metrics import best_over_golds, exact_match, f1
-
-    f1s = [best_over_golds(f1, p, g) for p, g in zip(predictions, golds)]
-    ems = [best_over_golds(exact_match, p, g) for p, g in zip(predictions, golds)]
+def generation_report(task: Task, predictions: list[str], golds: list[list]) -> dict:
+    """Mean F1 and EM over the rows (the task's official rules, best over each row's golds), F1 with a
+    normal-approximation 95% CI."""
+    scores = [task.answer_scores(p, g) for p, g in zip(predictions, golds)]
+    ems, f1s = [s[0] for s in scores], [s[1] for s in scores]
     n = len(f1s)
     mean = sum(f1s) / n
     half = 1.96 * math.sqrt(sum((x - mean) ** 2 for x in f1s) / max(1, n - 1) / n)
@@ -72,10 +109,10 @@ def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, max_length:
         predictions = generate_answers(model, tokenizer, [task.example(r).prompt for r in rows],
                                        max_new_tokens=task.max_answer_tokens, max_length=max_length,
                                        batch_size=batch_size)
-        return generation_report(predictions, [task.golds(r) for r in rows])
+        return generation_report(task, predictions, [task.golds(r) for r in rows])
     encoded = encode_rows(tokenizer, task, rows, max_length)
     scores = score_encoded(model, tokenizer, encoded, batch_size)
-    return accuracy_report(scores, [e.label for e in encoded])
+    return accuracy_report(scores, [e.accepted for e in encoded], task.per_class)
 
 
 def evaluate(model: str = "smollm2-135m", task: str = "sst2", *, patch=None, split: str = "test",

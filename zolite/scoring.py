@@ -21,6 +21,8 @@ class EncodedExample:
     sequences: tuple[tuple[int, ...], ...]   # one per candidate: prompt + candidate[:-1]
     answers: tuple[tuple[int, ...], ...]     # the candidate's tokens
     label: int
+    accepted: tuple[int, ...]                # candidates counted correct
+    context: tuple[int, ...]                 # the prompt, cut to leave room for the longest candidate
 
 
 def encode_example(tokenizer, example: Example, max_length: int) -> EncodedExample:
@@ -40,7 +42,9 @@ def encode_example(tokenizer, example: Example, max_length: int) -> EncodedExamp
         context = prompt if len(prompt) <= keep else _truncate_left(prompt, keep, tokenizer)
         sequences.append(tuple(context + answer[:-1]))
         answers.append(tuple(answer))
-    return EncodedExample(tuple(sequences), tuple(answers), example.label)
+    keep = max_length - max(len(a) for a in answers)
+    shared = prompt if len(prompt) <= keep else _truncate_left(prompt, keep, tokenizer)
+    return EncodedExample(tuple(sequences), tuple(answers), example.label, example.correct(), tuple(shared))
 
 
 def _truncate_left(ids: list[int], keep: int, tokenizer) -> list[int]:
@@ -60,11 +64,12 @@ class Batch:
     owners: torch.Tensor         # [K] example * C + candidate
     counts: torch.Tensor         # [E * C] tokens per candidate (0 = no such candidate)
     labels: torch.Tensor         # [E]
+    accepted: torch.Tensor       # [E, C] bool: candidates counted correct
     n_candidates: int
 
     def to(self, device):
         return Batch(*(getattr(self, f).to(device) for f in
-                       ("input_ids", "rows", "positions", "targets", "owners", "counts", "labels")),
+                       ("input_ids", "rows", "positions", "targets", "owners", "counts", "labels", "accepted")),
                      self.n_candidates)
 
 
@@ -87,8 +92,11 @@ def collate(encoded: list[EncodedExample], pad_id: int) -> Batch:
         input_ids[s, :len(seq)] = torch.tensor(seq)
     owners_t = torch.tensor(owners)
     counts = torch.bincount(owners_t, minlength=len(encoded) * n_cand)
+    accepted = torch.zeros(len(encoded), n_cand, dtype=torch.bool)
+    for ei, e in enumerate(encoded):
+        accepted[ei, list(e.accepted)] = True
     return Batch(input_ids, torch.tensor(rows), torch.tensor(positions), torch.tensor(targets), owners_t,
-                 counts, torch.tensor([e.label for e in encoded]), n_cand)
+                 counts, torch.tensor([e.label for e in encoded]), accepted, n_cand)
 
 
 def pad_token_id(tokenizer) -> int:
@@ -118,10 +126,15 @@ def candidate_scores(model, batch: Batch, hidden: torch.Tensor) -> torch.Tensor:
     return scores.view(copies, -1, batch.n_candidates)
 
 
-def losses(scores: torch.Tensor, labels: torch.Tensor, objective: str = "ce") -> torch.Tensor:
-    """One loss per copy. 'ce': cross-entropy over the candidates; 'lm': -log-likelihood of the gold answer."""
+def losses(scores: torch.Tensor, batch: Batch, objective: str = "ce") -> torch.Tensor:
+    """One loss per copy. 'ce': cross-entropy over the candidates; 'lm': -log-likelihood of the gold answer;
+    'accuracy': minus the batch accuracy (not differentiable; ZO only needs the two values)."""
+    labels = batch.labels
     if objective == "ce":
         return torch.stack([F.cross_entropy(s, labels) for s in scores])
     if objective == "lm":
         return -scores.gather(2, labels.expand(scores.shape[0], -1).unsqueeze(-1)).mean(dim=(1, 2))
-    raise ZoliteError(f"unknown objective '{objective}'; choose ce or lm")
+    if objective == "accuracy":
+        best = scores.argmax(-1, keepdim=True)                                   # [copies, E, 1]
+        return -batch.accepted.expand(scores.shape[0], -1, -1).gather(2, best).float().mean(dim=(1, 2))
+    raise ZoliteError(f"unknown objective '{objective}'; choose ce, lm or accuracy")

@@ -25,8 +25,9 @@ from .loading import load_model
 from .patch import fingerprint, save_patch
 from .scoring import collate, pad_token_id
 from .tasks import get_task, task_data
-from .zo import TunedLayers, spsa_losses, step_seed
+from .zo import TunedLayers, generation_losses, spsa_losses, step_seed
 
+OBJECTIVES = ("ce", "lm", "accuracy", "f1")
 BUILTIN_DEFAULTS = {"lr": 1e-6, "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
 
 
@@ -44,7 +45,8 @@ class TuneConfig:
     eval_every: int | None = None     # 0 = never (the patch is then the last step's weights)
     seed: int = 0                     # step seeds (z) and batch order
     data_seed: int = 0                # which rows go to train / val / test: fixed, so runs compare on the same rows
-    objective: str | None = None      # ce: cross-entropy over candidates; lm: -log-likelihood of the gold answer
+    objective: str | None = None      # ce: cross-entropy over candidates; lm: -log-likelihood of the gold answer;
+                                      # accuracy / f1: minus the batch's accuracy / F1 (non-differentiable);
                                       # None: ce, or lm for generation tasks
     keep: str = "best"                # best: the weights of the best val step (step 0 included); last
     max_length: int | None = None
@@ -93,7 +95,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         if task_.generative:
             return score(splits.val)["score"]
         scores = score_encoded(net, tokenizer, val, config.batch_size * 2)   # classification: encoded once
-        return accuracy_report(scores, [e.label for e in val])["score"]
+        return accuracy_report(scores, [e.accepted for e in val])["score"]
 
     # --- resume, or start with the base weights scored on val ---
     state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0}
@@ -115,10 +117,14 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     while state["step"] < config.steps:
         step = state["step"]
         t0 = time.perf_counter()
-        batch = collate([train[i] for i in batches_for_step(len(train), config.batch_size, step, config.seed)],
-                        pad).to(device)
+        rows = batches_for_step(len(train), config.batch_size, step, config.seed)
         seed = step_seed(config.seed, step)
-        loss_plus, loss_minus = spsa_losses(net, tuned, batch, seed, config.eps, config.objective)
+        if config.objective == "f1":   # greedy answers under +eps and -eps, scored like the eval
+            loss_plus, loss_minus = generation_losses(net, tokenizer, tuned, task_, [splits.train[i] for i in rows],
+                                                      seed, config.eps, config.max_length)
+        else:
+            batch = collate([train[i] for i in rows], pad).to(device)
+            loss_plus, loss_minus = spsa_losses(net, tuned, batch, seed, config.eps, config.objective)
         projected_grad = (loss_plus - loss_minus) / (2 * config.eps)
         tuned.sgd_update(seed, projected_grad, config.lr, config.weight_decay)
         state["losses"].append((loss_plus + loss_minus) / 2)
@@ -225,8 +231,8 @@ def _check_options(config: TuneConfig) -> None:
         raise ZoliteError(f"--eps must be above 0, got {config.eps}")
     if config.keep not in ("best", "last"):
         raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
-    if config.objective not in (None, "ce", "lm"):
-        raise ZoliteError(f"--objective must be ce or lm, got {config.objective!r}")
+    if config.objective not in (None, *OBJECTIVES):
+        raise ZoliteError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}")
 
 
 def _fill_defaults(config: TuneConfig, loaded, indices, num_layers, task) -> TuneConfig:
@@ -237,8 +243,10 @@ def _fill_defaults(config: TuneConfig, loaded, indices, num_layers, task) -> Tun
     filled["device"] = str(loaded.device)
     filled["objective"] = config.objective or ("lm" if task.generative else "ce")
     config = dataclasses.replace(config, **filled)
-    if task.generative and config.objective == "ce":
-        raise ZoliteError(f"{task.name} is a generation task (one gold answer, no candidates): use --objective lm")
+    if task.generative and config.objective in ("ce", "accuracy"):
+        raise ZoliteError(f"{task.name} is a generation task (no candidates): use --objective lm or f1")
+    if not task.generative and config.objective == "f1":
+        raise ZoliteError(f"{task.name} is scored by accuracy over candidates: use --objective ce, lm or accuracy")
     return config
 
 

@@ -74,11 +74,10 @@ class TunedLayers:
                 p.copy_(master)
 
     @contextmanager
-    def perturbed(self, seed: int, eps: float):
-        """Within this block a forward of batch B returns 2B rows: [W + eps z | W - eps z]."""
-        state = {"sign": 0, "doubled": False}
-        handles, saved_forwards = [], []
-        by_module: dict[int, list] = {}
+    def _swapped(self, seed: int, eps: float, state: dict):
+        """Hooks giving each tuned module W + state['sign'] * eps * z for the length of its forward."""
+        handles = []
+        by_module: dict[int, tuple] = {}
         for i, (module, attr) in enumerate(self.owner):
             by_module.setdefault(id(module), (module, []))[1].append((i, attr))
 
@@ -95,10 +94,6 @@ class TunedLayers:
         for module, entries in by_module.values():
             handles.append(module.register_forward_pre_hook(lambda m, a, e=entries: swap_in(m, a, e)))
             handles.append(module.register_forward_hook(lambda m, a, o, e=entries: swap_out(m, a, o, e)))
-
-        for layer in self.layers:
-            saved_forwards.append((layer, layer.__dict__.get("forward")))
-            layer.forward = _doubling_forward(layer.forward, state)
         try:
             yield
         finally:
@@ -106,11 +101,30 @@ class TunedLayers:
                 h.remove()
             for (module, attr), p in zip(self.owner, self.params):
                 module._parameters[attr] = p
+
+    @contextmanager
+    def perturbed(self, seed: int, eps: float):
+        """Within this block a forward of batch B returns 2B rows: [W + eps z | W - eps z]."""
+        state = {"sign": 0, "doubled": False}
+        saved_forwards = []
+        for layer in self.layers:
+            saved_forwards.append((layer, layer.__dict__.get("forward")))
+            layer.forward = _doubling_forward(layer.forward, state)
+        try:
+            with self._swapped(seed, eps, state):
+                yield
+        finally:
             for layer, forward in saved_forwards:
                 if forward is None:
                     del layer.forward
                 else:
                     layer.forward = forward
+
+    @contextmanager
+    def shifted(self, seed: int, eps: float, sign: int):
+        """Within this block every forward (generation included) sees W + sign * eps * z."""
+        with self._swapped(seed, eps, {"sign": sign}):
+            yield
 
 
 def _doubling_forward(forward, state):
@@ -138,6 +152,22 @@ def spsa_losses(model, tuned: TunedLayers, batch, seed: int, eps: float, objecti
     with torch.inference_mode():
         with tuned.perturbed(seed, eps):
             hidden = last_hidden(model, batch.input_ids)
-        loss = losses(candidate_scores(model, batch, hidden), batch.labels, objective)
+        loss = losses(candidate_scores(model, batch, hidden), batch, objective)
     plus, minus = loss.tolist()
     return plus, minus
+
+
+def generation_losses(model, tokenizer, tuned: TunedLayers, task, rows: list[dict], seed: int, eps: float,
+                      max_length: int) -> tuple[float, float]:
+    """Minus the mean F1 of greedy answers under W + eps z and under W - eps z: a non-differentiable objective
+    (MeZO, Sec. 3.3), two generations per step instead of one doubled forward."""
+    from .predict import generate_answers
+
+    prompts = [task.example(r).prompt for r in rows]
+    out = []
+    for sign in (1, -1):
+        with tuned.shifted(seed, eps, sign):
+            answers = generate_answers(model, tokenizer, prompts, max_new_tokens=task.max_answer_tokens,
+                                       max_length=max_length, batch_size=len(prompts))
+        out.append(-sum(task.answer_scores(a, task.golds(r))[1] for a, r in zip(answers, rows)) / len(rows))
+    return out[0], out[1]

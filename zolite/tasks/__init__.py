@@ -5,11 +5,11 @@ from ..errors import ZoliteError
 from .base import Example, Task
 from .custom import CustomTask, is_custom, spec_from
 from .glue import SST2, BoolQ
-from .qa import SQuAD
-from .superglue import CB, COPA, RTE, WSC, MultiRC, WiC
+from .qa import DROP, SQuAD
+from .superglue import CB, COPA, RTE, WSC, MultiRC, ReCoRD, WiC
 
 TASKS: dict[str, Task] = {t.name: t for t in (SST2(), BoolQ(), RTE(), CB(), WSC(), WiC(), MultiRC(), COPA(),
-                                                 SQuAD())}
+                                                 ReCoRD(), SQuAD(), DROP())}
 
 
 def get_task(name: str, *, template=None, candidates=None, label_field=None, answer_field=None) -> Task:

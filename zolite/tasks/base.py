@@ -17,7 +17,11 @@ def bool_label(value) -> int:
 class Example:
     prompt: str
     candidates: tuple[str, ...]   # continuations of the prompt, scored by their log-likelihood
-    label: int                    # index of the gold candidate
+    label: int                    # index of the gold candidate (the training target)
+    accepted: tuple[int, ...] = ()  # every candidate counted correct (ReCoRD: all gold entities); () = (label,)
+
+    def correct(self) -> tuple[int, ...]:
+        return self.accepted or (self.label,)
 
 
 class Task:
@@ -28,10 +32,17 @@ class Task:
     metric: str = "accuracy"
     generative: bool = False             # True: scored by F1/EM of a greedy answer, trained with the LM loss
     max_answer_tokens: int = 50
+    per_class: bool = True               # report per-class counts (not for ReCoRD, whose classes are entities)
 
-    def golds(self, row: dict) -> list[str]:
+    def golds(self, row: dict) -> list:
         """The accepted answers of a generation task's row."""
         raise NotImplementedError
+
+    def answer_scores(self, prediction: str, golds: list) -> tuple[float, float]:
+        """(exact match, F1) of a generated answer, best over the golds: SQuAD v1.1's official rules."""
+        from ..metrics import best_over_golds, exact_match, f1
+
+        return best_over_golds(exact_match, prediction, golds), best_over_golds(f1, prediction, golds)
 
     def example(self, row: dict) -> Example:
         raise NotImplementedError

@@ -131,3 +131,42 @@ class MultiRC(Task):
         prompt = (f"{row['paragraph']}\nQuestion: {row['question']}\nI found this answer \"{row['answer']}\". "
                   "Is that correct? Yes or No?\n")
         return Example(prompt, self.candidates, self.label(row))
+
+
+class ReCoRD(Task):
+    """MeZO's ReCoRDTemplateGPT3: the passage (highlights as '- ' bullets), then '\\n-', then the query with
+    @placeholder filled by each candidate entity. Correct when the best entity is any of the gold answers."""
+    name = "record"
+    description = "ReCoRD (SuperGLUE): '<passage>\\n-' -> ' <query with @placeholder = entity>' for each entity"
+    fields = ("passage", "query", "entities", "answers")
+    hf_dataset = ("super_glue", "record")
+    per_class = False
+
+    def expand(self, row):
+        """One SuperGLUE line (a passage with entity spans and queries) -> one row per query."""
+        if not isinstance(row.get("passage"), dict):   # already flat (HF datasets release)
+            return [row]
+        text = row["passage"]["text"]
+        entities = [text[e["start"]:e["end"] + 1] for e in row["passage"]["entities"]]   # `end` is inclusive
+        return [{"passage": text, "query": qa["query"], "entities": entities,
+                 "answers": [a["text"] for a in qa.get("answers", [])], "_line": row.get("_line")}
+                for qa in row["qas"]]
+
+    def label(self, row):
+        return self._accepted(row)[1][0]
+
+    @staticmethod
+    def _accepted(row) -> tuple[list[str], list[int]]:
+        entities = list(dict.fromkeys(row["entities"]))   # unique, in passage order
+        accepted = [entities.index(a) for a in dict.fromkeys(row["answers"]) if a in entities]
+        if not accepted:
+            raise ValueError("no gold answer is among the passage's entities")
+        return entities, accepted
+
+    def example(self, row):
+        if "@placeholder" not in row["query"]:
+            raise ValueError("the query has no @placeholder")
+        entities, accepted = self._accepted(row)
+        passage = row["passage"].replace("@highlight\n", "- ")
+        candidates = tuple(" " + row["query"].replace("@placeholder", e) for e in entities)
+        return Example(f"{passage}\n-", candidates, accepted[0], tuple(accepted))
