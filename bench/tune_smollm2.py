@@ -7,6 +7,7 @@ Every run also scores the held-out test split, but only val decides; the table r
 lr over all seeds, next to zero-shot test accuracy on the same rows.
 
     python bench/tune_smollm2.py --out OUT --tasks sst2 --steps 1000 --lr-layer 3e-4,1e-3 --lr-full 1e-5,3e-5
+    python bench/tune_smollm2.py --out OUT --tasks sst2 --arms L0,L11,L29,full ...   # single layers by index
 
 Results: OUT/results.json and OUT/results.md, rewritten as runs finish (a cut-off call keeps what finished).
 """
@@ -24,7 +25,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ARMS = {"dominant": None, "full": "all"}   # None: the profile's dominant layer
+ARMS = {"dominant": None, "full": "all"}   # None: the profile's dominant layer; "L<n>": layer n alone
+
+
+def arm_layer(args, arm):
+    if arm.startswith("L"):
+        return arm[1:]
+    return args.layer if arm == "dominant" else ARMS[arm]
+
+
+def data_args(args):
+    return ["--data", args.data] if args.data else []
 
 
 def environment() -> dict:
@@ -42,8 +53,8 @@ def run_tune(args, task, arm, lr, seed) -> dict:
     cmd = [sys.executable, "-m", "zolite.cli", "tune", "--model", args.model, "--task", task, "--steps", str(args.steps),
            "--lr", str(lr), "--eps", str(args.eps), "--batch-size", str(args.batch_size),
            "--eval-every", str(args.eval_every), "--seed", str(seed), "--run-dir", str(run_dir), "--force",
-           "--json", "--quiet", "--test"]
-    layer = args.layer if arm == "dominant" else ARMS[arm]
+           "--json", "--quiet", "--test", *data_args(args)]
+    layer = arm_layer(args, arm)
     if layer is not None:
         cmd += ["--layer", layer]
     t0 = time.perf_counter()
@@ -57,12 +68,14 @@ def run_tune(args, task, arm, lr, seed) -> dict:
     report = json.loads((run_dir / "report.json").read_text())
     row.update(val=summary["val_score"], test=summary.get("test_score"), layers=summary["layers"],
                kept_step=summary["kept_step"], step_ms=summary["timing"]["step_ms"], memory=summary["memory"],
-               val_curve=report["val_curve"], loss_first=report["loss_curve"][:50], loss_last=report["loss_curve"][-50:])
+               val_curve=report["val_curve"], loss_first=report["loss_curve"][:50], loss_last=report["loss_curve"][-50:],
+               loss_by_25=[round(statistics.mean(report["loss_curve"][i:i + 25]), 5)
+                           for i in range(0, len(report["loss_curve"]), 25)])
     return row
 
 
 def zero_shot(args, task) -> dict:
-    cmd = [sys.executable, "-m", "zolite.cli", "eval", "--model", args.model, "--task", task, "--json"]
+    cmd = [sys.executable, "-m", "zolite.cli", "eval", "--model", args.model, "--task", task, "--json", *data_args(args)]
     result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     return {"task": task, "test": result["zero_shot"]["score"], "n": result["rows"], "command": shlex.join(cmd[1:])}
 
@@ -133,19 +146,26 @@ def main():
     ap.add_argument("--lr-full", default="1e-5,3e-5")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--parallel", type=int, default=4)
-    ap.add_argument("--previous", type=Path, help="an earlier results.json: its runs are kept and not run again")
+    ap.add_argument("--previous", type=Path, action="append", default=[],
+                    help="an earlier results.json: its runs are kept and not run again (repeatable)")
+    ap.add_argument("--rename-arm", action="append", default=[],
+                    help="OLD=NEW: relabel an arm of the --previous runs (e.g. dominant=L12)")
+    ap.add_argument("--data", help="passed to zolite as --data (tasks without a bundled sample)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.runs_dir = args.runs_dir or args.out / "runs"
     grid = {"dominant": [float(x) for x in args.lr_layer.split(",")], "full": [float(x) for x in args.lr_full.split(",")]}
+    grid.update({arm: grid["dominant"] for arm in args.arms.split(",") if arm.startswith("L")})
     cells = [(t, arm) for t in args.tasks.split(",") for arm in args.arms.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     results = Results(args)
-    if args.previous:
-        previous = json.loads(args.previous.read_text())
-        results.runs = [r for r in previous["runs"] if "error" not in r]
-        results.zero_shot = previous["zero_shot"]
-        results.meta["previous"] = {"file": str(args.previous), "argv": previous["argv"]}
+    rename = dict(r.split("=", 1) for r in args.rename_arm)
+    results.meta["previous"] = []
+    for path in args.previous:
+        previous = json.loads(path.read_text())
+        results.runs += [{**r, "arm": rename.get(r["arm"], r["arm"])} for r in previous["runs"] if "error" not in r]
+        results.zero_shot.update(previous["zero_shot"])
+        results.meta["previous"].append({"file": str(path), "argv": previous["argv"], "renamed": rename})
     for t in args.tasks.split(","):
         if t not in results.zero_shot:
             results.zero_shot[t] = zero_shot(args, t)

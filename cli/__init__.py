@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -55,7 +56,8 @@ def main():
               help="Task name (see `zolite tasks`), or your own FILE.jsonl (with --template) or TASK.toml.")
 @custom_task_options
 @click.option("--layer", "--layers", "layer", default=None,
-              help="Decoder layer(s) to tune, 0-based: N, N,M or 'all' (full-model MeZO). Default: the profile's dominant layer.")
+              help="Decoder layer(s) to tune, 0-based: N, N,M, 'all' (full-model MeZO) or 'auto' (the default: the "
+                   "dominant layer from this model's cached `zolite scan`, else its profile, else a scan now).")
 @click.option("--steps", type=int, help="ZO steps. Default: the profile's.")
 @click.option("--lr", type=float, help="Learning rate. Default: the profile's.")
 @click.option("--eps", type=float, help="Perturbation scale (absolute). Default: the profile's.")
@@ -170,6 +172,36 @@ def apply(patch, model, prompt, chat, max_new_tokens, eval_task, input_file, dat
         return
     for prediction in zolite.classify_file(loaded.model, loaded.tokenizer, task, input_file):
         click.echo(json.dumps(prediction))
+
+
+@main.command()
+@click.option("--model", default="smollm2-135m", show_default=True, help="Profile, local folder, .gguf or hub id.")
+@click.option("--mode", type=click.Choice(["int8", "nf4"]), help="Load the frozen weights quantized (bitsandbytes).")
+@click.option("--prompts", type=int, default=32, show_default=True, help="Calibration prompts to run.")
+@click.option("--text", help="Calibration text: a task name (its train prompts) or a .txt file (one prompt per line).  [default: bundled generic text]")
+@click.option("--magnitude", type=float, default=100.0, show_default=True, help="Outlier rule: max |h| at least this.")
+@click.option("--ratio", type=float, default=1000.0, show_default=True, help="Outlier rule: max |h| at least this times the layer's median |h|.")
+@click.option("--share", type=float, default=0.5, show_default=True, help="Outlier rule: in at least this fraction of the prompts (0: any one).")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds of the per-layer sensitivity probe (0: skip it).")
+@click.option("--eps", type=float, default=1e-3, show_default=True, help="Perturbation scale of the sensitivity probe.")
+@click.option("--out", type=click.Path(), help="Folder for report.json, report.md and scan.png.  [default: runs/scan-MODEL]")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
+@click.option("--device")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def scan(model, out, as_json, **options):
+    """Find the dominant layer by inference only (0-based layer indices); cached for `tune --layer auto`."""
+    import re
+
+    from zolite.scan import markdown, scan as run_scan
+
+    out = out or f"runs/scan-{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(model).name)}"
+    result = run_scan(model, out=out, **options)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(markdown(result))
+    click.echo(f"report: {out}/report.md, {out}/report.json, {out}/scan.png")
 
 
 @main.command()

@@ -35,7 +35,7 @@ def test_unknown_model_task_and_layer(tiny_model, small_data, tmp_path):
     assert_user_error(run_cli("tune", "--model", tiny_model, "--layer", "x", "--data", small_data, "--run-dir",
                               tmp_path / "d", *QUICK), "not a layer index")
     assert_user_error(run_cli("tune", "--model", tiny_model, "--data", small_data, "--run-dir", tmp_path / "e", *QUICK),
-                      "no known dominant layer", "--layer")
+                      "no layer of this model shows massive activations", "--layer N (0-based)")
 
 
 @pytest.mark.parametrize("option, value, needle", [

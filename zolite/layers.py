@@ -23,12 +23,8 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
                       f"supported layouts: {', '.join(LAYER_PATHS)}")
 
 
-def parse_layers(spec: str | int | None, num_layers: int, default: int | None) -> list[int]:
-    """'12' -> [12]; 'all' -> every layer; '3,5' -> [3, 5]; None -> the profile's dominant layer."""
-    if spec is None:
-        if default is None:
-            raise ZoliteError("this model has no known dominant layer; pass --layer N (0-based) or --layers all")
-        spec = default
+def parse_layers(spec: str | int, num_layers: int) -> list[int]:
+    """'12' -> [12]; 'all' -> every layer; '3,5' -> [3, 5]."""
     if isinstance(spec, str) and spec.strip().lower() == "all":
         return list(range(num_layers))
     try:

@@ -35,6 +35,7 @@ class LoadedModel:
     profile: Profile | None
     device: torch.device
     dtype: torch.dtype
+    mode: str | None = None   # None, or the bitsandbytes quantization (int8 / nf4) of the frozen weights
 
 
 def resolve_model(spec: str) -> tuple[Path, Profile | None]:
@@ -151,20 +152,44 @@ def choose_dtype(dtype: str | None, device: torch.device, profile: Profile | Non
     return DTYPES[dtype]
 
 
-def load_model(spec: str, *, device: str | torch.device | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load `spec` (profile, folder, .gguf or hub id) frozen, in eval mode, for inference-only use."""
+QUANT_MODES = ("int8", "nf4")
+
+
+def quantization_config(mode: str, dtype: torch.dtype):
+    """bitsandbytes through transformers: LLM.int8 (outliers kept in fp16) or 4-bit NF4 computing in `dtype`."""
+    if mode not in QUANT_MODES:
+        raise ZoliteError(f"unknown mode '{mode}'; choose one of {', '.join(QUANT_MODES)} (or leave it out)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ZoliteError(f"--mode {mode} needs bitsandbytes: pip install 'zolite[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def load_model(spec: str, *, device: str | torch.device | None = None, dtype: str | None = None,
+               mode: str | None = None) -> LoadedModel:
+    """Load `spec` (profile, folder, .gguf or hub id) frozen, in eval mode, for inference-only use.
+
+    mode: None (every weight in `dtype`), or int8 / nf4 (bitsandbytes; the rest stays in `dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, profile = resolve_model(spec)
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = choose_dtype(dtype, device, profile)
+    extra = {}
+    if mode is not None:
+        extra = {"quantization_config": quantization_config(mode, torch_dtype), "device_map": {"": device}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ZoliteError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
-    model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model, tokenizer, spec, path, profile, device, torch_dtype)
+    if mode is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, tokenizer, spec, path, profile, device, torch_dtype, mode)
 
 
 def known_models() -> list[Profile]:

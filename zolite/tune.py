@@ -20,9 +20,10 @@ from .data import batches_for_step, sample_splits
 from .errors import ZoliteError
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
 from .io import refuse_clobber, write_json
-from .layers import decoder_layers, format_layers, parse_layers
+from .layers import decoder_layers, format_layers
 from .loading import load_model
 from .patch import fingerprint, save_patch
+from .scan import choose_layers
 from .scoring import collate, pad_token_id
 from .tasks import get_task, task_data
 from .zo import TunedLayers, generation_losses, spsa_losses, step_seed
@@ -36,7 +37,8 @@ class TuneConfig:
     """Everything that decides a run's result. None = the model profile's default."""
     model: str = "smollm2-135m"
     task: str = "sst2"
-    layer: str | None = None          # "12", "3,5" or "all" (0-based); None = the profile's dominant layer
+    layer: str | None = None          # "12", "3,5" or "all" (0-based); None / "auto" = the dominant layer
+                                      # (this model's cached scan, else its profile, else a scan now)
     steps: int | None = None
     lr: float | None = None
     eps: float | None = None
@@ -73,7 +75,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     loaded = load_model(config.model, device=config.device, dtype=config.dtype)
     net, tokenizer = loaded.model, loaded.tokenizer
     _, layers = decoder_layers(net)
-    indices = parse_layers(config.layer, len(layers), loaded.profile.dominant_layer if loaded.profile else None)
+    indices, layer_source = choose_layers(config.layer, loaded, len(layers))
     task_ = get_task(config.task, **config.task_options())
     config = _fill_defaults(config, loaded, indices, len(layers), task_)
     splits = sample_splits(task_data(task_, config.data), seed=config.data_seed,
@@ -164,7 +166,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         "model": {"name": config.model, "path": str(loaded.path), "arch": net.config.model_type,
                   "num_layers": len(layers), "dtype": str(loaded.dtype).removeprefix("torch."),
                   "device": str(device)},
-        "layers": format_layers(indices, len(layers)), "tuned_params": tuned.numel(),
+        "layers": format_layers(indices, len(layers)), "layer_source": layer_source, "tuned_params": tuned.numel(),
         "base_sha256": base_sha256,
         "data": {"source": splits.source, "rows_in_file": splits.total_rows, "counts": splits.counts},
         "steps": state["step"], "kept_step": metric["kept_step"],
@@ -196,7 +198,7 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
         saved = json.loads((run_dir / "config.json").read_text())
         given.update({k: v for k, v in (("model", model), ("task", task)) if v is not None})
         for key, value in given.items():
-            if saved.get(key) != value and not (key == "layer" and str(saved.get(key)) == str(value)):
+            if saved.get(key) != value and not (key == "layer" and str(value) in (str(saved.get(key)), "auto")):
                 raise ZoliteError(f"{run_dir} was started with {key}={saved.get(key)!r}, not {value!r}; "
                                   f"drop that option to resume it, or start a new run")
         config = TuneConfig(**saved)
@@ -207,7 +209,7 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
     get_task(task, **config.task_options())  # a bad task fails before anything is loaded or written
     if run_dir is None:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name)
-        run_dir = Path("runs") / f"{name}-{task}-L{config.layer or 'dominant'}-s{config.seed}"
+        run_dir = Path("runs") / f"{name}-{task}-L{config.layer if config.layer not in (None, 'auto') else 'dominant'}-s{config.seed}"
     run_dir = Path(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not force:
         raise ZoliteError(f"run folder {run_dir} already exists; resume it with --resume {run_dir}, "
