@@ -54,12 +54,24 @@ def test_tune_the_dominant_layer_then_apply_and_eval(smollm2, small_data, tmp_pa
                 "--batch-size", "4", "--eval-every", "3", "--run-dir", run, "--json", "--quiet")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output.strip().splitlines()[-1])
-    assert summary["layers"] == "12" and summary["tuned_params"] == 3_540_096
+    assert summary["layers"] == "11" and summary["tuned_params"] == 3_540_096
     patch = load_patch(run / "patch.safetensors")
     assert patch.metadata["zolite.model"] == "smollm2-135m" and patch.metadata["zolite.arch"] == "llama"
-    assert all(n.startswith("model.layers.12.") for n in patch.tensors)
+    assert all(n.startswith("model.layers.11.") for n in patch.tensors)
     r = run_cli("eval", "--model", "smollm2-135m", "--task", "sst2", "--data", small_data, "--limit", "12",
                 "--patch", run / "patch.safetensors", "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.output)
     assert result["zero_shot"]["n"] == result["patched"]["n"] == 12
+
+
+def test_scan_finds_the_profile_layer_on_the_real_model(smollm2, tmp_path):
+    """The shipped profile's dominant layer is what `zolite scan` measures (generic text and SST-2 prompts)."""
+    from zolite.scan import scan
+
+    for text in (None, "sst2"):
+        result = scan("smollm2-135m", loaded=smollm2, text=text, seeds=0)
+        assert result["dominant_layer"] == smollm2.profile.dominant_layer == 11
+        layers = result["layers"]
+        assert layers[11]["outlier_share"] == 1.0 and layers[10]["outlier_share"] == 0.0
+        assert layers[11]["max_abs"] > 1e4 and layers[10]["max_abs"] < 1e3
