@@ -26,9 +26,9 @@ def test_shared_prefix_equals_batched_scoring(tiny_model):
     encoded = [encode_example(loaded.tokenizer, Example(prompt, cands, 2), 512),
                encode_example(loaded.tokenizer, Example("short", cands[:3], 0), 512)]
     with torch.inference_mode():
-        shared = prefix_shared_scores(loaded.model, encoded[0], loaded.device)
-    torch.testing.assert_close(shared, _batched_scores(loaded, encoded[:1])[0], atol=1e-5, rtol=1e-5)
-    scores = score_encoded(loaded.model, loaded.tokenizer, encoded)          # both rows take the shared path
+        shared = prefix_shared_scores(loaded.model, encoded[:1], loaded.device)
+    torch.testing.assert_close(shared, _batched_scores(loaded, encoded[:1]), atol=1e-5, rtol=1e-5)
+    scores = score_encoded(loaded.model, loaded.tokenizer, encoded)   # both rows, one group: prompts of 2 lengths
     torch.testing.assert_close(scores, _batched_scores(loaded, encoded), atol=1e-5, rtol=1e-5)
     assert scores[1, 3] == float("-inf")
 

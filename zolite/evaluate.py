@@ -18,17 +18,21 @@ def encode_rows(tokenizer, task: Task, rows: list[dict], max_length: int) -> lis
 def score_encoded(model, tokenizer, encoded: list[EncodedExample], batch_size: int = 32) -> torch.Tensor:
     """Candidate scores [N, C] (mean log-prob per candidate, -inf where an example has fewer).
 
-    Examples whose candidates need more than SHARE_PREFIX_FROM distinct sequences (ReCoRD's entities, long custom
-    candidates) run their prompt once and score every candidate from its KV cache; the others are batched by
-    length, identical sequences shared (single-token candidates cost one sequence per example).
+    Examples whose candidates need SHARE_PREFIX_FROM or more distinct sequences (ReCoRD's entities, long custom
+    candidates) run their prompts once and score every candidate from the prompts' KV cache; the others are
+    batched as whole sequences, identical ones shared (single-token candidates cost one sequence per example).
+    Both paths batch examples of similar length.
     """
     device = next(model.parameters()).device
     n_cand = max(len(e.answers) for e in encoded)
     out = torch.full((len(encoded), n_cand), float("-inf"))
-    shared = [i for i, e in enumerate(encoded) if len(set(e.sequences)) >= SHARE_PREFIX_FROM]
-    for i in shared:
-        out[i, :len(encoded[i].answers)] = prefix_shared_scores(model, encoded[i], device)
-    batched = sorted(set(range(len(encoded))) - set(shared), key=lambda i: max(map(len, encoded[i].sequences)))
+    by_length = sorted(range(len(encoded)), key=lambda i: max(map(len, encoded[i].sequences)))
+    shared = [i for i in by_length if len(set(encoded[i].sequences)) >= SHARE_PREFIX_FROM]
+    batched = [i for i in by_length if len(set(encoded[i].sequences)) < SHARE_PREFIX_FROM]
+    for start in range(0, len(shared), batch_size):
+        chunk = shared[start:start + batch_size]
+        scores = prefix_shared_scores(model, [encoded[i] for i in chunk], device)
+        out[chunk, :scores.shape[1]] = scores
     pad = pad_token_id(tokenizer)
     for start in range(0, len(batched), batch_size):
         chunk = batched[start:start + batch_size]
@@ -41,27 +45,46 @@ def score_encoded(model, tokenizer, encoded: list[EncodedExample], batch_size: i
 SHARE_PREFIX_FROM = 3
 
 
-def prefix_shared_scores(model, e: EncodedExample, device) -> torch.Tensor:
-    """Mean log-prob of each candidate [C]: one forward of the prompt (kept as a KV cache, repeated per
-    candidate), then one batched forward of the candidates' tokens after it (right-padded: a real token never
-    sees the padding after it)."""
+def prefix_shared_scores(model, group: list[EncodedExample], device) -> torch.Tensor:
+    """Mean log-prob of each candidate [E, C] (-inf where an example has fewer): one forward of the E prompts
+    (right-padded, kept as a KV cache), then one forward of every candidate's tokens after its own prompt (the
+    cache repeated C times; an attention mask hides the prompts' padding, positions continue each prompt)."""
     head = model.get_output_embeddings()
-    prompt = model.base_model(input_ids=torch.tensor([e.context], device=device), use_cache=True)
-    first = torch.log_softmax(head(prompt.last_hidden_state[0, -1]).float(), dim=-1)    # predicts answer[0]
-    sums = torch.stack([first[a[0]] for a in e.answers])
-    longest = max(len(a) for a in e.answers)
+    n_cand = max(len(e.answers) for e in group)
+    lengths = torch.tensor([len(e.context) for e in group], device=device)
+    ids = torch.zeros(len(group), int(lengths.max()), dtype=torch.long, device=device)
+    for r, e in enumerate(group):
+        ids[r, :len(e.context)] = torch.tensor(e.context, device=device)
+    mask = (torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]).long()
+    prompt = model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
+    last = prompt.last_hidden_state[torch.arange(len(group), device=device), lengths - 1]
+    first = torch.log_softmax(head(last).float(), dim=-1)                               # predicts answer[0]
+    sums = torch.zeros(len(group), n_cand, device=device)
+    counts = torch.zeros(len(group), n_cand, device=device)
+    for r, e in enumerate(group):
+        for c, a in enumerate(e.answers):
+            sums[r, c] = first[r, a[0]]
+            counts[r, c] = len(a)
+    longest = max(len(a) for e in group for a in e.answers)
     if longest > 1:
-        rest = torch.zeros(len(e.answers), longest - 1, dtype=torch.long, device=device)
-        for c, a in enumerate(e.answers):
-            rest[c, :len(a) - 1] = torch.tensor(a[:-1], device=device)
+        rest = torch.zeros(len(group) * n_cand, longest - 1, dtype=torch.long, device=device)
+        for r, e in enumerate(group):
+            for c, a in enumerate(e.answers):
+                rest[r * n_cand + c, :len(a) - 1] = torch.tensor(a[:-1], device=device)
         cache = prompt.past_key_values
-        cache.batch_repeat_interleave(len(e.answers))
-        hidden = model.base_model(input_ids=rest, past_key_values=cache, use_cache=True).last_hidden_state
-        logp = torch.log_softmax(head(hidden).float(), dim=-1)                            # [C, L-1, V]
-        for c, a in enumerate(e.answers):
-            if len(a) > 1:
-                sums[c] += logp[c, torch.arange(len(a) - 1), torch.tensor(a[1:], device=device)].sum()
-    return (sums / torch.tensor([len(a) for a in e.answers], device=device)).cpu()
+        cache.batch_repeat_interleave(n_cand)
+        full_mask = torch.cat([mask.repeat_interleave(n_cand, 0), torch.ones_like(rest)], dim=1)
+        positions = lengths.repeat_interleave(n_cand)[:, None] + torch.arange(longest - 1, device=device)[None, :]
+        hidden = model.base_model(input_ids=rest, attention_mask=full_mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True).last_hidden_state
+        logp = torch.log_softmax(head(hidden).float(), dim=-1)                            # [E*C, L-1, V]
+        for r, e in enumerate(group):
+            for c, a in enumerate(e.answers):
+                if len(a) > 1:
+                    row = r * n_cand + c
+                    sums[r, c] += logp[row, torch.arange(len(a) - 1), torch.tensor(a[1:], device=device)].sum()
+    scores = sums / counts.clamp(min=1)
+    return scores.masked_fill(counts == 0, float("-inf")).cpu()
 
 
 def accuracy_report(scores: torch.Tensor, accepted: list[tuple[int, ...]], per_class: bool = True) -> dict:

@@ -186,6 +186,8 @@ def load_model(spec: str, *, device: str | torch.device | None = None, dtype: st
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ZoliteError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:   # batched generation pads (left); some tokenizers ship without a pad token
+        tokenizer.pad_token = tokenizer.eos_token
     if mode is None:
         model.to(device)
     model.eval().requires_grad_(False)

@@ -202,7 +202,9 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
     net, tok = loaded.model, loaded.tokenizer
     batches = list(_batches(tok, texts, batch_size, max_length, loaded.device))
     activations = activation_profile(net, batches)
-    base_loss, sensitivity = sensitivity_profile(net, batches, seeds, eps) if seeds else (None, [])
+    # Quantized weights (int8 / nf4) are packed integers, not values to add eps * z to: the probe needs fp weights.
+    probe = seeds if loaded.mode is None else 0
+    base_loss, sensitivity = sensitivity_profile(net, batches, probe, eps) if probe else (None, [])
     for a, s in zip(activations, sensitivity):
         a["delta_loss"] = s["delta_loss"]
     for a in activations:
@@ -217,7 +219,9 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
               "tokens": int(sum(int(b[2].sum()) for b in batches)),
               "rule": {"magnitude": magnitude, "ratio": ratio, "share": share}, "dominant_layer": dominant,
               "profile_dominant_layer": loaded.profile.dominant_layer if loaded.profile else None,
-              "sensitivity": {"seeds": seeds, "eps": eps, "base_loss": base_loss,
+              "sensitivity": {"seeds": probe, "eps": eps, "base_loss": base_loss,
+                              "skipped": None if probe or not seeds else
+                              f"not run in {mode}: quantized weights cannot be perturbed; scan without --mode",
                               "most_sensitive_layer": max(sensitivity, key=lambda s: s["delta_loss"])["layer"]
                               if sensitivity else None},
               "layers": activations}
@@ -236,6 +240,8 @@ def markdown(result: dict) -> str:
              f"the prompts have max|h| >= {rule['magnitude']:g} and >= {rule['ratio']:g}x the layer's median |h|."
              + ("" if result["dominant_layer"] is not None else " No layer crosses the rule: pass --layer to tune."),
              ""]
+    if result["sensitivity"].get("skipped"):
+        lines += [f"Sensitivity: {result['sensitivity']['skipped']}.", ""]
     if result["sensitivity"]["seeds"]:
         s = result["sensitivity"]
         lines += [f"Sensitivity: |LM loss change| with only that layer at W + eps z, eps {s['eps']:g}, mean over "
