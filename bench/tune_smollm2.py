@@ -80,6 +80,12 @@ def zero_shot(args, task) -> dict:
     return {"task": task, "test": result["zero_shot"]["score"], "n": result["rows"], "command": shlex.join(cmd[1:])}
 
 
+def flag(row, name):
+    """A tune option of a run, read back from its command (merged --previous runs may differ)."""
+    words = row["command"].split()
+    return words[words.index(name) + 1] if name in words else "?"
+
+
 def mean_std(xs):
     return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -108,17 +114,17 @@ class Results:
         a = self.args
         lines = [f"# SmolLM2-135M: zero-shot vs dominant-layer ZO vs full-model MeZO ({self.meta['env'].get('gpu', 'CPU')})",
                  "", f"Command: `python {self.meta['argv']}`", "",
-                 f"{a.steps} steps, batch {a.batch_size}, eps {a.eps}, val every {a.eval_every} steps (the patch keeps the "
-                 "best val step); lr picked by seed 0's val accuracy; test = held-out rows, never used for a choice.", "",
-                 "| task | arm | layers | lr | test acc (mean ± std) | seeds | val acc (mean) | zero-shot test | wall s / run | ms / step | peak GPU GiB |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 f"Batch {a.batch_size}, eps {a.eps}; val every N steps (the patch keeps the best val step); lr picked by "
+                 "seed 0's val accuracy; test = held-out rows, never used for a choice.", "",
+                 "| task | arm | layers | steps | val every | lr | test acc (mean ± std) | seeds | val acc (mean) | zero-shot test | wall s / run | ms / step | peak GPU GiB |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for (task, arm), lr in self.picked.items():
             rs = [r for r in self.runs if (r["task"], r["arm"], r["lr"]) == (task, arm, lr) and r.get("test") is not None]
             if not rs:
                 continue
             m, s = mean_std([r["test"] for r in rs])
             zs = self.zero_shot.get(task, {}).get("test")
-            lines.append(f"| {task} | {arm} | {rs[0]['layers']} | {lr:g} | {m:.4f} ± {s:.4f} | {len(rs)} | "
+            lines.append(f"| {task} | {arm} | {rs[0]['layers']} | {flag(rs[0], '--steps')} | {flag(rs[0], '--eval-every')} | {lr:g} | {m:.4f} ± {s:.4f} | {len(rs)} | "
                          f"{statistics.mean(r['val'] for r in rs):.4f} | {zs if zs is None else f'{zs:.4f}'} | "
                          f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {statistics.mean(r['step_ms'] for r in rs):.1f} | "
                          f"{max(r['memory'].get('gpu_allocated_peak_gib', 0) for r in rs):.2f} |")
@@ -178,7 +184,8 @@ def main():
 
     with ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(run, [(t, arm, lr, seeds[0]) for t, arm in cells for lr in grid[arm]]))
-        for t, arm in cells:
+        # every (task, arm) with first-seed runs, the --previous ones included, so merged tables stay whole
+        for t, arm in dict.fromkeys((r["task"], r["arm"]) for r in results.runs):
             first = [r for r in results.runs if (r["task"], r["arm"], r["seed"]) == (t, arm, seeds[0])
                      and r.get("val") is not None]
             if first:
