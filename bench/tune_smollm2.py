@@ -114,9 +114,9 @@ class Results:
         a = self.args
         lines = [f"# SmolLM2-135M: zero-shot vs dominant-layer ZO vs full-model MeZO ({self.meta['env'].get('gpu', 'CPU')})",
                  "", f"Command: `python {self.meta['argv']}`", "",
-                 f"Batch {a.batch_size}, eps {a.eps}; val every N steps (the patch keeps the best val step); lr picked by "
+                 f"Score: accuracy (F1 for squad). Batch {a.batch_size}, eps {a.eps}; val every N steps (the patch keeps the best val step); lr picked by "
                  "seed 0's val accuracy; test = held-out rows, never used for a choice.", "",
-                 "| task | arm | layers | steps | val every | lr | test acc (mean ± std) | seeds | val acc (mean) | zero-shot test | wall s / run | ms / step | peak GPU GiB |",
+                 "| task | arm | layers | steps | val every | lr | test score (mean ± std) | seeds | val acc (mean) | zero-shot test | wall s / run | ms / step | peak GPU GiB |",
                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for (task, arm), lr in self.picked.items():
             rs = [r for r in self.runs if (r["task"], r["arm"], r["lr"]) == (task, arm, lr) and r.get("test") is not None]
