@@ -1,6 +1,7 @@
 """Evaluate a task on rows: score every candidate, predict the best, report accuracy."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -76,7 +77,7 @@ def prefix_shared_scores(model, group: list[EncodedExample], device) -> torch.Te
         full_mask = torch.cat([mask.repeat_interleave(n_cand, 0), torch.ones_like(rest)], dim=1)
         positions = lengths.repeat_interleave(n_cand)[:, None] + torch.arange(longest - 1, device=device)[None, :]
         hidden = model.base_model(input_ids=rest, attention_mask=full_mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True).last_hidden_state
+                                  use_cache=True, **{cache_argument(model): cache}).last_hidden_state
         logp = torch.log_softmax(head(hidden).float(), dim=-1)                            # [E*C, L-1, V]
         for r, e in enumerate(group):
             for c, a in enumerate(e.answers):
@@ -85,6 +86,12 @@ def prefix_shared_scores(model, group: list[EncodedExample], device) -> torch.Te
                     sums[r, c] += logp[row, torch.arange(len(a) - 1), torch.tensor(a[1:], device=device)].sum()
     scores = sums / counts.clamp(min=1)
     return scores.masked_fill(counts == 0, float("-inf")).cpu()
+
+
+def cache_argument(model) -> str:
+    """transformers renamed the forward's KV-cache argument `past_key_values` to `cache` (5.2x); take what it has."""
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def accuracy_report(scores: torch.Tensor, accepted: list[tuple[int, ...]], per_class: bool = True) -> dict:
