@@ -71,6 +71,14 @@ def main():
                    "(generation): minus the batch's metric, non-differentiable.  [default: ce; lm for generation tasks]")
 @click.option("--keep", type=click.Choice(["best", "last"]), help="Patch the best-val weights or the last.  [default: best]")
 @click.option("--max-length", type=int, help="Longest prompt+answer in tokens (prompts are cut from the left).")
+@click.option("--mode", metavar="fp16|int8|nf4|offload",
+              help="fp16: no quantization (weights in --dtype); int8 / nf4: bitsandbytes; offload: weights in CPU memory, "
+                   "streamed to the GPU. The tuned / patched layers stay unquantized on the GPU.  [default: int8 on a GPU "
+                   "unless the profile says otherwise; fp16 on the CPU]")
+@click.option("--int8-threshold", type=float, help="LLM.int8 outlier threshold (0: no fp16 outlier path).  [default: 6.0]")
+@click.option("--gpu-memory", help="Fit the run in this much GPU memory (e.g. 8GiB): picks --mode and --micro-batch, "
+              "says why, and caps the allocator there.")
+@click.option("--micro-batch", type=int, help="Examples per forward; the batch's losses are the same, memory is lower.  [default: the batch]")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Model dtype. Default: fp32 on CPU, the profile's on GPU.")
 @click.option("--device", help="cpu, cuda, cuda:1... Default: cuda when available.")
 @click.option("--data", help="Folder holding TASK/train.jsonl(.gz) or TASK.jsonl, or one JSONL file.")
@@ -129,14 +137,18 @@ def _print_eval(result: dict):
 @click.option("--limit", type=int, help="Score only the first N rows of the split.")
 @click.option("--max-length", type=int, default=512, show_default=True)
 @click.option("--device")
+@click.option("--mode", metavar="fp16|int8|nf4|offload",
+              help="fp16: no quantization (weights in --dtype); int8 / nf4: bitsandbytes; offload: weights in CPU memory, "
+                   "streamed to the GPU. The tuned / patched layers stay unquantized on the GPU.  [default: int8 on a GPU "
+                   "unless the profile says otherwise; fp16 on the CPU]")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
 @click.option("--json", "as_json", is_flag=True)
-def eval_(model, task, patch, split, data, data_seed, limit, max_length, device, dtype, as_json, **task_options):
+def eval_(model, task, patch, split, data, data_seed, limit, max_length, device, dtype, mode, as_json, **task_options):
     """Zero-shot vs patched score (accuracy, or F1/EM) on the same rows."""
     import zolite
 
     result = zolite.evaluate(model, task, patch=patch, split=split, data=data, data_seed=data_seed, limit=limit,
-                             max_length=max_length, device=device, dtype=dtype, **task_options)
+                             max_length=max_length, device=device, dtype=dtype, mode=mode, **task_options)
     click.echo(json.dumps(result)) if as_json else _print_eval(result)
 
 
@@ -165,7 +177,7 @@ def apply(patch, model, prompt, chat, max_new_tokens, eval_task, input_file, dat
         return _print_eval(zolite.evaluate(model, eval_task, patch=patch, data=data, limit=limit,
                                            device=device, dtype=dtype))
     task = get_task(p.task, **p.task_options()) if input_file is not None else None
-    loaded = zolite.load_model(model, device=device, dtype=dtype)
+    loaded = zolite.load_model(model, device=device, dtype=dtype, keep_layers=p.layers)   # the patched layers unquantized
     zolite.apply_patch(loaded.model, p)
     if prompt is not None:
         click.echo(zolite.generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat))
@@ -176,7 +188,10 @@ def apply(patch, model, prompt, chat, max_new_tokens, eval_task, input_file, dat
 
 @main.command()
 @click.option("--model", default="smollm2-135m", show_default=True, help="Profile, local folder, .gguf or hub id.")
-@click.option("--mode", type=click.Choice(["int8", "nf4"]), help="Load the frozen weights quantized (bitsandbytes).")
+@click.option("--mode", metavar="fp16|int8|nf4|offload",
+              help="fp16: no quantization (weights in --dtype); int8 / nf4: bitsandbytes; offload: weights in CPU memory, "
+                   "streamed to the GPU. The tuned / patched layers stay unquantized on the GPU.  [default: int8 on a GPU "
+                   "unless the profile says otherwise; fp16 on the CPU]")
 @click.option("--prompts", type=int, default=32, show_default=True, help="Calibration prompts to run.")
 @click.option("--text", help="Calibration text: a task name (its train prompts) or a .txt file (one prompt per line).  [default: bundled generic text]")
 @click.option("--magnitude", type=float, default=100.0, show_default=True, help="Outlier rule: max |h| at least this.")
@@ -202,6 +217,40 @@ def scan(model, out, as_json, **options):
         return
     click.echo(markdown(result))
     click.echo(f"report: {out}/report.md, {out}/report.json, {out}/scan.png")
+
+
+@main.command()
+@click.option("--model", default="smollm2-135m", show_default=True, help="Profile, local folder, .gguf or hub id.")
+@click.option("--mode", metavar="fp16|int8|nf4|offload",
+              help="fp16: no quantization (weights in --dtype); int8 / nf4: bitsandbytes; offload: weights in CPU memory, "
+                   "streamed to the GPU. The tuned / patched layers stay unquantized on the GPU.  [default: int8 on a GPU "
+                   "unless the profile says otherwise; fp16 on the CPU]")
+@click.option("--batch-size", "--batch", "batch_size", type=int, default=16, show_default=True, help="Examples per step.")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per example (random tokens).")
+@click.option("--steps", type=int, default=5, show_default=True, help="ZO steps to run (the first is a warm-up).")
+@click.option("--layer", "--layers", "layer", help="Layer(s) to tune, 0-based, or all.  [default: the dominant layer]")
+@click.option("--micro-batch", type=int, help="Examples per forward.  [default: the batch, or the plan's]")
+@click.option("--gpu-memory", help="Plan mode and micro-batch for this budget (e.g. 8GiB), as tune does.")
+@click.option("--int8-threshold", type=float, help="LLM.int8 outlier threshold.  [default: 6.0]")
+@click.option("--snapshot", is_flag=True, help="Also write a torch CUDA memory snapshot (memory_snapshot.pickle).")
+@click.option("--out", type=click.Path(), help="Folder for report.json, report.md and memory.png.  [default: runs/profile-MODEL-MODE]")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
+@click.option("--device")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def profile(model, out, as_json, **options):
+    """Where the memory and time of a ZO step go: per phase, by part, for a batch shape (random tokens)."""
+    import re
+
+    import zolite
+
+    out = out or f"runs/profile-{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(model).name)}-{options['mode'] or 'default'}"
+    result = zolite.profile_memory(model, out=out, **options)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(Path(out, "report.md").read_text())
+    click.echo(f"report: {out}/report.md, {out}/report.json, {out}/memory.png")
 
 
 @main.command()

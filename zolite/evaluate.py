@@ -147,8 +147,9 @@ def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, max_length:
 
 def evaluate(model: str = "smollm2-135m", task: str = "sst2", *, patch=None, split: str = "test",
              data: str | None = None, data_seed: int = 0, limit: int | None = None, max_length: int = 512,
-             batch_size: int = 32, device=None, dtype=None, **task_options) -> dict:
-    """Zero-shot accuracy on a split of the task, and the patched model's on the same rows when a patch is given."""
+             batch_size: int = 32, device=None, dtype=None, mode=None, **task_options) -> dict:
+    """Zero-shot accuracy on a split of the task, and the patched model's on the same rows when a patch is given.
+    mode: as in load_model; a patch's layers are kept unquantized so it can be applied."""
     from .data import sample_splits
     from .loading import load_model
     from .patch import apply_patch, load_patch
@@ -158,7 +159,7 @@ def evaluate(model: str = "smollm2-135m", task: str = "sst2", *, patch=None, spl
     if split not in ("train", "val", "test"):
         raise ZoliteError(f"unknown split '{split}'; choose train, val or test")
     patch_ = load_patch(patch) if patch is not None else None   # a bad patch fails before the model loads
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, mode=mode, keep_layers=patch_.layers if patch_ else ())
     splits = sample_splits(task_data(task_, data), seed=data_seed, validate=task_.validate,
                            expand=task_.expand)
     rows = getattr(splits, split)[:limit]

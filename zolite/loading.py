@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import logging
 import shutil
 import sys
 import tempfile
@@ -35,7 +36,7 @@ class LoadedModel:
     profile: Profile | None
     device: torch.device
     dtype: torch.dtype
-    mode: str | None = None   # None, or the bitsandbytes quantization (int8 / nf4) of the frozen weights
+    mode: str = "fp16"        # fp16 (unquantized, in `dtype`), int8 / nf4 (bitsandbytes) or offload
 
 
 def resolve_model(spec: str) -> tuple[Path, Profile | None]:
@@ -152,35 +153,119 @@ def choose_dtype(dtype: str | None, device: torch.device, profile: Profile | Non
     return DTYPES[dtype]
 
 
+MODES = ("fp16", "int8", "nf4", "offload")
 QUANT_MODES = ("int8", "nf4")
+INT8_THRESHOLD = 6.0   # LLM.int8's outlier threshold (bitsandbytes' default); 0.0 turns the fp16 outlier path off
 
 
-def quantization_config(mode: str, dtype: torch.dtype):
-    """bitsandbytes through transformers: LLM.int8 (outliers kept in fp16) or 4-bit NF4 computing in `dtype`."""
+def choose_mode(mode: str | None, device: torch.device, profile: Profile | None) -> str:
+    """int8 on a GPU unless the profile says otherwise; unquantized ('fp16': every weight in --dtype) on the CPU."""
+    if mode is None:
+        mode = "fp16" if device.type == "cpu" else (profile.defaults.get("mode_cuda") if profile else None) or "int8"
+    if mode not in MODES:
+        raise ZoliteError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    if mode == "offload" and device.type != "cuda":
+        raise ZoliteError("--mode offload streams CPU-held layers to a GPU, and there is none here; "
+                          "use --mode fp16 (or int8) on the CPU")
+    return mode
+
+
+def quantization_config(mode: str, dtype: torch.dtype, keep: list[str] = (), int8_threshold: float = INT8_THRESHOLD):
+    """bitsandbytes through transformers: LLM.int8 (outliers kept in fp16) or 4-bit NF4 computing in `dtype`.
+
+    keep: full names of Linear modules left unquantized (the tuned layer's). Full names, not a layer prefix: older
+    transformers match skip names as substrings ('model.layers.1' also skips layers 10-19)."""
     if mode not in QUANT_MODES:
         raise ZoliteError(f"unknown mode '{mode}'; choose one of {', '.join(QUANT_MODES)} (or leave it out)")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ZoliteError(f"--mode {mode} needs bitsandbytes: pip install 'zolite[quant]'")
     from transformers import BitsAndBytesConfig
 
+    skip = ["lm_head", *keep]   # an explicit list replaces the default, which skips lm_head
     if mode == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(int8_threshold),
+                                  llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=skip)
+
+
+def model_skeleton(path: Path):
+    """The model built on the meta device (no memory): module names and parameter shapes before loading."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def linear_names(skeleton, layers: list[int]) -> list[str]:
+    """Full names of the Linear modules inside the given decoder layers."""
+    from .layers import decoder_layers
+
+    prefix, decoder = decoder_layers(skeleton)
+    return [f"{prefix}.{i}.{name}" for i in layers for name, m in decoder[i].named_modules()
+            if isinstance(m, torch.nn.Linear)]
+
+
+def offload_device_map(skeleton, layers: list[int], device: torch.device) -> dict[str, str | int]:
+    """Every module in CPU memory (accelerate streams it to `device` for each forward) except the tuned decoder
+    layers, which stay on `device`."""
+    from .layers import decoder_layers
+
+    prefix, decoder = decoder_layers(skeleton)
+    gpu = device.index or 0
+    device_map: dict[str, str | int] = {}
+
+    def place(module, name):
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if full == prefix:
+                device_map.update({f"{full}.{i}": gpu if i in layers else "cpu" for i in range(len(decoder))})
+            elif prefix.startswith(full + "."):   # an ancestor of the decoder list: place its children one by one
+                place(child, full)
+            else:
+                device_map[full] = "cpu"
+
+    place(skeleton, "")
+    return device_map
+
+
+def check_cpu_memory(skeleton, dtype: torch.dtype) -> None:
+    """Offload holds the frozen weights in CPU memory: refuse up front when they cannot fit."""
+    import psutil
+
+    need = sum(p.numel() for p in skeleton.parameters()) * torch.finfo(dtype).bits // 8
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise ZoliteError(f"--mode offload keeps the weights in CPU memory: {need / 2**30:.1f} GiB needed, "
+                          f"{free / 2**30:.1f} GiB available; use --mode nf4 or int8, or free memory")
 
 
 def load_model(spec: str, *, device: str | torch.device | None = None, dtype: str | None = None,
-               mode: str | None = None) -> LoadedModel:
+               mode: str | None = None, keep_layers: list[int] = (), int8_threshold: float = INT8_THRESHOLD
+               ) -> LoadedModel:
     """Load `spec` (profile, folder, .gguf or hub id) frozen, in eval mode, for inference-only use.
 
-    mode: None (every weight in `dtype`), or int8 / nf4 (bitsandbytes; the rest stays in `dtype`)."""
+    mode: fp16 (no quantization: every weight in `dtype`), int8 / nf4 (bitsandbytes; norms, embeddings, lm_head
+    and `keep_layers` stay in `dtype`), offload (weights in CPU memory, streamed to the GPU by accelerate;
+    `keep_layers` stay on the GPU). None: the profile's / int8 on a GPU, fp16 on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, profile = resolve_model(spec)
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = choose_dtype(dtype, device, profile)
+    mode = choose_mode(mode, device, profile)
     extra = {}
-    if mode is not None:
-        extra = {"quantization_config": quantization_config(mode, torch_dtype), "device_map": {"": device}}
+    if mode in QUANT_MODES:
+        # bitsandbytes logs a warning on every int8 matmul of a non-fp16 input (fp32 on the CPU): expected, and noisy
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        keep = linear_names(model_skeleton(path), list(keep_layers)) if keep_layers else []
+        extra = {"quantization_config": quantization_config(mode, torch_dtype, keep, int8_threshold),
+                 "device_map": {"": device}}
+    elif mode == "offload":
+        skeleton = model_skeleton(path)
+        check_cpu_memory(skeleton, torch_dtype)
+        extra = {"device_map": offload_device_map(skeleton, list(keep_layers), device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -188,7 +273,7 @@ def load_model(spec: str, *, device: str | torch.device | None = None, dtype: st
         raise ZoliteError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token is None:   # batched generation pads (left); some tokenizers ship without a pad token
         tokenizer.pad_token = tokenizer.eos_token
-    if mode is None:
+    if mode == "fp16":
         model.to(device)
     model.eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, spec, path, profile, device, torch_dtype, mode)

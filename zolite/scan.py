@@ -22,6 +22,7 @@ import torch
 from .errors import ZoliteError
 from .io import write_json, write_text
 from .layers import decoder_layers
+from .loading import QUANT_MODES
 
 MAGNITUDE, RATIO, SHARE = 100.0, 1000.0, 0.5
 
@@ -154,11 +155,29 @@ def first_outlier_layer(activations: list[dict], magnitude: float = MAGNITUDE, r
 def model_identity(model) -> str:
     """What a cached scan is keyed by: architecture, shape and the input embedding's fp16 bytes (never quantized,
     so int8 / nf4 / fp16 loads of one model share the key)."""
-    emb = model.get_input_embeddings().weight.detach().to("cpu", torch.float16).contiguous()
+    return _identity(model.config, model.get_input_embeddings().weight)
+
+
+def folder_identity(path: Path) -> str:
+    """model_identity of the model in a Hugging Face folder, read from its files without loading it."""
+    from safetensors import safe_open
+
+    from .loading import model_skeleton
+
+    skeleton = model_skeleton(path)
+    emb = skeleton.get_input_embeddings().weight
+    name = next(n for n, p in skeleton.named_parameters(remove_duplicate=False) if p is emb)
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            if name in st.keys():
+                return _identity(skeleton.config, st.get_tensor(name))
+    raise ZoliteError(f"{path} has no safetensors file holding {name}; pass --layer N (0-based)")
+
+
+def _identity(cfg, emb: torch.Tensor) -> str:
     digest = hashlib.sha256()
-    cfg = model.config
     digest.update(f"{cfg.model_type}/{cfg.num_hidden_layers}/{cfg.hidden_size}".encode())
-    digest.update(emb.view(torch.uint8).numpy().tobytes())
+    digest.update(emb.detach().to("cpu", torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -168,9 +187,9 @@ def cached_scan_path(identity: str) -> Path:
     return cache_dir() / "scans" / f"{identity}.json"
 
 
-def cached_dominant_layer(model) -> tuple[int | None, str | None]:
+def cached_dominant_layer(identity: str) -> tuple[int | None, str | None]:
     """The dominant layer a scan of this model found, and the file it came from; (None, None) when never scanned."""
-    path = cached_scan_path(model_identity(model))
+    path = cached_scan_path(identity)
     if not path.is_file():
         return None, None
     try:
@@ -203,7 +222,7 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
     batches = list(_batches(tok, texts, batch_size, max_length, loaded.device))
     activations = activation_profile(net, batches)
     # Quantized weights (int8 / nf4) are packed integers, not values to add eps * z to: the probe needs fp weights.
-    probe = seeds if loaded.mode is None else 0
+    probe = seeds if loaded.mode not in QUANT_MODES else 0
     base_loss, sensitivity = sensitivity_profile(net, batches, probe, eps) if probe else (None, [])
     for a, s in zip(activations, sensitivity):
         a["delta_loss"] = s["delta_loss"]
@@ -297,20 +316,20 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def choose_layers(spec, loaded, num_layers: int) -> tuple[list[int], str]:
+def choose_layers(spec, num_layers: int, identity, profile, scan_now) -> tuple[list[int], str]:
     """The layers a run tunes and where that choice came from. 'auto' (or None): the dominant layer from this
-    model's cached scan, else its profile, else a scan run now (activations only, then cached)."""
+    model's cached scan (`identity()` gives its key), else its profile, else `scan_now()` (then cached).
+    Callables, so a model that is not loaded yet (quantized runs choose before loading) is read only if needed."""
     from .layers import parse_layers
 
     if spec is not None and str(spec).strip().lower() != "auto":
         return parse_layers(spec, num_layers), "given"
-    layer, path = cached_dominant_layer(loaded.model)
+    layer, path = cached_dominant_layer(identity())
     if layer is not None:
         return [layer], f"scan cached in {path}"
-    profile = loaded.profile
     if profile is not None and profile.dominant_layer is not None:
         return [profile.dominant_layer], f"profile {profile.name} ({profile.dominant_layer_source})"
-    result = scan(loaded.name, loaded=loaded, seeds=0)
+    result = scan_now()
     if result["dominant_layer"] is None:
         raise ZoliteError("no layer of this model shows massive activations under the scan's rule; pass "
                           "--layer N (0-based) or --layers all, or relax the rule with `zolite scan --magnitude/--ratio`")

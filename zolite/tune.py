@@ -21,9 +21,11 @@ from .errors import ZoliteError
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
 from .io import refuse_clobber, write_json
 from .layers import decoder_layers, format_layers
-from .loading import load_model
+from .loading import INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, default_device, load_model, model_skeleton, resolve_model
+from .memory import MemoryProfiler, weight_breakdown, write_memory_report
+from .plan import parse_size, plan_memory
 from .patch import fingerprint, save_patch
-from .scan import choose_layers
+from .scan import choose_layers, folder_identity, scan
 from .scoring import collate, pad_token_id
 from .tasks import get_task, task_data
 from .zo import TunedLayers, generation_losses, spsa_losses, step_seed
@@ -54,6 +56,11 @@ class TuneConfig:
     max_length: int | None = None
     dtype: str | None = None
     device: str | None = None
+    mode: str | None = None           # fp16 (unquantized, in dtype) | int8 | nf4 | offload; None: the profile's / int8
+                                      # on a GPU, fp16 on the CPU. The tuned layers are never quantized or offloaded
+    int8_threshold: float = INT8_THRESHOLD
+    gpu_memory: str | None = None     # a budget ("8GiB"): plan mode and micro-batch to fit it, and cap the allocator
+    micro_batch: int | None = None    # examples per forward (None: the whole batch); changes memory, not results
     data: str | None = None
     eval_test: bool = False           # also score the held-out test rows at the end
     template: str | None = None       # custom tasks (task = a .jsonl file): see zolite/tasks/custom.py
@@ -72,20 +79,23 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     t_start = time.perf_counter()
 
     # --- set up: model, layers, data ---
-    loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+    profiler = MemoryProfiler(config.device or default_device())
+    with profiler.phase("load"):
+        loaded, indices, layer_source, plan = load_for_tuning(config)
     net, tokenizer = loaded.model, loaded.tokenizer
     _, layers = decoder_layers(net)
-    indices, layer_source = choose_layers(config.layer, loaded, len(layers))
     task_ = get_task(config.task, **config.task_options())
-    config = _fill_defaults(config, loaded, indices, len(layers), task_)
+    config = _fill_defaults(config, loaded, indices, len(layers), task_, plan)
     splits = sample_splits(task_data(task_, config.data), seed=config.data_seed,
                            validate=task_.validate,
                            expand=task_.expand)
     if not splits.train:
         raise ZoliteError(f"{splits.source} has too few rows to train on ({splits.total_rows}); pass a larger file")
-    train = encode_rows(tokenizer, task_, splits.train, config.max_length)
-    val = encode_rows(tokenizer, task_, splits.val, config.max_length)
+    with profiler.phase("data"):
+        train = encode_rows(tokenizer, task_, splits.train, config.max_length)
+        val = encode_rows(tokenizer, task_, splits.val, config.max_length)
     tuned = TunedLayers(net, indices)
+    static = weight_breakdown(net, tuned)
     base_sha256 = fingerprint(tuned.state())
     load_s = time.perf_counter() - t_start
     write_json(run_dir / "config.json", dataclasses.asdict(config))
@@ -116,6 +126,9 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bar = _progress_bar(state["step"], config.steps, progress)
+    tokens = 0
+    train_phase = profiler.phase("train")
+    train_phase.__enter__()
     while state["step"] < config.steps:
         step = state["step"]
         t0 = time.perf_counter()
@@ -125,17 +138,21 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             loss_plus, loss_minus = generation_losses(net, tokenizer, tuned, task_, [splits.train[i] for i in rows],
                                                       seed, config.eps, config.max_length)
         else:
-            batch = collate([train[i] for i in rows], pad).to(device)
-            loss_plus, loss_minus = spsa_losses(net, tuned, batch, seed, config.eps, config.objective)
+            with profiler.phase("forward ±eps"):
+                loss_plus, loss_minus = micro_batched_losses(net, tuned, [train[i] for i in rows], pad, device, seed,
+                                                             config.eps, config.objective, config.micro_batch)
+                tokens += sum(len(train[i].context) for i in rows)
         projected_grad = (loss_plus - loss_minus) / (2 * config.eps)
-        tuned.sgd_update(seed, projected_grad, config.lr, config.weight_decay)
+        with profiler.phase("update"):
+            tuned.sgd_update(seed, projected_grad, config.lr, config.weight_decay)
         state["losses"].append((loss_plus + loss_minus) / 2)
         state["step"] = step + 1
         state["train_s"] += time.perf_counter() - t0
 
         if config.eval_every and state["step"] % config.eval_every == 0:
             if val:
-                acc = val_score()
+                with profiler.phase("eval"):
+                    acc = val_score()
                 state["val"].append([state["step"], acc])
                 if config.keep == "best" and acc > state["best_metric"]:
                     state["best_step"], state["best_metric"] = state["step"], acc
@@ -144,22 +161,31 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         bar.update(1)
         bar.set_postfix_str(_postfix(state, device))
     bar.close()
+    train_phase.__exit__(None, None, None)
 
     # --- the patch: best (or last) weights, rounded to fp16 first so the final score is the patch's ---
     if config.keep == "best" and best is not None:
         tuned.load(best)
     tuned.load({k: v.half().float() for k, v in tuned.state().items()})
-    final = {"val": score(splits.val) if splits.val else None}
-    if config.eval_test and splits.test:
-        final["test"] = score(splits.test)
+    with profiler.phase("final eval"):
+        final = {"val": score(splits.val) if splits.val else None}
+        if config.eval_test and splits.test:
+            final["test"] = score(splits.test)
     save_checkpoint(run_dir, tuned.state(), best, state)
     metric = {"name": task_.metric, "val": final["val"]["score"] if final["val"] else None,
               "kept_step": state["best_step"] if config.keep == "best" else state["step"]}
+    patch_phase = profiler.phase("patch write")
+    patch_phase.__enter__()
     save_patch(out, tuned.state(), {
         "zolite.model": config.model, "zolite.arch": net.config.model_type,
         "zolite.layer": ",".join(map(str, indices)), "zolite.base_sha256": base_sha256,
         "zolite.task": config.task, "zolite.steps": str(state["step"]), "zolite.metric": metric,
         "zolite.hparams": dataclasses.asdict(config)}, force=True)
+    patch_phase.__exit__(None, None, None)
+    step_ms = 1000 * state["train_s"] / max(1, len(state["losses"]))
+    memory_profile = profiler.report(static, extra={
+        "step_ms": round(step_ms, 2), "plan": plan.reason if plan else None,
+        "tokens_per_s": round(tokens / state["train_s"], 1) if state["train_s"] and tokens else None})
 
     report = {
         "patch": str(out), "run_dir": str(run_dir), "config": dataclasses.asdict(config),
@@ -172,12 +198,63 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         "steps": state["step"], "kept_step": metric["kept_step"],
         "final": final, "val_curve": state["val"], "loss_curve": state["losses"],
         "timing": {"load_s": round(load_s, 2), "train_s": round(state["train_s"], 2),
-                   "step_ms": round(1000 * state["train_s"] / max(1, len(state["losses"])), 2),
+                   "step_ms": round(step_ms, 2),
                    "total_s": round(time.perf_counter() - t_start, 2)},
-        "memory": _memory_peaks(device),
+        "memory": _memory_peaks(device), "memory_profile": memory_profile,
+        "plan": plan.as_dict() if plan else None,
     }
     write_json(run_dir / "report.json", report)
+    title = f"zolite tune {config.model} / {config.task}, layers {report['layers']}, mode {loaded.mode}"
+    summary = (f"Steps {state['step']}, batch {config.batch_size} (micro-batch {config.micro_batch}), "
+               f"{step_ms:.1f} ms/step; val {metric['val']}; patch {out}.")
+    write_memory_report(memory_profile, run_dir, title, summary)
     return report
+
+
+def load_for_tuning(config: TuneConfig):
+    """The model in the run's mode with the tuned layers kept unquantized and on the GPU, the layers, where that
+    choice came from, and the memory plan when a budget was given. Layers are chosen before loading: quantized
+    modes must know which layer to leave alone."""
+    path, profile = resolve_model(config.model)
+    device = torch.device(config.device) if config.device else default_device()
+    skeleton = model_skeleton(path)
+    num_layers = len(decoder_layers(skeleton)[1])
+    indices, source = choose_layers(config.layer, num_layers, lambda: folder_identity(path), profile,
+                                    lambda: scan(config.model, seeds=0, device=device, dtype=config.dtype,
+                                                 mode=config.mode))
+    mode, plan = config.mode, None
+    if mode in QUANT_MODES and len(indices) == num_layers:
+        raise ZoliteError(f"--layers all tunes every layer, so nothing is left to quantize with --mode {mode}; "
+                          "use --mode fp16 or offload")
+    if mode is None and len(indices) == num_layers and device.type == "cuda":
+        mode = "fp16"
+    if config.gpu_memory is not None:
+        defaults = profile.defaults if profile else {}
+        batch = config.batch_size or defaults.get("batch_size", BUILTIN_DEFAULTS["batch_size"])
+        seq_len = config.max_length or defaults.get("max_length", BUILTIN_DEFAULTS["max_length"])
+        budget = parse_size(config.gpu_memory)
+        plan = plan_memory(skeleton, indices, budget, batch, seq_len, choose_dtype(config.dtype, device, profile),
+                           mode=mode)
+        print(f"zolite: memory plan: {plan.reason}", file=sys.stderr)
+        mode = plan.mode
+        if device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    loaded = load_model(config.model, device=device, dtype=config.dtype, mode=mode, keep_layers=indices,
+                        int8_threshold=config.int8_threshold)
+    return loaded, indices, source, plan
+
+
+def micro_batched_losses(net, tuned, examples, pad, device, seed, eps, objective, micro_batch=None
+                         ) -> tuple[float, float]:
+    """l+ and l- of the batch as the size-weighted mean over micro-batches (ZO losses are means over examples)."""
+    size = micro_batch or len(examples)
+    plus = minus = 0.0
+    for start in range(0, len(examples), size):
+        chunk = examples[start:start + size]
+        p, m = spsa_losses(net, tuned, collate(chunk, pad).to(device), seed, eps, objective)
+        plus, minus = plus + p * len(chunk), minus + m * len(chunk)
+    return plus / len(examples), minus / len(examples)
 
 
 def _cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -224,7 +301,8 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
 
 def _check_options(config: TuneConfig) -> None:
     """Numbers and choices the user gave, checked before anything is loaded (None = the profile's default)."""
-    minimum = {"steps": 0, "batch_size": 1, "max_length": 2, "eval_every": 0, "lr": 0.0, "weight_decay": 0.0}
+    minimum = {"steps": 0, "batch_size": 1, "max_length": 2, "eval_every": 0, "lr": 0.0, "weight_decay": 0.0,
+               "micro_batch": 1, "int8_threshold": 0.0}
     for name, low in minimum.items():
         value = getattr(config, name)
         if value is not None and value < low:
@@ -233,16 +311,24 @@ def _check_options(config: TuneConfig) -> None:
         raise ZoliteError(f"--eps must be above 0, got {config.eps}")
     if config.keep not in ("best", "last"):
         raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
+    if config.micro_batch and config.batch_size and config.batch_size % config.micro_batch:
+        raise ZoliteError(f"--micro-batch {config.micro_batch} must divide --batch-size {config.batch_size}")
+    if config.mode not in (None, *MODES):
+        raise ZoliteError(f"unknown mode '{config.mode}'; choose one of {', '.join(MODES)}")
+    if config.gpu_memory is not None:
+        parse_size(config.gpu_memory)
     if config.objective not in (None, *OBJECTIVES):
         raise ZoliteError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}")
 
 
-def _fill_defaults(config: TuneConfig, loaded, indices, num_layers, task) -> TuneConfig:
+def _fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=None) -> TuneConfig:
     defaults = dict(BUILTIN_DEFAULTS, **(loaded.profile.defaults if loaded.profile else {}))
     filled = {k: defaults[k] for k in BUILTIN_DEFAULTS if getattr(config, k) is None}
     filled["layer"] = format_layers(indices, num_layers)
     filled["dtype"] = str(loaded.dtype).removeprefix("torch.")
     filled["device"] = str(loaded.device)
+    filled["mode"] = loaded.mode
+    filled["micro_batch"] = (plan.micro_batch if plan else None) or config.micro_batch or filled.get("batch_size", config.batch_size)
     filled["objective"] = config.objective or ("lm" if task.generative else "ce")
     config = dataclasses.replace(config, **filled)
     if task.generative and config.objective in ("ce", "accuracy"):

@@ -1,0 +1,161 @@
+"""Memory-lean loading (int8 with the tuned layer kept out of quantization), the memory planner, micro-batches,
+and the memory reports of tune and `zolite profile`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import zolite
+from conftest import run_cli
+from test_errors import QUICK, assert_user_error
+from zolite.errors import ZoliteError
+from zolite.loading import load_model, model_skeleton, offload_device_map
+from zolite.plan import estimate, parse_size, plan_memory
+from zolite.scoring import pad_token_id
+from zolite.tune import micro_batched_losses
+from zolite.zo import TunedLayers
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def llama7b_skeleton():
+    """Llama-2-7B's shape on the meta device: no memory, real parameter counts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def test_parse_size():
+    assert parse_size("8GiB") == 8 * GIB
+    assert parse_size("8 GB") == 8 * GIB
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("6") == 6 * GIB
+    with pytest.raises(ZoliteError, match="not a size"):
+        parse_size("lots")
+
+
+def test_estimates_follow_the_weight_sizes(llama7b_skeleton):
+    parts = {m: estimate(llama7b_skeleton, [1], m, 16, 256, torch.float16) for m in ("fp16", "int8", "nf4", "offload")}
+    assert 12.4 < parts["fp16"]["weights"] < 12.7          # 6.74 B params in fp16
+    assert 6.5 < parts["int8"]["weights"] < 6.9             # measured 6.56 GiB all-int8; layer 1 in fp16 adds 0.19
+    assert 3.9 < parts["nf4"]["weights"] < 4.4              # measured 3.93 GiB all-nf4; layer 1 in fp16 adds 0.28
+    assert parts["offload"]["weights"] < 1.0                # the tuned layer and one streamed layer
+    assert parts["int8"]["master_copy"] == pytest.approx(202.4e6 * 4 / GIB, rel=0.01)   # layer 1: 202.4 M params
+
+
+def test_plan_picks_the_fastest_mode_that_fits(llama7b_skeleton):
+    picks = {gib: plan_memory(llama7b_skeleton, [1], gib * GIB, 16, 256, torch.float16)
+             for gib in (24, 12, 8, 6, 4)}
+    assert (picks[24].mode, picks[24].micro_batch) == ("fp16", 16)
+    assert (picks[12].mode, picks[12].micro_batch) == ("int8", 16)
+    # 8 GiB: int8 weights (6.7) + the tuned layer's fp32 master copy (0.75) + context leave no room: nf4
+    assert picks[8].mode == "nf4" and "int8 would not fit" in picks[8].reason
+    assert picks[6].mode == "nf4" and picks[6].micro_batch < 16
+    assert picks[4].mode == "offload"
+    for gib, plan in picks.items():
+        assert plan.estimate_gib <= gib and plan.reason.startswith(plan.mode)
+    with pytest.raises(ZoliteError, match="nothing fits in 0.50 GiB"):
+        plan_memory(llama7b_skeleton, [1], GIB // 2, 16, 256, torch.float16)
+
+
+def test_smaller_budget_smaller_micro_batch(llama7b_skeleton):
+    big = plan_memory(llama7b_skeleton, [1], 20 * GIB, 16, 2048, torch.float16, mode="int8")
+    small = plan_memory(llama7b_skeleton, [1], 11 * GIB, 16, 2048, torch.float16, mode="int8")
+    assert small.micro_batch < big.micro_batch and 16 % small.micro_batch == 0
+
+
+def test_offload_map_keeps_only_the_tuned_layer_on_the_gpu(tiny_model):
+    device_map = offload_device_map(model_skeleton(tiny_model), [2], torch.device("cuda", 0))
+    assert device_map["model.layers.2"] == 0
+    assert {k for k, v in device_map.items() if v != "cpu"} == {"model.layers.2"}
+    assert {"model.embed_tokens", "model.layers.0", "model.norm", "lm_head"} <= set(device_map)
+
+
+def test_int8_keeps_the_tuned_layer_unquantized(tiny_model):
+    pytest.importorskip("bitsandbytes")
+    loaded = load_model(tiny_model, device="cpu", mode="int8", keep_layers=[1])
+    kinds = {name: type(m).__name__ for name, m in loaded.model.named_modules() if name.endswith("q_proj")}
+    assert kinds["model.layers.1.self_attn.q_proj"] == "Linear"
+    assert {kinds[f"model.layers.{i}.self_attn.q_proj"] for i in (0, 2, 3)} == {"Linear8bitLt"}
+    assert loaded.model.lm_head.weight.dtype == torch.float32
+
+
+def test_micro_batches_give_the_batch_losses(tiny_model, small_data):
+    from zolite.evaluate import encode_rows
+    from zolite.data import sample_splits
+    from zolite.tasks import get_task, task_data
+
+    loaded = load_model(tiny_model, device="cpu")
+    task = get_task("sst2")
+    rows = sample_splits(task_data(task, small_data), seed=0).train[:8]
+    examples = encode_rows(loaded.tokenizer, task, rows, 128)
+    tuned = TunedLayers(loaded.model, [1])
+    pad = pad_token_id(loaded.tokenizer)
+    whole = micro_batched_losses(loaded.model, tuned, examples, pad, "cpu", 7, 1e-2, "ce")
+    split = micro_batched_losses(loaded.model, tuned, examples, pad, "cpu", 7, 1e-2, "ce", micro_batch=2)
+    assert whole[0] != whole[1]
+    assert split == pytest.approx(whole, abs=1e-6)
+
+
+def test_int8_tune_writes_the_memory_report(tiny_model, small_data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    report = zolite.tune(tiny_model, "sst2", data=small_data, run_dir=tmp_path / "run", layer="1", steps=4,
+                         eval_every=2, batch_size=4, micro_batch=2, mode="int8", progress=False)
+    assert report["config"]["mode"] == "int8" and report["config"]["micro_batch"] == 2
+    profile = report["memory_profile"]
+    assert {"load", "data", "train", "forward ±eps", "update", "eval", "final eval", "patch write"} <= set(profile["phases"])
+    assert profile["phases"]["forward ±eps"]["count"] == 4 and profile["phases"]["eval"]["count"] == 2
+    assert "int8 on cpu" in profile["breakdown"]["frozen_weights_gib"]
+    assert profile["tokens_per_s"] > 0 and profile["timeline"]
+    assert (tmp_path / "run" / "memory.png").stat().st_size > 0
+    assert "forward ±eps" in (tmp_path / "run" / "report.md").read_text()
+    patch = zolite.load_patch(report["patch"])
+    assert set(patch.tensors) == {n for n in patch.tensors if n.startswith("model.layers.1.")}
+
+
+def test_profile_command(tiny_model, tmp_path):
+    result = run_cli("profile", "--model", tiny_model, "--layer", "2", "--batch", "4", "--seq-len", "16", "--steps",
+                     "3", "--micro-batch", "2", "--out", tmp_path / "p", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["layers"] == "2" and summary["micro_batch"] == 2 and summary["seq_len"] == 16
+    assert summary["memory_profile"]["phases"]["forward ±eps"]["count"] == 3
+    for name in ("report.json", "report.md", "memory.png"):
+        assert (tmp_path / "p" / name).is_file()
+    assert_user_error(run_cli("profile", "--model", tiny_model, "--layer", "2", "--out", tmp_path / "p"),
+                      "already exists", "--force")
+
+
+def test_memory_errors(tiny_model, small_data, tmp_path, monkeypatch):
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--mode", "int4", "--layer", "1", "--data", small_data,
+                              "--run-dir", tmp_path / "a", *QUICK), "unknown mode 'int4'", "int8")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--mode", "offload", "--layer", "1", "--data",
+                              small_data, "--device", "cpu", "--run-dir", tmp_path / "b", *QUICK),
+                      "--mode offload", "there is none here")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--gpu-memory", "1KiB", "--layer", "1", "--data",
+                              small_data, "--run-dir", tmp_path / "c", *QUICK), "nothing fits in 0.00 GiB")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--gpu-memory", "lots", "--layer", "1", "--data",
+                              small_data, "--run-dir", tmp_path / "d", *QUICK), "not a size")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--micro-batch", "3", "--layer", "1", "--data",
+                              small_data, "--run-dir", tmp_path / "e", *QUICK), "must divide --batch-size 2")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--mode", "int8", "--layers", "all", "--data",
+                              small_data, "--run-dir", tmp_path / "f", *QUICK), "nothing is left to quantize")
+
+
+def test_offload_refuses_without_cpu_memory(tiny_model, monkeypatch):
+    import psutil
+
+    from zolite.loading import check_cpu_memory
+
+    class Tiny:
+        available = 1024
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
+    with pytest.raises(ZoliteError, match="keeps the weights in CPU memory.*available"):
+        check_cpu_memory(model_skeleton(tiny_model), torch.float16)

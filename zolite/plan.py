@@ -1,0 +1,129 @@
+"""Plan a run to fit a GPU memory budget (`--gpu-memory 8GiB`): pick the mode and the micro-batch.
+
+The estimate is built from the model's shapes (its meta-device skeleton: nothing is loaded):
+- resident weights: per mode, what stays on the GPU. fp16: everything in `dtype`; int8 / nf4: decoder Linear
+  weights at 1 / 0.5 bytes (+ their scales), the rest (embeddings, norms, lm_head, the tuned layers) in `dtype`;
+  offload: the tuned layers, plus the largest other module while accelerate streams it in;
+- the tuned layers' fp32 master copy (none when `dtype` is fp32) and one tensor's z and W + eps z in fp32;
+- activations of one ZO forward: the micro-batch is doubled from the first tuned layer on (+eps and -eps halves),
+  and a decoder layer holds about (6 H + 3 I) values per token at its peak (attention q/k/v/out, the MLP's
+  gate/up/act products; no KV cache, logits only at the answer tokens), times ACTIVATION_MARGIN for the
+  allocator's rounding and the norms' fp32 upcasts.
+Modes are tried fastest first (fp16, int8, nf4, offload) and, within a mode, the largest micro-batch that divides the
+batch. A micro-batch changes nothing but memory: ZO losses are means over examples, so the micro-batches' losses,
+weighted by their sizes, give the batch's (the same up to float summation order).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import ZoliteError
+from .layers import decoder_layers
+
+GIB = 2**30
+ACTIVATION_MARGIN = 1.5
+CUDA_CONTEXT_GIB = 0.5     # not in torch's allocator, but on the card: leave room for it
+PLAN_ORDER = ("fp16", "int8", "nf4", "offload")
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '8 GB', '512MiB', '8' (GiB) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ZoliteError(f"--gpu-memory '{text}' is not a size; write it like 8GiB, 6GB or 512MiB")
+    unit = (m.group(2) or "GiB").upper().replace("I", "").rstrip("B") or "B"
+    factor = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
+    return int(float(m.group(1)) * factor)
+
+
+@dataclass
+class Plan:
+    mode: str
+    micro_batch: int
+    estimate_gib: float
+    budget_gib: float
+    parts_gib: dict
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sizes(skeleton, layers: list[int]) -> dict:
+    prefix, decoder = decoder_layers(skeleton)
+    tuned_names = {f"{prefix}.{i}." for i in layers}
+    sizes = {"linear_frozen": 0, "linear_frozen_rows": 0, "other_frozen": 0, "tuned": 0, "largest_tuned": 0,
+             "largest_module": 0}
+    seen = set()
+    for name, module in skeleton.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{name}.{attr}"
+            if any(full.startswith(t) for t in tuned_names):
+                sizes["tuned"] += p.numel()
+                sizes["largest_tuned"] = max(sizes["largest_tuned"], p.numel())
+            elif isinstance(module, torch.nn.Linear) and full.startswith(prefix + ".") and attr == "weight":
+                sizes["linear_frozen"] += p.numel()
+                sizes["linear_frozen_rows"] += p.shape[0]
+            else:
+                sizes["other_frozen"] += p.numel()
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in decoder]
+    emb = skeleton.get_input_embeddings().weight.numel()
+    sizes["largest_module"] = max(per_layer + [emb])
+    return sizes
+
+
+def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: int, dtype: torch.dtype) -> dict:
+    """Estimated peak GPU bytes of a ZO run, by part (GiB)."""
+    cfg = skeleton.config
+    b = torch.finfo(dtype).bits // 8
+    s = _sizes(skeleton, layers)
+    if mode == "fp16":
+        weights = (s["linear_frozen"] + s["other_frozen"] + s["tuned"]) * b
+    elif mode == "int8":   # int8 weights + one fp32 scale per output row
+        weights = s["linear_frozen"] + 4 * s["linear_frozen_rows"] + (s["other_frozen"] + s["tuned"]) * b
+    elif mode == "nf4":    # 4-bit weights + one fp32 absmax per 64 values
+        weights = s["linear_frozen"] // 2 + s["linear_frozen"] // 16 + (s["other_frozen"] + s["tuned"]) * b
+    elif mode == "offload":
+        weights = (s["tuned"] + s["largest_module"]) * b
+    else:
+        raise ZoliteError(f"unknown mode '{mode}'; choose one of {', '.join(PLAN_ORDER)}")
+    master = 0 if dtype == torch.float32 else 4 * s["tuned"]
+    perturb = 2 * 4 * s["largest_tuned"]   # z and W + eps z of one tensor, fp32, during its forward
+    hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    tokens = 2 * micro_batch * seq_len
+    activations = int(ACTIVATION_MARGIN * tokens * (6 * hidden + 3 * inter) * b)
+    parts = {"weights": weights, "master_copy": master, "perturbation": perturb, "activations": activations,
+             "cuda_context": int(CUDA_CONTEXT_GIB * GIB)}
+    return {k: round(v / GIB, 3) for k, v in parts.items()}
+
+
+def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_len: int, dtype: torch.dtype,
+                mode: str | None = None) -> Plan:
+    """The fastest mode (or the given one) and the largest micro-batch that fit `budget` bytes."""
+    modes = [mode] if mode else list(PLAN_ORDER)
+    if len(layers) == len(decoder_layers(skeleton)[1]) and not mode:
+        modes = ["fp16", "offload"]   # every layer tuned: nothing left to quantize
+    divisors = [d for d in range(batch_size, 0, -1) if batch_size % d == 0]
+    smallest = None
+    for m in modes:
+        for mb in divisors:
+            parts = estimate(skeleton, layers, m, mb, seq_len, dtype)
+            total = sum(parts.values())
+            if smallest is None or total < smallest[2]:
+                smallest = (m, mb, total)
+            if total * GIB <= budget:
+                skipped = modes[:modes.index(m)]
+                why = (f"{m}, micro-batch {mb} of {batch_size}: estimated {total:.2f} GiB of {budget / GIB:.2f} GiB"
+                       + (f" ({', '.join(skipped)} would not fit)" if skipped else "")
+                       + (f"; a micro-batch of {batch_size} would not fit" if mb < batch_size else ""))
+                return Plan(m, mb, round(total, 3), round(budget / GIB, 3), parts, why)
+    m, mb, total = smallest
+    raise ZoliteError(f"nothing fits in {budget / GIB:.2f} GiB: the smallest plan ({m}, micro-batch {mb}, sequence "
+                      f"{seq_len}) needs about {total:.2f} GiB; raise --gpu-memory, lower --max-length, or use a "
+                      "smaller model")
