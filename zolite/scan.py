@@ -221,8 +221,9 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
     net, tok = loaded.model, loaded.tokenizer
     batches = list(_batches(tok, texts, batch_size, max_length, loaded.device))
     activations = activation_profile(net, batches)
-    # Quantized weights (int8 / nf4) are packed integers, not values to add eps * z to: the probe needs fp weights.
-    probe = seeds if loaded.mode not in QUANT_MODES else 0
+    # Quantized weights (int8 / nf4) are packed integers, offloaded ones live in accelerate's CPU map: the probe
+    # needs plain weights on the device.
+    probe = seeds if loaded.mode not in (*QUANT_MODES, "offload") else 0
     base_loss, sensitivity = sensitivity_profile(net, batches, probe, eps) if probe else (None, [])
     for a, s in zip(activations, sensitivity):
         a["delta_loss"] = s["delta_loss"]
@@ -240,7 +241,8 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
               "profile_dominant_layer": loaded.profile.dominant_layer if loaded.profile else None,
               "sensitivity": {"seeds": probe, "eps": eps, "base_loss": base_loss,
                               "skipped": None if probe or not seeds else
-                              f"not run in {mode}: quantized weights cannot be perturbed; scan without --mode",
+                              f"not run in {loaded.mode}: quantized or offloaded weights cannot be perturbed here; "
+                              "scan with --mode fp16",
                               "most_sensitive_layer": max(sensitivity, key=lambda s: s["delta_loss"])["layer"]
                               if sensitivity else None},
               "layers": activations}
