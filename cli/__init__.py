@@ -34,6 +34,34 @@ def custom_task_options(command):
     return command
 
 
+mode_option = click.option(
+    "--mode", metavar="fp16|int8|nf4|offload",
+    help="fp16: no quantization (weights in --dtype); int8 / nf4: bitsandbytes; offload: weights in CPU memory, "
+         "streamed to the GPU. The tuned / patched layers stay unquantized on the GPU.  [default: int8 on a GPU "
+         "unless the profile says otherwise; fp16 on the CPU]")
+
+
+def report_options(files: str, default: str):
+    """--out/--force/--device/--dtype/--json of the commands that write a report folder."""
+    def add(command):
+        for option in reversed([
+            click.option("--out", type=click.Path(), help=f"Folder for {files}.  [default: {default}]"),
+            click.option("--force", is_flag=True, help="Overwrite an existing --out folder."),
+            click.option("--device"),
+            click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"])),
+            click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+        ]):
+            command = option(command)
+        return command
+    return add
+
+
+def default_out(kind: str, model: str, suffix: str = "") -> str:
+    import re
+
+    return f"runs/{kind}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(model).name)}{suffix}"
+
+
 def _quiet_transformers():
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers.utils import logging
@@ -71,10 +99,8 @@ def main():
                    "(generation): minus the batch's metric, non-differentiable.  [default: ce; lm for generation tasks]")
 @click.option("--keep", type=click.Choice(["best", "last"]), help="Patch the best-val weights or the last.  [default: best]")
 @click.option("--max-length", type=int, help="Longest prompt+answer in tokens (prompts are cut from the left).")
-@click.option("--mode", metavar="fp16|int8|nf4|offload",
-              help="fp16: no quantization (weights in --dtype); int8 / nf4: bitsandbytes; offload: weights in CPU memory, "
-                   "streamed to the GPU. The tuned / patched layers stay unquantized on the GPU.  [default: int8 on a GPU "
-                   "unless the profile says otherwise; fp16 on the CPU]")
+@mode_option
+
 @click.option("--int8-threshold", type=float, help="LLM.int8 outlier threshold (0: no fp16 outlier path).  [default: 6.0]")
 @click.option("--gpu-memory", help="Fit the run in this much GPU memory (e.g. 8GiB): picks --mode and --micro-batch, "
               "says why, and caps the allocator there.")
@@ -137,10 +163,8 @@ def _print_eval(result: dict):
 @click.option("--limit", type=int, help="Score only the first N rows of the split.")
 @click.option("--max-length", type=int, default=512, show_default=True)
 @click.option("--device")
-@click.option("--mode", metavar="fp16|int8|nf4|offload",
-              help="fp16: no quantization (weights in --dtype); int8 / nf4: bitsandbytes; offload: weights in CPU memory, "
-                   "streamed to the GPU. The tuned / patched layers stay unquantized on the GPU.  [default: int8 on a GPU "
-                   "unless the profile says otherwise; fp16 on the CPU]")
+@mode_option
+
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
 @click.option("--json", "as_json", is_flag=True)
 def eval_(model, task, patch, split, data, data_seed, limit, max_length, device, dtype, mode, as_json, **task_options):
@@ -188,10 +212,8 @@ def apply(patch, model, prompt, chat, max_new_tokens, eval_task, input_file, dat
 
 @main.command()
 @click.option("--model", default="smollm2-135m", show_default=True, help="Profile, local folder, .gguf or hub id.")
-@click.option("--mode", metavar="fp16|int8|nf4|offload",
-              help="fp16: no quantization (weights in --dtype); int8 / nf4: bitsandbytes; offload: weights in CPU memory, "
-                   "streamed to the GPU. The tuned / patched layers stay unquantized on the GPU.  [default: int8 on a GPU "
-                   "unless the profile says otherwise; fp16 on the CPU]")
+@mode_option
+
 @click.option("--prompts", type=int, default=32, show_default=True, help="Calibration prompts to run.")
 @click.option("--text", help="Calibration text: a task name (its train prompts) or a .txt file (one prompt per line).  [default: bundled generic text]")
 @click.option("--magnitude", type=float, default=100.0, show_default=True, help="Outlier rule: max |h| at least this.")
@@ -199,18 +221,12 @@ def apply(patch, model, prompt, chat, max_new_tokens, eval_task, input_file, dat
 @click.option("--share", type=float, default=0.5, show_default=True, help="Outlier rule: in at least this fraction of the prompts (0: any one).")
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds of the per-layer sensitivity probe (0: skip it).")
 @click.option("--eps", type=float, default=1e-3, show_default=True, help="Perturbation scale of the sensitivity probe.")
-@click.option("--out", type=click.Path(), help="Folder for report.json, report.md and scan.png.  [default: runs/scan-MODEL]")
-@click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
-@click.option("--device")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@report_options("report.json, report.md and scan.png", "runs/scan-MODEL")
 def scan(model, out, as_json, **options):
     """Find the dominant layer by inference only (0-based layer indices); cached for `tune --layer auto`."""
-    import re
-
     from zolite.scan import markdown, scan as run_scan
 
-    out = out or f"runs/scan-{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(model).name)}"
+    out = out or default_out("scan", model)
     result = run_scan(model, out=out, **options)
     if as_json:
         click.echo(json.dumps(result))
@@ -221,10 +237,8 @@ def scan(model, out, as_json, **options):
 
 @main.command()
 @click.option("--model", default="smollm2-135m", show_default=True, help="Profile, local folder, .gguf or hub id.")
-@click.option("--mode", metavar="fp16|int8|nf4|offload",
-              help="fp16: no quantization (weights in --dtype); int8 / nf4: bitsandbytes; offload: weights in CPU memory, "
-                   "streamed to the GPU. The tuned / patched layers stay unquantized on the GPU.  [default: int8 on a GPU "
-                   "unless the profile says otherwise; fp16 on the CPU]")
+@mode_option
+
 @click.option("--batch-size", "--batch", "batch_size", type=int, default=16, show_default=True, help="Examples per step.")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per example (random tokens).")
 @click.option("--steps", type=int, default=5, show_default=True, help="ZO steps to run (the first is a warm-up).")
@@ -233,18 +247,12 @@ def scan(model, out, as_json, **options):
 @click.option("--gpu-memory", help="Plan mode and micro-batch for this budget (e.g. 8GiB), as tune does.")
 @click.option("--int8-threshold", type=float, help="LLM.int8 outlier threshold.  [default: 6.0]")
 @click.option("--snapshot", is_flag=True, help="Also write a torch CUDA memory snapshot (memory_snapshot.pickle).")
-@click.option("--out", type=click.Path(), help="Folder for report.json, report.md and memory.png.  [default: runs/profile-MODEL-MODE]")
-@click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
-@click.option("--device")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@report_options("report.json, report.md and memory.png", "runs/profile-MODEL-MODE")
 def profile(model, out, as_json, **options):
     """Where the memory and time of a ZO step go: per phase, by part, for a batch shape (random tokens)."""
-    import re
-
     import zolite
 
-    out = out or f"runs/profile-{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(model).name)}-{options['mode'] or 'default'}"
+    out = out or default_out("profile", model, f"-{options['mode'] or 'default'}")
     result = zolite.profile_memory(model, out=out, **options)
     if as_json:
         click.echo(json.dumps(result))

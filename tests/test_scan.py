@@ -77,7 +77,7 @@ def test_int8_scan_finds_the_same_layer(planted_model):
     pytest.importorskip("bitsandbytes")
     result = scan(planted_model, prompts=8, seeds=2, mode="int8", device="cpu")
     assert result["dominant_layer"] == PLANTED_LAYER and result["mode"] == "int8"
-    assert result["sensitivity"]["seeds"] == 0 and "quantized weights" in result["sensitivity"]["skipped"]
+    assert result["sensitivity"]["seeds"] == 0 and "cannot be perturbed" in result["sensitivity"]["skipped"]
 
 
 def test_scan_cli_and_bad_input(planted_model, tmp_path):
