@@ -1,4 +1,4 @@
-"""Run-folder checkpoints: the tuned layers' fp32 masters, the best weights so far and the loop's state.
+"""Run-folder checkpoints: the tuned layers as stored (weights + residuals), the best weights so far and the loop's state.
 
 There is no RNG state to save: step seeds and batches are functions of (run seed, step).
 """

@@ -124,7 +124,8 @@ def _downsample(samples: list[tuple], points: int) -> list[list]:
 
 
 def weight_breakdown(model: torch.nn.Module, tuned) -> dict:
-    """Bytes of the frozen weights by dtype and place, the tuned layers, and their separate fp32 master copy."""
+    """Bytes of the frozen weights by dtype and place, the tuned layers, and their compensation residuals (the
+    master copy's share beyond the weights themselves)."""
     tuned_ids = {id(p) for p in tuned.params}
     frozen: dict[str, int] = {}
     gpu_resident = 0
@@ -139,9 +140,8 @@ def weight_breakdown(model: torch.nn.Module, tuned) -> dict:
             key = f"{str(tensor.dtype).removeprefix('torch.')} on {tensor.device.type}"
             frozen[key] = frozen.get(key, 0) + size
     tuned_bytes = sum(p.numel() * p.element_size() for p in tuned.params)
-    master_bytes = sum(m.numel() * m.element_size() for m, p in zip(tuned.masters, tuned.params)
-                       if m.data_ptr() != p.data_ptr())
-    on_gpu = any(m.device.type == "cuda" for m in tuned.masters)
+    master_bytes = sum(r.numel() * r.element_size() for r in tuned.residuals if r is not None)
+    on_gpu = any(p.device.type == "cuda" for p in tuned.params)
     return {"frozen_weights_gib": {k: _gib(v) for k, v in sorted(frozen.items())},
             "tuned_layers_gib": _gib(tuned_bytes), "master_copy_gib": _gib(master_bytes),
             "gpu_resident_bytes": gpu_resident + (master_bytes if on_gpu else 0)}
@@ -165,7 +165,8 @@ def markdown(profile: dict, title: str) -> str:
     lines += ["", "Where it went:", ""]
     for key, gib in b["frozen_weights_gib"].items():
         lines.append(f"- frozen weights, {key}: {gib:.3f} GiB")
-    lines.append(f"- tuned layer(s): {b['tuned_layers_gib']:.3f} GiB; fp32 master copy: {b['master_copy_gib']:.3f} GiB")
+    lines.append(f"- tuned layer(s): {b['tuned_layers_gib']:.3f} GiB; master copy beyond them (residuals): "
+                 f"{b['master_copy_gib']:.3f} GiB")
     if "activations_and_temporaries_gib" in b:
         lines.append(f"- activations and temporaries (peak during training minus resident weights): "
                      f"{b['activations_and_temporaries_gib']:.3f} GiB")

@@ -4,13 +4,15 @@ The estimate is built from the model's shapes (its meta-device skeleton: nothing
 - resident weights: per mode, what stays on the GPU. fp16: everything in `dtype`; int8 / nf4: decoder Linear
   weights at 1 / 0.5 bytes (+ their scales), the rest (embeddings, norms, lm_head, the tuned layers) in `dtype`;
   offload: the tuned layers, plus the largest other module while accelerate streams it in;
-- the tuned layers' fp32 master copy (none when `dtype` is fp32) and one tensor's z and W + eps z in fp32;
+- the tuned layers' compensation residuals (same dtype as the layer; none when `dtype` is fp32) and one tensor's z
+  (fp32) and W + eps z (in `dtype`) while it runs;
 - activations of one ZO forward: the micro-batch is doubled from the first tuned layer on (+eps and -eps halves),
   and a decoder layer holds about (6 H + 3 I) values per token at its peak (attention q/k/v/out, the MLP's
   gate/up/act products; no KV cache, logits only at the answer tokens), times ACTIVATION_MARGIN for the
   allocator's rounding and the norms' fp32 upcasts.
 Modes are tried fastest first (fp16, int8, nf4, offload) and, within a mode, the largest micro-batch that divides the
-batch. A micro-batch changes nothing but memory: ZO losses are means over examples, so the micro-batches' losses,
+batch; a mode that needs more than MAX_FORWARDS micro-batches per step is passed over for the next one, and taken
+only if no mode fits otherwise. A micro-batch changes nothing but memory: ZO losses are means over examples, so the micro-batches' losses,
 weighted by their sizes, give the batch's (the same up to float summation order).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ GIB = 2**30
 ACTIVATION_MARGIN = 1.5
 CUDA_CONTEXT_GIB = 0.5     # not in torch's allocator, but on the card: leave room for it
 PLAN_ORDER = ("fp16", "int8", "nf4", "offload")
+MAX_FORWARDS = 4           # a mode is preferred only if its micro-batch is at least a quarter of the batch
 
 
 def parse_size(text: str) -> int:
@@ -93,8 +96,8 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
         weights = (s["tuned"] + s["largest_module"]) * b
     else:
         raise ZoliteError(f"unknown mode '{mode}'; choose one of {', '.join(PLAN_ORDER)}")
-    master = 0 if dtype == torch.float32 else 4 * s["tuned"]
-    perturb = 2 * 4 * s["largest_tuned"]   # z and W + eps z of one tensor, fp32, during its forward
+    master = 0 if dtype == torch.float32 else b * s["tuned"]
+    perturb = (4 + b) * s["largest_tuned"]   # z (fp32) and W + eps z (dtype) of one tensor, during its forward
     hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
     tokens = 2 * micro_batch * seq_len
     activations = int(ACTIVATION_MARGIN * tokens * (6 * hidden + 3 * inter) * b)
@@ -111,18 +114,23 @@ def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_l
         modes = ["fp16", "offload"]   # every layer tuned: nothing left to quantize
     divisors = [d for d in range(batch_size, 0, -1) if batch_size % d == 0]
     smallest = None
-    for m in modes:
-        for mb in divisors:
-            parts = estimate(skeleton, layers, m, mb, seq_len, dtype)
-            total = sum(parts.values())
-            if smallest is None or total < smallest[2]:
-                smallest = (m, mb, total)
-            if total * GIB <= budget:
-                skipped = modes[:modes.index(m)]
-                why = (f"{m}, micro-batch {mb} of {batch_size}: estimated {total:.2f} GiB of {budget / GIB:.2f} GiB"
-                       + (f" ({', '.join(skipped)} would not fit)" if skipped else "")
-                       + (f"; a micro-batch of {batch_size} would not fit" if mb < batch_size else ""))
-                return Plan(m, mb, round(total, 3), round(budget / GIB, 3), parts, why)
+    # First pass: a mode counts only if it runs the batch in at most MAX_FORWARDS forwards (tiny micro-batches
+    # would make a faster mode slower than the next one); second pass: any micro-batch.
+    for least in (batch_size / MAX_FORWARDS, 1):
+        for m in modes:
+            for mb in (d for d in divisors if d >= least):
+                parts = estimate(skeleton, layers, m, mb, seq_len, dtype)
+                total = sum(parts.values())
+                if smallest is None or total < smallest[2]:
+                    smallest = (m, mb, total)
+                if total * GIB <= budget:
+                    skipped = modes[:modes.index(m)]
+                    why = (f"{m}, micro-batch {mb} of {batch_size}: estimated {total:.2f} GiB of {budget / GIB:.2f} GiB"
+                           + (f" ({', '.join(skipped)} would not fit"
+                              + (f" with at most {MAX_FORWARDS} forwards per step" if least > 1 else "") + ")"
+                              if skipped else "")
+                           + (f"; a micro-batch of {batch_size} would not fit" if mb < batch_size else ""))
+                    return Plan(m, mb, round(total, 3), round(budget / GIB, 3), parts, why)
     m, mb, total = smallest
     raise ZoliteError(f"nothing fits in {budget / GIB:.2f} GiB: the smallest plan ({m}, micro-batch {mb}, sequence "
                       f"{seq_len}) needs about {total:.2f} GiB; raise --gpu-memory, lower --max-length, or use a "

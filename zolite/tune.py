@@ -157,7 +157,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                 if config.keep == "best" and acc > state["best_metric"]:
                     state["best_step"], state["best_metric"] = state["step"], acc
                     best = _cpu_copy(tuned.state())
-            save_checkpoint(run_dir, tuned.state(), best, state)
+            save_checkpoint(run_dir, tuned.exact_state(), best, state)
         bar.update(1)
         bar.set_postfix_str(_postfix(state, device))
     bar.close()
@@ -171,7 +171,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         final = {"val": score(splits.val) if splits.val else None}
         if config.eval_test and splits.test:
             final["test"] = score(splits.test)
-    save_checkpoint(run_dir, tuned.state(), best, state)
+    save_checkpoint(run_dir, tuned.exact_state(), best, state)
     metric = {"name": task_.metric, "val": final["val"]["score"] if final["val"] else None,
               "kept_step": state["best_step"] if config.keep == "best" else state["step"]}
     patch_phase = profiler.phase("patch write")
