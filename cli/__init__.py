@@ -91,6 +91,14 @@ def main():
 @click.option("--eps", type=float, help="Perturbation scale (absolute). Default: the profile's.")
 @click.option("--batch-size", type=int, help="Examples per step. Default: the profile's.")
 @click.option("--weight-decay", type=float, help="MeZO weight decay on matrices.  [default: 0]")
+@click.option("--estimator", type=click.Choice(["spsa", "residual", "fo"]),
+              help="spsa: MeZO's two-point estimate; residual: one-point residual feedback (one forward per step); "
+                   "fo: backprop into the tuned layers (the first-order baseline).  [default: spsa]")
+@click.option("--n-z", type=int, help="Perturbations per step (spsa), averaged.  [default: 1]")
+@click.option("--optimizer", type=click.Choice(["sgd", "momentum", "adam", "sign"]), help="[default: sgd]")
+@click.option("--momentum", type=float, help="Momentum of --optimizer momentum.  [default: 0.9]")
+@click.option("--layerwise/--no-layerwise", default=None,
+              help="Scale each tensor's step by ||W|| / ||update|| (lr becomes a relative step).  [default: off]")
 @click.option("--eval-every", type=int, help="Score val and checkpoint every N steps (0: never).")
 @click.option("--seed", type=int, help="Seed of the perturbations and batch order.  [default: 0]")
 @click.option("--data-seed", type=int, help="Seed of the train/val/test split (keep it fixed to compare runs).  [default: 0]")

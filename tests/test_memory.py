@@ -14,7 +14,7 @@ from zolite.errors import ZoliteError
 from zolite.loading import load_model, model_skeleton, offload_device_map
 from zolite.plan import estimate, parse_size, plan_memory
 from zolite.scoring import pad_token_id
-from zolite.tune import micro_batched_losses
+from zolite.optim import micro_batched_losses
 from zolite.zo import TunedLayers
 
 GIB = 2**30

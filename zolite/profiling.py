@@ -17,7 +17,8 @@ from .io import write_json
 from .layers import decoder_layers, format_layers
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
 from .scoring import EncodedExample, pad_token_id
-from .tune import TuneConfig, load_for_tuning, micro_batched_losses
+from .optim import micro_batched_losses
+from .tune import TuneConfig, load_for_tuning
 from .zo import TunedLayers, step_seed
 
 

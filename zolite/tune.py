@@ -28,7 +28,8 @@ from .patch import fingerprint, save_patch
 from .scan import choose_layers, folder_identity, scan
 from .scoring import collate, pad_token_id
 from .tasks import get_task, task_data
-from .zo import TunedLayers, generation_losses, spsa_losses, step_seed
+from .optim import ESTIMATORS, OPTIMIZERS, Stepper
+from .zo import TunedLayers, generation_losses, step_seed
 
 OBJECTIVES = ("ce", "lm", "accuracy", "f1")
 BUILTIN_DEFAULTS = {"lr": 1e-6, "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
@@ -61,6 +62,11 @@ class TuneConfig:
     int8_threshold: float = INT8_THRESHOLD
     gpu_memory: str | None = None     # a budget ("8GiB"): plan mode and micro-batch to fit it, and cap the allocator
     micro_batch: int | None = None    # examples per forward (None: the whole batch); changes memory, not results
+    estimator: str = "spsa"           # spsa (MeZO, n_z z per step) | residual (one-point residual feedback) | fo (backprop)
+    n_z: int = 1                      # z per step (spsa): their estimates are averaged
+    optimizer: str = "sgd"            # sgd | momentum | adam (AdamW) | sign
+    momentum: float = 0.9
+    layerwise: bool = False           # per-tensor trust ratio ||W|| / ||update|| (lr becomes a relative step)
     data: str | None = None
     eval_test: bool = False           # also score the held-out test rows at the end
     template: str | None = None       # custom tasks (task = a .jsonl file): see zolite/tasks/custom.py
@@ -113,9 +119,11 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0}
     best = None
     saved = load_checkpoint(run_dir) if resume else None
+    saved_optimizer = {}
     if saved is not None:
         masters, best, state = saved
-        tuned.load(masters)
+        saved_optimizer = {k[4:]: v for k, v in masters.items() if k.startswith("opt/")}
+        tuned.load({k: v for k, v in masters.items() if not k.startswith("opt/")})
     elif config.eval_every and val:
         state["val"].append([0, val_score()])
         state["best_step"], state["best_metric"] = 0, state["val"][-1][1]
@@ -123,6 +131,13 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
 
     # --- the loop ---
     pad, device = pad_token_id(tokenizer), loaded.device
+    stepper = Stepper(net, tuned, estimator=config.estimator, n_z=config.n_z, eps=config.eps,
+                      objective=config.objective, micro_batch=config.micro_batch, seed=config.seed,
+                      phase=profiler.phase, collate_to_device=lambda c: collate(c, pad).to(device),
+                      name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                      momentum=config.momentum, layerwise=config.layerwise)
+    if saved is not None:
+        stepper.load(saved_optimizer, state.pop("optimizer", {}))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bar = _progress_bar(state["step"], config.steps, progress)
@@ -133,19 +148,15 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         step = state["step"]
         t0 = time.perf_counter()
         rows = batches_for_step(len(train), config.batch_size, step, config.seed)
-        seed = step_seed(config.seed, step)
         if config.objective == "f1":   # greedy answers under +eps and -eps, scored like the eval
+            seed = step_seed(config.seed, step)
             loss_plus, loss_minus = generation_losses(net, tokenizer, tuned, task_, [splits.train[i] for i in rows],
                                                       seed, config.eps, config.max_length)
+            tuned.sgd_update(seed, (loss_plus - loss_minus) / (2 * config.eps), config.lr, config.weight_decay)
+            state["losses"].append((loss_plus + loss_minus) / 2)
         else:
-            with profiler.phase("forward ±eps"):
-                loss_plus, loss_minus = micro_batched_losses(net, tuned, [train[i] for i in rows], pad, device, seed,
-                                                             config.eps, config.objective, config.micro_batch)
-                tokens += sum(len(train[i].context) for i in rows)
-        projected_grad = (loss_plus - loss_minus) / (2 * config.eps)
-        with profiler.phase("update"):
-            tuned.sgd_update(seed, projected_grad, config.lr, config.weight_decay)
-        state["losses"].append((loss_plus + loss_minus) / 2)
+            state["losses"].append(stepper.step(step, [train[i] for i in rows]))
+            tokens += sum(len(train[i].context) for i in rows)
         state["step"] = step + 1
         state["train_s"] += time.perf_counter() - t0
 
@@ -157,7 +168,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                 if config.keep == "best" and acc > state["best_metric"]:
                     state["best_step"], state["best_metric"] = state["step"], acc
                     best = _cpu_copy(tuned.state())
-            save_checkpoint(run_dir, tuned.exact_state(), best, state)
+            _save(run_dir, tuned, stepper, best, state)
         bar.update(1)
         bar.set_postfix_str(_postfix(state, device))
     bar.close()
@@ -171,7 +182,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         final = {"val": score(splits.val) if splits.val else None}
         if config.eval_test and splits.test:
             final["test"] = score(splits.test)
-    save_checkpoint(run_dir, tuned.exact_state(), best, state)
+    _save(run_dir, tuned, stepper, best, state)
     metric = {"name": task_.metric, "val": final["val"]["score"] if final["val"] else None,
               "kept_step": state["best_step"] if config.keep == "best" else state["step"]}
     patch_phase = profiler.phase("patch write")
@@ -195,7 +206,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         "layers": format_layers(indices, len(layers)), "layer_source": layer_source, "tuned_params": tuned.numel(),
         "base_sha256": base_sha256,
         "data": {"source": splits.source, "rows_in_file": splits.total_rows, "counts": splits.counts},
-        "steps": state["step"], "kept_step": metric["kept_step"],
+        "steps": state["step"], "kept_step": metric["kept_step"], "forward_passes": stepper.forwards,
         "final": final, "val_curve": state["val"], "loss_curve": state["losses"],
         "timing": {"load_s": round(load_s, 2), "train_s": round(state["train_s"], 2),
                    "step_ms": round(step_ms, 2),
@@ -245,16 +256,11 @@ def load_for_tuning(config: TuneConfig):
     return loaded, indices, source, plan
 
 
-def micro_batched_losses(net, tuned, examples, pad, device, seed, eps, objective, micro_batch=None
-                         ) -> tuple[float, float]:
-    """l+ and l- of the batch as the size-weighted mean over micro-batches (ZO losses are means over examples)."""
-    size = micro_batch or len(examples)
-    plus = minus = 0.0
-    for start in range(0, len(examples), size):
-        chunk = examples[start:start + size]
-        p, m = spsa_losses(net, tuned, collate(chunk, pad).to(device), seed, eps, objective)
-        plus, minus = plus + p * len(chunk), minus + m * len(chunk)
-    return plus / len(examples), minus / len(examples)
+def _save(run_dir, tuned, stepper, best, state) -> None:
+    """Checkpoint: the layers as stored, the optimiser's buffers (opt/...) and scalars, the loop's state."""
+    tensors, scalars = stepper.state()
+    save_checkpoint(run_dir, {**tuned.exact_state(), **{f"opt/{k}": v for k, v in tensors.items()}}, best,
+                    {**state, "optimizer": scalars})
 
 
 def _cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -313,6 +319,14 @@ def _check_options(config: TuneConfig) -> None:
         raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
     if config.micro_batch and config.batch_size and config.batch_size % config.micro_batch:
         raise ZoliteError(f"--micro-batch {config.micro_batch} must divide --batch-size {config.batch_size}")
+    if config.estimator not in ESTIMATORS:
+        raise ZoliteError(f"unknown estimator '{config.estimator}'; choose one of {', '.join(ESTIMATORS)}")
+    if config.optimizer not in OPTIMIZERS:
+        raise ZoliteError(f"unknown optimizer '{config.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+    if config.n_z < 1:
+        raise ZoliteError(f"--n-z must be at least 1, got {config.n_z}")
+    if config.objective == "f1" and (config.estimator, config.n_z, config.optimizer, config.layerwise) != ("spsa", 1, "sgd", False):
+        raise ZoliteError("--objective f1 runs plain MeZO only (spsa, one z, sgd); drop the estimator/optimizer options")
     if config.mode not in (None, *MODES):
         raise ZoliteError(f"unknown mode '{config.mode}'; choose one of {', '.join(MODES)}")
     if config.gpu_memory is not None:

@@ -91,6 +91,15 @@ class TunedLayers:
             else:
                 self._set(p, r, value.to(torch.float32, copy=True))   # _set consumes its value
 
+    @torch.no_grad()
+    def set_value(self, i: int, value: torch.Tensor) -> None:
+        """Tensor i <- value (fp32; consumed). For an fp32 layer `master(i)` is the weight itself, edited in place."""
+        p, r = self.params[i], self.residuals[i]
+        if r is not None:
+            self._set(p, r, value)
+        elif value.data_ptr() != p.data_ptr():
+            p.copy_(value)
+
     @staticmethod
     def _set(p: torch.Tensor, r: torch.Tensor, value: torch.Tensor) -> None:
         """p <- value rounded to p's dtype; r <- what the rounding dropped (value is consumed)."""

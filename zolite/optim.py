@@ -1,0 +1,241 @@
+"""Gradient estimators and optimisers for the tuned layers (ZO-Bench's set, and a backprop baseline).
+
+A step is: an estimator gives, for each tuned tensor i, a direction d_i (a gradient estimate), without storing it
+for the whole layer at once; an optimiser turns d_i into the change of tensor i.
+
+Estimators:
+- `spsa` (MeZO): n seeded z per step; for each, l+ and l- come from one doubled forward and g_k = (l+ - l-) / 2eps;
+  d_i = mean_k g_k z_k,i, z regenerated from its seed. 2n forward passes per step (MeZO's count).
+- `residual` (one-point residual feedback, Zhang et al. 2022): one forward per step at W + eps z_t;
+  g_t = (l(W_t + eps z_t) - l(W_{t-1} + eps z_{t-1})) / eps, reusing the previous step's perturbed loss;
+  d_i = g_t z_t,i. The first step only records its loss (no update).
+- `fo`: backpropagation through the frozen (possibly quantized) base into the tuned layers; d_i = the gradient.
+
+Optimisers on d: `sgd` (W -= lr d), `momentum` (m = beta m + d; W -= lr m), `adam` (Adam with bias correction;
+decoupled weight decay, i.e. AdamW), `sign` (W -= lr sign(d)). Weight decay: W -= lr wd W on matrices only.
+Layer-wise adaptive step (`layerwise`, off by default until an ablation shows it helps): each tensor's update u_i
+is rescaled by the trust ratio ||W_i|| / ||u_i|| (LAMB, You et al. 2020), so every tensor moves by lr times its own
+norm per step whatever the scale of its estimate; lr then means a relative step size.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import ZoliteError
+from .zo import TunedLayers, sample_z, step_seed
+
+ESTIMATORS = ("spsa", "residual", "fo")
+OPTIMIZERS = ("sgd", "momentum", "adam", "sign")
+
+
+def z_seed(run_seed: int, step: int, k: int) -> int:
+    """The seed of the k-th z of a step (k = 0 is the step's own seed, so n_z = 1 is plain MeZO)."""
+    return step_seed(run_seed, step) if k == 0 else step_seed(run_seed + 7919 * k, step)
+
+
+class Optimizer:
+    """Per-tensor optimiser state (fp32, on the tensor's device) and the update rule."""
+
+    def __init__(self, tuned: TunedLayers, name: str = "sgd", lr: float = 1e-3, weight_decay: float = 0.0,
+                 momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999), layerwise: bool = False):
+        if name not in OPTIMIZERS:
+            raise ZoliteError(f"unknown optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}")
+        self.tuned, self.name, self.lr, self.wd = tuned, name, lr, weight_decay
+        self.momentum, self.betas, self.layerwise = momentum, betas, layerwise
+        self.t = 0
+        zeros = lambda: [torch.zeros(p.shape, device=p.device) for p in tuned.params]  # noqa: E731
+        self.m = zeros() if name in ("momentum", "adam") else None
+        self.v = zeros() if name == "adam" else None
+
+    @torch.no_grad()
+    def step(self, direction) -> None:
+        """direction(i) -> d_i (fp32, may be consumed)."""
+        self.t += 1
+        b1, b2 = self.betas
+        for i, p in enumerate(self.tuned.params):
+            d = direction(i)
+            if self.name == "sgd":
+                u = d
+            elif self.name == "sign":
+                u = d.sign_()
+            elif self.name == "momentum":
+                u = self.m[i].mul_(self.momentum).add_(d)
+            else:
+                self.m[i].mul_(b1).add_(d, alpha=1 - b1)
+                self.v[i].mul_(b2).addcmul_(d, d, value=1 - b2)
+                u = (self.m[i] / (1 - b1 ** self.t)) / ((self.v[i] / (1 - b2 ** self.t)).sqrt_().add_(1e-8))
+            value = self.tuned.master(i)
+            scale = self.lr
+            if self.layerwise:
+                w_norm, u_norm = value.norm().item(), u.norm().item()
+                scale *= w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+            if self.wd and p.dim() >= 2:
+                value.mul_(1 - self.lr * self.wd)
+            value.add_(u, alpha=-scale)
+            self.tuned.set_value(i, value)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {}
+        for key, bufs in (("m", self.m), ("v", self.v)):
+            if bufs is not None:
+                tensors.update({f"{key}/{n}": b for n, b in zip(self.tuned.names, bufs)})
+        return tensors, {"t": self.t}
+
+    def load(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        self.t = scalars.get("t", 0)
+        for key, bufs in (("m", self.m), ("v", self.v)):
+            if bufs is not None:
+                for n, b in zip(self.tuned.names, bufs):
+                    b.copy_(tensors[f"{key}/{n}"])
+
+
+def zo_direction(tuned: TunedLayers, seeds: list[int], coefficients: list[float]):
+    """d_i = mean_k c_k z_k,i, one tensor at a time (z regenerated from its seed)."""
+    def direction(i: int) -> torch.Tensor:
+        p = tuned.params[i]
+        d = sample_z(seeds[0], i, p).mul_(coefficients[0])
+        for seed, c in zip(seeds[1:], coefficients[1:]):
+            d.add_(sample_z(seed, i, p), alpha=c)
+        return d.div_(len(seeds))
+    return direction
+
+
+def fo_gradients(model, tuned: TunedLayers, loss_fn) -> tuple[float, list[torch.Tensor]]:
+    """The loss and d(loss)/d(tuned tensors) by backprop through the frozen base (its weights get no gradient)."""
+    for p in tuned.params:
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            loss = loss_fn()
+            grads = torch.autograd.grad(loss, tuned.params)
+    finally:
+        for p in tuned.params:
+            p.requires_grad_(False)
+    return loss.item(), [g.float() for g in grads]
+
+
+def _weighted(examples, micro_batch, loss_of_chunk):
+    """The batch's loss(es) as the size-weighted mean over micro-batches."""
+    size = micro_batch or len(examples)
+    total = None
+    for start in range(0, len(examples), size):
+        chunk = examples[start:start + size]
+        value = [v * len(chunk) for v in loss_of_chunk(chunk)]
+        total = value if total is None else [a + b for a, b in zip(total, value)]
+    return [t / len(examples) for t in total]
+
+
+def micro_batched_losses(model, tuned: TunedLayers, examples, pad, device, seed, eps, objective, micro_batch=None
+                         ) -> tuple[float, float]:
+    """l+ and l- of the batch as the size-weighted mean over micro-batches (ZO losses are means over examples)."""
+    from .scoring import collate
+    from .zo import spsa_losses
+
+    plus, minus = _weighted(examples, micro_batch, lambda chunk: spsa_losses(
+        model, tuned, collate(chunk, pad).to(device), seed, eps, objective))
+    return plus, minus
+
+
+class Stepper:
+    """One training step of the chosen estimator and optimiser; counts forward passes; its state resumes exactly.
+
+    The losses come from three methods (on the model's scoring here; a test can put a known function in):
+    pair_losses (l+ and l- of one z), perturbed_loss (l at W + eps z) and loss_and_grads (backprop)."""
+
+    def __init__(self, model, tuned: TunedLayers, *, estimator: str = "spsa", n_z: int = 1, eps: float = 1e-3,
+                 objective: str = "ce", micro_batch: int | None = None, seed: int = 0, phase=None,
+                 collate_to_device=None, **optimizer_options):
+        if estimator not in ESTIMATORS:
+            raise ZoliteError(f"unknown estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}")
+        if n_z < 1:
+            raise ZoliteError(f"--n-z must be at least 1, got {n_z}")
+        self.model, self.tuned, self.estimator, self.n_z, self.eps = model, tuned, estimator, n_z, eps
+        self.objective, self.micro_batch, self.seed = objective, micro_batch, seed
+        self.batch_of = collate_to_device
+        self.optimizer = Optimizer(tuned, **optimizer_options)
+        self.previous_loss = None      # residual feedback: l(W_{t-1} + eps z_{t-1})
+        self.forwards = 0
+        self.phase = phase or (lambda name: contextlib.nullcontext())   # a MemoryProfiler's phase, to measure
+
+    # --- the losses ---
+    def pair_losses(self, examples, seed: int) -> tuple[float, float]:
+        from .zo import spsa_losses
+
+        plus, minus = _weighted(examples, self.micro_batch, lambda chunk: spsa_losses(
+            self.model, self.tuned, self.batch_of(chunk), seed, self.eps, self.objective))
+        return plus, minus
+
+    def _scores_loss(self, batch):
+        from .scoring import candidate_scores, last_hidden, losses
+
+        return losses(candidate_scores(self.model, batch, last_hidden(self.model, batch.input_ids)), batch,
+                      self.objective)[0]
+
+    def perturbed_loss(self, examples, seed: int) -> float:
+        def one(chunk):
+            with torch.inference_mode(), self.tuned.shifted(seed, self.eps, +1):
+                return [self._scores_loss(self.batch_of(chunk)).item()]
+        return _weighted(examples, self.micro_batch, one)[0]
+
+    def loss_and_grads(self, examples) -> tuple[float, list[torch.Tensor]]:
+        size = self.micro_batch or len(examples)
+        grads, total = None, 0.0
+        for start in range(0, len(examples), size):
+            chunk = examples[start:start + size]
+            batch = self.batch_of(chunk)
+            loss, g = fo_gradients(self.model, self.tuned, lambda: self._scores_loss(batch))
+            w = len(chunk) / len(examples)
+            total += loss * w
+            grads = [x.mul_(w) for x in g] if grads is None else [a.add_(x, alpha=w) for a, x in zip(grads, g)]
+        return total, grads
+
+    # --- the step ---
+    def _plain(self) -> bool:
+        o = self.optimizer
+        return self.estimator == "spsa" and self.n_z == 1 and o.name == "sgd" and not o.layerwise
+
+    def step(self, step: int, examples: list) -> float:
+        """Train on `examples` (encoded); returns the step's training loss."""
+        if self.estimator == "spsa":
+            seeds = [z_seed(self.seed, step, k) for k in range(self.n_z)]
+            coefficients, mean_loss = [], 0.0
+            for seed in seeds:
+                with self.phase("forward ±eps"):
+                    plus, minus = self.pair_losses(examples, seed)
+                coefficients.append((plus - minus) / (2 * self.eps))
+                mean_loss += (plus + minus) / 2 / len(seeds)
+            self.forwards += 2 * len(seeds)
+            with self.phase("update"):
+                if self._plain():   # MeZO exactly: the fused in-place update, no direction buffer
+                    self.tuned.sgd_update(seeds[0], coefficients[0], self.optimizer.lr, self.optimizer.wd)
+                else:
+                    self.optimizer.step(zo_direction(self.tuned, seeds, coefficients))
+            return mean_loss
+        if self.estimator == "residual":
+            seed = z_seed(self.seed, step, 0)
+            with self.phase("forward +eps"):
+                loss = self.perturbed_loss(examples, seed)
+            self.forwards += 1
+            if self.previous_loss is not None:
+                with self.phase("update"):
+                    g = (loss - self.previous_loss) / self.eps
+                    self.optimizer.step(zo_direction(self.tuned, [seed], [g]))
+            self.previous_loss = loss
+            return loss
+        with self.phase("forward + backward"):
+            loss, grads = self.loss_and_grads(examples)
+        self.forwards += 1
+        with self.phase("update"):
+            self.optimizer.step(lambda i: grads[i])
+        return loss
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, scalars = self.optimizer.state()
+        return tensors, {**scalars, "previous_loss": self.previous_loss, "forwards": self.forwards}
+
+    def load(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        self.optimizer.load(tensors, scalars)
+        self.previous_loss = scalars.get("previous_loss")
+        self.forwards = scalars.get("forwards", 0)
