@@ -8,6 +8,7 @@ from .evaluate import evaluate  # noqa: E402
 from .predict import classify_file, generate  # noqa: E402
 from .tune import tune  # noqa: E402
 from .profiling import profile_memory  # noqa: E402
+from .ablate import ablate  # noqa: E402
 
 __all__ = ["ZoliteError", "load_model", "apply_patch", "load_patch", "save_patch", "evaluate", "tune", "generate",
-           "classify_file", "profile_memory", "__version__"]
+           "classify_file", "profile_memory", "ablate", "__version__"]

@@ -1,0 +1,82 @@
+"""`zolite ablate`: plans, lr grids picked by val, resume, tables and plots."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+import zolite
+from conftest import run_cli
+from test_errors import assert_user_error
+from zolite.ablate import arm_options, load_plan
+from zolite.errors import ZoliteError
+
+PLAN = """
+name = "mini"
+[defaults]
+eval_test = true
+layer = "1"          # the tiny random model has no dominant layer
+[[arm]]
+name = "mezo"
+lr = [1e-3, 1e-2]
+[[arm]]
+name = "backprop"
+estimator = "fo"
+optimizer = "adam"
+lr = 1e-3
+[[arm]]
+name = "last-layer-residual"
+layer = "last"
+estimator = "residual"
+steps_factor = 2.0
+lr_scale = 1.0
+"""
+
+
+def test_builtin_plan_resolves_for_a_model():
+    plan = load_plan("seed000")
+    facts = {"num_layers": 30, "dominant": 11, "lr": 3e-4, "steps": 1000}
+    resolved = {a["name"]: arm_options(a, plan["defaults"], facts, None, {}) for a in plan["arms"]}
+    assert {"mezo", "eps-0.1", "nz5-same-forwards", "fo-layer", "layerwise", "residual-same-steps",
+            "zo-adam", "layer-full", "layer-random"} <= set(resolved)
+    assert resolved["nz5-same-forwards"][0]["steps"] == 200 and resolved["nz10-same-steps"][0]["steps"] == 1000
+    assert resolved["residual-same-forwards"][0]["steps"] == 2000
+    assert resolved["layer-last"][0]["layer"] == "29"
+    assert resolved["layer-random"][0]["layer"] not in ("11", None)
+    assert resolved["mezo"][1] == [3e-4] and resolved["layer-full"][1] == [9e-6, 3e-5]
+
+
+def test_ablate_runs_resumes_and_tabulates(tiny_model, small_data, tmp_path):
+    plan = tmp_path / "mini.toml"
+    plan.write_text(PLAN)
+    out = tmp_path / "abl"
+    results = zolite.ablate(tiny_model, "sst2", plan=str(plan), seeds=2, steps=4, out=out, data=small_data,
+                            batch_size=4, eval_every=2, progress=False)
+    arms = {a["name"]: a for a in results["arms"]}
+    assert len(arms["mezo"]["runs"]) == 3              # two lrs at seed 0, the picked one at seed 1
+    assert arms["mezo"]["picked_lr"] in (1e-3, 1e-2)
+    assert arms["last-layer-residual"]["runs"][0]["layers"] == "3"
+    assert arms["last-layer-residual"]["runs"][0]["steps"] == 8
+    assert arms["last-layer-residual"]["runs"][0]["forward_passes"] == 8
+    assert arms["mezo"]["runs"][0]["forward_passes"] == 8
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["arm"] for r in rows] == ["mezo", "backprop", "last-layer-residual"]
+    assert all(float(r["test_mean"]) >= 0 for r in rows)
+    for name in ("results.md", "accuracy.png", "loss.png"):
+        assert (out / name).stat().st_size > 0
+    # resume: finished runs are read back, not run again
+    report = out / "backprop" / "lr0.001-s1" / "report.json"
+    before = report.stat().st_mtime_ns
+    again = zolite.ablate(tiny_model, "sst2", plan=str(plan), seeds=2, steps=4, out=out, data=small_data,
+                          batch_size=4, eval_every=2, progress=False)
+    assert report.stat().st_mtime_ns == before
+    assert again["arms"][1]["runs"] == results["arms"][1]["runs"]
+
+
+def test_plan_errors(tiny_model, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[arm]]\nname = "x"\nlearning_rate = 1\n')
+    with pytest.raises(ZoliteError, match="unknown option.*learning_rate"):
+        load_plan(str(bad))
+    assert_user_error(run_cli("ablate", "--model", tiny_model, "--plan", "seed999"), "unknown plan 'seed999'", "seed000")
+    assert_user_error(run_cli("ablate", "--model", tiny_model, "--arms", "nope"), "has no arm(s) nope")

@@ -1,0 +1,220 @@
+"""`zolite ablate`: run a plan of tune variants (arms) over seeds, resume where it stopped, and tabulate.
+
+A plan is a TOML file (the built-in ones are in zolite/plans/): [defaults] tune options for every arm, and one
+[[arm]] per variant with its own options. `lr` (absolute) or `lr_scale` (times the model profile's lr) may be a
+list: seed 0 runs each value and the one with the best val score is used for the other seeds (test rows never
+decide). `steps_factor` scales the steps (same-forward-budget arms); `layer = "last"` / `"random"` are resolved per
+model ("random": a fixed draw that is never the dominant layer).
+
+Every run is a normal tune run folder (OUT/ARM/lr<LR>-s<SEED>): a finished one (report.json) is read back, an
+unfinished one resumed from its checkpoint. Results: OUT/results.csv, OUT/results.md, OUT/accuracy.png, OUT/loss.png.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import random
+import statistics
+import sys
+from importlib import resources
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import ZoliteError
+from .io import write_text
+
+ARM_KEYS = {"name", "lr", "lr_scale", "steps_factor"}
+
+
+def plan_names() -> list[str]:
+    return sorted(f.name[:-5] for f in (resources.files("zolite") / "plans").iterdir() if f.name.endswith(".toml"))
+
+
+def load_plan(plan: str) -> dict:
+    """A built-in plan by name, or a TOML file; checked up front (unknown tune options, duplicate arm names)."""
+    from .tune import TuneConfig
+
+    builtin = resources.files("zolite") / "plans" / f"{plan}.toml"
+    try:
+        text = builtin.read_text() if builtin.is_file() else Path(plan).read_text()
+    except OSError:
+        raise ZoliteError(f"unknown plan '{plan}': not a built-in plan ({', '.join(plan_names())}) "
+                          "nor a readable TOML file") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ZoliteError(f"plan {plan} is not valid TOML: {e}") from None
+    arms = data.get("arm", [])
+    if not arms:
+        raise ZoliteError(f"plan {plan} has no [[arm]] entries")
+    fields = {f for f in TuneConfig.__dataclass_fields__} - {"model", "task"}
+    names = [a.get("name") for a in arms]
+    if None in names or len(set(names)) != len(names):
+        raise ZoliteError(f"plan {plan}: every [[arm]] needs a unique name")
+    for arm in [data.get("defaults", {}), *arms]:
+        unknown = set(arm) - fields - ARM_KEYS
+        if unknown:
+            raise ZoliteError(f"plan {plan}: unknown option(s) {', '.join(sorted(unknown))} in "
+                              f"{arm.get('name', '[defaults]')}; use zolite tune's option names (e.g. n_z, eps)")
+    return {"name": data.get("name", Path(plan).stem), "description": data.get("description", ""),
+            "defaults": data.get("defaults", {}), "arms": arms}
+
+
+def _model_facts(model: str) -> dict:
+    from .layers import decoder_layers
+    from .loading import model_skeleton, resolve_model
+    from .scan import cached_dominant_layer, folder_identity
+    from .tune import BUILTIN_DEFAULTS
+
+    path, profile = resolve_model(model)
+    num_layers = len(decoder_layers(model_skeleton(path))[1])
+    dominant, _ = cached_dominant_layer(folder_identity(path))
+    if dominant is None and profile is not None:
+        dominant = profile.dominant_layer
+    defaults = {**BUILTIN_DEFAULTS, **(profile.defaults if profile else {})}
+    return {"num_layers": num_layers, "dominant": dominant, "lr": defaults["lr"], "steps": defaults["steps"]}
+
+
+def arm_options(arm: dict, defaults: dict, facts: dict, steps: int | None, extra: dict) -> tuple[dict, list[float]]:
+    """tune options of an arm (without lr) and its lr grid."""
+    options = {**defaults, **{k: v for k, v in arm.items() if k not in ARM_KEYS}, **extra}
+    base_steps = steps or options.get("steps") or facts["steps"]
+    options["steps"] = max(1, round(base_steps * arm.get("steps_factor", 1.0)))
+    layer = options.get("layer")
+    if layer == "last":
+        options["layer"] = str(facts["num_layers"] - 1)
+    elif layer == "random":
+        choices = [i for i in range(facts["num_layers"]) if i != facts["dominant"]]
+        options["layer"] = str(random.Random(0).choice(choices))
+    if "lr" in arm:
+        grid = arm["lr"] if isinstance(arm["lr"], list) else [arm["lr"]]
+    else:
+        scales = arm.get("lr_scale", [1.0])
+        grid = [facts["lr"] * s for s in (scales if isinstance(scales, list) else [scales])]
+    return options, [float(f"{lr:.3g}") for lr in grid]
+
+
+def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progress: bool) -> dict:
+    import json
+
+    from .tune import tune
+
+    report_file = run_dir / "report.json"
+    if report_file.is_file():
+        report = json.loads(report_file.read_text())
+    elif (run_dir / "checkpoint.safetensors").is_file():
+        report = tune(model, task, resume=run_dir, progress=progress)
+    else:
+        report = tune(model, task, run_dir=run_dir, force=True, progress=progress, lr=lr, seed=seed, **options)
+    final = report["final"]
+    memory = report["memory"]
+    losses = report["loss_curve"]
+    return {"lr": lr, "seed": seed, "steps": report["steps"], "layers": report["layers"],
+            "val": final["val"]["score"] if final.get("val") else None,
+            "test": final["test"]["score"] if final.get("test") else None,
+            "forward_passes": report.get("forward_passes"), "wall_s": report["timing"]["total_s"],
+            "peak_gib": memory.get("gpu_allocated_peak_gib", memory.get("cpu_rss_peak_gib")),
+            "peak_kind": "GPU allocated" if "gpu_allocated_peak_gib" in memory else "CPU RSS",
+            "loss_by_25": [statistics.mean(losses[i:i + 25]) for i in range(0, len(losses), 25)]}
+
+
+def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed000", seeds: int = 3,
+           out=None, steps: int | None = None, arms: str | None = None, progress: bool = True, **tune_options) -> dict:
+    """Run (or resume) every arm of `plan` over `seeds` seeds; returns the rows and writes the tables and plots."""
+    if seeds < 1:
+        raise ZoliteError(f"--seeds must be at least 1, got {seeds}")
+    plan_ = load_plan(plan)
+    selected = plan_["arms"]
+    if arms:
+        wanted = [a.strip() for a in arms.split(",")]
+        missing = set(wanted) - {a["name"] for a in selected}
+        if missing:
+            raise ZoliteError(f"plan {plan_['name']} has no arm(s) {', '.join(sorted(missing))}; "
+                              f"its arms: {', '.join(a['name'] for a in selected)}")
+        selected = [a for a in selected if a["name"] in wanted]
+    out = Path(out or f"runs/ablate-{Path(model).name}-{task}-{plan_['name']}")
+    facts = _model_facts(model)
+    extra = {k: v for k, v in tune_options.items() if v is not None}
+    results = {"model": model, "task": task, "plan": plan_["name"], "seeds": seeds, "arms": []}
+    for arm in selected:
+        options, grid = arm_options(arm, plan_["defaults"], facts, steps, extra)
+        runs = [_run(model, task, out / arm["name"] / f"lr{lr:g}-s0", options, lr, 0, progress) for lr in grid]
+        picked = max(runs, key=lambda r: (r["val"] if r["val"] is not None else float("-inf"), -r["lr"]))["lr"]
+        runs += [_run(model, task, out / arm["name"] / f"lr{picked:g}-s{seed}", options, picked, seed, progress)
+                 for seed in range(1, seeds)]
+        results["arms"].append({"name": arm["name"], "options": options, "lr_grid": grid, "picked_lr": picked,
+                                "runs": runs})
+        write_results(results, out)   # a cut-off ablation keeps what finished
+    return results
+
+
+def _summary(arm: dict) -> dict:
+    rs = [r for r in arm["runs"] if r["lr"] == arm["picked_lr"]]
+    tests = [r["test"] for r in rs if r["test"] is not None]
+    return {"arm": arm["name"], "lr": arm["picked_lr"], "seeds": len(rs), "steps": rs[0]["steps"],
+            "layers": rs[0]["layers"],
+            "test_mean": statistics.mean(tests) if tests else None,
+            "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "val_mean": statistics.mean(r["val"] for r in rs if r["val"] is not None) if rs[0]["val"] is not None else None,
+            "forward_passes": rs[0]["forward_passes"], "peak_gib": max(r["peak_gib"] for r in rs),
+            "peak_kind": rs[0]["peak_kind"], "wall_s": statistics.mean(r["wall_s"] for r in rs)}
+
+
+def write_results(results: dict, out: Path) -> None:
+    import json
+
+    from .io import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [_summary(a) for a in results["arms"]]
+    write_json(out / "results.json", results)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "results.csv", table.getvalue())
+    fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    lines = [f"# Ablation {results['plan']}: {results['model']} on {results['task']}", "",
+             f"Test score mean ± std over seeds at each arm's lr (picked by seed 0's val score from its grid); "
+             f"forward passes per run (MeZO's count: 2 per z); peak memory = {rows[0]['peak_kind']}.", "",
+             "| arm | layers | lr | steps | forward passes | test (mean ± std) | seeds | val (mean) | peak GiB | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['layers']} | {r['lr']:g} | {r['steps']} | {r['forward_passes']} | "
+                     f"{fmt(r['test_mean'])} ± {r['test_std']:.4f} | {r['seeds']} | {fmt(r['val_mean'])} | "
+                     f"{r['peak_gib']:.2f} | {r['wall_s']:.0f} |")
+    lines += ["", "lr grids (seed 0's val score):", ""]
+    for a in results["arms"]:
+        seed0 = ", ".join(f"{r['lr']:g}: {fmt(r['val'])}" for r in a["runs"] if r["seed"] == 0)
+        lines.append(f"- {a['name']}: {seed0}; options {json.dumps(a['options'], sort_keys=True)}")
+    write_text(out / "results.md", "\n".join(lines) + "\n")
+    _plot(results, rows, out)
+
+
+def _plot(results: dict, rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r["test_mean"] or 0 for r in rows], yerr=[r["test_std"] for r in rows], capsize=3)
+    ax.set_xticks(range(len(rows)), [r["arm"] for r in rows], rotation=60, ha="right", fontsize=8)
+    ax.set(ylabel="test score (mean ± std)", title=f"{results['model']} / {results['task']}: {results['plan']}")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for a in results["arms"]:
+        curves = [r["loss_by_25"] for r in a["runs"] if r["lr"] == a["picked_lr"]]
+        n = min(len(c) for c in curves)
+        ax.plot([25 * i for i in range(n)], [statistics.mean(c[i] for c in curves) for i in range(n)], label=a["name"])
+    ax.set(xlabel="step", ylabel="training loss (25-step means)", title="loss curves")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
