@@ -185,24 +185,34 @@ def eval_(model, task, patch, split, data, data_seed, limit, max_length, device,
 
 
 @main.command()
-@click.argument("patch", type=click.Path())
+@click.argument("patches", nargs=-1, required=True)
 @click.option("--model", default=None, help="Base model. Default: the one named in the patch.")
 @click.option("--prompt", help="Generate a continuation of this text.")
 @click.option("--chat", is_flag=True, help="Wrap --prompt in the model's chat template.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--eval", "eval_task", help="Score this task's test rows, zero-shot and patched.")
 @click.option("--input", "input_file", type=click.Path(), help="Classify each row of this JSONL file with the patch's task.")
+@click.option("--route-field", default="patch", show_default=True,
+              help="With several NAME=PATH patches and --input: the row field naming the patch to use.")
 @click.option("--data", help="Data folder for --eval.")
 @click.option("--limit", type=int, help="With --eval: only the first N test rows.")
 @click.option("--device")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
-def apply(patch, model, prompt, chat, max_new_tokens, eval_task, input_file, data, limit, device, dtype):
-    """Load the base, check the patch fits, copy it in, then generate, evaluate or classify."""
+def apply(patches, model, prompt, chat, max_new_tokens, eval_task, input_file, route_field, data, limit, device, dtype):
+    """Load the base, check the patch(es) fit, then generate, evaluate or classify.
+
+    Several patches (NAME=PATH ...) are attached to one loaded base and each --input row is routed to the patch its
+    --route-field names, with one swap per patch."""
     import zolite
     from zolite.tasks import get_task
 
     if sum(x is not None for x in (prompt, eval_task, input_file)) != 1:
         raise ZoliteError("pass exactly one of --prompt TEXT, --eval TASK or --input FILE.jsonl")
+    if len(patches) > 1 or "=" in patches[0]:
+        if input_file is None:
+            raise ZoliteError("several patches need --input FILE.jsonl, each row naming its patch in --route-field")
+        return _apply_routed(patches, model, input_file, route_field, device, dtype)
+    patch = patches[0]
     p = zolite.load_patch(patch)
     model = model or p.metadata.get("zolite.model")
     if eval_task is not None:
@@ -218,10 +228,37 @@ def apply(patch, model, prompt, chat, max_new_tokens, eval_task, input_file, dat
         click.echo(json.dumps(prediction))
 
 
+def _apply_routed(patches, model, input_file, route_field, device, dtype):
+    """Classify each row with the patch it names; rows grouped by patch, printed in file order."""
+    from zolite.data import iter_rows
+    from zolite.predict import classify_rows
+    from zolite.serve import parse_named
+    from zolite.swap import load_with_patches
+    from zolite.tasks import get_task
+
+    loaded, patch_set = load_with_patches(model, parse_named(list(patches)), device=device, dtype=dtype)
+    groups: dict[str, list[dict]] = {}
+    for row in iter_rows(input_file):
+        name = row.get(route_field)
+        if name not in patch_set.names():
+            raise ZoliteError(f"{input_file} line {row['_line']}: {route_field}={name!r} is not one of the patches "
+                              f"({', '.join(patch_set.names())})")
+        groups.setdefault(name, []).append(dict(row, label=row.get("label", 0)))
+    predictions = []
+    for name, rows in groups.items():
+        p = patch_set.patches[name]["patch"]
+        task = get_task(p.task, **p.task_options())
+        for row in rows:
+            task.validate(row, input_file)
+        patch_set.swap(name)
+        predictions += [dict(pred, patch=name) for pred in classify_rows(loaded.model, loaded.tokenizer, task, rows)]
+    for prediction in sorted(predictions, key=lambda r: r["line"]):
+        click.echo(json.dumps(prediction))
+
+
 @main.command()
 @click.option("--model", default="smollm2-135m", show_default=True, help="Profile, local folder, .gguf or hub id.")
 @mode_option
-
 @click.option("--prompts", type=int, default=32, show_default=True, help="Calibration prompts to run.")
 @click.option("--text", help="Calibration text: a task name (its train prompts) or a .txt file (one prompt per line).  [default: bundled generic text]")
 @click.option("--magnitude", type=float, default=100.0, show_default=True, help="Outlier rule: max |h| at least this.")
@@ -293,6 +330,112 @@ def ablate(model, task, plan, seeds, arms, steps, out, quiet, **tune_options):
     out = out or f"runs/ablate-{Path(model).name}-{task}-{result['plan']}"
     click.echo(Path(out, "results.md").read_text())
     click.echo(f"results: {out}/results.md, {out}/results.csv, {out}/accuracy.png, {out}/loss.png")
+
+
+@main.group()
+def patch():
+    """Inspect and convert patch files (dense weights or a seed trajectory)."""
+
+
+@patch.command("info")
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+def patch_info(file, as_json):
+    """Metadata, size, kind and the base a patch fits."""
+    from zolite.patch import load_patch
+
+    p = load_patch(file)
+    info = {"file": str(file), "bytes": Path(file).stat().st_size, "kind": p.metadata.get("zolite.kind", "dense"),
+            "model": p.metadata.get("zolite.model"), "arch": p.metadata.get("zolite.arch"),
+            "layers": p.metadata.get("zolite.layer"), "base_sha256": p.metadata.get("zolite.base_sha256"),
+            "task": p.metadata.get("zolite.task"), "steps": p.metadata.get("zolite.steps"),
+            "tensors": len(p.tensors), "metadata": p.metadata}
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo(f"{file}: {info['kind']} patch, {info['bytes']:,} bytes")
+    click.echo(f"  fits: {info['model']} ({info['arch']}), layer(s) {info['layers']} (0-based), base fingerprint "
+               f"{info['base_sha256'][:16]}...")
+    click.echo(f"  task {info['task']}, {info['steps']} steps; metric {p.metadata.get('zolite.metric')}")
+    if info["kind"] == "trajectory":
+        click.echo(f"  {p.metadata['zolite.trajectory_steps']} seeded steps; trained on {p.metadata.get('zolite.trained_on')}")
+
+
+@patch.command("convert")
+@click.argument("file", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["dense"]), default="dense", show_default=True,
+              help="dense: replay a trajectory into weights. (A dense patch cannot become seeds: tune writes "
+                   "the trajectory beside it, PATCH.trajectory.safetensors.)")
+@click.option("--out", type=click.Path(), required=True)
+@click.option("--model", help="Base model.  [default: the one named in the patch]")
+@click.option("--force", is_flag=True)
+@click.option("--device")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
+def patch_convert(file, to, out, model, force, device, dtype):
+    """Replay a seed-trajectory patch into a dense one (bit for bit on the device and dtype it trained with)."""
+    import zolite
+    from zolite.io import refuse_clobber
+    from zolite.patch import fingerprint, save_patch
+    from zolite.trajectory import is_trajectory, replay
+
+    p = zolite.load_patch(file)
+    if not is_trajectory(p):
+        raise ZoliteError(f"{file} is already dense; a dense patch cannot be turned into seeds (tune writes the "
+                          "trajectory beside the dense patch)")
+    refuse_clobber(out, force)
+    loaded = zolite.load_model(model or p.metadata.get("zolite.model"), device=device, dtype=dtype,
+                               keep_layers=p.layers)
+    dense = replay(loaded.model, p)
+    meta = {k: v for k, v in dense.metadata.items() if not k.startswith("zolite.format")}
+    save_patch(out, dense.tensors, meta, force=force)
+    same = fingerprint(dense.tensors) == p.metadata.get("zolite.dense_sha256")
+    where = f"{loaded.device.type}/{str(loaded.dtype).removeprefix('torch.')}"
+    click.echo(f"{out}: dense patch replayed from {p.metadata['zolite.trajectory_steps']} steps on {where}; "
+               + ("bit-identical to the run's dense patch" if same else
+                  f"differs from the run's dense patch in the last bits (trained on {p.metadata.get('zolite.trained_on')})"))
+
+
+@main.command()
+@click.option("--model", help="Base model.  [default: the one named in the patch]")
+@click.option("--patch", "patch_file", type=click.Path(), required=True)
+@click.option("--out", type=click.Path(), required=True, help="Folder for the merged Hugging Face checkpoint.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
+@click.option("--device")
+def export(model, patch_file, out, dtype, force, device):
+    """Merge a patch into its base and write a plain HF checkpoint (verified by reloading and comparing logits)."""
+    from zolite.export import export as run_export
+
+    result = run_export(model, patch_file, out, dtype=dtype, force=force, device=device)
+    click.echo(f"{result['out']}: {', '.join(result['files'])}; reloaded logits match the patched model exactly")
+
+
+@main.command()
+@click.option("--model", help="Base model.  [default: the one named in the first patch]")
+@click.option("--patch", "patches", multiple=True, required=True, help="NAME=PATH (repeatable).")
+@click.option("--where", type=click.Choice(["device", "pinned", "disk"]), default="device", show_default=True,
+              help="Keep patches resident on the device, in pinned CPU memory, or memory-mapped from disk.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-queue", type=int, default=64, show_default=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds a request may wait.")
+@mode_option
+@click.option("--device")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
+def serve(model, patches, where, host, port, max_queue, timeout, mode, device, dtype):
+    """Serve one base with several patches: POST /v1/completions {"prompt", "max_tokens", "patch"}, GET /health."""
+    from zolite.serve import PatchServer, parse_named
+    from zolite.swap import load_with_patches
+
+    loaded, patch_set = load_with_patches(model, parse_named(list(patches)), where=where, mode=mode, device=device,
+                                          dtype=dtype)
+    server = PatchServer(loaded, patch_set, host=host, port=port, max_queue=max_queue, timeout=timeout)
+    h, p = server.address
+    click.echo(f"serving {loaded.name} with patches {', '.join(patch_set.names())} on http://{h}:{p}", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
 
 
 @main.command()

@@ -58,7 +58,7 @@ def _mean_direction(estimator, steps=4000, **options):
     model = Quadratic()
     tuned = TunedLayers(model, [0])
     stepper = QuadraticStepper(model, tuned, estimator=estimator, eps=1e-3, lr=0.0, **options)
-    stepper._plain = lambda: False   # MeZO's fused update bypasses the optimiser; the direction is the same
+    stepper.plain = lambda: False   # MeZO's fused update bypasses the optimiser; the direction is the same
     seen = []
     step_of_optimizer = stepper.optimizer.step
     stepper.optimizer.step = lambda direction: (seen.append(direction(0).clone()), step_of_optimizer(lambda i: torch.zeros(4, 3)))
@@ -82,7 +82,7 @@ def test_fused_mezo_update_equals_the_optimizer_path():
         model = Quadratic()
         stepper = QuadraticStepper(model, TunedLayers(model, [0]), estimator="spsa", lr=0.01, weight_decay=0.1)
         if not fused:
-            stepper._plain = lambda: False
+            stepper.plain = lambda: False
         for step in range(3):   # few steps: an ulp of difference grows through (l+ - l-) / 2eps
             stepper.step(step, [])
         runs.append(model.model.layers[0].weight)

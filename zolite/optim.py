@@ -156,6 +156,7 @@ class Stepper:
         self.batch_of = collate_to_device
         self.optimizer = Optimizer(tuned, **optimizer_options)
         self.previous_loss = None      # residual feedback: l(W_{t-1} + eps z_{t-1})
+        self.last_update = None        # plain MeZO: (seed, projected gradient) of the last step, for trajectories
         self.forwards = 0
         self.phase = phase or (lambda name: contextlib.nullcontext())   # a MemoryProfiler's phase, to measure
 
@@ -192,7 +193,7 @@ class Stepper:
         return total, grads
 
     # --- the step ---
-    def _plain(self) -> bool:
+    def plain(self) -> bool:
         o = self.optimizer
         return self.estimator == "spsa" and self.n_z == 1 and o.name == "sgd" and not o.layerwise
 
@@ -208,8 +209,9 @@ class Stepper:
                 mean_loss += (plus + minus) / 2 / len(seeds)
             self.forwards += 2 * len(seeds)
             with self.phase("update"):
-                if self._plain():   # MeZO exactly: the fused in-place update, no direction buffer
+                if self.plain():   # MeZO exactly: the fused in-place update, no direction buffer
                     self.tuned.sgd_update(seeds[0], coefficients[0], self.optimizer.lr, self.optimizer.wd)
+                    self.last_update = (seeds[0], coefficients[0])
                 else:
                     self.optimizer.step(zo_direction(self.tuned, seeds, coefficients))
             return mean_loss

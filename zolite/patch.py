@@ -53,12 +53,14 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_patch(path, tensors: dict[str, torch.Tensor], metadata: dict[str, object], *,
-               dtype: torch.dtype = torch.float16, force: bool = False) -> Path:
-    """Write the patch atomically; refuse to overwrite an existing file unless force."""
+               dtype: torch.dtype | None = torch.float16, force: bool = False) -> Path:
+    """Write the patch atomically (tensors cast to `dtype`; None keeps theirs); refuse to overwrite unless force."""
     refuse_clobber(path, force)
-    meta = {"zolite.format": FORMAT, "zolite.version": __version__, "zolite.dtype": str(dtype).removeprefix("torch.")}
+    meta = {"zolite.format": FORMAT, "zolite.version": __version__, "zolite.kind": "dense"}
+    if dtype is not None:
+        meta["zolite.dtype"] = str(dtype).removeprefix("torch.")
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    cpu = {name: t.detach().to("cpu", dtype).contiguous() for name, t in tensors.items()}
+    cpu = {name: t.detach().to("cpu", dtype or t.dtype).contiguous() for name, t in tensors.items()}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(_sorted_header(save(cpu, metadata=meta)))
     return Path(path)
@@ -123,9 +125,14 @@ def check_fits(model: torch.nn.Module, patch: Patch, base_sha256: str | None = N
 
 @torch.no_grad()
 def apply_patch(model: torch.nn.Module, patch: Patch | str | Path, *, verify: bool = True) -> Patch:
-    """Check that `patch` fits `model`, then copy its tensors into the model's parameters in place."""
+    """Check that `patch` fits `model`, then copy its tensors into the model's parameters in place.
+    A trajectory patch is replayed into dense weights first."""
+    from .trajectory import is_trajectory, replay
+
     if not isinstance(patch, Patch):
         patch = load_patch(patch)
+    if is_trajectory(patch):
+        patch = replay(model, patch)
     if verify:
         check_fits(model, patch)
     params = dict(model.named_parameters())

@@ -40,26 +40,36 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     return answers
 
 
-def classify_file(model, tokenizer, task: Task, path, *, max_length: int = 512,
-                  batch_size: int = 32) -> Iterator[dict]:
-    """One prediction per row of `path` (task rows; the label field is optional), in file order."""
-    chunk: list[dict] = []
+def classify_rows(model, tokenizer, task: Task, rows: list[dict], *, max_length: int = 512,
+                  batch_size: int = 32) -> list[dict]:
+    """One prediction per row (rows already checked against the task)."""
+    encoded = encode_rows(tokenizer, task, rows, max_length)
+    scores = score_encoded(model, tokenizer, encoded, batch_size)
+    out = []
+    for row, s in zip(rows, scores):
+        best = int(s.argmax())
+        out.append({"line": row["_line"], "prediction": task.example(row).candidates[best].strip(),
+                    "index": best, "scores": [round(float(x), 4) for x in s]})
+    return out
 
-    def flush():
-        encoded = encode_rows(tokenizer, task, chunk, max_length)
-        scores = score_encoded(model, tokenizer, encoded, batch_size)
-        for row, s in zip(chunk, scores):
-            best = int(s.argmax())
-            yield {"line": row["_line"], "prediction": task.example(row).candidates[best].strip(),
-                   "index": best, "scores": [round(float(x), 4) for x in s]}
 
+def read_task_rows(task: Task, path) -> Iterator[dict]:
+    """The rows of a JSONL file to classify with `task` (the label field is optional), checked one by one."""
     for row in iter_rows(path):
         row = dict(row)
         row.setdefault("label", 0)   # rows to classify need no gold label; the template wants one
         task.validate(row, path)
+        yield row
+
+
+def classify_file(model, tokenizer, task: Task, path, *, max_length: int = 512,
+                  batch_size: int = 32) -> Iterator[dict]:
+    """One prediction per row of `path` (task rows; the label field is optional), in file order."""
+    chunk: list[dict] = []
+    for row in read_task_rows(task, path):
         chunk.append(row)
         if len(chunk) == 256:
-            yield from flush()
+            yield from classify_rows(model, tokenizer, task, chunk, max_length=max_length, batch_size=batch_size)
             chunk = []
     if chunk:
-        yield from flush()
+        yield from classify_rows(model, tokenizer, task, chunk, max_length=max_length, batch_size=batch_size)

@@ -25,6 +25,7 @@ from .loading import INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, default_d
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
 from .plan import parse_size, plan_memory
 from .patch import fingerprint, save_patch
+from .trajectory import save_trajectory, trajectory_path
 from .scan import choose_layers, folder_identity, scan
 from .scoring import collate, pad_token_id
 from .tasks import get_task, task_data
@@ -116,7 +117,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         return accuracy_report(scores, [e.accepted for e in val])["score"]
 
     # --- resume, or start with the base weights scored on val ---
-    state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0}
+    state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0,
+             "trajectory": []}   # plain MeZO: (seed, projected gradient) per step, for the trajectory patch
     best = None
     saved = load_checkpoint(run_dir) if resume else None
     saved_optimizer = {}
@@ -152,10 +154,14 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             seed = step_seed(config.seed, step)
             loss_plus, loss_minus = generation_losses(net, tokenizer, tuned, task_, [splits.train[i] for i in rows],
                                                       seed, config.eps, config.max_length)
-            tuned.sgd_update(seed, (loss_plus - loss_minus) / (2 * config.eps), config.lr, config.weight_decay)
+            g = (loss_plus - loss_minus) / (2 * config.eps)
+            tuned.sgd_update(seed, g, config.lr, config.weight_decay)
             state["losses"].append((loss_plus + loss_minus) / 2)
+            state["trajectory"].append([seed, g])
         else:
             state["losses"].append(stepper.step(step, [train[i] for i in rows]))
+            if stepper.plain():
+                state["trajectory"].append(list(stepper.last_update))
             tokens += sum(len(train[i].context) for i in rows)
         state["step"] = step + 1
         state["train_s"] += time.perf_counter() - t0
@@ -184,14 +190,19 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             final["test"] = score(splits.test)
     _save(run_dir, tuned, stepper, best, state)
     metric = {"name": task_.metric, "val": final["val"]["score"] if final["val"] else None,
-              "kept_step": state["best_step"] if config.keep == "best" else state["step"]}
+              "kept_step": state["best_step"] if config.keep == "best" and best is not None else state["step"]}
     patch_phase = profiler.phase("patch write")
     patch_phase.__enter__()
-    save_patch(out, tuned.state(), {
+    patch_metadata = {
         "zolite.model": config.model, "zolite.arch": net.config.model_type,
         "zolite.layer": ",".join(map(str, indices)), "zolite.base_sha256": base_sha256,
         "zolite.task": config.task, "zolite.steps": str(state["step"]), "zolite.metric": metric,
-        "zolite.hparams": dataclasses.asdict(config)}, force=True)
+        "zolite.hparams": dataclasses.asdict(config)}
+    save_patch(out, tuned.state(), patch_metadata, force=True)
+    if stepper.plain() or config.objective == "f1":   # the same patch as seeds: kilobytes
+        save_trajectory(trajectory_path(out), state["trajectory"][:metric["kept_step"]], {
+            **patch_metadata, "zolite.dense_sha256": fingerprint(tuned.state()),
+            "zolite.trained_on": f"{device.type}/{str(loaded.dtype).removeprefix('torch.')}"}, force=True)
     patch_phase.__exit__(None, None, None)
     step_ms = 1000 * state["train_s"] / max(1, len(state["losses"]))
     memory_profile = profiler.report(static, extra={

@@ -1,0 +1,64 @@
+"""The second patch form: the seed trajectory of a plain MeZO run (kilobytes instead of a layer's megabytes).
+
+Plain MeZO's update at step t is W <- W - lr (g_t z_t + wd W), with z_t regenerated from the step's seed, so the
+seeds and projected gradients g_t up to the kept step (plus lr and wd) rebuild the tuned layer from the base.
+Replayed on the device and dtype the run trained with, it gives the dense patch bit for bit (zolite.dense_sha256
+says which bits); elsewhere it gives the same weights up to float rounding.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import ZoliteError
+from .patch import Patch, fingerprint, save_patch
+
+
+def save_trajectory(path, trajectory: list, metadata: dict, *, force: bool = False) -> Path:
+    """trajectory: [(seed, g), ...] up to the kept step. g is kept in float64: the update's step is computed from
+    it in double precision, and must be the same number on replay."""
+    seeds = torch.tensor([int(s) for s, _ in trajectory] or [0], dtype=torch.int64)
+    grads = torch.tensor([float(g) for _, g in trajectory] or [0.0], dtype=torch.float64)
+    meta = {**metadata, "zolite.kind": "trajectory", "zolite.trajectory_steps": str(len(trajectory))}
+    return save_patch(path, {"trajectory.seeds": seeds, "trajectory.grads": grads}, meta, dtype=None, force=force)
+
+
+def trajectory_path(dense: Path) -> Path:
+    """Where tune writes the trajectory beside its dense patch: patch.safetensors -> patch.trajectory.safetensors."""
+    dense = Path(dense)
+    return dense.with_name(dense.name.removesuffix(".safetensors") + ".trajectory.safetensors")
+
+
+def is_trajectory(patch: Patch) -> bool:
+    return patch.metadata.get("zolite.kind") == "trajectory"
+
+
+@torch.no_grad()
+def replay(model: torch.nn.Module, patch: Patch) -> Patch:
+    """The dense patch a trajectory stands for, computed on `model` (its base layers are restored exactly after)."""
+    from .zo import TunedLayers
+
+    if not is_trajectory(patch):
+        raise ZoliteError(f"{patch.path} is already a dense patch")
+    hparams = json.loads(patch.metadata.get("zolite.hparams", "{}"))
+    layers = [int(i) for i in patch.metadata["zolite.layer"].split(",")]
+    steps = int(patch.metadata["zolite.trajectory_steps"])
+    seeds = patch.tensors["trajectory.seeds"].tolist()[:steps]
+    grads = patch.tensors["trajectory.grads"].tolist()[:steps]
+    tuned = TunedLayers(model, layers)
+    if fingerprint(tuned.state()) != patch.metadata["zolite.base_sha256"]:
+        raise ZoliteError(f"{patch.path} was tuned from another base (layer {patch.metadata['zolite.layer']} "
+                          "fingerprint differs); replay it on that base model")
+    saved = [p.detach().clone() for p in tuned.params]
+    try:
+        for seed, g in zip(seeds, grads):
+            tuned.sgd_update(seed, g, hparams["lr"], hparams.get("weight_decay", 0.0))
+        tensors = {k: v.detach().half().cpu() for k, v in tuned.state().items()}
+    finally:
+        for p, s in zip(tuned.params, saved):
+            p.copy_(s)
+    metadata = {k: v for k, v in patch.metadata.items() if k not in ("zolite.kind", "zolite.trajectory_steps")}
+    metadata["zolite.kind"] = "dense"
+    return Patch(tensors, metadata, patch.path)
