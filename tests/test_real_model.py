@@ -75,3 +75,29 @@ def test_scan_finds_the_profile_layer_on_the_real_model(smollm2, tmp_path):
         layers = result["layers"]
         assert layers[11]["outlier_share"] == 1.0 and layers[10]["outlier_share"] == 0.0
         assert layers[11]["max_abs"] > 1e4 and layers[10]["max_abs"] < 1e3
+
+
+def test_trajectory_patch_replays_bit_for_bit_on_the_real_model(smollm2, small_data, tmp_path):
+    from zolite.trajectory import replay, trajectory_path
+
+    zolite.tune("smollm2-135m", "sst2", data=small_data, run_dir=tmp_path / "run", steps=4, batch_size=4,
+                eval_every=0, lr=1e-2, progress=False)
+    dense = load_patch(tmp_path / "run" / "patch.safetensors")
+    replayed = replay(smollm2.model, load_patch(trajectory_path(tmp_path / "run" / "patch.safetensors")))
+    assert all(torch.equal(replayed.tensors[k], dense.tensors[k]) for k in dense.tensors)
+    base = dict(smollm2.model.named_parameters())
+    assert any(not torch.equal(dense.tensors[k], base[k].half()) for k in dense.tensors)   # the run moved the layer
+
+
+def test_int8_on_the_real_model(small_data, tmp_path):
+    """bitsandbytes' CPU int8 path: the scan still finds layer 11, and a tune keeps layer 11 out of quantization."""
+    pytest.importorskip("bitsandbytes")
+    from zolite.scan import scan
+
+    result = scan("smollm2-135m", prompts=8, seeds=0, mode="int8", device="cpu")
+    assert result["dominant_layer"] == 11
+    report = zolite.tune("smollm2-135m", "sst2", data=small_data, run_dir=tmp_path / "run", steps=2, batch_size=4,
+                         eval_every=0, mode="int8", device="cpu", progress=False)
+    assert report["layers"] == "11" and report["config"]["mode"] == "int8"
+    frozen = report["memory_profile"]["breakdown"]["frozen_weights_gib"]
+    assert frozen["int8 on cpu"] > 0.08 and all(abs(x) < 10 for x in report["loss_curve"])
