@@ -87,9 +87,17 @@ class MemoryProfiler:
             entry["cpu_rss_peak"] = max(entry["cpu_rss_peak"], rss)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+        """End the sampling thread (again: no-op)."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:   # a run that fails must not leave its sampler running
+        self.stop()
 
     def snapshot_allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.cuda else 0

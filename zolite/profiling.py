@@ -47,51 +47,51 @@ def profile_memory(model: str = "smollm2-135m", *, mode: str | None = None, batc
     if micro_batch is not None and (micro_batch < 1 or batch_size % micro_batch):
         raise ZoliteError(f"--micro-batch {micro_batch} must be at least 1 and divide --batch-size {batch_size}")
     t_start = time.perf_counter()
-    profiler = MemoryProfiler(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with profiler.phase("load"):
-        loaded, indices, source, plan = load_for_tuning(config)
-    net = loaded.model
-    tuned = TunedLayers(net, indices)
-    static = weight_breakdown(net, tuned)
-    examples = random_examples(net.config.vocab_size, batch_size, seq_len)
-    pad = pad_token_id(loaded.tokenizer)
-    micro = micro_batch or (plan.micro_batch if plan else None)
-    recording = snapshot and profiler.cuda
-    if recording:
-        torch.cuda.memory._record_memory_history(max_entries=200_000)
-    times = []
-    with profiler.phase("train"):
-        for step in range(steps):
-            t0 = time.perf_counter()
-            seed = step_seed(0, step)
-            with profiler.phase("forward ±eps"):
-                loss_plus, loss_minus = micro_batched_losses(net, tuned, examples, pad, loaded.device, seed, eps,
-                                                             "ce", micro)
-            with profiler.phase("update"):
-                tuned.sgd_update(seed, (loss_plus - loss_minus) / (2 * eps), lr=0.0)
-            times.append(time.perf_counter() - t0)
-    step_ms = 1000 * statistics.median(times[1:])
-    result = {
-        "model": model, "mode": loaded.mode, "dtype": str(loaded.dtype).removeprefix("torch."),
-        "layers": format_layers(indices, len(decoder_layers(net)[1])),
-        "layer_source": source, "batch_size": batch_size, "micro_batch": micro or batch_size, "seq_len": seq_len,
-        "steps": steps, "tuned_params": tuned.numel(), "total_s": round(time.perf_counter() - t_start, 2),
-        "plan": plan.as_dict() if plan else None,
-    }
-    result["memory_profile"] = profiler.report(static, extra={
-        "step_ms": round(step_ms, 2), "tokens_per_s": round(batch_size * seq_len / (step_ms / 1000), 1),
-        "plan": plan.reason if plan else None})
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+    with MemoryProfiler(device or ("cuda" if torch.cuda.is_available() else "cpu")) as profiler:
+        with profiler.phase("load"):
+            loaded, indices, source, plan = load_for_tuning(config)
+        net = loaded.model
+        tuned = TunedLayers(net, indices)
+        static = weight_breakdown(net, tuned)
+        examples = random_examples(net.config.vocab_size, batch_size, seq_len)
+        pad = pad_token_id(loaded.tokenizer)
+        micro = micro_batch or (plan.micro_batch if plan else None)
+        recording = snapshot and profiler.cuda
         if recording:
-            torch.cuda.memory._dump_snapshot(str(out / "memory_snapshot.pickle"))
-            torch.cuda.memory._record_memory_history(enabled=None)
-            result["snapshot"] = str(out / "memory_snapshot.pickle")
-        write_json(out / "report.json", result)
-        title = f"zolite profile {model}: mode {loaded.mode}, layers {result['layers']}, batch {batch_size} x {seq_len}"
-        summary = (f"{steps} ZO steps (first = warm-up), micro-batch {result['micro_batch']}: {step_ms:.1f} ms/step, "
-                   f"{result['memory_profile']['tokens_per_s']:.0f} tokens/s (input tokens; the forward doubles the "
-                   "batch from the tuned layer on).")
-        write_memory_report(result["memory_profile"], out, title, summary)
-    return result
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+        times = []
+        with profiler.phase("train"):
+            for step in range(steps):
+                t0 = time.perf_counter()
+                seed = step_seed(0, step)
+                with profiler.phase("forward ±eps"):
+                    loss_plus, loss_minus = micro_batched_losses(net, tuned, examples, pad, loaded.device, seed, eps,
+                                                                 "ce", micro)
+                with profiler.phase("update"):
+                    tuned.sgd_update(seed, (loss_plus - loss_minus) / (2 * eps), lr=0.0)
+                times.append(time.perf_counter() - t0)
+        step_ms = 1000 * statistics.median(times[1:])
+        result = {
+            "model": model, "mode": loaded.mode, "dtype": str(loaded.dtype).removeprefix("torch."),
+            "layers": format_layers(indices, len(decoder_layers(net)[1])),
+            "layer_source": source, "batch_size": batch_size, "micro_batch": micro or batch_size, "seq_len": seq_len,
+            "steps": steps, "tuned_params": tuned.numel(), "total_s": round(time.perf_counter() - t_start, 2),
+            "plan": plan.as_dict() if plan else None,
+        }
+        result["memory_profile"] = profiler.report(static, extra={
+            "step_ms": round(step_ms, 2), "tokens_per_s": round(batch_size * seq_len / (step_ms / 1000), 1),
+            "plan": plan.reason if plan else None})
+        if out is not None:
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+            if recording:
+                torch.cuda.memory._dump_snapshot(str(out / "memory_snapshot.pickle"))
+                torch.cuda.memory._record_memory_history(enabled=None)
+                result["snapshot"] = str(out / "memory_snapshot.pickle")
+            write_json(out / "report.json", result)
+            title = f"zolite profile {model}: mode {loaded.mode}, layers {result['layers']}, batch {batch_size} x {seq_len}"
+            summary = (f"{steps} ZO steps (first = warm-up), micro-batch {result['micro_batch']}: {step_ms:.1f} ms/step, "
+                       f"{result['memory_profile']['tokens_per_s']:.0f} tokens/s (input tokens; the forward doubles the "
+                       "batch from the tuned layer on).")
+            write_memory_report(result["memory_profile"], out, title, summary)
+        return result

@@ -23,6 +23,11 @@ from .swap import PatchSet
 MAX_TOKENS_LIMIT = 512
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 256   # the listen backlog (5 by default): a burst of clients must not be reset
+    daemon_threads = True
+
+
 @dataclass
 class Request:
     prompt: str
@@ -40,8 +45,7 @@ class PatchServer:
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.swaps = 0
         self._stop = threading.Event()
-        self.httpd = ThreadingHTTPServer((host, port), self._handler())
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer((host, port), self._handler())
         self.worker = threading.Thread(target=self._work, daemon=True)
 
     @property

@@ -86,151 +86,149 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     t_start = time.perf_counter()
 
     # --- set up: model, layers, data ---
-    profiler = MemoryProfiler(config.device or default_device())
-    with profiler.phase("load"):
-        loaded, indices, layer_source, plan = load_for_tuning(config)
-    net, tokenizer = loaded.model, loaded.tokenizer
-    _, layers = decoder_layers(net)
-    task_ = get_task(config.task, **config.task_options())
-    config = _fill_defaults(config, loaded, indices, len(layers), task_, plan)
-    splits = sample_splits(task_data(task_, config.data), seed=config.data_seed,
-                           validate=task_.validate,
-                           expand=task_.expand)
-    if not splits.train:
-        raise ZoliteError(f"{splits.source} has too few rows to train on ({splits.total_rows}); pass a larger file")
-    with profiler.phase("data"):
-        train = encode_rows(tokenizer, task_, splits.train, config.max_length)
-        val = encode_rows(tokenizer, task_, splits.val, config.max_length)
-    tuned = TunedLayers(net, indices)
-    static = weight_breakdown(net, tuned)
-    base_sha256 = fingerprint(tuned.state())
-    load_s = time.perf_counter() - t_start
-    write_json(run_dir / "config.json", dataclasses.asdict(config))
+    with MemoryProfiler(config.device or default_device()) as profiler:
+        with profiler.phase("load"):
+            loaded, indices, layer_source, plan = load_for_tuning(config)
+        net, tokenizer = loaded.model, loaded.tokenizer
+        _, layers = decoder_layers(net)
+        task_ = get_task(config.task, **config.task_options())
+        config = _fill_defaults(config, loaded, indices, len(layers), task_, plan)
+        splits = sample_splits(task_data(task_, config.data), seed=config.data_seed,
+                               validate=task_.validate,
+                               expand=task_.expand)
+        if not splits.train:
+            raise ZoliteError(f"{splits.source} has too few rows to train on ({splits.total_rows}); pass a larger file")
+        with profiler.phase("data"):
+            train = encode_rows(tokenizer, task_, splits.train, config.max_length)
+            val = encode_rows(tokenizer, task_, splits.val, config.max_length)
+        tuned = TunedLayers(net, indices)
+        static = weight_breakdown(net, tuned)
+        base_sha256 = fingerprint(tuned.state())
+        load_s = time.perf_counter() - t_start
+        write_json(run_dir / "config.json", dataclasses.asdict(config))
 
-    def score(rows: list[dict]) -> dict:
-        return evaluate_rows(net, tokenizer, task_, rows, max_length=config.max_length, batch_size=config.batch_size * 2)
+        def score(rows: list[dict]) -> dict:
+            return evaluate_rows(net, tokenizer, task_, rows, max_length=config.max_length, batch_size=config.batch_size * 2)
 
-    def val_score() -> float:
-        if task_.generative:
-            return score(splits.val)["score"]
-        scores = score_encoded(net, tokenizer, val, config.batch_size * 2)   # classification: encoded once
-        return accuracy_report(scores, [e.accepted for e in val])["score"]
+        def val_score() -> float:
+            if task_.generative:
+                return score(splits.val)["score"]
+            scores = score_encoded(net, tokenizer, val, config.batch_size * 2)   # classification: encoded once
+            return accuracy_report(scores, [e.accepted for e in val])["score"]
 
-    # --- resume, or start with the base weights scored on val ---
-    state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0,
-             "trajectory": []}   # plain MeZO: (seed, projected gradient) per step, for the trajectory patch
-    best = None
-    saved = load_checkpoint(run_dir) if resume else None
-    saved_optimizer = {}
-    if saved is not None:
-        masters, best, state = saved
-        saved_optimizer = {k[4:]: v for k, v in masters.items() if k.startswith("opt/")}
-        tuned.load({k: v for k, v in masters.items() if not k.startswith("opt/")})
-    elif config.eval_every and val:
-        state["val"].append([0, val_score()])
-        state["best_step"], state["best_metric"] = 0, state["val"][-1][1]
-        best = _cpu_copy(tuned.state())
+        # --- resume, or start with the base weights scored on val ---
+        state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0,
+                 "trajectory": []}   # plain MeZO: (seed, projected gradient) per step, for the trajectory patch
+        best = None
+        saved = load_checkpoint(run_dir) if resume else None
+        saved_optimizer = {}
+        if saved is not None:
+            masters, best, state = saved
+            state.setdefault("trajectory", None)   # a checkpoint of an older zolite: no trajectory to continue
+            saved_optimizer = {k[4:]: v for k, v in masters.items() if k.startswith("opt/")}
+            tuned.load({k: v for k, v in masters.items() if not k.startswith("opt/")})
+        elif config.eval_every and val:
+            state["val"].append([0, val_score()])
+            state["best_step"], state["best_metric"] = 0, state["val"][-1][1]
+            best = _cpu_copy(tuned.state())
 
-    # --- the loop ---
-    pad, device = pad_token_id(tokenizer), loaded.device
-    stepper = Stepper(net, tuned, estimator=config.estimator, n_z=config.n_z, eps=config.eps,
-                      objective=config.objective, micro_batch=config.micro_batch, seed=config.seed,
-                      phase=profiler.phase, collate_to_device=lambda c: collate(c, pad).to(device),
-                      name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
-                      momentum=config.momentum, layerwise=config.layerwise)
-    if saved is not None:
-        stepper.load(saved_optimizer, state.pop("optimizer", {}))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    bar = _progress_bar(state["step"], config.steps, progress)
-    tokens = 0
-    train_phase = profiler.phase("train")
-    train_phase.__enter__()
-    while state["step"] < config.steps:
-        step = state["step"]
-        t0 = time.perf_counter()
-        rows = batches_for_step(len(train), config.batch_size, step, config.seed)
-        if config.objective == "f1":   # greedy answers under +eps and -eps, scored like the eval
-            seed = step_seed(config.seed, step)
-            loss_plus, loss_minus = generation_losses(net, tokenizer, tuned, task_, [splits.train[i] for i in rows],
-                                                      seed, config.eps, config.max_length)
-            g = (loss_plus - loss_minus) / (2 * config.eps)
-            tuned.sgd_update(seed, g, config.lr, config.weight_decay)
-            state["losses"].append((loss_plus + loss_minus) / 2)
-            state["trajectory"].append([seed, g])
-        else:
-            state["losses"].append(stepper.step(step, [train[i] for i in rows]))
-            if stepper.plain():
-                state["trajectory"].append(list(stepper.last_update))
-            tokens += sum(len(train[i].context) for i in rows)
-        state["step"] = step + 1
-        state["train_s"] += time.perf_counter() - t0
+        # --- the loop ---
+        pad, device = pad_token_id(tokenizer), loaded.device
+        stepper = Stepper(net, tuned, estimator=config.estimator, n_z=config.n_z, eps=config.eps,
+                          objective=config.objective, micro_batch=config.micro_batch, seed=config.seed,
+                          phase=profiler.phase, collate_to_device=lambda c: collate(c, pad).to(device),
+                          name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                          momentum=config.momentum, layerwise=config.layerwise)
+        if saved is not None:
+            stepper.load(saved_optimizer, state.pop("optimizer", {}))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        bar = _progress_bar(state["step"], config.steps, progress)
+        tokens = 0
+        with profiler.phase("train"):
+            while state["step"] < config.steps:
+                step = state["step"]
+                t0 = time.perf_counter()
+                rows = batches_for_step(len(train), config.batch_size, step, config.seed)
+                if config.objective == "f1":   # greedy answers under +eps and -eps, scored like the eval
+                    seed = step_seed(config.seed, step)
+                    loss_plus, loss_minus = generation_losses(net, tokenizer, tuned, task_, [splits.train[i] for i in rows],
+                                                              seed, config.eps, config.max_length)
+                    g = (loss_plus - loss_minus) / (2 * config.eps)
+                    tuned.sgd_update(seed, g, config.lr, config.weight_decay)
+                    state["losses"].append((loss_plus + loss_minus) / 2)
+                    if state["trajectory"] is not None:
+                        state["trajectory"].append([seed, g])
+                else:
+                    state["losses"].append(stepper.step(step, [train[i] for i in rows]))
+                    if stepper.plain() and state["trajectory"] is not None:
+                        state["trajectory"].append(list(stepper.last_update))
+                    tokens += sum(len(train[i].context) for i in rows)
+                state["step"] = step + 1
+                state["train_s"] += time.perf_counter() - t0
 
-        if config.eval_every and state["step"] % config.eval_every == 0:
-            if val:
-                with profiler.phase("eval"):
-                    acc = val_score()
-                state["val"].append([state["step"], acc])
-                if config.keep == "best" and acc > state["best_metric"]:
-                    state["best_step"], state["best_metric"] = state["step"], acc
-                    best = _cpu_copy(tuned.state())
-            _save(run_dir, tuned, stepper, best, state)
-        bar.update(1)
-        bar.set_postfix_str(_postfix(state, device))
-    bar.close()
-    train_phase.__exit__(None, None, None)
+                if config.eval_every and state["step"] % config.eval_every == 0:
+                    if val:
+                        with profiler.phase("eval"):
+                            acc = val_score()
+                        state["val"].append([state["step"], acc])
+                        if config.keep == "best" and acc > state["best_metric"]:
+                            state["best_step"], state["best_metric"] = state["step"], acc
+                            best = _cpu_copy(tuned.state())
+                    _save(run_dir, tuned, stepper, best, state)
+                bar.update(1)
+                bar.set_postfix_str(_postfix(state, device))
+            bar.close()
 
-    # --- the patch: best (or last) weights, rounded to fp16 first so the final score is the patch's ---
-    if config.keep == "best" and best is not None:
-        tuned.load(best)
-    tuned.load({k: v.half().float() for k, v in tuned.state().items()})
-    with profiler.phase("final eval"):
-        final = {"val": score(splits.val) if splits.val else None}
-        if config.eval_test and splits.test:
-            final["test"] = score(splits.test)
-    _save(run_dir, tuned, stepper, best, state)
-    metric = {"name": task_.metric, "val": final["val"]["score"] if final["val"] else None,
-              "kept_step": state["best_step"] if config.keep == "best" and best is not None else state["step"]}
-    patch_phase = profiler.phase("patch write")
-    patch_phase.__enter__()
-    patch_metadata = {
-        "zolite.model": config.model, "zolite.arch": net.config.model_type,
-        "zolite.layer": ",".join(map(str, indices)), "zolite.base_sha256": base_sha256,
-        "zolite.task": config.task, "zolite.steps": str(state["step"]), "zolite.metric": metric,
-        "zolite.hparams": dataclasses.asdict(config)}
-    save_patch(out, tuned.state(), patch_metadata, force=True)
-    if stepper.plain() or config.objective == "f1":   # the same patch as seeds: kilobytes
-        save_trajectory(trajectory_path(out), state["trajectory"][:metric["kept_step"]], {
-            **patch_metadata, "zolite.dense_sha256": fingerprint(tuned.state()),
-            "zolite.trained_on": f"{device.type}/{str(loaded.dtype).removeprefix('torch.')}"}, force=True)
-    patch_phase.__exit__(None, None, None)
-    step_ms = 1000 * state["train_s"] / max(1, len(state["losses"]))
-    memory_profile = profiler.report(static, extra={
-        "step_ms": round(step_ms, 2), "plan": plan.reason if plan else None,
-        "tokens_per_s": round(tokens / state["train_s"], 1) if state["train_s"] and tokens else None})
+        # --- the patch: best (or last) weights, rounded to fp16 first so the final score is the patch's ---
+        if config.keep == "best" and best is not None:
+            tuned.load(best)
+        tuned.load({k: v.half().float() for k, v in tuned.state().items()})
+        with profiler.phase("final eval"):
+            final = {"val": score(splits.val) if splits.val else None}
+            if config.eval_test and splits.test:
+                final["test"] = score(splits.test)
+        _save(run_dir, tuned, stepper, best, state)
+        metric = {"name": task_.metric, "val": final["val"]["score"] if final["val"] else None,
+                  "kept_step": state["best_step"] if config.keep == "best" and best is not None else state["step"]}
+        with profiler.phase("patch write"):
+            patch_metadata = {
+                "zolite.model": config.model, "zolite.arch": net.config.model_type,
+                "zolite.layer": ",".join(map(str, indices)), "zolite.base_sha256": base_sha256,
+                "zolite.task": config.task, "zolite.steps": str(state["step"]), "zolite.metric": metric,
+                "zolite.hparams": dataclasses.asdict(config)}
+            save_patch(out, tuned.state(), patch_metadata, force=True)
+            if (stepper.plain() or config.objective == "f1") and state["trajectory"] is not None:   # seeds: kilobytes
+                save_trajectory(trajectory_path(out), state["trajectory"][:metric["kept_step"]], {
+                    **patch_metadata, "zolite.dense_sha256": fingerprint(tuned.state()),
+                    "zolite.trained_on": f"{device.type}/{str(loaded.dtype).removeprefix('torch.')}"}, force=True)
+        step_ms = 1000 * state["train_s"] / max(1, len(state["losses"]))
+        memory_profile = profiler.report(static, extra={
+            "step_ms": round(step_ms, 2), "plan": plan.reason if plan else None,
+            "tokens_per_s": round(tokens / state["train_s"], 1) if state["train_s"] and tokens else None})
 
-    report = {
-        "patch": str(out), "run_dir": str(run_dir), "config": dataclasses.asdict(config),
-        "model": {"name": config.model, "path": str(loaded.path), "arch": net.config.model_type,
-                  "num_layers": len(layers), "dtype": str(loaded.dtype).removeprefix("torch."),
-                  "device": str(device)},
-        "layers": format_layers(indices, len(layers)), "layer_source": layer_source, "tuned_params": tuned.numel(),
-        "base_sha256": base_sha256,
-        "data": {"source": splits.source, "rows_in_file": splits.total_rows, "counts": splits.counts},
-        "steps": state["step"], "kept_step": metric["kept_step"], "forward_passes": stepper.forwards,
-        "final": final, "val_curve": state["val"], "loss_curve": state["losses"],
-        "timing": {"load_s": round(load_s, 2), "train_s": round(state["train_s"], 2),
-                   "step_ms": round(step_ms, 2),
-                   "total_s": round(time.perf_counter() - t_start, 2)},
-        "memory": _memory_peaks(device), "memory_profile": memory_profile,
-        "plan": plan.as_dict() if plan else None,
-    }
-    write_json(run_dir / "report.json", report)
-    title = f"zolite tune {config.model} / {config.task}, layers {report['layers']}, mode {loaded.mode}"
-    summary = (f"Steps {state['step']}, batch {config.batch_size} (micro-batch {config.micro_batch}), "
-               f"{step_ms:.1f} ms/step; val {metric['val']}; patch {out}.")
-    write_memory_report(memory_profile, run_dir, title, summary)
-    return report
+        report = {
+            "patch": str(out), "run_dir": str(run_dir), "config": dataclasses.asdict(config),
+            "model": {"name": config.model, "path": str(loaded.path), "arch": net.config.model_type,
+                      "num_layers": len(layers), "dtype": str(loaded.dtype).removeprefix("torch."),
+                      "device": str(device)},
+            "layers": format_layers(indices, len(layers)), "layer_source": layer_source, "tuned_params": tuned.numel(),
+            "base_sha256": base_sha256,
+            "data": {"source": splits.source, "rows_in_file": splits.total_rows, "counts": splits.counts},
+            "steps": state["step"], "kept_step": metric["kept_step"], "forward_passes": stepper.forwards,
+            "final": final, "val_curve": state["val"], "loss_curve": state["losses"],
+            "timing": {"load_s": round(load_s, 2), "train_s": round(state["train_s"], 2),
+                       "step_ms": round(step_ms, 2),
+                       "total_s": round(time.perf_counter() - t_start, 2)},
+            "memory": _memory_peaks(device), "memory_profile": memory_profile,
+            "plan": plan.as_dict() if plan else None,
+        }
+        write_json(run_dir / "report.json", report)
+        title = f"zolite tune {config.model} / {config.task}, layers {report['layers']}, mode {loaded.mode}"
+        summary = (f"Steps {state['step']}, batch {config.batch_size} (micro-batch {config.micro_batch}), "
+                   f"{step_ms:.1f} ms/step; val {metric['val']}; patch {out}.")
+        write_memory_report(memory_profile, run_dir, title, summary)
+        return report
 
 
 def load_for_tuning(config: TuneConfig):
