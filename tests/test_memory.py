@@ -159,3 +159,17 @@ def test_offload_refuses_without_cpu_memory(tiny_model, monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
     with pytest.raises(ZoliteError, match="keeps the weights in CPU memory.*available"):
         check_cpu_memory(model_skeleton(tiny_model), torch.float16)
+
+
+def test_measured_activations_replace_the_estimate(llama7b_skeleton, monkeypatch, tmp_path):
+    from zolite.plan import load_measured, record_measured
+
+    monkeypatch.setenv("ZOLITE_CACHE", str(tmp_path))
+    assert load_measured("some-model") == {}
+    record_measured("some-model", "int8", 1000.0, {"gpu": "test"})
+    measured = load_measured("some-model")
+    assert measured == {"int8": 1000.0}
+    parts = estimate(llama7b_skeleton, [1], "int8", 16, 256, torch.float16, measured=measured)
+    assert parts["activations"] == round(1.1 * 2 * 16 * 256 * 1000 / GIB, 3)
+    analytic = estimate(llama7b_skeleton, [1], "nf4", 16, 256, torch.float16, measured=measured)
+    assert analytic["activations"] > parts["activations"]   # nf4 was not measured: the analytic estimate

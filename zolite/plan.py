@@ -10,6 +10,8 @@ The estimate is built from the model's shapes (its meta-device skeleton: nothing
   and a decoder layer holds about (6 H + 3 I) values per token at its peak (attention q/k/v/out, the MLP's
   gate/up/act products; no KV cache, logits only at the answer tokens), times ACTIVATION_MARGIN for the
   allocator's rounding and the norms' fp32 upcasts.
+Where `zolite profile` has measured this model on a GPU, its activation bytes per (doubled) token replace the
+analytic estimate (times MEASURED_MARGIN), per mode: the measurement is cached under $ZOLITE_CACHE/activations/.
 Modes are tried fastest first (fp16, int8, nf4, offload) and, within a mode, the largest micro-batch that divides the
 batch; a mode that needs more than MAX_FORWARDS micro-batches per step is passed over for the next one, and taken
 only if no mode fits otherwise. A micro-batch changes nothing but memory: ZO losses are means over examples, so the micro-batches' losses,
@@ -27,6 +29,7 @@ from .layers import decoder_layers
 
 GIB = 2**30
 ACTIVATION_MARGIN = 1.5
+MEASURED_MARGIN = 1.1
 CUDA_CONTEXT_GIB = 0.5     # not in torch's allocator, but on the card: leave room for it
 PLAN_ORDER = ("fp16", "int8", "nf4", "offload")
 MAX_FORWARDS = 4           # a mode is preferred only if its micro-batch is at least a quarter of the batch
@@ -81,8 +84,9 @@ def _sizes(skeleton, layers: list[int]) -> dict:
     return sizes
 
 
-def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: int, dtype: torch.dtype) -> dict:
-    """Estimated peak GPU bytes of a ZO run, by part (GiB)."""
+def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: int, dtype: torch.dtype,
+             measured: dict | None = None) -> dict:
+    """Estimated peak GPU bytes of a ZO run, by part (GiB). measured: {mode: activation bytes per doubled token}."""
     cfg = skeleton.config
     b = torch.finfo(dtype).bits // 8
     s = _sizes(skeleton, layers)
@@ -100,14 +104,17 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
     perturb = (4 + b) * s["largest_tuned"]   # z (fp32) and W + eps z (dtype) of one tensor, during its forward
     hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
     tokens = 2 * micro_batch * seq_len
-    activations = int(ACTIVATION_MARGIN * tokens * (6 * hidden + 3 * inter) * b)
+    if measured and mode in measured:
+        activations = int(MEASURED_MARGIN * tokens * measured[mode])
+    else:
+        activations = int(ACTIVATION_MARGIN * tokens * (6 * hidden + 3 * inter) * b)
     parts = {"weights": weights, "master_copy": master, "perturbation": perturb, "activations": activations,
              "cuda_context": int(CUDA_CONTEXT_GIB * GIB)}
     return {k: round(v / GIB, 3) for k, v in parts.items()}
 
 
 def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_len: int, dtype: torch.dtype,
-                mode: str | None = None) -> Plan:
+                mode: str | None = None, measured: dict | None = None) -> Plan:
     """The fastest mode (or the given one) and the largest micro-batch that fit `budget` bytes."""
     modes = [mode] if mode else list(PLAN_ORDER)
     if len(layers) == len(decoder_layers(skeleton)[1]) and not mode:
@@ -119,7 +126,7 @@ def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_l
     for least in (batch_size / MAX_FORWARDS, 1):
         for m in modes:
             for mb in (d for d in divisors if d >= least):
-                parts = estimate(skeleton, layers, m, mb, seq_len, dtype)
+                parts = estimate(skeleton, layers, m, mb, seq_len, dtype, measured)
                 total = sum(parts.values())
                 if smallest is None or total < smallest[2]:
                     smallest = (m, mb, total)
@@ -135,3 +142,36 @@ def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_l
     raise ZoliteError(f"nothing fits in {budget / GIB:.2f} GiB: the smallest plan ({m}, micro-batch {mb}, sequence "
                       f"{seq_len}) needs about {total:.2f} GiB; raise --gpu-memory, lower --max-length, or use a "
                       "smaller model")
+
+
+def measured_path(identity: str) -> "Path":
+    from pathlib import Path
+
+    from .loading import cache_dir
+
+    return Path(cache_dir()) / "activations" / f"{identity}.json"
+
+
+def load_measured(identity: str) -> dict:
+    """{mode: activation bytes per doubled token} measured by `zolite profile` on a GPU; {} when never measured."""
+    import json
+
+    path = measured_path(identity)
+    try:
+        return {m: v["bytes_per_token"] for m, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def record_measured(identity: str, mode: str, bytes_per_token: float, source: dict) -> None:
+    import json
+
+    from .io import write_json
+
+    path = measured_path(identity)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data[mode] = {"bytes_per_token": bytes_per_token, **source}
+    write_json(path, data)

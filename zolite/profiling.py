@@ -18,6 +18,8 @@ from .layers import decoder_layers, format_layers
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
 from .scoring import EncodedExample, pad_token_id
 from .optim import micro_batched_losses
+from .plan import record_measured
+from .scan import folder_identity
 from .tune import TuneConfig, load_for_tuning
 from .zo import TunedLayers, step_seed
 
@@ -78,9 +80,16 @@ def profile_memory(model: str = "smollm2-135m", *, mode: str | None = None, batc
             "steps": steps, "tuned_params": tuned.numel(), "total_s": round(time.perf_counter() - t_start, 2),
             "plan": plan.as_dict() if plan else None,
         }
-        result["memory_profile"] = profiler.report(static, extra={
+        result["memory_profile"] = report = profiler.report(static, extra={
             "step_ms": round(step_ms, 2), "tokens_per_s": round(batch_size * seq_len / (step_ms / 1000), 1),
             "plan": plan.reason if plan else None})
+        activations = report["breakdown"].get("activations_and_temporaries_gib")
+        if activations is not None and len(indices) < len(decoder_layers(net)[1]):
+            # measured on a GPU: the planner uses it for this model and mode from now on
+            per_token = activations * 2**30 / (2 * (micro or batch_size) * seq_len)
+            record_measured(folder_identity(loaded.path), loaded.mode, per_token,
+                            {"batch": micro or batch_size, "seq_len": seq_len, "gpu": report["gpu"]})
+            result["activation_bytes_per_token"] = round(per_token, 1)
         if out is not None:
             out = Path(out)
             out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from .io import refuse_clobber, write_json
 from .layers import decoder_layers, format_layers
 from .loading import INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, default_device, load_model, model_skeleton, resolve_model
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
-from .plan import parse_size, plan_memory
+from .plan import load_measured, parse_size, plan_memory
 from .patch import fingerprint, save_patch
 from .trajectory import save_trajectory, trajectory_path
 from .scan import choose_layers, folder_identity, scan
@@ -254,7 +254,7 @@ def load_for_tuning(config: TuneConfig):
         seq_len = config.max_length or defaults.get("max_length", BUILTIN_DEFAULTS["max_length"])
         budget = parse_size(config.gpu_memory)
         plan = plan_memory(skeleton, indices, budget, batch, seq_len, choose_dtype(config.dtype, device, profile),
-                           mode=mode)
+                           mode=mode, measured=load_measured(folder_identity(path)))
         print(f"zolite: memory plan: {plan.reason}", file=sys.stderr)
         mode = plan.mode
         if device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
