@@ -98,7 +98,8 @@ def profile_memory(model: str = "smollm2-135m", *, mode: str | None = None, batc
                 torch.cuda.memory._record_memory_history(enabled=None)
                 result["snapshot"] = str(out / "memory_snapshot.pickle")
             write_json(out / "report.json", result)
-            title = f"zolite profile {model}: mode {loaded.mode}, layers {result['layers']}, batch {batch_size} x {seq_len}"
+            title = (f"zolite profile {model}: mode {loaded.mode}, {result['dtype']}, layers {result['layers']}, "
+                     f"batch {batch_size} x {seq_len}")
             summary = (f"{steps} ZO steps (first = warm-up), micro-batch {result['micro_batch']}: {step_ms:.1f} ms/step, "
                        f"{result['memory_profile']['tokens_per_s']:.0f} tokens/s (input tokens; the forward doubles the "
                        "batch from the tuned layer on).")

@@ -224,7 +224,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             "plan": plan.as_dict() if plan else None,
         }
         write_json(run_dir / "report.json", report)
-        title = f"zolite tune {config.model} / {config.task}, layers {report['layers']}, mode {loaded.mode}"
+        title = (f"zolite tune {config.model} / {config.task}, layers {report['layers']}, mode {loaded.mode}, "
+                 f"{report['model']['dtype']}")
         summary = (f"Steps {state['step']}, batch {config.batch_size} (micro-batch {config.micro_batch}), "
                    f"{step_ms:.1f} ms/step; val {metric['val']}; patch {out}.")
         write_memory_report(memory_profile, run_dir, title, summary)
