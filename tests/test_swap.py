@@ -99,6 +99,9 @@ def test_trajectory_replays_the_dense_patch_bit_for_bit(tiny_model, two_patches,
     assert json.loads(info.output)["kind"] == "trajectory"
     assert_user_error(run_cli("patch", "convert", two_patches["a"], "--out", tmp_path / "x.safetensors"),
                       "already dense")
+    half = zolite.load_model(tiny_model, dtype="float16")   # other arithmetic: refused, not silently different
+    with pytest.raises(ZoliteError, match="trained on cpu/float32.*this is cpu/float16"):
+        replay(half.model, trajectory)
 
 
 def test_export_is_a_plain_checkpoint(tiny_model, two_patches, tmp_path):
@@ -184,3 +187,33 @@ def test_server_answers_each_request_with_its_own_patch(tiny_model, two_patches)
         assert health["status"] == "ok" and sorted(health["patches"]) == ["a", "b"]
     finally:
         server.stop()
+
+
+def test_failed_swap_leaves_the_base_active(tiny_model, two_patches, tmp_path):
+    import shutil
+
+    loaded = zolite.load_model(tiny_model)
+    base_logits = _logits(loaded.model, loaded.tokenizer)
+    patches = PatchSet(loaded.model)
+    patches.attach("a", two_patches["a"], "pinned")
+    disk_copy = tmp_path / "b.safetensors"
+    shutil.copy(two_patches["b"], disk_copy)
+    patches.attach("b", disk_copy, "disk")
+    patches.swap("a")
+    disk_copy.write_bytes(b"replaced by something else")
+    with pytest.raises(ZoliteError, match="could not be swapped in.*the base is active"):
+        patches.swap("b")
+    assert patches.active is None and torch.equal(_logits(loaded.model, loaded.tokenizer), base_logits)
+    patches.swap("a")   # and the good patch still works
+    other = zolite.load_model(tiny_model)
+    zolite.apply_patch(other.model, two_patches["a"])
+    assert torch.equal(_logits(loaded.model, loaded.tokenizer), _logits(other.model, other.tokenizer))
+    # a patch naming a tensor this model does not have: one clear line, nothing attached
+    from zolite.patch import save_patch
+    alien = load_patch(two_patches["a"])
+    tensors = {k.replace("layers.1.", "layers.9."): v for k, v in alien.tensors.items()}
+    save_patch(tmp_path / "alien.safetensors", tensors, {k: v for k, v in alien.metadata.items()
+                                                          if k not in ("zolite.format", "zolite.version")})
+    with pytest.raises(ZoliteError, match="model.layers.9.*does not have"):
+        patches.attach("alien", tmp_path / "alien.safetensors")
+    assert patches.names() == ["a", "b"]

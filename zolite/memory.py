@@ -29,6 +29,7 @@ class MemoryProfiler:
         self.process = psutil.Process()
         self.phases: dict[str, dict] = {}     # name -> {start, end, seconds, count, gpu_*_peak, cpu_rss_peak, top}
         self.samples: list[tuple] = []        # (t, gpu allocated, gpu reserved, cpu rss), bytes
+        self.rss_peak = 0
         self._stack: list[list] = []          # [name, running peak allocated, running peak reserved]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_loop, args=(interval,), daemon=True)
@@ -42,6 +43,7 @@ class MemoryProfiler:
         reserved = torch.cuda.memory_reserved(self.device) if self.cuda else 0
         sample = (self._now(), alloc, reserved, self.process.memory_info().rss)
         self.samples.append(sample)
+        self.rss_peak = max(self.rss_peak, sample[3])
         return sample
 
     def _sample_loop(self, interval: float) -> None:
@@ -99,8 +101,16 @@ class MemoryProfiler:
     def __exit__(self, *exc) -> None:   # a run that fails must not leave its sampler running
         self.stop()
 
-    def snapshot_allocated(self) -> int:
-        return torch.cuda.memory_allocated(self.device) if self.cuda else 0
+    def peaks(self) -> dict:
+        """The run's peaks so far, over every phase (each phase resets torch's own peak counters): GiB."""
+        out = {"cpu_rss_peak_gib": _gib(self.rss_peak)}
+        if self.cuda:
+            alloc, reserved = self._gpu_peaks()
+            for p in self.phases.values():
+                alloc, reserved = max(alloc, p["gpu_allocated_peak"]), max(reserved, p["gpu_reserved_peak"])
+            out["gpu_allocated_peak_gib"] = _gib(alloc)
+            out["gpu_reserved_peak_gib"] = _gib(reserved)
+        return out
 
     def report(self, static: dict, activations_from: str = "train", extra: dict | None = None) -> dict:
         """The profile as plain numbers (GiB, seconds): phases, static breakdown, activations, allocator slack."""

@@ -46,15 +46,18 @@ class PatchSet:
             raise ZoliteError(f"unknown place '{where}' for a patch; choose one of {', '.join(PLACES)}")
         if not isinstance(patch, Patch):
             patch = load_patch(patch)
-        if is_trajectory(patch):   # replayed on the base (whatever patch is active meanwhile is put back after)
-            active = self.active
-            self.reset()
-            patch = replay(self.model, patch)
-            self.swap(active)
+        if is_trajectory(patch):
             if where == "disk":
                 raise ZoliteError(f"{patch.path} is a trajectory: keep it on the device or pinned (its replayed "
                                   "weights have no file to map), or convert it with zolite patch convert")
-        check_fits(self.model, patch, base_sha256=self._base_fingerprint(patch.tensors))
+            active = self.active
+            self.reset()   # replayed on the base; whatever patch was active is put back after
+            try:
+                patch = replay(self.model, patch)
+            finally:
+                self.swap(active)
+        # the base's fingerprint over the names it has: check_fits reports unknown names and shapes first
+        check_fits(self.model, patch, base_sha256=self._base_fingerprint([n for n in patch.tensors if n in self.base]))
         entry = {"patch": patch, "where": where, "names": sorted(patch.tensors)}
         if where == "device":
             entry["tensors"] = {n: torch.nn.Parameter(t.to(self.base[n].device, self.base[n].dtype), requires_grad=False)
@@ -67,6 +70,8 @@ class PatchSet:
             if patch.path is None:
                 raise ZoliteError("a patch kept on disk needs its file; attach it by path")
             entry["path"] = str(patch.path)
+        if name == self.active:   # replacing the active patch: back to the base first, so nothing stale is used
+            self.reset()
         self.patches[name] = entry
         return patch
 
@@ -75,7 +80,7 @@ class PatchSet:
 
     @torch.no_grad()
     def swap(self, name: str | None) -> None:
-        """Make patch `name` active (None: the base)."""
+        """Make patch `name` active (None: the base). If it fails midway, every module is back on the base."""
         if name is None:
             return self.reset()
         if name not in self.patches:
@@ -83,25 +88,42 @@ class PatchSet:
         if name == self.active:
             return
         entry = self.patches[name]
-        if self.active is not None:   # layers the new patch does not cover go back to the base
-            for n in set(self.patches[self.active]["names"]) - set(entry["names"]):
+        previous = self.patches[self.active]["names"] if self.active is not None else []
+        self.active = None   # until the swap is complete
+        try:
+            for n in set(previous) - set(entry["names"]):   # layers the new patch does not cover: the base
                 self._point(n, self.base[n])
-        if entry["where"] == "device":
-            for n, t in entry["tensors"].items():
-                self._point(n, t)
-        else:
-            sources = entry.get("tensors")
-            handle = None if sources is not None else safe_open(entry["path"], framework="pt")
-            for n in entry["names"]:
-                buf = self.buffers.get(n)
-                if buf is None:
-                    buf = self.buffers[n] = torch.nn.Parameter(torch.empty_like(self.base[n]), requires_grad=False)
-                src = sources[n] if sources is not None else handle.get_tensor(n)
-                buf.copy_(src, non_blocking=sources is not None)
-                self._point(n, buf)
-            if buf.device.type == "cuda":
-                torch.cuda.current_stream(buf.device).synchronize()
+            if entry["where"] == "device":
+                for n, t in entry["tensors"].items():
+                    self._point(n, t)
+            elif entry["where"] == "pinned":
+                self._copy_in(entry["names"], entry["tensors"].__getitem__, non_blocking=True)
+            else:
+                with safe_open(entry["path"], framework="pt") as f:
+                    self._copy_in(entry["names"], f.get_tensor, non_blocking=False)
+        except Exception as e:
+            for n in set(previous) | set(entry["names"]):
+                self._point(n, self.base[n])
+            if isinstance(e, ZoliteError):
+                raise
+            raise ZoliteError(f"patch '{name}' could not be swapped in ({type(e).__name__}: {e}); the base is "
+                              "active") from None
         self.active = name
+
+    def _copy_in(self, names, source, non_blocking: bool) -> None:
+        """Copy a non-resident patch into the shared device buffers and point the modules at them."""
+        for n in names:
+            buf = self.buffers.get(n)
+            if buf is None:
+                buf = self.buffers[n] = torch.nn.Parameter(torch.empty_like(self.base[n]), requires_grad=False)
+            src = source(n)
+            if tuple(src.shape) != tuple(buf.shape):
+                raise ZoliteError(f"{n} in the patch file has shape {tuple(src.shape)}, not {tuple(buf.shape)}: "
+                                  "the file changed since it was attached")
+            buf.copy_(src, non_blocking=non_blocking)
+            self._point(n, buf)
+        if names and self.buffers[names[0]].device.type == "cuda":
+            torch.cuda.current_stream(self.buffers[names[0]].device).synchronize()
 
     def reset(self) -> None:
         """Every patched module back on the base's own tensors (untouched, so bit-exact)."""

@@ -2,8 +2,9 @@
 
 Plain MeZO's update at step t is W <- W - lr (g_t z_t + wd W), with z_t regenerated from the step's seed, so the
 seeds and projected gradients g_t up to the kept step (plus lr and wd) rebuild the tuned layer from the base.
-Replayed on the device and dtype the run trained with, it gives the dense patch bit for bit (zolite.dense_sha256
-says which bits); elsewhere it gives the same weights up to float rounding.
+Replayed where the run trained, it gives the dense patch bit for bit (zolite.dense_sha256 says which bits, and
+replay checks them). Elsewhere it is refused: z comes from the device's own generator (CPU: mt19937; CUDA: Philox,
+whose element order also depends on the GPU's SM count), so another device draws other z, not a rounding variant.
 """
 from __future__ import annotations
 
@@ -31,6 +32,15 @@ def trajectory_path(dense: Path) -> Path:
     return dense.with_name(dense.name.removesuffix(".safetensors") + ".trajectory.safetensors")
 
 
+def device_descriptor(device: torch.device, dtype: torch.dtype) -> str:
+    """What decides z and the update's arithmetic: device type, GPU model and SM count, dtype."""
+    dtype = str(dtype).removeprefix("torch.")
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"cuda/{props.name}/{props.multi_processor_count} SMs/{dtype}"
+    return f"{device.type}/{dtype}"
+
+
 def is_trajectory(patch: Patch) -> bool:
     return patch.metadata.get("zolite.kind") == "trajectory"
 
@@ -48,6 +58,11 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
     seeds = patch.tensors["trajectory.seeds"].tolist()[:steps]
     grads = patch.tensors["trajectory.grads"].tolist()[:steps]
     tuned = TunedLayers(model, layers)
+    here = device_descriptor(tuned.params[0].device, tuned.params[0].dtype)
+    trained_on = patch.metadata.get("zolite.trained_on")
+    if trained_on != here:
+        raise ZoliteError(f"{patch.path} was trained on {trained_on}; its seeds give the same z only there (this "
+                          f"is {here}): use the dense patch, or replay it on that device and dtype")
     if fingerprint(tuned.state()) != patch.metadata["zolite.base_sha256"]:
         raise ZoliteError(f"{patch.path} was tuned from another base (layer {patch.metadata['zolite.layer']} "
                           "fingerprint differs); replay it on that base model")
@@ -59,6 +74,9 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
     finally:
         for p, s in zip(tuned.params, saved):
             p.copy_(s)
+    if fingerprint(tensors) != patch.metadata.get("zolite.dense_sha256"):
+        raise ZoliteError(f"replaying {patch.path} did not reproduce its dense patch (fingerprint differs); "
+                          "use the dense patch")
     metadata = {k: v for k, v in patch.metadata.items() if k not in ("zolite.kind", "zolite.trajectory_steps")}
     metadata["zolite.kind"] = "dense"
     return Patch(tensors, metadata, patch.path)

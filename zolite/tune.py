@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from .loading import INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, default_d
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
 from .plan import load_measured, parse_size, plan_memory
 from .patch import fingerprint, save_patch
-from .trajectory import save_trajectory, trajectory_path
+from .trajectory import device_descriptor, save_trajectory, trajectory_path
 from .scan import choose_layers, folder_identity, scan
 from .scoring import collate, pad_token_id
 from .tasks import get_task, task_data
@@ -177,7 +176,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                             best = _cpu_copy(tuned.state())
                     _save(run_dir, tuned, stepper, best, state)
                 bar.update(1)
-                bar.set_postfix_str(_postfix(state, device))
+                bar.set_postfix_str(_postfix(state, profiler))
             bar.close()
 
         # --- the patch: best (or last) weights, rounded to fp16 first so the final score is the patch's ---
@@ -201,7 +200,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             if (stepper.plain() or config.objective == "f1") and state["trajectory"] is not None:   # seeds: kilobytes
                 save_trajectory(trajectory_path(out), state["trajectory"][:metric["kept_step"]], {
                     **patch_metadata, "zolite.dense_sha256": fingerprint(tuned.state()),
-                    "zolite.trained_on": f"{device.type}/{str(loaded.dtype).removeprefix('torch.')}"}, force=True)
+                    "zolite.trained_on": device_descriptor(device, loaded.dtype)}, force=True)
         step_ms = 1000 * state["train_s"] / max(1, len(state["losses"]))
         memory_profile = profiler.report(static, extra={
             "step_ms": round(step_ms, 2), "plan": plan.reason if plan else None,
@@ -220,7 +219,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             "timing": {"load_s": round(load_s, 2), "train_s": round(state["train_s"], 2),
                        "step_ms": round(step_ms, 2),
                        "total_s": round(time.perf_counter() - t_start, 2)},
-            "memory": _memory_peaks(device), "memory_profile": memory_profile,
+            "memory": profiler.peaks(), "memory_profile": memory_profile,
             "plan": plan.as_dict() if plan else None,
         }
         write_json(run_dir / "report.json", report)
@@ -368,18 +367,10 @@ def _progress_bar(start: int, total: int, enabled: bool):
     return tqdm(total=total, initial=start, disable=not enabled, file=sys.stderr, unit="step", dynamic_ncols=True)
 
 
-def _postfix(state: dict, device: torch.device) -> str:
+def _postfix(state: dict, profiler) -> str:
     recent = state["losses"][-20:]
     ms = 1000 * state["train_s"] / max(1, len(state["losses"]))
-    mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    peaks = profiler.peaks()
+    mem = peaks.get("gpu_allocated_peak_gib", peaks["cpu_rss_peak_gib"])
     val = f" val {state['val'][-1][1]:.3f}" if state["val"] else ""
     return f"loss {sum(recent) / len(recent):.4f} {ms:.0f} ms/step mem {mem:.2f} GiB{val}"
-
-
-def _memory_peaks(device: torch.device) -> dict:
-    peaks = {"cpu_rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
-    if device.type == "cuda":
-        peaks["gpu_allocated_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        peaks["gpu_reserved_peak_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
-    return peaks
