@@ -36,8 +36,9 @@ def test_parse_size():
     assert parse_size("8 GB") == 8 * GIB
     assert parse_size("512MiB") == 512 * 2**20
     assert parse_size("6") == 6 * GIB
-    with pytest.raises(ZoliteError, match="not a size"):
-        parse_size("lots")
+    for bad in ("lots", "8iB", "8 GiBs"):
+        with pytest.raises(ZoliteError, match="not a size"):
+            parse_size(bad)
 
 
 def test_estimates_follow_the_weight_sizes(llama7b_skeleton):
@@ -84,6 +85,8 @@ def test_int8_keeps_the_tuned_layer_unquantized(tiny_model):
     assert kinds["model.layers.1.self_attn.q_proj"] == "Linear"
     assert {kinds[f"model.layers.{i}.self_attn.q_proj"] for i in (0, 2, 3)} == {"Linear8bitLt"}
     assert loaded.model.lm_head.weight.dtype == torch.float32
+    with pytest.raises(ZoliteError, match="layer 9 is out of range"):
+        load_model(tiny_model, device="cpu", mode="int8", keep_layers=[9])
 
 
 def test_micro_batches_give_the_batch_losses(tiny_model, small_data):
@@ -165,9 +168,10 @@ def test_measured_activations_replace_the_estimate(llama7b_skeleton, monkeypatch
     from zolite.plan import load_measured, record_measured
 
     monkeypatch.setenv("ZOLITE_CACHE", str(tmp_path))
-    assert load_measured("some-model") == {}
-    record_measured("some-model", "int8", 1000.0, {"gpu": "test"})
-    measured = load_measured("some-model")
+    assert load_measured("some-model", torch.float16) == {}
+    record_measured("some-model", "int8", torch.float16, 1000.0, {"gpu": "test"})
+    assert load_measured("some-model", torch.float32) == {}   # measured in fp16 only
+    measured = load_measured("some-model", torch.float16)
     assert measured == {"int8": 1000.0}
     parts = estimate(llama7b_skeleton, [1], "int8", 16, 256, torch.float16, measured=measured)
     assert parts["activations"] == round(1.1 * 2 * 16 * 256 * 1000 / GIB, 3)

@@ -154,5 +154,8 @@ def test_tune_with_each_estimator(tiny_model, small_data, tmp_path):
 def test_bad_estimator_options(tiny_model, small_data, tmp_path):
     with pytest.raises(ZoliteError, match="--n-z must be at least 1"):
         zolite.tune(tiny_model, "sst2", data=small_data, run_dir=tmp_path / "a", layer="1", n_z=0)
+    with pytest.raises(ZoliteError, match="needs a differentiable objective"):
+        zolite.tune(tiny_model, "sst2", data=small_data, run_dir=tmp_path / "c", layer="1", estimator="fo",
+                    objective="accuracy")
     with pytest.raises(ZoliteError, match="unknown optimizer 'lion'"):
         zolite.tune(tiny_model, "sst2", data=small_data, run_dir=tmp_path / "b", layer="1", optimizer="lion")

@@ -182,6 +182,7 @@ def test_server_answers_each_request_with_its_own_patch(tiny_model, two_patches)
         assert _post(url, None, raw=b"{not json")[0] == 400
         assert _post(url, {"prompt": 3})[0] == 400
         assert _post(url, {"prompt": "x", "max_tokens": 0})[0] == 400
+        assert _post(url, {"prompt": ""})[0] == 400 and _post(url, {"prompt": "x", "max_tokens": True})[0] == 400
         with urllib.request.urlopen(url + "/health", timeout=10) as r:
             health = json.loads(r.read())
         assert health["status"] == "ok" and sorted(health["patches"]) == ["a", "b"]

@@ -203,8 +203,16 @@ def linear_names(skeleton, layers: list[int]) -> list[str]:
     from .layers import decoder_layers
 
     prefix, decoder = decoder_layers(skeleton)
+    check_layer_indices(layers, len(decoder))
     return [f"{prefix}.{i}.{name}" for i in layers for name, m in decoder[i].named_modules()
             if isinstance(m, torch.nn.Linear)]
+
+
+def check_layer_indices(layers, num_layers: int) -> None:
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ZoliteError(f"layer {bad[0]} is out of range: this model has {num_layers} decoder layers, 0 to "
+                          f"{num_layers - 1} (0-based); is the patch for another model?")
 
 
 def offload_device_map(skeleton, layers: list[int], device: torch.device) -> dict[str, str | int]:
@@ -226,7 +234,11 @@ def offload_device_map(skeleton, layers: list[int], device: torch.device) -> dic
             else:
                 device_map[full] = "cpu"
 
+    check_layer_indices(layers, len(decoder))
     place(skeleton, "")
+    if not layers:   # nothing kept: one small module on the GPU makes accelerate run the model there
+        small = [k for k in device_map if not k.startswith(prefix + ".") and "embed" not in k and k != "lm_head"]
+        device_map[small[-1] if small else f"{prefix}.0"] = gpu
     return device_map
 
 

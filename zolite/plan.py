@@ -36,8 +36,8 @@ MAX_FORWARDS = 4           # a mode is preferred only if its micro-batch is at l
 
 
 def parse_size(text: str) -> int:
-    """'8GiB', '8 GB', '512MiB', '8' (GiB) -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
+    """'8GiB', '8 GB', '512MiB', '8' (GiB) -> bytes. GB is read as GiB, as GPU memory is sold ("8 GB" = 8 GiB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|[KMGT]|B)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise ZoliteError(f"--gpu-memory '{text}' is not a size; write it like 8GiB, 6GB or 512MiB")
     unit = (m.group(2) or "GiB").upper().replace("I", "").rstrip("B") or "B"
@@ -85,8 +85,11 @@ def _sizes(skeleton, layers: list[int]) -> dict:
 
 
 def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: int, dtype: torch.dtype,
-             measured: dict | None = None) -> dict:
-    """Estimated peak GPU bytes of a ZO run, by part (GiB). measured: {mode: activation bytes per doubled token}."""
+             measured: dict | None = None, estimator: str = "spsa", optimizer: str = "sgd") -> dict:
+    """Estimated peak GPU bytes of a run, by part (GiB). measured: {mode: activation bytes per doubled token}.
+    Optimiser state: fp32 buffers per tuned parameter (momentum 1, adam 2) plus one fp32 direction tensor.
+    Backprop (`fo`): no doubled batch, but every layer from the first tuned one keeps its activations for the
+    backward pass, and the gradients are held in fp32."""
     cfg = skeleton.config
     b = torch.finfo(dtype).bits // 8
     s = _sizes(skeleton, layers)
@@ -104,29 +107,35 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
     perturb = (4 + b) * s["largest_tuned"]   # z (fp32) and W + eps z (dtype) of one tensor, during its forward
     hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
     tokens = 2 * micro_batch * seq_len
-    if measured and mode in measured:
+    if measured and mode in measured and estimator != "fo":
         activations = int(MEASURED_MARGIN * tokens * measured[mode])
     else:
         activations = int(ACTIVATION_MARGIN * tokens * (6 * hidden + 3 * inter) * b)
+    optimizer_state = 4 * s["tuned"] * {"momentum": 1, "adam": 2}.get(optimizer, 0)
+    if estimator == "fo":   # half the rows (no +eps/-eps copies), kept by every layer from the first tuned one
+        kept = len(decoder_layers(skeleton)[1]) - min(layers)
+        activations = activations // 2 * kept
+        optimizer_state += 4 * s["tuned"]   # the gradients, fp32
     parts = {"weights": weights, "master_copy": master, "perturbation": perturb, "activations": activations,
-             "cuda_context": int(CUDA_CONTEXT_GIB * GIB)}
+             "optimizer_state": optimizer_state, "cuda_context": int(CUDA_CONTEXT_GIB * GIB)}
     return {k: round(v / GIB, 3) for k, v in parts.items()}
 
 
 def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_len: int, dtype: torch.dtype,
-                mode: str | None = None, measured: dict | None = None) -> Plan:
-    """The fastest mode (or the given one) and the largest micro-batch that fit `budget` bytes."""
+                mode: str | None = None, measured: dict | None = None, micro_batch: int | None = None,
+                estimator: str = "spsa", optimizer: str = "sgd") -> Plan:
+    """The fastest mode (or the given one) and the largest micro-batch (or the given one) that fit `budget` bytes."""
     modes = [mode] if mode else list(PLAN_ORDER)
     if len(layers) == len(decoder_layers(skeleton)[1]) and not mode:
         modes = ["fp16", "offload"]   # every layer tuned: nothing left to quantize
-    divisors = [d for d in range(batch_size, 0, -1) if batch_size % d == 0]
+    divisors = [micro_batch] if micro_batch else [d for d in range(batch_size, 0, -1) if batch_size % d == 0]
     smallest = None
     # First pass: a mode counts only if it runs the batch in at most MAX_FORWARDS forwards (tiny micro-batches
     # would make a faster mode slower than the next one); second pass: any micro-batch.
     for least in (batch_size / MAX_FORWARDS, 1):
         for m in modes:
             for mb in (d for d in divisors if d >= least):
-                parts = estimate(skeleton, layers, m, mb, seq_len, dtype, measured)
+                parts = estimate(skeleton, layers, m, mb, seq_len, dtype, measured, estimator, optimizer)
                 total = sum(parts.values())
                 if smallest is None or total < smallest[2]:
                     smallest = (m, mb, total)
@@ -152,18 +161,20 @@ def measured_path(identity: str) -> "Path":
     return Path(cache_dir()) / "activations" / f"{identity}.json"
 
 
-def load_measured(identity: str) -> dict:
-    """{mode: activation bytes per doubled token} measured by `zolite profile` on a GPU; {} when never measured."""
+def load_measured(identity: str, dtype: torch.dtype) -> dict:
+    """{mode: activation bytes per doubled token} measured by `zolite profile` on a GPU in `dtype`; {} if never."""
     import json
 
     path = measured_path(identity)
+    suffix = "/" + str(dtype).removeprefix("torch.")
     try:
-        return {m: v["bytes_per_token"] for m, v in json.loads(path.read_text()).items()}
+        return {key.removesuffix(suffix): v["bytes_per_token"] for key, v in json.loads(path.read_text()).items()
+                if key.endswith(suffix)}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
 
-def record_measured(identity: str, mode: str, bytes_per_token: float, source: dict) -> None:
+def record_measured(identity: str, mode: str, dtype: torch.dtype, bytes_per_token: float, source: dict) -> None:
     import json
 
     from .io import write_json
@@ -173,5 +184,5 @@ def record_measured(identity: str, mode: str, bytes_per_token: float, source: di
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
-    data[mode] = {"bytes_per_token": bytes_per_token, **source}
+    data[f"{mode}/{str(dtype).removeprefix('torch.')}"] = {"bytes_per_token": bytes_per_token, **source}
     write_json(path, data)

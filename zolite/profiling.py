@@ -87,7 +87,7 @@ def profile_memory(model: str = "smollm2-135m", *, mode: str | None = None, batc
         if activations is not None and len(indices) < len(decoder_layers(net)[1]):
             # measured on a GPU: the planner uses it for this model and mode from now on
             per_token = activations * 2**30 / (2 * (micro or batch_size) * seq_len)
-            record_measured(folder_identity(loaded.path), loaded.mode, per_token,
+            record_measured(folder_identity(loaded.path), loaded.mode, loaded.dtype, per_token,
                             {"batch": micro or batch_size, "seq_len": seq_len, "gpu": report["gpu"]})
             result["activation_bytes_per_token"] = round(per_token, 1)
         if out is not None:

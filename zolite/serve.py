@@ -36,6 +36,7 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     text: str | None = None
     error: str | None = None
+    cancelled: bool = False   # its client timed out: the worker skips it
 
 
 class PatchServer:
@@ -80,20 +81,27 @@ class PatchServer:
                     break
             groups: dict[str | None, list[Request]] = {}
             for r in waiting:
-                groups.setdefault(r.patch, []).append(r)
+                if not r.cancelled:
+                    groups.setdefault(r.patch, []).append(r)
             order = sorted(groups, key=lambda name: name != self.patches.active)   # no swap for the active group
             for name in order:
                 try:
                     if name != self.patches.active:
                         self.patches.swap(name)
                         self.swaps += 1
+                except Exception as e:   # the group cannot run; the server goes on
                     for r in groups[name]:
+                        r.error = f"patch '{name}' could not be swapped in: {e}"
+                        r.done.set()
+                    continue
+                for r in groups[name]:
+                    if r.cancelled:
+                        continue
+                    try:
                         r.text = generate(self.loaded.model, self.loaded.tokenizer, r.prompt,
                                           max_new_tokens=r.max_tokens)
-                except Exception as e:   # one bad group must not take the server down
-                    for r in groups[name]:
+                    except Exception as e:   # this request only
                         r.error = f"{type(e).__name__}: {e}"
-                for r in groups[name]:
                     r.done.set()
 
     def _handler(self):
@@ -125,13 +133,15 @@ class PatchServer:
                     return self._error(404, f"no such path {self.path}; use POST /v1/completions")
                 try:
                     length = int(self.headers.get("Content-Length", 0))
+                    if length < 0:
+                        raise ValueError(length)
                     body = json.loads(self.rfile.read(length) or b"null")
                 except (ValueError, json.JSONDecodeError):
                     return self._error(400, "the body is not valid JSON")
-                if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
-                    return self._error(400, 'the body needs "prompt": a string')
+                if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or not body["prompt"]:
+                    return self._error(400, 'the body needs "prompt": a non-empty string')
                 max_tokens = body.get("max_tokens", 32)
-                if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+                if type(max_tokens) is not int or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
                     return self._error(400, f'"max_tokens" must be an integer from 1 to {MAX_TOKENS_LIMIT}')
                 patch = body.get("patch")
                 if patch is not None and patch not in server.patches.names():
@@ -142,12 +152,13 @@ class PatchServer:
                 except queue.Full:
                     return self._error(503, "the queue is full; retry later")
                 if not request.done.wait(server.timeout):
+                    request.cancelled = True
                     return self._error(504, f"no answer within {server.timeout:g} s")
                 if request.error:
                     return self._error(500, request.error)
                 self._send(200, {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "text_completion",
                                  "created": int(time.time()), "model": server.loaded.name, "patch": patch,
-                                 "choices": [{"index": 0, "text": request.text, "finish_reason": "length"}]})
+                                 "choices": [{"index": 0, "text": request.text, "finish_reason": None}]})
 
         return Handler
 

@@ -106,13 +106,15 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         load_s = time.perf_counter() - t_start
         write_json(run_dir / "config.json", dataclasses.asdict(config))
 
+        eval_batch = 2 * (config.micro_batch or config.batch_size)   # a ZO forward's rows: what memory was planned for
+
         def score(rows: list[dict]) -> dict:
-            return evaluate_rows(net, tokenizer, task_, rows, max_length=config.max_length, batch_size=config.batch_size * 2)
+            return evaluate_rows(net, tokenizer, task_, rows, max_length=config.max_length, batch_size=eval_batch)
 
         def val_score() -> float:
             if task_.generative:
                 return score(splits.val)["score"]
-            scores = score_encoded(net, tokenizer, val, config.batch_size * 2)   # classification: encoded once
+            scores = score_encoded(net, tokenizer, val, eval_batch)   # classification: encoded once
             return accuracy_report(scores, [e.accepted for e in val])["score"]
 
         # --- resume, or start with the base weights scored on val ---
@@ -200,7 +202,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             if (stepper.plain() or config.objective == "f1") and state["trajectory"] is not None:   # seeds: kilobytes
                 save_trajectory(trajectory_path(out), state["trajectory"][:metric["kept_step"]], {
                     **patch_metadata, "zolite.dense_sha256": fingerprint(tuned.state()),
-                    "zolite.trained_on": device_descriptor(device, loaded.dtype)}, force=True)
+                    "zolite.trained_on": device_descriptor(device, loaded.dtype)}, force=True)   # checked up front
         step_ms = 1000 * state["train_s"] / max(1, len(state["losses"]))
         memory_profile = profiler.report(static, extra={
             "step_ms": round(step_ms, 2), "plan": plan.reason if plan else None,
@@ -253,8 +255,10 @@ def load_for_tuning(config: TuneConfig):
         batch = config.batch_size or defaults.get("batch_size", BUILTIN_DEFAULTS["batch_size"])
         seq_len = config.max_length or defaults.get("max_length", BUILTIN_DEFAULTS["max_length"])
         budget = parse_size(config.gpu_memory)
-        plan = plan_memory(skeleton, indices, budget, batch, seq_len, choose_dtype(config.dtype, device, profile),
-                           mode=mode, measured=load_measured(folder_identity(path)))
+        dtype = choose_dtype(config.dtype, device, profile)
+        plan = plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=mode,
+                           measured=load_measured(folder_identity(path), dtype), micro_batch=config.micro_batch,
+                           estimator=config.estimator, optimizer=config.optimizer)
         print(f"zolite: memory plan: {plan.reason}", file=sys.stderr)
         mode = plan.mode
         if device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
@@ -308,6 +312,8 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
                           "pass --force to start it again, or choose another --run-dir")
     out = Path(out) if out else run_dir / "patch.safetensors"
     refuse_clobber(out, force)
+    refuse_clobber(trajectory_path(out), force)
+    trajectory_path(out).unlink(missing_ok=True)   # with --force: a stale one must not sit beside the new patch
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("checkpoint.safetensors", "report.json"):
         (run_dir / stale).unlink(missing_ok=True)
@@ -334,6 +340,8 @@ def _check_options(config: TuneConfig) -> None:
         raise ZoliteError(f"unknown optimizer '{config.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
     if config.n_z < 1:
         raise ZoliteError(f"--n-z must be at least 1, got {config.n_z}")
+    if config.estimator == "fo" and config.objective in ("accuracy", "f1"):
+        raise ZoliteError(f"--estimator fo needs a differentiable objective (ce or lm), not {config.objective}")
     if config.objective == "f1" and (config.estimator, config.n_z, config.optimizer, config.layerwise) != ("spsa", 1, "sgd", False):
         raise ZoliteError("--objective f1 runs plain MeZO only (spsa, one z, sgd); drop the estimator/optimizer options")
     if config.mode not in (None, *MODES):
@@ -351,7 +359,7 @@ def _fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=N
     filled["dtype"] = str(loaded.dtype).removeprefix("torch.")
     filled["device"] = str(loaded.device)
     filled["mode"] = loaded.mode
-    filled["micro_batch"] = (plan.micro_batch if plan else None) or config.micro_batch or filled.get("batch_size", config.batch_size)
+    filled["micro_batch"] = config.micro_batch or (plan.micro_batch if plan else None) or filled.get("batch_size", config.batch_size)
     filled["objective"] = config.objective or ("lm" if task.generative else "ce")
     config = dataclasses.replace(config, **filled)
     if task.generative and config.objective in ("ce", "accuracy"):
