@@ -159,3 +159,13 @@ def test_bad_estimator_options(tiny_model, small_data, tmp_path):
                     objective="accuracy")
     with pytest.raises(ZoliteError, match="unknown optimizer 'lion'"):
         zolite.tune(tiny_model, "sst2", data=small_data, run_dir=tmp_path / "b", layer="1", optimizer="lion")
+
+
+def test_divergence_is_reported_and_the_patch_stays_finite(tiny_model, small_data, tmp_path):
+    report = zolite.tune(tiny_model, "sst2", data=small_data, run_dir=tmp_path / "run", layer="1", steps=20,
+                         eval_every=0, batch_size=4, lr=1e30, eps=1.0, progress=False)
+    assert report["diverged_at_step"] is not None and report["steps"] == report["diverged_at_step"] < 20
+    assert report["kept_step"] == 0
+    patch = zolite.load_patch(report["patch"])
+    base = dict(zolite.load_model(tiny_model).model.named_parameters())
+    assert all(torch.equal(t, base[n].half()) for n, t in patch.tensors.items())   # the weights it started from

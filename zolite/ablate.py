@@ -117,6 +117,7 @@ def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progre
             "val": final["val"]["score"] if final.get("val") else None,
             "test": final["test"]["score"] if final.get("test") else None,
             "forward_passes": report.get("forward_passes"), "wall_s": report["timing"]["total_s"],
+            "diverged_at_step": report.get("diverged_at_step"),
             "peak_gib": memory.get("gpu_allocated_peak_gib", memory.get("cpu_rss_peak_gib")),
             "peak_kind": "GPU allocated" if "gpu_allocated_peak_gib" in memory else "CPU RSS",
             "loss_by_25": [statistics.mean(losses[i:i + 25]) for i in range(0, len(losses), 25)]}
@@ -161,7 +162,8 @@ def _summary(arm: dict) -> dict:
             "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
             "val_mean": statistics.mean(r["val"] for r in rs if r["val"] is not None) if rs[0]["val"] is not None else None,
             "forward_passes": rs[0]["forward_passes"], "peak_gib": max(r["peak_gib"] for r in rs),
-            "peak_kind": rs[0]["peak_kind"], "wall_s": statistics.mean(r["wall_s"] for r in rs)}
+            "peak_kind": rs[0]["peak_kind"], "wall_s": statistics.mean(r["wall_s"] for r in rs),
+            "diverged": sum(r.get("diverged_at_step") is not None for r in rs)}
 
 
 def write_results(results: dict, out: Path) -> None:
@@ -180,12 +182,13 @@ def write_results(results: dict, out: Path) -> None:
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
     lines = [f"# Ablation {results['plan']}: {results['model']} on {results['task']}", "",
              f"Test score mean ± std over seeds at each arm's lr (picked by seed 0's val score from its grid); "
-             f"forward passes per run (MeZO's count: 2 per z); peak memory = {rows[0]['peak_kind']}.", "",
-             "| arm | layers | lr | steps | forward passes | test (mean ± std) | seeds | val (mean) | peak GiB | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"forward passes per run (MeZO's count: 2 per z); diverged = seeds whose loss became inf/nan (their "
+             f"patch keeps the best val weights); peak memory = {rows[0]['peak_kind']}.", "",
+             "| arm | layers | lr | steps | forward passes | test (mean ± std) | seeds | diverged | val (mean) | peak GiB | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['layers']} | {r['lr']:g} | {r['steps']} | {r['forward_passes']} | "
-                     f"{fmt(r['test_mean'])} ± {r['test_std']:.4f} | {r['seeds']} | {fmt(r['val_mean'])} | "
+                     f"{fmt(r['test_mean'])} ± {r['test_std']:.4f} | {r['seeds']} | {r['diverged']} | {fmt(r['val_mean'])} | "
                      f"{r['peak_gib']:.2f} | {r['wall_s']:.0f} |")
     lines += ["", "lr grids (seed 0's val score):", ""]
     for a in results["arms"]:

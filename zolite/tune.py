@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
 import time
@@ -146,6 +147,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             torch.cuda.reset_peak_memory_stats(device)
         bar = _progress_bar(state["step"], config.steps, progress)
         tokens = 0
+        start_step, start_weights = state["step"], _cpu_copy(tuned.state())   # a finite fallback
         with profiler.phase("train"):
             while state["step"] < config.steps:
                 step = state["step"]
@@ -167,6 +169,9 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                     tokens += sum(len(train[i].context) for i in rows)
                 state["step"] = step + 1
                 state["train_s"] += time.perf_counter() - t0
+                if not math.isfinite(state["losses"][-1]):   # diverged: the weights are no longer usable
+                    state["diverged_at"] = state["step"]
+                    break
 
                 if config.eval_every and state["step"] % config.eval_every == 0:
                     if val:
@@ -182,8 +187,14 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             bar.close()
 
         # --- the patch: best (or last) weights, rounded to fp16 first so the final score is the patch's ---
-        if config.keep == "best" and best is not None:
+        diverged = state.get("diverged_at") is not None
+        if diverged:
+            print(f"zolite: the loss became {state['losses'][-1]} at step {state['diverged_at']} (diverged); the patch "
+                  "keeps the best val weights (or the weights the run started from)", file=sys.stderr)
+        if (config.keep == "best" or diverged) and best is not None:
             tuned.load(best)
+        elif diverged:
+            tuned.load(start_weights)
         tuned.load({k: v.half().float() for k, v in tuned.state().items()})
         with profiler.phase("final eval"):
             final = {"val": score(splits.val) if splits.val else None}
@@ -191,7 +202,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                 final["test"] = score(splits.test)
         _save(run_dir, tuned, stepper, best, state)
         metric = {"name": task_.metric, "val": final["val"]["score"] if final["val"] else None,
-                  "kept_step": state["best_step"] if config.keep == "best" and best is not None else state["step"]}
+                  "kept_step": state["best_step"] if (config.keep == "best" or diverged) and best is not None
+                  else start_step if diverged else state["step"]}
         with profiler.phase("patch write"):
             patch_metadata = {
                 "zolite.model": config.model, "zolite.arch": net.config.model_type,
@@ -217,6 +229,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             "base_sha256": base_sha256,
             "data": {"source": splits.source, "rows_in_file": splits.total_rows, "counts": splits.counts},
             "steps": state["step"], "kept_step": metric["kept_step"], "forward_passes": stepper.forwards,
+            "diverged_at_step": state.get("diverged_at"),
             "final": final, "val_curve": state["val"], "loss_curve": state["losses"],
             "timing": {"load_s": round(load_s, 2), "train_s": round(state["train_s"], 2),
                        "step_ms": round(step_ms, 2),
