@@ -186,6 +186,8 @@ def test_server_answers_each_request_with_its_own_patch(tiny_model, two_patches)
         with urllib.request.urlopen(url + "/health", timeout=10) as r:
             health = json.loads(r.read())
         assert health["status"] == "ok" and sorted(health["patches"]) == ["a", "b"]
+        with pytest.raises(ZoliteError, match="cannot listen on 127.0.0.1:%d" % server.address[1]):
+            PatchServer(loaded, patches, port=server.address[1])
     finally:
         server.stop()
 

@@ -46,7 +46,10 @@ class PatchServer:
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.swaps = 0
         self._stop = threading.Event()
-        self.httpd = _HTTPServer((host, port), self._handler())
+        try:
+            self.httpd = _HTTPServer((host, port), self._handler())
+        except OSError as e:
+            raise ZoliteError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
         self.worker = threading.Thread(target=self._work, daemon=True)
 
     @property
