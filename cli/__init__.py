@@ -95,6 +95,9 @@ def main():
               help="spsa: MeZO's two-point estimate; residual: one-point residual feedback (one forward per step); "
                    "fo: backprop into the tuned layers (the first-order baseline).  [default: spsa]")
 @click.option("--n-z", type=int, help="Perturbations per step (spsa), averaged.  [default: 1]")
+@click.option("--eps-scale", type=click.Choice(["absolute", "relative"]),
+              help="absolute: W + eps z, z ~ N(0, 1) per weight; relative: each tensor's eps times the RMS of its "
+                   "base weights (the update follows the same scaling).  [default: absolute]")
 @click.option("--optimizer", type=click.Choice(["sgd", "momentum", "adam", "sign"]), help="[default: sgd]")
 @click.option("--momentum", type=float, help="Momentum of --optimizer momentum.  [default: 0.9]")
 @click.option("--layerwise/--no-layerwise", default=None,

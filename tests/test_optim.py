@@ -169,3 +169,30 @@ def test_divergence_is_reported_and_the_patch_stays_finite(tiny_model, small_dat
     patch = zolite.load_patch(report["patch"])
     base = dict(zolite.load_model(tiny_model).model.named_parameters())
     assert all(torch.equal(t, base[n].half()) for n, t in patch.tensors.items())   # the weights it started from
+
+
+def test_relative_eps_perturbs_by_the_weights_scale():
+    """eps relative: tensor i moves by eps * RMS(W_i) * z, and the estimate is the gradient preconditioned by RMS^2."""
+    model = Quadratic()
+    tuned = TunedLayers(model, [0], eps_scale="relative")
+    rms = model.model.layers[0].weight.pow(2).mean().sqrt().item()
+    assert tuned.scales == [pytest.approx(rms)]
+    stepper = QuadraticStepper(model, tuned, estimator="spsa", eps=1e-3, lr=0.0)
+    stepper.plain = lambda: False
+    seen = []
+    stepper.optimizer.step = lambda direction: seen.append(direction(0).clone())
+    for step in range(4000):
+        stepper.step(step, [])
+    mean, true = torch.stack(seen).mean(0), rms ** 2 * model.gradient()
+    assert torch.nn.functional.cosine_similarity(mean.flatten(), true.flatten(), dim=0) > 0.97
+    assert (mean.norm() / true.norm()).item() == pytest.approx(1.0, abs=0.15)
+
+
+def test_relative_eps_run_replays_from_its_trajectory(tiny_model, small_data, tmp_path):
+    from zolite.trajectory import replay, trajectory_path
+
+    report = zolite.tune(tiny_model, "sst2", data=small_data, run_dir=tmp_path / "run", layer="2", steps=5,
+                         eval_every=0, batch_size=4, lr=10.0, eps=0.05, eps_scale="relative", progress=False)
+    dense = zolite.load_patch(report["patch"])
+    replayed = replay(zolite.load_model(tiny_model).model, zolite.load_patch(trajectory_path(report["patch"])))
+    assert all(torch.equal(replayed.tensors[k], dense.tensors[k]) for k in dense.tensors)

@@ -92,13 +92,14 @@ class Optimizer:
 
 
 def zo_direction(tuned: TunedLayers, seeds: list[int], coefficients: list[float]):
-    """d_i = mean_k c_k z_k,i, one tensor at a time (z regenerated from its seed)."""
+    """d_i = s_i mean_k c_k z_k,i, one tensor at a time (z regenerated from its seed; s_i = the tensor's eps
+    scale, 1 unless eps is relative)."""
     def direction(i: int) -> torch.Tensor:
         p = tuned.params[i]
         d = sample_z(seeds[0], i, p).mul_(coefficients[0])
         for seed, c in zip(seeds[1:], coefficients[1:]):
             d.add_(sample_z(seed, i, p), alpha=c)
-        return d.div_(len(seeds))
+        return d.mul_(tuned.scales[i] / len(seeds))
     return direction
 
 

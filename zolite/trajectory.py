@@ -57,7 +57,7 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
     steps = int(patch.metadata["zolite.trajectory_steps"])
     seeds = patch.tensors["trajectory.seeds"].tolist()[:steps]
     grads = patch.tensors["trajectory.grads"].tolist()[:steps]
-    tuned = TunedLayers(model, layers)
+    tuned = TunedLayers(model, layers, hparams.get("eps_scale", "absolute"))
     here = device_descriptor(tuned.params[0].device, tuned.params[0].dtype)
     trained_on = patch.metadata.get("zolite.trained_on")
     if trained_on != here:

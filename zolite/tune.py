@@ -68,6 +68,7 @@ class TuneConfig:
     optimizer: str = "sgd"            # sgd | momentum | adam (AdamW) | sign
     momentum: float = 0.9
     layerwise: bool = False           # per-tensor trust ratio ||W|| / ||update|| (lr becomes a relative step)
+    eps_scale: str = "absolute"       # absolute: W + eps z; relative: tensor i gets eps * RMS(base W_i) * z
     data: str | None = None
     eval_test: bool = False           # also score the held-out test rows at the end
     template: str | None = None       # custom tasks (task = a .jsonl file): see zolite/tasks/custom.py
@@ -101,7 +102,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         with profiler.phase("data"):
             train = encode_rows(tokenizer, task_, splits.train, config.max_length)
             val = encode_rows(tokenizer, task_, splits.val, config.max_length)
-        tuned = TunedLayers(net, indices)
+        tuned = TunedLayers(net, indices, config.eps_scale)
         static = weight_breakdown(net, tuned)
         base_sha256 = fingerprint(tuned.state())
         load_s = time.perf_counter() - t_start
@@ -347,6 +348,8 @@ def _check_options(config: TuneConfig) -> None:
         raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
     if config.micro_batch and config.batch_size and config.batch_size % config.micro_batch:
         raise ZoliteError(f"--micro-batch {config.micro_batch} must divide --batch-size {config.batch_size}")
+    if config.eps_scale not in ("absolute", "relative"):
+        raise ZoliteError(f"--eps-scale must be absolute or relative, got {config.eps_scale!r}")
     if config.estimator not in ESTIMATORS:
         raise ZoliteError(f"unknown estimator '{config.estimator}'; choose one of {', '.join(ESTIMATORS)}")
     if config.optimizer not in OPTIMIZERS:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .errors import ZoliteError
 from .layers import decoder_layers
 
 _MIX = 0x9E3779B97F4A7C15
@@ -44,7 +45,12 @@ RESIDUAL_SCALE = 4096.0
 class TunedLayers:
     """The tuned decoder layers: their parameters by full name, and a compensation residual for half-precision ones."""
 
-    def __init__(self, model: torch.nn.Module, indices: list[int]):
+    def __init__(self, model: torch.nn.Module, indices: list[int], eps_scale: str = "absolute"):
+        """eps_scale: 'absolute' (z ~ N(0, 1) per weight, times eps) or 'relative' (tensor i is perturbed by
+        eps * s_i * z with s_i = the RMS of its weights when this object is made, i.e. of the base; the update
+        follows the same s_i * z, a diagonal preconditioning)."""
+        if eps_scale not in ("absolute", "relative"):
+            raise ZoliteError(f"unknown eps scale '{eps_scale}'; choose absolute or relative")
         prefix, layers = decoder_layers(model)
         self.indices = list(indices)
         self.layers = [layers[i] for i in self.indices]
@@ -56,6 +62,10 @@ class TunedLayers:
                     self.params.append(p)
                     self.owner.append((module, attr))
         self.residuals = [None if p.dtype == torch.float32 else torch.zeros_like(p) for p in self.params]
+        self.scales = [1.0] * len(self.params)
+        if eps_scale == "relative":
+            rms = [p.detach().float().pow(2).mean().sqrt().item() for p in self.params]
+            self.scales = [r if r > 0 else 1.0 for r in rms]
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
@@ -115,7 +125,7 @@ class TunedLayers:
             value = self.master(i)
             if weight_decay and p.dim() >= 2:
                 value.mul_(1 - lr * weight_decay)
-            value.add_(z, alpha=-lr * projected_grad)
+            value.add_(z, alpha=-lr * projected_grad * self.scales[i])
             if r is not None:
                 self._set(p, r, value)
 
@@ -130,7 +140,7 @@ class TunedLayers:
         def swap_in(module, _args, _entries):
             for i, attr in _entries:   # W + sign * eps * z, built in z's buffer: one fp32 temporary per tensor
                 p, r = self.params[i], self.residuals[i]
-                w = sample_z(seed, i, p).mul_(state["sign"] * eps).add_(p)
+                w = sample_z(seed, i, p).mul_(state["sign"] * eps * self.scales[i]).add_(p)
                 if r is not None:
                     w.add_(r, alpha=1 / RESIDUAL_SCALE)
                 module._parameters[attr] = w.to(p.dtype)
