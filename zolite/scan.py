@@ -233,7 +233,8 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
     for a in activations:
         a["outlier_share"] = outlier_share(a, magnitude, ratio)
     dominant = first_outlier_layer(activations, magnitude, ratio, share)
-    identity = model_identity(net)
+    offloaded = net.get_input_embeddings().weight.device.type == "meta"   # accelerate keeps it in its CPU map
+    identity = folder_identity(loaded.path) if offloaded else model_identity(net)
     result = {"model": model, "identity": identity, "mode": mode, "dtype": str(loaded.dtype).removeprefix("torch."),
               "device": str(loaded.device), "prompts": len(texts), "calibration": text or "bundled generic text",
               "tokens": int(sum(int(b[2].sum()) for b in batches)),
