@@ -173,17 +173,20 @@ def _print_eval(result: dict):
 @click.option("--data-seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=int, help="Score only the first N rows of the split.")
 @click.option("--max-length", type=int, default=512, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Sequences per forward (lower it on a small GPU).")
 @click.option("--device")
 @mode_option
 
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
 @click.option("--json", "as_json", is_flag=True)
-def eval_(model, task, patch, split, data, data_seed, limit, max_length, device, dtype, mode, as_json, **task_options):
+def eval_(model, task, patch, split, data, data_seed, limit, max_length, batch_size, device, dtype, mode, as_json,
+          **task_options):
     """Zero-shot vs patched score (accuracy, or F1/EM) on the same rows."""
     import zolite
 
     result = zolite.evaluate(model, task, patch=patch, split=split, data=data, data_seed=data_seed, limit=limit,
-                             max_length=max_length, device=device, dtype=dtype, mode=mode, **task_options)
+                             max_length=max_length, batch_size=batch_size, device=device, dtype=dtype, mode=mode,
+                             **task_options)
     click.echo(json.dumps(result)) if as_json else _print_eval(result)
 
 
