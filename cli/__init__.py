@@ -111,7 +111,6 @@ def main():
 @click.option("--keep", type=click.Choice(["best", "last"]), help="Patch the best-val weights or the last.  [default: best]")
 @click.option("--max-length", type=int, help="Longest prompt+answer in tokens (prompts are cut from the left).")
 @mode_option
-
 @click.option("--int8-threshold", type=float, help="LLM.int8 outlier threshold (0: no fp16 outlier path).  [default: 6.0]")
 @click.option("--gpu-memory", help="Fit the run in this much GPU memory (e.g. 8GiB): picks --mode and --micro-batch, "
               "says why, and caps the allocator there.")
@@ -176,7 +175,6 @@ def _print_eval(result: dict):
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Sequences per forward (lower it on a small GPU).")
 @click.option("--device")
 @mode_option
-
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
 @click.option("--json", "as_json", is_flag=True)
 def eval_(model, task, patch, split, data, data_seed, limit, max_length, batch_size, device, dtype, mode, as_json,
@@ -237,7 +235,7 @@ def apply(patches, model, prompt, chat, max_new_tokens, eval_task, input_file, r
 def _apply_routed(patches, model, input_file, route_field, device, dtype):
     """Classify each row with the patch it names; rows grouped by patch, printed in file order."""
     from zolite.data import iter_rows
-    from zolite.predict import classify_rows
+    from zolite.predict import classify_rows, task_row
     from zolite.serve import parse_named
     from zolite.swap import load_with_patches
     from zolite.tasks import get_task
@@ -249,13 +247,12 @@ def _apply_routed(patches, model, input_file, route_field, device, dtype):
         if name not in patch_set.names():
             raise ZoliteError(f"{input_file} line {row['_line']}: {route_field}={name!r} is not one of the patches "
                               f"({', '.join(patch_set.names())})")
-        groups.setdefault(name, []).append(dict(row, label=row.get("label", 0)))
+        groups.setdefault(name, []).append(row)
     predictions = []
     for name, rows in groups.items():
         p = patch_set.patches[name]["patch"]
         task = get_task(p.task, **p.task_options())
-        for row in rows:
-            task.validate(row, input_file)
+        rows = [task_row(task, row, input_file) for row in rows]
         patch_set.swap(name)
         predictions += [dict(pred, patch=name) for pred in classify_rows(loaded.model, loaded.tokenizer, task, rows)]
     for prediction in sorted(predictions, key=lambda r: r["line"]):
@@ -289,7 +286,6 @@ def scan(model, out, as_json, **options):
 @main.command()
 @click.option("--model", default="smollm2-135m", show_default=True, help="Profile, local folder, .gguf or hub id.")
 @mode_option
-
 @click.option("--batch-size", "--batch", "batch_size", type=int, default=16, show_default=True, help="Examples per step.")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per example (random tokens).")
 @click.option("--steps", type=int, default=5, show_default=True, help="ZO steps to run (the first is a warm-up).")
@@ -333,7 +329,7 @@ def ablate(model, task, plan, seeds, arms, steps, out, quiet, **tune_options):
 
     result = zolite.ablate(model, task, plan=plan, seeds=seeds, arms=arms, steps=steps, out=out, progress=not quiet,
                            **tune_options)
-    out = out or f"runs/ablate-{Path(model).name}-{task}-{result['plan']}"
+    out = result["out"]
     click.echo(Path(out, "results.md").read_text())
     click.echo(f"results: {out}/results.md, {out}/results.csv, {out}/accuracy.png, {out}/loss.png")
 
@@ -392,8 +388,7 @@ def patch_convert(file, to, out, model, force, device, dtype):
     loaded = zolite.load_model(model or p.metadata.get("zolite.model"), device=device, dtype=dtype,
                                keep_layers=p.layers)
     dense = replay(loaded.model, p)
-    meta = {k: v for k, v in dense.metadata.items() if not k.startswith("zolite.format")}
-    save_patch(out, dense.tensors, meta, force=force)
+    save_patch(out, dense.tensors, dense.metadata, force=force)
     click.echo(f"{out}: dense patch replayed from {p.metadata['zolite.trajectory_steps']} steps on "
                f"{p.metadata['zolite.trained_on']}; bit-identical to the run's dense patch (checked)")
 

@@ -13,7 +13,7 @@ from test_errors import QUICK, assert_user_error
 from zolite.errors import ZoliteError
 from zolite.loading import load_model, model_skeleton, offload_device_map
 from zolite.plan import estimate, parse_size, plan_memory
-from zolite.scoring import pad_token_id
+from zolite.scoring import collate, pad_token_id
 from zolite.optim import micro_batched_losses
 from zolite.zo import TunedLayers
 
@@ -100,8 +100,9 @@ def test_micro_batches_give_the_batch_losses(tiny_model, small_data):
     examples = encode_rows(loaded.tokenizer, task, rows, 128)
     tuned = TunedLayers(loaded.model, [1])
     pad = pad_token_id(loaded.tokenizer)
-    whole = micro_batched_losses(loaded.model, tuned, examples, pad, "cpu", 7, 1e-2, "ce")
-    split = micro_batched_losses(loaded.model, tuned, examples, pad, "cpu", 7, 1e-2, "ce", micro_batch=2)
+    batch_of = lambda chunk: collate(chunk, pad)  # noqa: E731
+    whole = micro_batched_losses(loaded.model, tuned, examples, batch_of, 7, 1e-2, "ce")
+    split = micro_batched_losses(loaded.model, tuned, examples, batch_of, 7, 1e-2, "ce", micro_batch=2)
     assert whole[0] != whole[1]
     assert split == pytest.approx(whole, abs=1e-6)
 

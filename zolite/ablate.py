@@ -140,7 +140,7 @@ def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed
     out = Path(out or f"runs/ablate-{Path(model).name}-{task}-{plan_['name']}")
     facts = _model_facts(model)
     extra = {k: v for k, v in tune_options.items() if v is not None}
-    results = {"model": model, "task": task, "plan": plan_["name"], "seeds": seeds, "arms": []}
+    results = {"model": model, "task": task, "plan": plan_["name"], "seeds": seeds, "out": str(out), "arms": []}
     for arm in selected:
         options, grid = arm_options(arm, plan_["defaults"], facts, steps, extra)
         runs = [_run(model, task, out / arm["name"] / f"lr{lr:g}-s0", options, lr, 0, progress) for lr in grid]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import logging
+import os
 import shutil
 import sys
 import tempfile

@@ -128,14 +128,14 @@ def _weighted(examples, micro_batch, loss_of_chunk):
     return [t / len(examples) for t in total]
 
 
-def micro_batched_losses(model, tuned: TunedLayers, examples, pad, device, seed, eps, objective, micro_batch=None
+def micro_batched_losses(model, tuned: TunedLayers, examples, batch_of, seed, eps, objective, micro_batch=None
                          ) -> tuple[float, float]:
-    """l+ and l- of the batch as the size-weighted mean over micro-batches (ZO losses are means over examples)."""
-    from .scoring import collate
+    """l+ and l- of the batch as the size-weighted mean over micro-batches (ZO losses are means over examples).
+    batch_of: encoded examples -> a Batch on the model's device."""
     from .zo import spsa_losses
 
     plus, minus = _weighted(examples, micro_batch, lambda chunk: spsa_losses(
-        model, tuned, collate(chunk, pad).to(device), seed, eps, objective))
+        model, tuned, batch_of(chunk), seed, eps, objective))
     return plus, minus
 
 
@@ -163,11 +163,8 @@ class Stepper:
 
     # --- the losses ---
     def pair_losses(self, examples, seed: int) -> tuple[float, float]:
-        from .zo import spsa_losses
-
-        plus, minus = _weighted(examples, self.micro_batch, lambda chunk: spsa_losses(
-            self.model, self.tuned, self.batch_of(chunk), seed, self.eps, self.objective))
-        return plus, minus
+        return micro_batched_losses(self.model, self.tuned, examples, self.batch_of, seed, self.eps, self.objective,
+                                    self.micro_batch)
 
     def _scores_loss(self, batch):
         from .scoring import candidate_scores, last_hidden, losses
@@ -182,16 +179,12 @@ class Stepper:
         return _weighted(examples, self.micro_batch, one)[0]
 
     def loss_and_grads(self, examples) -> tuple[float, list[torch.Tensor]]:
-        size = self.micro_batch or len(examples)
-        grads, total = None, 0.0
-        for start in range(0, len(examples), size):
-            chunk = examples[start:start + size]
+        def one(chunk):
             batch = self.batch_of(chunk)
-            loss, g = fo_gradients(self.model, self.tuned, lambda: self._scores_loss(batch))
-            w = len(chunk) / len(examples)
-            total += loss * w
-            grads = [x.mul_(w) for x in g] if grads is None else [a.add_(x, alpha=w) for a, x in zip(grads, g)]
-        return total, grads
+            loss, grads = fo_gradients(self.model, self.tuned, lambda: self._scores_loss(batch))
+            return [loss, *grads]
+        loss, *grads = _weighted(examples, self.micro_batch, one)
+        return loss, grads
 
     # --- the step ---
     def plain(self) -> bool:

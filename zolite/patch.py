@@ -56,10 +56,10 @@ def save_patch(path, tensors: dict[str, torch.Tensor], metadata: dict[str, objec
                dtype: torch.dtype | None = torch.float16, force: bool = False) -> Path:
     """Write the patch atomically (tensors cast to `dtype`; None keeps theirs); refuse to overwrite unless force."""
     refuse_clobber(path, force)
-    meta = {"zolite.format": FORMAT, "zolite.version": __version__, "zolite.kind": "dense"}
+    meta = {"zolite.kind": "dense", **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()},
+            "zolite.format": FORMAT, "zolite.version": __version__}   # format and version are this writer's
     if dtype is not None:
         meta["zolite.dtype"] = str(dtype).removeprefix("torch.")
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     cpu = {name: t.detach().to("cpu", dtype or t.dtype).contiguous() for name, t in tensors.items()}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(_sorted_header(save(cpu, metadata=meta)))

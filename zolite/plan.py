@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -153,12 +154,10 @@ def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_l
                       "smaller model")
 
 
-def measured_path(identity: str) -> "Path":
-    from pathlib import Path
-
+def measured_path(identity: str) -> Path:
     from .loading import cache_dir
 
-    return Path(cache_dir()) / "activations" / f"{identity}.json"
+    return cache_dir() / "activations" / f"{identity}.json"
 
 
 def load_measured(identity: str, dtype: torch.dtype) -> dict:

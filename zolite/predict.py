@@ -53,13 +53,18 @@ def classify_rows(model, tokenizer, task: Task, rows: list[dict], *, max_length:
     return out
 
 
+def task_row(task: Task, row: dict, path) -> dict:
+    """A row to classify with `task`, checked (the label field is optional: the template wants one)."""
+    row = dict(row)
+    row.setdefault("label", 0)
+    task.validate(row, path)
+    return row
+
+
 def read_task_rows(task: Task, path) -> Iterator[dict]:
-    """The rows of a JSONL file to classify with `task` (the label field is optional), checked one by one."""
+    """The rows of a JSONL file to classify with `task`, checked one by one."""
     for row in iter_rows(path):
-        row = dict(row)
-        row.setdefault("label", 0)   # rows to classify need no gold label; the template wants one
-        task.validate(row, path)
-        yield row
+        yield task_row(task, row, path)
 
 
 def classify_file(model, tokenizer, task: Task, path, *, max_length: int = 512,

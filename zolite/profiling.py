@@ -16,12 +16,12 @@ from .errors import ZoliteError
 from .io import write_json
 from .layers import decoder_layers, format_layers
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
-from .scoring import EncodedExample, pad_token_id
-from .optim import micro_batched_losses
+from .scoring import EncodedExample, collate, pad_token_id
+from .optim import Stepper
 from .plan import record_measured
 from .scan import folder_identity
-from .tune import TuneConfig, load_for_tuning
-from .zo import TunedLayers, step_seed
+from .tune import TuneConfig, check_options, load_for_tuning
+from .zo import TunedLayers
 
 
 def random_examples(vocab: int, batch_size: int, seq_len: int, seed: int = 0) -> list[EncodedExample]:
@@ -44,10 +44,9 @@ def profile_memory(model: str = "smollm2-135m", *, mode: str | None = None, batc
     if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not force:
         raise ZoliteError(f"{out} already exists; pass --force to overwrite it or choose another --out")
     config = TuneConfig(model=model, layer=layer, mode=mode, batch_size=batch_size, max_length=seq_len + 1,
-                        micro_batch=micro_batch, device=device, dtype=dtype, gpu_memory=gpu_memory,
+                        micro_batch=micro_batch, device=device, dtype=dtype, gpu_memory=gpu_memory, eps=eps,
                         **({"int8_threshold": int8_threshold} if int8_threshold is not None else {}))
-    if micro_batch is not None and (micro_batch < 1 or batch_size % micro_batch):
-        raise ZoliteError(f"--micro-batch {micro_batch} must be at least 1 and divide --batch-size {batch_size}")
+    check_options(config)
     t_start = time.perf_counter()
     with MemoryProfiler(device or ("cuda" if torch.cuda.is_available() else "cpu")) as profiler:
         with profiler.phase("load"):
@@ -56,8 +55,11 @@ def profile_memory(model: str = "smollm2-135m", *, mode: str | None = None, batc
         tuned = TunedLayers(net, indices)
         static = weight_breakdown(net, tuned)
         examples = random_examples(net.config.vocab_size, batch_size, seq_len)
-        pad = pad_token_id(loaded.tokenizer)
+        pad, device_ = pad_token_id(loaded.tokenizer), loaded.device
         micro = micro_batch or (plan.micro_batch if plan else None)
+        # tune's step, lr 0: the weights stay as loaded
+        stepper = Stepper(net, tuned, eps=eps, micro_batch=micro, phase=profiler.phase, lr=0.0,
+                          collate_to_device=lambda c: collate(c, pad).to(device_))
         recording = snapshot and profiler.cuda
         if recording:
             torch.cuda.memory._record_memory_history(max_entries=200_000)
@@ -65,12 +67,7 @@ def profile_memory(model: str = "smollm2-135m", *, mode: str | None = None, batc
         with profiler.phase("train"):
             for step in range(steps):
                 t0 = time.perf_counter()
-                seed = step_seed(0, step)
-                with profiler.phase("forward ±eps"):
-                    loss_plus, loss_minus = micro_batched_losses(net, tuned, examples, pad, loaded.device, seed, eps,
-                                                                 "ce", micro)
-                with profiler.phase("update"):
-                    tuned.sgd_update(seed, (loss_plus - loss_minus) / (2 * eps), lr=0.0)
+                stepper.step(step, examples)
                 times.append(time.perf_counter() - t0)
         step_ms = 1000 * statistics.median(times[1:])
         result = {

@@ -152,33 +152,25 @@ def first_outlier_layer(activations: list[dict], magnitude: float = MAGNITUDE, r
     return None
 
 
-def model_identity(model) -> str:
-    """What a cached scan is keyed by: architecture, shape and the input embedding's fp16 bytes (never quantized,
-    so int8 / nf4 / fp16 loads of one model share the key)."""
-    return _identity(model.config, model.get_input_embeddings().weight)
-
-
-def folder_identity(path: Path) -> str:
-    """model_identity of the model in a Hugging Face folder, read from its files without loading it."""
+def folder_identity(path: Path, skeleton=None) -> str:
+    """What a cached scan is keyed by: architecture, shape and the input embedding's fp16 bytes, read from the
+    model's files (never quantized or offloaded there, so every load mode of one model shares the key)."""
     from safetensors import safe_open
 
     from .loading import model_skeleton
 
-    skeleton = model_skeleton(path)
+    skeleton = skeleton if skeleton is not None else model_skeleton(path)
     emb = skeleton.get_input_embeddings().weight
     name = next(n for n, p in skeleton.named_parameters(remove_duplicate=False) if p is emb)
+    cfg = skeleton.config
     for f in sorted(Path(path).glob("*.safetensors")):
         with safe_open(f, "pt") as st:
             if name in st.keys():
-                return _identity(skeleton.config, st.get_tensor(name))
+                digest = hashlib.sha256()
+                digest.update(f"{cfg.model_type}/{cfg.num_hidden_layers}/{cfg.hidden_size}".encode())
+                digest.update(st.get_tensor(name).to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
+                return digest.hexdigest()[:32]
     raise ZoliteError(f"{path} has no safetensors file holding {name}; pass --layer N (0-based)")
-
-
-def _identity(cfg, emb: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    digest.update(f"{cfg.model_type}/{cfg.num_hidden_layers}/{cfg.hidden_size}".encode())
-    digest.update(emb.detach().to("cpu", torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
 
 
 def cached_scan_path(identity: str) -> Path:
@@ -233,8 +225,7 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
     for a in activations:
         a["outlier_share"] = outlier_share(a, magnitude, ratio)
     dominant = first_outlier_layer(activations, magnitude, ratio, share)
-    offloaded = net.get_input_embeddings().weight.device.type == "meta"   # accelerate keeps it in its CPU map
-    identity = folder_identity(loaded.path) if offloaded else model_identity(net)
+    identity = folder_identity(loaded.path)
     result = {"model": model, "identity": identity, "mode": mode, "dtype": str(loaded.dtype).removeprefix("torch."),
               "device": str(loaded.device), "prompts": len(texts), "calibration": text or "bundled generic text",
               "tokens": int(sum(int(b[2].sum()) for b in batches)),

@@ -144,11 +144,10 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                           momentum=config.momentum, layerwise=config.layerwise)
         if saved is not None:
             stepper.load(saved_optimizer, state.pop("optimizer", {}))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         bar = _progress_bar(state["step"], config.steps, progress)
         tokens = 0
-        start_step, start_weights = state["step"], _cpu_copy(tuned.state())   # a finite fallback
+        # a finite fallback if the run diverges: the best-val copy, else (no val yet) the weights it starts from
+        start_step, start_weights = state["step"], _cpu_copy(tuned.state()) if best is None else None
         with profiler.phase("train"):
             while state["step"] < config.steps:
                 step = state["step"]
@@ -255,7 +254,8 @@ def load_for_tuning(config: TuneConfig):
     device = torch.device(config.device) if config.device else default_device()
     skeleton = model_skeleton(path)
     num_layers = len(decoder_layers(skeleton)[1])
-    indices, source = choose_layers(config.layer, num_layers, lambda: folder_identity(path), profile,
+    identity = folder_identity(path, skeleton)
+    indices, source = choose_layers(config.layer, num_layers, lambda: identity, profile,
                                     lambda: scan(config.model, seeds=0, device=device, dtype=config.dtype,
                                                  mode=config.mode))
     mode, plan = config.mode, None
@@ -271,7 +271,7 @@ def load_for_tuning(config: TuneConfig):
         budget = parse_size(config.gpu_memory)
         dtype = choose_dtype(config.dtype, device, profile)
         plan = plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=mode,
-                           measured=load_measured(folder_identity(path), dtype), micro_batch=config.micro_batch,
+                           measured=load_measured(identity, dtype), micro_batch=config.micro_batch,
                            estimator=config.estimator, optimizer=config.optimizer)
         print(f"zolite: memory plan: {plan.reason}", file=sys.stderr)
         mode = plan.mode
@@ -315,7 +315,7 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
         out = Path(out) if out else run_dir / "patch.safetensors"
         return config, run_dir, out
     config = TuneConfig(model=model, task=task, **given)
-    _check_options(config)
+    check_options(config)
     get_task(task, **config.task_options())  # a bad task fails before anything is loaded or written
     if run_dir is None:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name)
@@ -334,7 +334,7 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
     return config, run_dir, out
 
 
-def _check_options(config: TuneConfig) -> None:
+def check_options(config: TuneConfig) -> None:
     """Numbers and choices the user gave, checked before anything is loaded (None = the profile's default)."""
     minimum = {"steps": 0, "batch_size": 1, "max_length": 2, "eval_every": 0, "lr": 0.0, "weight_decay": 0.0,
                "micro_batch": 1, "int8_threshold": 0.0}
