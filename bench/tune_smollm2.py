@@ -29,7 +29,7 @@ ARMS = {"dominant": None, "full": "all"}   # None: the profile's dominant layer;
 
 
 def arm_layer(args, arm):
-    arm = arm.removesuffix(f"-{args.mode}") if args.mode else arm
+    arm = arm.removesuffix(args.label) if args.label else arm
     if arm.startswith("L"):
         return arm[1:]
     return args.layer if arm == "dominant" else ARMS[arm]
@@ -60,6 +60,8 @@ def run_tune(args, task, arm, lr, seed) -> dict:
         cmd += ["--layer", layer]
     if args.mode:
         cmd += ["--mode", args.mode]
+    if args.int8_threshold is not None:
+        cmd += ["--int8-threshold", str(args.int8_threshold)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     wall = time.perf_counter() - t0
@@ -161,14 +163,17 @@ def main():
                     help="OLD=NEW: relabel an arm of the --previous runs (e.g. dominant=L12)")
     ap.add_argument("--data", help="passed to zolite as --data (tasks without a bundled sample)")
     ap.add_argument("--mode", help="passed to zolite as --mode (fp16 / int8 / nf4 / offload); arms are labelled ARM-MODE")
+    ap.add_argument("--int8-threshold", type=float, help="passed to zolite (with --mode int8); arms are labelled ARM-int8-tT")
     args = ap.parse_args()
+    args.label = "".join([f"-{args.mode}" if args.mode else "",
+                          f"-t{args.int8_threshold:g}" if args.int8_threshold is not None else ""])
     args.out.mkdir(parents=True, exist_ok=True)
     args.runs_dir = args.runs_dir or args.out / "runs"
     grid = {"dominant": [float(x) for x in args.lr_layer.split(",")], "full": [float(x) for x in args.lr_full.split(",")]}
     grid.update({arm: grid["dominant"] for arm in args.arms.split(",") if arm.startswith("L")})
-    if args.mode:   # label the arms with the mode, so runs of several modes merge into one table (--previous)
-        args.arms = ",".join(f"{a}-{args.mode}" for a in args.arms.split(","))
-        grid.update({a: grid[a.rsplit("-", 1)[0]] for a in args.arms.split(",")})
+    if args.label:   # label the arms with the mode, so runs of several modes merge into one table (--previous)
+        args.arms = ",".join(f"{a}{args.label}" for a in args.arms.split(","))
+        grid.update({a: grid[a.removesuffix(args.label)] for a in args.arms.split(",")})
     cells = [(t, arm) for t in args.tasks.split(",") for arm in args.arms.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     results = Results(args)
