@@ -43,9 +43,10 @@ def main():
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape], num_hidden_layers=2)).to(dtype).eval()
     model.requires_grad_(False)
-    base = TunedLayers(model, [1]).state()
+    layer = TunedLayers(model, [1])
+    base = layer.state()
     meta = {"zolite.model": "bench", "zolite.arch": "llama", "zolite.layer": "1",
-            "zolite.base_sha256": fingerprint(base)}
+            "zolite.base_sha256": fingerprint(layer.weights())}
     tmp = Path(tempfile.mkdtemp())
     files = []
     for k in range(2):

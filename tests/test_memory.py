@@ -178,3 +178,19 @@ def test_measured_activations_replace_the_estimate(llama7b_skeleton, monkeypatch
     assert parts["activations"] == round(1.1 * 2 * 16 * 256 * 1000 / GIB, 3)
     analytic = estimate(llama7b_skeleton, [1], "nf4", 16, 256, torch.float16, measured=measured)
     assert analytic["activations"] > parts["activations"]   # nf4 was not measured: the analytic estimate
+
+
+def test_gpu_cap_passes_torch_a_device_index(monkeypatch):
+    """torch.cuda.set_per_process_memory_fraction refuses a bare 'cuda' device (it wants an index): the GPU runs
+    of --gpu-memory failed there. Checked here with the CUDA calls replaced."""
+    from types import SimpleNamespace
+
+    from zolite.tune import cap_gpu_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, i: calls.append((f, i)))
+    assert cap_gpu_memory(8 * 2**30, torch.device("cuda")) == 0.1
+    cap_gpu_memory(100 * 2**30, torch.device("cuda:1"))
+    assert calls == [(0.1, 0), (1.0, 1)] and all(isinstance(i, int) for _, i in calls)

@@ -118,3 +118,21 @@ def test_sigkill_and_resume_gives_the_same_patch(tiny_model, small_data, tmp_pat
     assert sha(killed / "patch.safetensors") == sha(full / "patch.safetensors")
     assert (json.loads((killed / "report.json").read_text())["loss_curve"]
             == json.loads((full / "report.json").read_text())["loss_curve"])
+
+
+def test_half_precision_patch_fits_a_base_with_negative_zeros(tmp_path, small_data):
+    """A -0.0 weight (common in fp16 checkpoints) must not make the base fingerprint differ: the fingerprint is taken
+    over the parameters as stored, not over the fp32 master values (where -0.0 + residual 0.0 reads +0.0)."""
+    from conftest import build_tiny_model
+    from transformers import LlamaForCausalLM
+
+    folder = build_tiny_model(tmp_path / "model")
+    model = LlamaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, :3] = -0.0
+    model.save_pretrained(folder)
+    report = zolite.tune(str(folder), "sst2", data=small_data, run_dir=tmp_path / "run", layer="1", steps=2,
+                         eval_every=0, batch_size=2, lr=0.0, dtype="float16", progress=False)
+    loaded = zolite.load_model(str(folder), dtype="float16")
+    assert torch.signbit(loaded.model.model.layers[1].mlp.up_proj.weight[0, :3]).all()
+    zolite.apply_patch(loaded.model, report["patch"])   # refused before the fix: "tuned from another base"

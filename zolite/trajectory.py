@@ -63,7 +63,7 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
     if trained_on != here:
         raise ZoliteError(f"{patch.path} was trained on {trained_on}; its seeds give the same z only there (this "
                           f"is {here}): use the dense patch, or replay it on that device and dtype")
-    if fingerprint(tuned.state()) != patch.metadata["zolite.base_sha256"]:
+    if fingerprint(tuned.weights()) != patch.metadata["zolite.base_sha256"]:
         raise ZoliteError(f"{patch.path} was tuned from another base (layer {patch.metadata['zolite.layer']} "
                           "fingerprint differs); replay it on that base model")
     saved = [p.detach().clone() for p in tuned.params]

@@ -104,7 +104,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             val = encode_rows(tokenizer, task_, splits.val, config.max_length)
         tuned = TunedLayers(net, indices, config.eps_scale)
         static = weight_breakdown(net, tuned)
-        base_sha256 = fingerprint(tuned.state())
+        base_sha256 = fingerprint(tuned.weights())
         load_s = time.perf_counter() - t_start
         write_json(run_dir / "config.json", dataclasses.asdict(config))
 
@@ -276,11 +276,18 @@ def load_for_tuning(config: TuneConfig):
         print(f"zolite: memory plan: {plan.reason}", file=sys.stderr)
         mode = plan.mode
         if device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+            cap_gpu_memory(budget, device)
     loaded = load_model(config.model, device=device, dtype=config.dtype, mode=mode, keep_layers=indices,
                         int8_threshold=config.int8_threshold)
     return loaded, indices, source, plan
+
+
+def cap_gpu_memory(budget: int, device: torch.device) -> float:
+    """Cap this process's CUDA allocator at `budget` bytes on `device`; returns the fraction set."""
+    index = device.index if device.index is not None else torch.cuda.current_device()   # torch wants an index
+    fraction = min(1.0, budget / torch.cuda.get_device_properties(index).total_memory)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return fraction
 
 
 def _save(run_dir, tuned, stepper, best, state) -> None:

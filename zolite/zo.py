@@ -83,9 +83,14 @@ class TunedLayers:
         """fp32 values by full name (for patches and the best-so-far copy)."""
         return {name: self.master(i) for i, name in enumerate(self.names)}
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The parameters as stored, by full name: what a base fingerprint is taken over (state()'s fp32 copies
+        of a half-precision layer read -0.0 as +0.0, since x + 0.0 = +0.0, so they would not match the base)."""
+        return {name: p.detach() for name, p in zip(self.names, self.params)}
+
     def exact_state(self) -> dict[str, torch.Tensor]:
         """Weights and residuals as stored, so a resumed run continues bit for bit."""
-        out = dict(zip(self.names, (p.detach() for p in self.params)))
+        out = self.weights()
         out.update({f"{n}#residual": r for n, r in zip(self.names, self.residuals) if r is not None})
         return out
 
