@@ -133,11 +133,23 @@ class Results:
                          f"{statistics.mean(r['val'] for r in rs):.4f} | {zs if zs is None else f'{zs:.4f}'} | "
                          f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {statistics.mean(r['step_ms'] for r in rs):.1f} | "
                          f"{max(r['memory'].get('gpu_allocated_peak_gib', 0) for r in rs):.2f} |")
+        lines += ["", "Every (arm, lr) cell with the seeds it has (test score):", "",
+                  "| task | arm | lr | test (mean ± std) | seeds | picked |", "|---|---|---|---|---|---|"]
+        cells = {}
+        for r in self.runs:
+            if r.get("test") is not None:
+                cells.setdefault((r["task"], r["arm"], r["lr"]), []).append(r["test"])
+        for (task, arm, lr), tests in cells.items():
+            m, s = mean_std(tests)
+            lines.append(f"| {task} | {arm} | {lr:g} | {m:.4f} ± {s:.4f} | {len(tests)} | "
+                         f"{'yes' if self.picked.get((task, arm)) == lr else ''} |")
         lines += ["", "lr grid (first seed, val accuracy):", ""]
         for r in self.runs:
             if r["seed"] == int(a.seeds.split(",")[0]):
                 lines.append(f"- {r['task']} {r['arm']} lr {r['lr']:g}: val {r.get('val')}, test {r.get('test')}")
-        lines += ["", f"Wall time per run includes model load and the val/test scoring; {a.parallel} runs shared the GPU at a time."]
+        shared = ("as many runs shared the GPU as their own commands' --parallel said (merged with --tabulate-only)"
+                  if a.tabulate_only else f"{a.parallel} runs shared the GPU at a time")
+        lines += ["", f"Wall time per run includes model load and the val/test scoring; {shared}."]
         return "\n".join(lines) + "\n"
 
 
@@ -161,6 +173,9 @@ def main():
                     help="an earlier results.json: its runs are kept and not run again (repeatable)")
     ap.add_argument("--rename-arm", action="append", default=[],
                     help="OLD=NEW: relabel an arm of the --previous runs (e.g. dominant=L12)")
+    ap.add_argument("--tabulate-only", action="store_true",
+                    help="run nothing: merge the --previous runs of the --tasks x --arms cells into OUT's table "
+                         "(the GPU named is the first --previous's)")
     ap.add_argument("--data", help="passed to zolite as --data (tasks without a bundled sample)")
     ap.add_argument("--mode", help="passed to zolite as --mode (fp16 / int8 / nf4 / offload); arms are labelled ARM-MODE")
     ap.add_argument("--int8-threshold", type=float, help="passed to zolite (with --mode int8); arms are labelled ARM-int8-tT")
@@ -184,6 +199,9 @@ def main():
         results.runs += [{**r, "arm": rename.get(r["arm"], r["arm"])} for r in previous["runs"] if "error" not in r]
         results.zero_shot.update(previous["zero_shot"])
         results.meta["previous"].append({"file": str(path), "argv": previous["argv"], "renamed": rename})
+    if args.tabulate_only:   # the runs were made where the first --previous was, not here; only the asked cells
+        results.meta["env"] = json.loads(args.previous[0].read_text())["env"]
+        results.runs = [r for r in results.runs if (r["task"], r["arm"]) in cells]
     for t in args.tasks.split(","):
         if t not in results.zero_shot:
             results.zero_shot[t] = zero_shot(args, t)
@@ -191,8 +209,12 @@ def main():
     done = {(r["task"], r["arm"], r["lr"], r["seed"]) for r in results.runs}
 
     def run(job):
-        if job not in done:
-            results.add(run_tune(args, *job))
+        if job in done:
+            return
+        if args.tabulate_only:
+            print(f"not run (--tabulate-only): {job}", flush=True)
+            return
+        results.add(run_tune(args, *job))
 
     with ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(run, [(t, arm, lr, seeds[0]) for t, arm in cells for lr in grid[arm]]))
