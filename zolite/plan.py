@@ -12,8 +12,9 @@ The estimate is built from the model's shapes (its meta-device skeleton: nothing
   allocator's rounding and the norms' fp32 upcasts.
 Where `zolite profile` has measured this model on a GPU, its activation bytes per (doubled) token replace the
 analytic estimate (times MEASURED_MARGIN), per mode: the measurement is cached under $ZOLITE_CACHE/activations/.
-Modes are tried fastest first (fp16, int8, nf4, offload) and, within a mode, the largest micro-batch that divides the
-batch; a mode that needs more than MAX_FORWARDS micro-batches per step is passed over for the next one, and taken
+Modes are tried fastest first (fp16, nf4, offload; int8 only when asked for: on an H100 it was both slower and larger
+than nf4, and it hurts ZO accuracy, see zolite.loading.choose_mode) and, within a mode, the largest micro-batch that
+divides the batch; a mode that needs more than MAX_FORWARDS micro-batches per step is passed over for the next one, and taken
 only if no mode fits otherwise. A micro-batch changes nothing but memory: ZO losses are means over examples, so the micro-batches' losses,
 weighted by their sizes, give the batch's (the same up to float summation order).
 """
@@ -32,7 +33,7 @@ GIB = 2**30
 ACTIVATION_MARGIN = 1.5
 MEASURED_MARGIN = 1.1
 CUDA_CONTEXT_GIB = 0.5     # not in torch's allocator, but on the card: leave room for it
-PLAN_ORDER = ("fp16", "int8", "nf4", "offload")
+PLAN_ORDER = ("fp16", "nf4", "offload")
 MAX_FORWARDS = 4           # a mode is preferred only if its micro-batch is at least a quarter of the batch
 
 
@@ -103,7 +104,7 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
     elif mode == "offload":
         weights = (s["tuned"] + s["largest_module"]) * b
     else:
-        raise ZoliteError(f"unknown mode '{mode}'; choose one of {', '.join(PLAN_ORDER)}")
+        raise ZoliteError(f"unknown mode '{mode}'; choose one of fp16, int8, nf4, offload")
     master = 0 if dtype == torch.float32 else b * s["tuned"]
     perturb = (4 + b) * s["largest_tuned"]   # z (fp32) and W + eps z (dtype) of one tensor, during its forward
     hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
