@@ -3,8 +3,9 @@
     python bench/memory_modes.py --out OUT [--model-dir /root/llama7b-random] [--shape 7b|tiny]
 
 1. builds the model from a config (no download) once, saved as fp16 safetensors in --model-dir;
-2. `zolite profile` per mode (fp16 / int8 at thresholds 6.0 and 0.0 / nf4 / offload), batch 16, sequence 256,
-   layer 1, and full-model fp16 MeZO (--layers all), each in its own process so peaks do not mix;
+2. `zolite profile` per mode (fp16 / int8 at thresholds 6.0 and 0.0 / nf4 / offload, and int8 / nf4 with micro-batches
+   of 8 and 4), batch 16, sequence 256, layer 1, and full-model fp16 MeZO (--layers all), each in its own process so
+   peaks do not mix;
 3. one fp16 forward of batch 32 (the reference for "int8 step <= 1.1x a B32 forward");
 4. the planner under caps: `zolite profile --gpu-memory N` for 24, 12, 8, 6 and 4 GiB (the allocator capped there).
 Writes OUT/results.json and OUT/results.md; runs that fail are recorded with their last error line.
@@ -144,7 +145,10 @@ def main():
     save()
     plain = ["--layer", "1"]
     runs = [("fp16", "--mode", "fp16"), ("int8", "--mode", "int8"), ("int8-t0", "--mode", "int8", "--int8-threshold", "0"),
-            ("nf4", "--mode", "nf4"), ("offload", "--mode", "offload")]
+            ("nf4", "--mode", "nf4"), ("offload", "--mode", "offload"),
+            # micro-batches: the same step in 2 or 4 forwards, for the int8 / nf4 memory targets
+            ("int8-mb8", "--mode", "int8", "--micro-batch", "8"), ("int8-mb4", "--mode", "int8", "--micro-batch", "4"),
+            ("nf4-mb8", "--mode", "nf4", "--micro-batch", "8")]
     for name, *flags in runs:
         results["runs"].append(profile(args.model_dir, args.out, name, *plain, *flags))
         save()
