@@ -1,20 +1,19 @@
-"""Issue 8's evidence: the seed000 ablation plan on the real SmolLM2-135M, several tasks, arms in parallel on one GPU.
+"""Issue 8's evidence: the seed000 ablation plan on the real SmolLM2-135M, one task after another.
 
-    python bench/ablate_smollm2.py --out OUT --tasks sst2,boolq,rte --seeds 3 --steps 1000 --parallel 8 [--data DIR]
+    python bench/ablate_smollm2.py --out OUT --tasks sst2,rte --seeds 3 --steps 1000 --jobs 16 [--data DIR]
 
-Each (task, arm) runs as its own `zolite ablate --arms ARM` process (their runs land in OUT/TASK/ARM/...); a final
-`zolite ablate` per task finds every finished run and writes OUT/TASK/results.{md,csv,json} and the plots. Re-running
-the same command resumes: finished runs are read back, cut-off ones continue from their checkpoints.
+Each task is one `zolite ablate --jobs N` (N runs at once on the GPU, each in its own process; every arm's seed-0 lr
+grid first, then its other seeds); the runs land in OUT/TASK/ARM/lr<LR>-s<SEED>, the tables and plots in
+OUT/TASK/results.{md,csv,json}, accuracy.png, loss.png. Re-running the same command resumes: finished runs
+(report.json) are read back, cut-off ones continue from their checkpoints. To spread tasks over GPUs, start one
+invocation per GPU (CUDA_VISIBLE_DEVICES=i) with its own --tasks.
 """
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-from zolite.ablate import load_plan
 
 
 def main():
@@ -26,27 +25,17 @@ def main():
     ap.add_argument("--arms", help="a subset of the plan's arms (comma-separated)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--data", help="passed to zolite as --data")
     args = ap.parse_args()
-    arms = args.arms.split(",") if args.arms else [a["name"] for a in load_plan(args.plan)["arms"]]
-    base = [sys.executable, "-m", "zolite.cli", "ablate", "--model", args.model, "--plan", args.plan,
-            "--seeds", str(args.seeds), "--steps", str(args.steps), "--quiet"] + (["--data", args.data] if args.data else [])
-
-    def run(job):
-        task, arm = job
-        log = args.out / task / "logs" / f"{arm}.txt"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as f:
-            rc = subprocess.run(base + ["--task", task, "--arms", arm, "--out", str(args.out / task)],
-                                stdout=f, stderr=subprocess.STDOUT).returncode
-        print(f"{task} {arm}: exit {rc}", flush=True)
-
-    jobs = [(t, a) for t in args.tasks.split(",") for a in arms]
-    with ThreadPoolExecutor(args.parallel) as pool:
-        list(pool.map(run, jobs))
-    for task in args.tasks.split(","):   # tabulate: finished runs are read back; any cut-off one is finished here
-        subprocess.run(base + ["--task", task, "--arms", ",".join(arms), "--out", str(args.out / task)])
+    for task in args.tasks.split(","):
+        cmd = [sys.executable, "-m", "zolite.cli", "ablate", "--model", args.model, "--task", task, "--plan", args.plan,
+               "--seeds", str(args.seeds), "--steps", str(args.steps), "--jobs", str(args.jobs), "--quiet",
+               "--out", str(args.out / task)]
+        cmd += (["--arms", args.arms] if args.arms else []) + (["--data", args.data] if args.data else [])
+        print(f"{task}: {' '.join(cmd[1:])}", flush=True)
+        rc = subprocess.run(cmd).returncode
+        print(f"{task}: exit {rc}", flush=True)
 
 
 if __name__ == "__main__":

@@ -322,13 +322,15 @@ def profile(model, out, as_json, **options):
 @mode_option
 @click.option("--device")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Runs at once, each in its own process (a small model leaves a GPU mostly idle with one).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def ablate(model, task, plan, seeds, arms, steps, out, quiet, **tune_options):
+def ablate(model, task, plan, seeds, arms, steps, out, jobs, quiet, **tune_options):
     """Run a plan of tune variants over seeds (resuming finished and cut-off runs); writes CSV, markdown and plots."""
     import zolite
 
-    result = zolite.ablate(model, task, plan=plan, seeds=seeds, arms=arms, steps=steps, out=out, progress=not quiet,
-                           **tune_options)
+    result = zolite.ablate(model, task, plan=plan, seeds=seeds, arms=arms, steps=steps, out=out, jobs=jobs,
+                           progress=not quiet and jobs == 1, **tune_options)
     out = result["out"]
     click.echo(Path(out, "results.md").read_text())
     click.echo(f"results: {out}/results.md, {out}/results.csv, {out}/accuracy.png, {out}/loss.png")

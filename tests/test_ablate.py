@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -73,6 +74,25 @@ def test_ablate_runs_resumes_and_tabulates(tiny_model, small_data, tmp_path):
     assert again["arms"][1]["runs"] == results["arms"][1]["runs"]
 
 
+def test_parallel_jobs_give_the_sequential_results(tiny_model, small_data, tmp_path):
+    """--jobs runs each run in its own process; the runs are deterministic, so the table is the same."""
+    plan = tmp_path / "mini.toml"
+    plan.write_text(PLAN)
+    common = dict(plan=str(plan), seeds=2, steps=4, data=small_data, batch_size=4, eval_every=2, progress=False,
+                  arms="mezo,last-layer-residual")
+    one = zolite.ablate(tiny_model, "sst2", out=tmp_path / "one", **common)
+    r = run_cli("ablate", "--model", tiny_model, "--task", "sst2", "--plan", plan, "--seeds", 2, "--steps", 4,
+                "--data", small_data, "--batch-size", 4, "--eval-every", 2, "--arms", "mezo,last-layer-residual",
+                "--out", tmp_path / "two", "--jobs", 3)
+    assert r.exit_code == 0, r.output
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert [a["name"] for a in two["arms"]] == ["mezo", "last-layer-residual"]
+    for a, b in zip(one["arms"], two["arms"]):
+        assert a["picked_lr"] == b["picked_lr"]
+        assert [(r["lr"], r["seed"], r["val"], r["test"], r["loss_by_25"]) for r in a["runs"]] == \
+               [(r["lr"], r["seed"], r["val"], r["test"], r["loss_by_25"]) for r in b["runs"]]
+
+
 def test_plan_errors(tiny_model, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[[arm]]\nname = "x"\nlearning_rate = 1\n')
@@ -80,3 +100,4 @@ def test_plan_errors(tiny_model, tmp_path):
         load_plan(str(bad))
     assert_user_error(run_cli("ablate", "--model", tiny_model, "--plan", "seed999"), "unknown plan 'seed999'", "seed000")
     assert_user_error(run_cli("ablate", "--model", tiny_model, "--arms", "nope"), "has no arm(s) nope")
+    assert_user_error(run_cli("ablate", "--model", tiny_model, "--jobs", "0"), "--jobs must be at least 1")

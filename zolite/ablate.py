@@ -124,10 +124,16 @@ def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progre
 
 
 def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed000", seeds: int = 3,
-           out=None, steps: int | None = None, arms: str | None = None, progress: bool = True, **tune_options) -> dict:
-    """Run (or resume) every arm of `plan` over `seeds` seeds; returns the rows and writes the tables and plots."""
+           out=None, steps: int | None = None, arms: str | None = None, progress: bool = True, jobs: int = 1,
+           **tune_options) -> dict:
+    """Run (or resume) every arm of `plan` over `seeds` seeds; returns the rows and writes the tables and plots.
+
+    jobs > 1: up to `jobs` runs at once, each in its own process (a small model leaves a GPU mostly idle with one):
+    every arm's seed-0 grid first, then each arm's other seeds as soon as its grid has finished."""
     if seeds < 1:
         raise ZoliteError(f"--seeds must be at least 1, got {seeds}")
+    if jobs < 1:
+        raise ZoliteError(f"--jobs must be at least 1, got {jobs}")
     plan_ = load_plan(plan)
     selected = plan_["arms"]
     if arms:
@@ -141,16 +147,71 @@ def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed
     facts = _model_facts(model)
     extra = {k: v for k, v in tune_options.items() if v is not None}
     results = {"model": model, "task": task, "plan": plan_["name"], "seeds": seeds, "out": str(out), "arms": []}
+    entries = []
     for arm in selected:
         options, grid = arm_options(arm, plan_["defaults"], facts, steps, extra)
-        runs = [_run(model, task, out / arm["name"] / f"lr{lr:g}-s0", options, lr, 0, progress) for lr in grid]
-        picked = max(runs, key=lambda r: (r["val"] if r["val"] is not None else float("-inf"), -r["lr"]))["lr"]
-        runs += [_run(model, task, out / arm["name"] / f"lr{picked:g}-s{seed}", options, picked, seed, progress)
-                 for seed in range(1, seeds)]
-        results["arms"].append({"name": arm["name"], "options": options, "lr_grid": grid, "picked_lr": picked,
-                                "runs": runs})
-        write_results(results, out)   # a cut-off ablation keeps what finished
+        entries.append({"name": arm["name"], "options": options, "lr_grid": grid, "picked_lr": None, "runs": []})
+
+    def job(entry, lr, seed):
+        return (model, task, out / entry["name"] / f"lr{lr:g}-s{seed}", entry["options"], lr, seed)
+
+    def finish(entry):   # tabulate the arms finished so far, in the plan's order: a cut-off ablation keeps them
+        entry["runs"].sort(key=lambda r: (r["seed"], entry["lr_grid"].index(r["lr"]) if r["seed"] == 0 else 0))
+        results["arms"] = [e for e in entries if e.get("done")]
+        write_results(results, out)
+
+    if jobs == 1:
+        for entry in entries:
+            entry["runs"] = [_run(*job(entry, lr, 0), progress) for lr in entry["lr_grid"]]
+            entry["picked_lr"] = _pick(entry["runs"])
+            entry["runs"] += [_run(*job(entry, entry["picked_lr"], seed), progress) for seed in range(1, seeds)]
+            entry["done"] = True
+            finish(entry)
+    else:
+        _run_parallel(entries, job, seeds, jobs, finish)
+    for entry in entries:
+        entry.pop("done", None)
+    results["arms"] = entries
     return results
+
+
+def _pick(runs: list[dict]) -> float:
+    """The grid's lr with the best seed-0 val score (the smaller lr on a tie)."""
+    return max(runs, key=lambda r: (r["val"] if r["val"] is not None else float("-inf"), -r["lr"]))["lr"]
+
+
+def _run_parallel(entries, job, seeds, jobs, finish) -> None:
+    """Seed-0 grids of every arm at once, then each arm's other seeds once its grid is in; one process per run."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")   # fresh interpreters: no forked CUDA or torch thread state
+    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}   # one run per process: clean peaks
+    with ProcessPoolExecutor(jobs, mp_context=context, **fresh) as pool:
+        pending = {pool.submit(_run, *job(e, lr, 0), False): e for e in entries for lr in e["lr_grid"]}
+        waiting = {id(e): len(e["lr_grid"]) for e in entries}   # grid runs still out, then seed runs still out
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                entry = pending.pop(future)
+                try:
+                    entry["runs"].append(future.result())
+                except BaseException:
+                    for f in pending:
+                        f.cancel()
+                    raise
+                waiting[id(entry)] -= 1
+                if waiting[id(entry)]:
+                    continue
+                if entry["picked_lr"] is None:   # its grid is in: pick, then its other seeds
+                    entry["picked_lr"] = _pick(entry["runs"])
+                    waiting[id(entry)] = seeds - 1
+                    pending.update({pool.submit(_run, *job(entry, entry["picked_lr"], s), False): entry
+                                    for s in range(1, seeds)})
+                    if seeds > 1:
+                        continue
+                entry["done"] = True
+                finish(entry)
 
 
 def _summary(arm: dict) -> dict:
