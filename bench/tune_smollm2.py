@@ -178,10 +178,11 @@ def main():
                          "(the GPU named is the first --previous's)")
     ap.add_argument("--data", help="passed to zolite as --data (tasks without a bundled sample)")
     ap.add_argument("--mode", help="passed to zolite as --mode (fp16 / int8 / nf4 / offload); arms are labelled ARM-MODE")
-    ap.add_argument("--int8-threshold", type=float, help="passed to zolite (with --mode int8); arms are labelled ARM-int8-tT")
+    ap.add_argument("--int8-threshold", type=float, help="passed to zolite (with --mode int8); arms are labelled ARM-int8-tT (and ARM-...-epsE for an eps other than 1e-3)")
     args = ap.parse_args()
     args.label = "".join([f"-{args.mode}" if args.mode else "",
-                          f"-t{args.int8_threshold:g}" if args.int8_threshold is not None else ""])
+                          f"-t{args.int8_threshold:g}" if args.int8_threshold is not None else "",
+                          f"-eps{args.eps:g}" if args.eps != 1e-3 else ""])
     args.out.mkdir(parents=True, exist_ok=True)
     args.runs_dir = args.runs_dir or args.out / "runs"
     grid = {"dominant": [float(x) for x in args.lr_layer.split(",")], "full": [float(x) for x in args.lr_full.split(",")]}
