@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import random
 import statistics
 import sys
@@ -180,6 +181,12 @@ def _pick(runs: list[dict]) -> float:
     return max(runs, key=lambda r: (r["val"] if r["val"] is not None else float("-inf"), -r["lr"]))["lr"]
 
 
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _run_parallel(entries, job, seeds, jobs, finish) -> None:
     """Seed-0 grids of every arm at once, then each arm's other seeds once its grid is in; one process per run."""
     import multiprocessing
@@ -187,7 +194,8 @@ def _run_parallel(entries, job, seeds, jobs, finish) -> None:
 
     context = multiprocessing.get_context("spawn")   # fresh interpreters: no forked CUDA or torch thread state
     fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}   # one run per process: clean peaks
-    with ProcessPoolExecutor(jobs, mp_context=context, **fresh) as pool:
+    threads = max(1, (os.cpu_count() or 1) // jobs)   # share the cores: torch would give each process all of them
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,), **fresh) as pool:
         pending = {pool.submit(_run, *job(e, lr, 0), False): e for e in entries for lr in e["lr_grid"]}
         waiting = {id(e): len(e["lr_grid"]) for e in entries}   # grid runs still out, then seed runs still out
         while pending:
