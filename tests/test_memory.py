@@ -182,6 +182,22 @@ def test_measured_activations_replace_the_estimate(llama7b_skeleton, monkeypatch
     assert analytic["activations"] > parts["activations"]   # nf4 was not measured: the analytic estimate
 
 
+def test_shipped_measurements_plan_llama2_7b_until_the_user_measures(llama7b_skeleton, monkeypatch, tmp_path):
+    """The llama2-7b profile ships activation bytes measured on an H100; the user's own measurement wins."""
+    from zolite.plan import measured_activations, record_measured
+    from zolite.profile import get_profile
+
+    monkeypatch.setenv("ZOLITE_CACHE", str(tmp_path))
+    profile = get_profile("llama2-7b")
+    shipped = measured_activations("llama2", torch.float16, profile)
+    assert set(shipped) == {"fp16", "int8", "nf4", "offload"} and measured_activations("llama2", torch.float32, profile) == {}
+    plan = plan_memory(llama7b_skeleton, [1], 8 * GIB, 16, 256, torch.float16, measured=shipped)
+    # measured on the H100: nf4 peaked at 5.30 GiB (allocated) for this batch; the plan adds 10% and the CUDA context
+    assert (plan.mode, plan.micro_batch) == ("nf4", 16) and 5.3 < plan.estimate_gib < 6.6
+    record_measured("llama2", "nf4", torch.float16, 1.0, {"gpu": "test"})
+    assert measured_activations("llama2", torch.float16, profile)["nf4"] == 1.0
+
+
 def test_gpu_cap_passes_torch_a_device_index(monkeypatch):
     """torch.cuda.set_per_process_memory_fraction refuses a bare 'cuda' device (it wants an index): the GPU runs
     of --gpu-memory failed there. Checked here with the CUDA calls replaced."""

@@ -25,6 +25,10 @@ class Profile:
     dominant_layer: int | None = None  # 0-based
     dominant_layer_source: str | None = None
     defaults: dict = field(default_factory=dict)
+    # {"MODE/DTYPE": bytes per doubled token} of a ZO forward, measured by `zolite profile` on a GPU for this shape;
+    # the planner uses them until the user's own `zolite profile` has measured the model
+    activation_bytes_per_token: dict = field(default_factory=dict)
+    activation_source: str | None = None
 
 
 def profile_names() -> list[str]:

@@ -23,7 +23,7 @@ from .io import refuse_clobber, write_json
 from .layers import decoder_layers, format_layers
 from .loading import INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, default_device, load_model, model_skeleton, resolve_model
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
-from .plan import load_measured, parse_size, plan_memory
+from .plan import measured_activations, parse_size, plan_memory
 from .patch import fingerprint, save_patch
 from .trajectory import device_descriptor, save_trajectory, trajectory_path
 from .scan import choose_layers, folder_identity, scan
@@ -281,7 +281,7 @@ def load_for_tuning(config: TuneConfig):
         budget = parse_size(config.gpu_memory)
         dtype = choose_dtype(config.dtype, device, profile)
         plan = plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=mode,
-                           measured=load_measured(identity, dtype), micro_batch=config.micro_batch,
+                           measured=measured_activations(identity, dtype, profile), micro_batch=config.micro_batch,
                            estimator=config.estimator, optimizer=config.optimizer)
         print(f"zolite: memory plan: {plan.reason}", file=sys.stderr)
         mode = plan.mode
