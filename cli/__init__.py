@@ -36,9 +36,10 @@ def custom_task_options(command):
 
 mode_option = click.option(
     "--mode", metavar="fp16|int8|nf4|offload",
-    help="fp16: no quantization (weights in --dtype); int8 / nf4: bitsandbytes; offload: weights in CPU memory, "
-         "streamed to the GPU. The tuned / patched layers stay unquantized on the GPU.  [default: int8 on a GPU "
-         "unless the profile says otherwise; fp16 on the CPU]")
+    help="fp16: no quantization (weights in --dtype); nf4 / int8: bitsandbytes (int8 rounds activations too, which "
+         "swamps ZO's signal below eps 1e-2); offload: weights in CPU memory, streamed to the GPU. The tuned / "
+         "patched layers stay unquantized on the GPU.  [default: nf4 on a GPU unless the profile says otherwise; "
+         "fp16 on the CPU]")
 
 
 def report_options(files: str, default: str):
