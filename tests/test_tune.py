@@ -136,3 +136,17 @@ def test_half_precision_patch_fits_a_base_with_negative_zeros(tmp_path, small_da
     loaded = zolite.load_model(str(folder), dtype="float16")
     assert torch.signbit(loaded.model.model.layers[1].mlp.up_proj.weight[0, :3]).all()
     zolite.apply_patch(loaded.model, report["patch"])   # refused before the fix: "tuned from another base"
+
+
+def test_given_layer_needs_no_scan_key(tmp_path, small_data):
+    """With --layer given, tune does not read the scan cache's key from the files: a checkpoint saved from the base
+    model (keys without the `model.` prefix) has no embedding under the name the key looks for, and still tunes."""
+    from conftest import build_tiny_model
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    full = build_tiny_model(tmp_path / "full")
+    LlamaForCausalLM.from_pretrained(full).model.save_pretrained(tmp_path / "base")
+    AutoTokenizer.from_pretrained(full).save_pretrained(tmp_path / "base")
+    report = zolite.tune(str(tmp_path / "base"), "sst2", data=small_data, run_dir=tmp_path / "run", layer="1",
+                         steps=1, eval_every=0, batch_size=2, progress=False)
+    assert report["layers"] == "1" and report["layer_source"] == "given"

@@ -31,13 +31,17 @@ def parse_layers(spec: str | int, num_layers: int) -> list[int]:
         indices = [int(spec)] if isinstance(spec, int) else [int(s) for s in str(spec).split(",")]
     except ValueError:
         raise ZoliteError(f"--layer '{spec}' is not a layer index; pass an integer (0-based), a list like 3,5, or all") from None
-    for i in indices:
-        if not 0 <= i < num_layers:
-            raise ZoliteError(f"layer {i} is out of range: this model has {num_layers} decoder layers, "
-                              f"0 to {num_layers - 1} (0-based)")
+    check_layer_indices(indices, num_layers)
     if len(set(indices)) != len(indices):
         raise ZoliteError(f"--layer '{spec}' names a layer twice")
     return sorted(indices)
+
+
+def check_layer_indices(layers, num_layers: int, hint: str = "") -> None:
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ZoliteError(f"layer {bad[0]} is out of range: this model has {num_layers} decoder layers, 0 to "
+                          f"{num_layers - 1} (0-based){hint}")
 
 
 def format_layers(indices: list[int], num_layers: int) -> str:

@@ -203,27 +203,24 @@ def model_skeleton(path: Path):
         return AutoModelForCausalLM.from_config(config)
 
 
+# the layers come from a patch (or a scan) here, not from the user's --layer
+PATCH_HINT = "; is the patch for another model?"
+
+
 def linear_names(skeleton, layers: list[int]) -> list[str]:
     """Full names of the Linear modules inside the given decoder layers."""
-    from .layers import decoder_layers
+    from .layers import check_layer_indices, decoder_layers
 
     prefix, decoder = decoder_layers(skeleton)
-    check_layer_indices(layers, len(decoder))
+    check_layer_indices(layers, len(decoder), PATCH_HINT)
     return [f"{prefix}.{i}.{name}" for i in layers for name, m in decoder[i].named_modules()
             if isinstance(m, torch.nn.Linear)]
-
-
-def check_layer_indices(layers, num_layers: int) -> None:
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise ZoliteError(f"layer {bad[0]} is out of range: this model has {num_layers} decoder layers, 0 to "
-                          f"{num_layers - 1} (0-based); is the patch for another model?")
 
 
 def offload_device_map(skeleton, layers: list[int], device: torch.device) -> dict[str, str | int]:
     """Every module in CPU memory (accelerate streams it to `device` for each forward) except the tuned decoder
     layers, which stay on `device`."""
-    from .layers import decoder_layers
+    from .layers import check_layer_indices, decoder_layers
 
     prefix, decoder = decoder_layers(skeleton)
     gpu = device.index or 0
@@ -239,7 +236,7 @@ def offload_device_map(skeleton, layers: list[int], device: torch.device) -> dic
             else:
                 device_map[full] = "cpu"
 
-    check_layer_indices(layers, len(decoder))
+    check_layer_indices(layers, len(decoder), PATCH_HINT)
     place(skeleton, "")
     if not layers:   # nothing kept: one small module on the GPU makes accelerate run the model there
         small = [k for k in device_map if not k.startswith(prefix + ".") and "embed" not in k and k != "lm_head"]
@@ -265,7 +262,7 @@ def load_model(spec: str, *, device: str | torch.device | None = None, dtype: st
 
     mode: fp16 (no quantization: every weight in `dtype`), int8 / nf4 (bitsandbytes; norms, embeddings, lm_head
     and `keep_layers` stay in `dtype`), offload (weights in CPU memory, streamed to the GPU by accelerate;
-    `keep_layers` stay on the GPU). None: the profile's / int8 on a GPU, fp16 on the CPU."""
+    `keep_layers` stay on the GPU). None: the profile's / nf4 on a GPU, fp16 on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, profile = resolve_model(spec)

@@ -5,6 +5,7 @@ set up (model, task data, tuned layers) -> loop (ZO step, log, eval, checkpoint)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -30,7 +31,7 @@ from .scan import choose_layers, folder_identity, scan
 from .scoring import collate, pad_token_id
 from .tasks import get_task, task_data
 from .optim import ESTIMATORS, OPTIMIZERS, Stepper
-from .zo import TunedLayers, generation_losses, step_seed
+from .zo import TunedLayers, generation_losses
 
 OBJECTIVES = ("ce", "lm", "accuracy", "f1")
 BUILTIN_DEFAULTS = {"lr": 1e-6, "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
@@ -58,7 +59,7 @@ class TuneConfig:
     max_length: int | None = None
     dtype: str | None = None
     device: str | None = None
-    mode: str | None = None           # fp16 (unquantized, in dtype) | int8 | nf4 | offload; None: the profile's / int8
+    mode: str | None = None           # fp16 (unquantized, in dtype) | int8 | nf4 | offload; None: the profile's / nf4
                                       # on a GPU, fp16 on the CPU. The tuned layers are never quantized or offloaded
     int8_threshold: float = INT8_THRESHOLD
     gpu_memory: str | None = None     # a budget ("8GiB"): plan mode and micro-batch to fit it, and cap the allocator
@@ -152,6 +153,9 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                           phase=profiler.phase, collate_to_device=lambda c: collate(c, pad).to(device),
                           name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
                           momentum=config.momentum, layerwise=config.layerwise)
+        if config.objective == "f1":   # greedy answers under +eps and -eps, scored like the eval: raw rows go in
+            stepper.pair_losses = lambda rows, seed: generation_losses(net, tokenizer, tuned, task_, rows, seed,
+                                                                        config.eps, config.max_length)
         if saved is not None:
             stepper.load(saved_optimizer, state.pop("optimizer", {}))
         bar = _progress_bar(state["step"], config.steps, progress)
@@ -163,20 +167,14 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                 step = state["step"]
                 t0 = time.perf_counter()
                 rows = batches_for_step(len(train), config.batch_size, step, config.seed)
-                if config.objective == "f1":   # greedy answers under +eps and -eps, scored like the eval
-                    seed = step_seed(config.seed, step)
-                    loss_plus, loss_minus = generation_losses(net, tokenizer, tuned, task_, [splits.train[i] for i in rows],
-                                                              seed, config.eps, config.max_length)
-                    g = (loss_plus - loss_minus) / (2 * config.eps)
-                    tuned.sgd_update(seed, g, config.lr, config.weight_decay)
-                    state["losses"].append((loss_plus + loss_minus) / 2)
-                    if state["trajectory"] is not None:
-                        state["trajectory"].append([seed, g])
+                if config.objective == "f1":
+                    examples = [splits.train[i] for i in rows]
                 else:
-                    state["losses"].append(stepper.step(step, [train[i] for i in rows]))
-                    if stepper.plain() and state["trajectory"] is not None:
-                        state["trajectory"].append(list(stepper.last_update))
-                    tokens += sum(len(train[i].context) for i in rows)
+                    examples = [train[i] for i in rows]
+                    tokens += sum(len(e.context) for e in examples)
+                state["losses"].append(stepper.step(step, examples))
+                if stepper.plain() and state["trajectory"] is not None:
+                    state["trajectory"].append(list(stepper.last_update))
                 state["step"] = step + 1
                 state["train_s"] += time.perf_counter() - t0
                 if not math.isfinite(state["losses"][-1]):   # diverged: the weights are no longer usable
@@ -221,7 +219,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                 "zolite.task": config.task, "zolite.steps": str(state["step"]), "zolite.metric": metric,
                 "zolite.hparams": dataclasses.asdict(config)}
             save_patch(out, tuned.state(), patch_metadata, force=True)
-            if (stepper.plain() or config.objective == "f1") and state["trajectory"] is not None:   # seeds: kilobytes
+            if stepper.plain() and state["trajectory"] is not None:   # seeds: kilobytes
                 save_trajectory(trajectory_path(out), state["trajectory"][:metric["kept_step"]], {
                     **patch_metadata, "zolite.dense_sha256": fingerprint(tuned.state()),
                     "zolite.trained_on": device_descriptor(device, loaded.dtype)}, force=True)   # checked up front
@@ -264,16 +262,17 @@ def load_for_tuning(config: TuneConfig):
     device = torch.device(config.device) if config.device else default_device()
     skeleton = model_skeleton(path)
     num_layers = len(decoder_layers(skeleton)[1])
-    identity = folder_identity(path, skeleton)
-    indices, source = choose_layers(config.layer, num_layers, lambda: identity, profile,
+    # read from the model's files only when needed (a cached scan, a memory plan): it hashes the embedding
+    identity = functools.cache(lambda: folder_identity(path, skeleton))
+    indices, source = choose_layers(config.layer, num_layers, identity, profile,
                                     lambda: scan(config.model, seeds=0, device=device, dtype=config.dtype,
                                                  mode=config.mode))
     mode, plan = config.mode, None
     if mode in QUANT_MODES and len(indices) == num_layers:
         raise ZoliteError(f"--layers all tunes every layer, so nothing is left to quantize with --mode {mode}; "
                           "use --mode fp16 or offload")
-    if mode is None and len(indices) == num_layers and device.type == "cuda":
-        mode = "fp16"
+    if mode is None and len(indices) == num_layers and device.type == "cuda" and config.gpu_memory is None:
+        mode = "fp16"   # with a budget, the planner chooses between fp16 and offload
     if config.gpu_memory is not None:
         defaults = profile.defaults if profile else {}
         batch = config.batch_size or defaults.get("batch_size", BUILTIN_DEFAULTS["batch_size"])
@@ -281,7 +280,7 @@ def load_for_tuning(config: TuneConfig):
         budget = parse_size(config.gpu_memory)
         dtype = choose_dtype(config.dtype, device, profile)
         plan = plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=mode,
-                           measured=measured_activations(identity, dtype, profile), micro_batch=config.micro_batch,
+                           measured=measured_activations(identity(), dtype, profile), micro_batch=config.micro_batch,
                            estimator=config.estimator, optimizer=config.optimizer)
         print(f"zolite: memory plan: {plan.reason}", file=sys.stderr)
         mode = plan.mode
