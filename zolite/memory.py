@@ -64,6 +64,7 @@ class MemoryProfiler:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        first = len(self.samples)   # this phase's samples come after: no rescan of the whole run at its end
         start = self._sample()[0]
         self.phases.setdefault(name, {"start": start, "seconds": 0.0, "count": 0, "gpu_allocated_peak": 0,
                                       "gpu_reserved_peak": 0, "cpu_rss_peak": 0, "top": not self._stack})
@@ -79,7 +80,7 @@ class MemoryProfiler:
             alloc, reserved = max(alloc, own_alloc), max(reserved, own_reserved)
             if self._stack:
                 self._stack[-1][1], self._stack[-1][2] = max(self._stack[-1][1], alloc), max(self._stack[-1][2], reserved)
-            rss = max(s[3] for s in self.samples if start <= s[0] <= end)
+            rss = max(s[3] for s in self.samples[first:] if start <= s[0] <= end)
             entry = self.phases[name]
             entry["end"] = end
             entry["seconds"] += end - start
