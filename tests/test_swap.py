@@ -117,6 +117,10 @@ def test_export_is_a_plain_checkpoint(tiny_model, two_patches, tmp_path):
     assert torch.equal(_logits(merged, tok), _logits(patched.model, patched.tokenizer))
     assert_user_error(run_cli("export", "--model", tiny_model, "--patch", two_patches["b"], "--out",
                               tmp_path / "merged"), "already exists", "--force")
+    (tmp_path / "a-file").write_text("mine")   # an existing file is refused, even with --force, and kept
+    assert_user_error(run_cli("export", "--model", tiny_model, "--patch", two_patches["b"], "--out",
+                              tmp_path / "a-file", "--force"), "is a file", "choose another --out")
+    assert (tmp_path / "a-file").read_text() == "mine"
 
 
 def test_routed_apply(tiny_model, two_patches, tmp_path):

@@ -23,6 +23,8 @@ def export(model: str | None, patch, out, *, dtype: str = "float16", force: bool
     from .patch import apply_patch, load_patch
 
     out = Path(out)
+    if out.is_file():
+        raise ZoliteError(f"{out} is a file; export writes a folder (config, tokenizer, shards): choose another --out")
     if out.exists() and any(out.iterdir()) and not force:
         raise ZoliteError(f"{out} already exists; pass --force to overwrite it or choose another --out")
     p = load_patch(patch)

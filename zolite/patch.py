@@ -132,8 +132,8 @@ def apply_patch(model: torch.nn.Module, patch: Patch | str | Path, *, verify: bo
     if not isinstance(patch, Patch):
         patch = load_patch(patch)
     if is_trajectory(patch):
-        patch = replay(model, patch)
-    if verify:
+        patch = replay(model, patch)   # checks the base itself before replaying
+    elif verify:
         check_fits(model, patch)
     params = dict(model.named_parameters())
     for name, t in patch.tensors.items():

@@ -58,7 +58,8 @@ class PatchSet:
                 self.swap(active)
         # the base's fingerprint over the names it has: check_fits reports unknown names and shapes first
         check_fits(self.model, patch, base_sha256=self._base_fingerprint([n for n in patch.tensors if n in self.base]))
-        entry = {"patch": patch, "where": where, "names": sorted(patch.tensors)}
+        # the entry keeps the metadata only: the tensors live where `where` says (a disk patch holds no RAM)
+        entry = {"patch": Patch({}, patch.metadata, patch.path), "where": where, "names": sorted(patch.tensors)}
         if where == "device":
             entry["tensors"] = {n: torch.nn.Parameter(t.to(self.base[n].device, self.base[n].dtype), requires_grad=False)
                                 for n, t in patch.tensors.items()}
@@ -150,5 +151,5 @@ def load_with_patches(model: str | None, patches: dict[str, str], *, where: str 
     loaded = load_model(model, keep_layers=layers, **load_options)
     patch_set = PatchSet(loaded.model)
     for name, patch in read.items():
-        patch_set.attach(name, patch if where != "disk" else patches[name], where)
+        patch_set.attach(name, patch, where)   # already read: a disk patch maps its file (patch.path) on each swap
     return loaded, patch_set

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError
-from .patch import Patch, fingerprint, save_patch
+from .patch import Patch, check_fits, fingerprint, save_patch
 
 
 def save_trajectory(path, trajectory: list, metadata: dict, *, force: bool = False) -> Path:
@@ -53,19 +53,16 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
     if not is_trajectory(patch):
         raise ZoliteError(f"{patch.path} is already a dense patch")
     hparams = json.loads(patch.metadata.get("zolite.hparams", "{}"))
-    layers = [int(i) for i in patch.metadata["zolite.layer"].split(",")]
     steps = int(patch.metadata["zolite.trajectory_steps"])
     seeds = patch.tensors["trajectory.seeds"].tolist()[:steps]
     grads = patch.tensors["trajectory.grads"].tolist()[:steps]
-    tuned = TunedLayers(model, layers, hparams.get("eps_scale", "absolute"))
+    tuned = TunedLayers(model, patch.layers, hparams.get("eps_scale", "absolute"))
     here = device_descriptor(tuned.params[0].device, tuned.params[0].dtype)
     trained_on = patch.metadata.get("zolite.trained_on")
     if trained_on != here:
         raise ZoliteError(f"{patch.path} was trained on {trained_on}; its seeds give the same z only there (this "
                           f"is {here}): use the dense patch, or replay it on that device and dtype")
-    if fingerprint(tuned.weights()) != patch.metadata["zolite.base_sha256"]:
-        raise ZoliteError(f"{patch.path} was tuned from another base (layer {patch.metadata['zolite.layer']} "
-                          "fingerprint differs); replay it on that base model")
+    check_fits(model, Patch(tuned.weights(), patch.metadata, patch.path))   # the base, as for a dense patch
     saved = [p.detach().clone() for p in tuned.params]
     try:
         for seed, g in zip(seeds, grads):
