@@ -141,7 +141,6 @@ def main():
 
     build_model(args.model_dir, args.shape)
     results["forward_b32"] = forward_ms(args.model_dir, 32, 256)
-    results["forward_b16"] = forward_ms(args.model_dir, 16, 256)
     save()
     plain = ["--layer", "1"]
     runs = [("fp16", "--mode", "fp16"), ("int8", "--mode", "int8"), ("int8-t0", "--mode", "int8", "--int8-threshold", "0"),

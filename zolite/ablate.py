@@ -72,8 +72,9 @@ def _model_facts(model: str) -> dict:
     from .tune import BUILTIN_DEFAULTS
 
     path, profile = resolve_model(model)
-    num_layers = len(decoder_layers(model_skeleton(path))[1])
-    dominant, _ = cached_dominant_layer(folder_identity(path))
+    skeleton = model_skeleton(path)
+    num_layers = len(decoder_layers(skeleton)[1])
+    dominant, _ = cached_dominant_layer(folder_identity(path, skeleton))
     if dominant is None and profile is not None:
         dominant = profile.dominant_layer
     defaults = {**BUILTIN_DEFAULTS, **(profile.defaults if profile else {})}

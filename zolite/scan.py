@@ -22,7 +22,6 @@ import torch
 from .errors import ZoliteError
 from .io import write_json, write_text
 from .layers import decoder_layers
-from .loading import QUANT_MODES
 
 MAGNITUDE, RATIO, SHARE = 100.0, 1000.0, 0.5
 
@@ -215,7 +214,7 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
     activations = activation_profile(net, batches)
     # Quantized weights (int8 / nf4) are packed integers, offloaded ones live in accelerate's CPU map: the probe
     # needs plain weights on the device.
-    probe = seeds if loaded.mode not in (*QUANT_MODES, "offload") else 0
+    probe = seeds if loaded.mode == "fp16" else 0
     base_loss, sensitivity = sensitivity_profile(net, batches, probe, eps) if probe else (None, [])
     for a, s in zip(activations, sensitivity):
         a["delta_loss"] = s["delta_loss"]
