@@ -326,12 +326,13 @@ def profile(model, out, as_json, **options):
 @click.option("--jobs", type=int, default=1, show_default=True,
               help="Runs at once, each in its own process (a small model leaves a GPU mostly idle with one).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def ablate(model, task, plan, seeds, arms, steps, out, jobs, quiet, **tune_options):
+@click.option("--table-only", is_flag=True, help="Run nothing: tabulate the runs already finished in --out.")
+def ablate(model, task, plan, seeds, arms, steps, out, jobs, quiet, table_only, **tune_options):
     """Run a plan of tune variants over seeds (resuming finished and cut-off runs); writes CSV, markdown and plots."""
     import zolite
 
     result = zolite.ablate(model, task, plan=plan, seeds=seeds, arms=arms, steps=steps, out=out, jobs=jobs,
-                           progress=not quiet and jobs == 1, **tune_options)
+                           progress=not quiet and jobs == 1, table_only=table_only, **tune_options)
     out = result["out"]
     click.echo(Path(out, "results.md").read_text())
     click.echo(f"results: {out}/results.md, {out}/results.csv, {out}/accuracy.png, {out}/loss.png")

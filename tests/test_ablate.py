@@ -44,7 +44,7 @@ def test_builtin_plan_resolves_for_a_model():
     assert resolved["residual-same-forwards"][0]["steps"] == 2000
     assert resolved["layer-last"][0]["layer"] == "29"
     assert resolved["layer-random"][0]["layer"] not in ("11", None)
-    assert resolved["mezo"][1] == [3e-4] and resolved["layer-full"][1] == [9e-6, 3e-5]
+    assert resolved["mezo"][1] == [3e-4] and resolved["layer-full"][1] == [9e-6, 3e-5, 9e-5]
 
 
 def test_ablate_runs_resumes_and_tabulates(tiny_model, small_data, tmp_path):
@@ -63,6 +63,8 @@ def test_ablate_runs_resumes_and_tabulates(tiny_model, small_data, tmp_path):
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["arm"] for r in rows] == ["mezo", "backprop", "last-layer-residual"]
     assert all(float(r["test_mean"]) >= 0 for r in rows)
+    assert [r["status"] for r in rows] == ["done"] * 3
+    assert all(0 <= float(r["kept_step_mean"]) <= 8 for r in rows)
     for name in ("results.md", "accuracy.png", "loss.png"):
         assert (out / name).stat().st_size > 0
     # resume: finished runs are read back, not run again
@@ -91,6 +93,30 @@ def test_parallel_jobs_give_the_sequential_results(tiny_model, small_data, tmp_p
         assert a["picked_lr"] == b["picked_lr"]
         assert [(r["lr"], r["seed"], r["val"], r["test"], r["loss_by_25"]) for r in a["runs"]] == \
                [(r["lr"], r["seed"], r["val"], r["test"], r["loss_by_25"]) for r in b["runs"]]
+
+
+def test_table_only_tabulates_a_cut_off_ablation(tiny_model, small_data, tmp_path):
+    """--table-only runs nothing; arms still running are in the table, marked with what has finished."""
+    plan = tmp_path / "mini.toml"
+    plan.write_text(PLAN)
+    out = tmp_path / "abl"
+    common = dict(plan=str(plan), steps=4, out=out, data=small_data, batch_size=4, eval_every=2, progress=False)
+    zolite.ablate(tiny_model, "sst2", seeds=1, arms="mezo,backprop", **common)
+    (out / "backprop" / "lr0.001-s0" / "report.json").unlink()        # as if cut off mid-run
+    made = {p.relative_to(out) for p in out.rglob("report.json")}
+    r = run_cli("ablate", "--model", tiny_model, "--task", "sst2", "--plan", plan, "--seeds", 2, "--steps", 4,
+                "--out", out, "--table-only")
+    assert r.exit_code == 0, r.output
+    assert {p.relative_to(out) for p in out.rglob("report.json")} == made   # nothing ran
+    rows = {row["arm"]: row for row in csv.DictReader(open(out / "results.csv"))}
+    assert set(rows) == {"mezo"} and rows["mezo"]["status"] == "seeds 1/2" and rows["mezo"]["seeds"] == "1"
+    assert "seeds 1/2" in (out / "results.md").read_text()
+    (out / "mezo" / "lr0.01-s0" / "report.json").unlink()
+    zolite.ablate(tiny_model, "sst2", seeds=2, table_only=True, **common)
+    row = next(csv.DictReader(open(out / "results.csv")))
+    assert row["status"] == "lr grid 1/2" and float(row["lr"]) == 1e-3
+    assert_user_error(run_cli("ablate", "--model", tiny_model, "--plan", plan, "--out", tmp_path / "empty",
+                              "--table-only"), "no finished runs of plan mini", "without --table-only")
 
 
 def test_plan_errors(tiny_model, tmp_path):

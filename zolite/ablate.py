@@ -101,23 +101,32 @@ def arm_options(arm: dict, defaults: dict, facts: dict, steps: int | None, extra
 
 
 def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progress: bool) -> dict:
-    import json
-
     from .tune import tune
 
-    report_file = run_dir / "report.json"
-    if report_file.is_file():
-        report = json.loads(report_file.read_text())
-    elif (run_dir / "checkpoint.safetensors").is_file():
+    report = _finished_report(run_dir)
+    if report is None and (run_dir / "checkpoint.safetensors").is_file():
         report = tune(model, task, resume=run_dir, progress=progress)
-    else:
+    elif report is None:
         report = tune(model, task, run_dir=run_dir, force=True, progress=progress, lr=lr, seed=seed, **options)
+    return _row(report, lr, seed)
+
+
+def _finished_report(run_dir: Path) -> dict | None:
+    import json
+
+    report_file = run_dir / "report.json"
+    return json.loads(report_file.read_text()) if report_file.is_file() else None
+
+
+def _row(report: dict, lr: float, seed: int) -> dict:
+    """A run's line of the table, from its report."""
     final = report["final"]
     memory = report["memory"]
     losses = report["loss_curve"]
     return {"lr": lr, "seed": seed, "steps": report["steps"], "layers": report["layers"],
             "val": final["val"]["score"] if final.get("val") else None,
             "test": final["test"]["score"] if final.get("test") else None,
+            "kept_step": report.get("kept_step"),
             "forward_passes": report.get("forward_passes"), "wall_s": report["timing"]["total_s"],
             "diverged_at_step": report.get("diverged_at_step"),
             "peak_gib": memory.get("gpu_allocated_peak_gib", memory.get("cpu_rss_peak_gib")),
@@ -127,11 +136,13 @@ def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progre
 
 def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed000", seeds: int = 3,
            out=None, steps: int | None = None, arms: str | None = None, progress: bool = True, jobs: int = 1,
-           **tune_options) -> dict:
+           table_only: bool = False, **tune_options) -> dict:
     """Run (or resume) every arm of `plan` over `seeds` seeds; returns the rows and writes the tables and plots.
 
-    jobs > 1: up to `jobs` runs at once, each in its own process (a small model leaves a GPU mostly idle with one):
-    every arm's seed-0 grid first, then each arm's other seeds as soon as its grid has finished."""
+    The tables are rewritten after every finished run, unfinished arms marked as such, so a cut-off ablation keeps
+    what it measured. jobs > 1: up to `jobs` runs at once, each in its own process (a small model leaves a GPU mostly
+    idle with one): every arm's seed-0 grid first, then each arm's other seeds as soon as its grid has finished.
+    table_only: run nothing, tabulate the runs already finished in `out`."""
     if seeds < 1:
         raise ZoliteError(f"--seeds must be at least 1, got {seeds}")
     if jobs < 1:
@@ -157,24 +168,48 @@ def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed
     def job(entry, lr, seed):
         return (model, task, out / entry["name"] / f"lr{lr:g}-s{seed}", entry["options"], lr, seed)
 
-    def finish(entry):   # tabulate the arms finished so far, in the plan's order: a cut-off ablation keeps them
-        entry["runs"].sort(key=lambda r: (r["seed"], entry["lr_grid"].index(r["lr"]) if r["seed"] == 0 else 0))
-        results["arms"] = [e for e in entries if e.get("done")]
-        write_results(results, out)
-
-    if jobs == 1:
+    def tabulate():   # every arm with a finished run, in the plan's order
         for entry in entries:
-            entry["runs"] = [_run(*job(entry, lr, 0), progress) for lr in entry["lr_grid"]]
+            entry["runs"].sort(key=lambda r: (r["seed"], entry["lr_grid"].index(r["lr"]) if r["seed"] == 0 else 0))
+        results["arms"] = [e for e in entries if e["runs"]]
+        if results["arms"]:
+            write_results(results, out)
+
+    if table_only:
+        _read_finished(entries, job, seeds)
+        if not any(e["runs"] for e in entries):
+            raise ZoliteError(f"no finished runs of plan {plan_['name']} in {out}; run zolite ablate without "
+                              "--table-only first (or give the --out it wrote to)")
+        tabulate()
+    elif jobs == 1:
+        for entry in entries:
+            for lr in entry["lr_grid"]:
+                entry["runs"].append(_run(*job(entry, lr, 0), progress))
+                tabulate()
             entry["picked_lr"] = _pick(entry["runs"])
-            entry["runs"] += [_run(*job(entry, entry["picked_lr"], seed), progress) for seed in range(1, seeds)]
-            entry["done"] = True
-            finish(entry)
+            for seed in range(1, seeds):
+                entry["runs"].append(_run(*job(entry, entry["picked_lr"], seed), progress))
+                tabulate()
     else:
-        _run_parallel(entries, job, seeds, jobs, finish)
-    for entry in entries:
-        entry.pop("done", None)
+        _run_parallel(entries, job, seeds, jobs, tabulate)
     results["arms"] = entries
     return results
+
+
+def _read_finished(entries, job, seeds) -> None:
+    """Each arm's finished runs (report.json): its seed-0 grid, and once the grid is complete its other seeds."""
+    for entry in entries:
+        for lr in entry["lr_grid"]:
+            report = _finished_report(job(entry, lr, 0)[2])
+            if report is not None:
+                entry["runs"].append(_row(report, lr, 0))
+        if len(entry["runs"]) < len(entry["lr_grid"]):
+            continue
+        entry["picked_lr"] = _pick(entry["runs"])
+        for seed in range(1, seeds):
+            report = _finished_report(job(entry, entry["picked_lr"], seed)[2])
+            if report is not None:
+                entry["runs"].append(_row(report, entry["picked_lr"], seed))
 
 
 def _pick(runs: list[dict]) -> float:
@@ -188,7 +223,7 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _run_parallel(entries, job, seeds, jobs, finish) -> None:
+def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
     """Seed-0 grids of every arm at once, then each arm's other seeds once its grid is in; one process per run."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -210,27 +245,32 @@ def _run_parallel(entries, job, seeds, jobs, finish) -> None:
                         f.cancel()
                     raise
                 waiting[id(entry)] -= 1
-                if waiting[id(entry)]:
-                    continue
-                if entry["picked_lr"] is None:   # its grid is in: pick, then its other seeds
+                if not waiting[id(entry)] and entry["picked_lr"] is None:   # its grid is in: pick, then its seeds
                     entry["picked_lr"] = _pick(entry["runs"])
                     waiting[id(entry)] = seeds - 1
                     pending.update({pool.submit(_run, *job(entry, entry["picked_lr"], s), False): entry
                                     for s in range(1, seeds)})
-                    if seeds > 1:
-                        continue
-                entry["done"] = True
-                finish(entry)
+                tabulate()
 
 
-def _summary(arm: dict) -> dict:
-    rs = [r for r in arm["runs"] if r["lr"] == arm["picked_lr"]]
+def _summary(arm: dict, seeds: int) -> dict:
+    """An arm's row: its picked lr's seeds (while its grid is still running, the best lr so far)."""
+    grid_runs = [r for r in arm["runs"] if r["seed"] == 0]
+    lr = arm["picked_lr"] if arm["picked_lr"] is not None else _pick(grid_runs)
+    rs = [r for r in arm["runs"] if r["lr"] == lr]
     tests = [r["test"] for r in rs if r["test"] is not None]
-    return {"arm": arm["name"], "lr": arm["picked_lr"], "seeds": len(rs), "steps": rs[0]["steps"],
+    vals = [r["val"] for r in rs if r["val"] is not None]
+    kept = [r["kept_step"] for r in rs if r.get("kept_step") is not None]
+    if len(grid_runs) < len(arm["lr_grid"]):
+        status = f"lr grid {len(grid_runs)}/{len(arm['lr_grid'])}"
+    else:
+        status = "done" if len(rs) == seeds else f"seeds {len(rs)}/{seeds}"
+    return {"arm": arm["name"], "lr": lr, "seeds": len(rs), "status": status, "steps": rs[0]["steps"],
             "layers": rs[0]["layers"],
             "test_mean": statistics.mean(tests) if tests else None,
             "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
-            "val_mean": statistics.mean(r["val"] for r in rs if r["val"] is not None) if rs[0]["val"] is not None else None,
+            "val_mean": statistics.mean(vals) if vals else None,
+            "kept_step_mean": statistics.mean(kept) if kept else None,
             "forward_passes": rs[0]["forward_passes"], "peak_gib": max(r["peak_gib"] for r in rs),
             "peak_kind": rs[0]["peak_kind"], "wall_s": statistics.mean(r["wall_s"] for r in rs),
             "diverged": sum(r.get("diverged_at_step") is not None for r in rs)}
@@ -242,7 +282,7 @@ def write_results(results: dict, out: Path) -> None:
     from .io import write_json
 
     out.mkdir(parents=True, exist_ok=True)
-    rows = [_summary(a) for a in results["arms"]]
+    rows = [_summary(a, results["seeds"]) for a in results["arms"]]
     write_json(out / "results.json", results)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
@@ -253,13 +293,17 @@ def write_results(results: dict, out: Path) -> None:
     lines = [f"# Ablation {results['plan']}: {results['model']} on {results['task']}", "",
              f"Test score mean ± std over seeds at each arm's lr (picked by seed 0's val score from its grid); "
              f"forward passes per run (MeZO's count: 2 per z); diverged = seeds whose loss became inf/nan (their "
-             f"patch keeps the best val weights); peak memory = {rows[0]['peak_kind']}.", "",
-             "| arm | layers | lr | steps | forward passes | test (mean ± std) | seeds | diverged | val (mean) | peak GiB | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"patch keeps the best val weights); kept step = the step whose weights the patch keeps (best val "
+             f"score; 0 = no val check beat the base model, so the patch is the base); status: done, or how much of "
+             f"the arm's lr grid / seeds has finished; peak memory = {rows[0]['peak_kind']}.", "",
+             "| arm | layers | lr | steps | forward passes | test (mean ± std) | seeds | status | diverged | val (mean) "
+             "| kept step (mean) | peak GiB | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        kept = "-" if r["kept_step_mean"] is None else f"{r['kept_step_mean']:.0f}"
         lines.append(f"| {r['arm']} | {r['layers']} | {r['lr']:g} | {r['steps']} | {r['forward_passes']} | "
-                     f"{fmt(r['test_mean'])} ± {r['test_std']:.4f} | {r['seeds']} | {r['diverged']} | {fmt(r['val_mean'])} | "
-                     f"{r['peak_gib']:.2f} | {r['wall_s']:.0f} |")
+                     f"{fmt(r['test_mean'])} ± {r['test_std']:.4f} | {r['seeds']} | {r['status']} | {r['diverged']} | "
+                     f"{fmt(r['val_mean'])} | {kept} | {r['peak_gib']:.2f} | {r['wall_s']:.0f} |")
     lines += ["", "lr grids (seed 0's val score):", ""]
     for a in results["arms"]:
         seed0 = ", ".join(f"{r['lr']:g}: {fmt(r['val'])}" for r in a["runs"] if r["seed"] == 0)
@@ -276,14 +320,15 @@ def _plot(results: dict, rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
     ax.bar(range(len(rows)), [r["test_mean"] or 0 for r in rows], yerr=[r["test_std"] for r in rows], capsize=3)
-    ax.set_xticks(range(len(rows)), [r["arm"] for r in rows], rotation=60, ha="right", fontsize=8)
+    labels = [r["arm"] + ("" if r["status"] == "done" else f" ({r['status']})") for r in rows]
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
     ax.set(ylabel="test score (mean ± std)", title=f"{results['model']} / {results['task']}: {results['plan']}")
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for a in results["arms"]:
-        curves = [r["loss_by_25"] for r in a["runs"] if r["lr"] == a["picked_lr"]]
+    for a, row in zip(results["arms"], rows):
+        curves = [r["loss_by_25"] for r in a["runs"] if r["lr"] == row["lr"]]
         n = min(len(c) for c in curves)
         ax.plot([25 * i for i in range(n)], [statistics.mean(c[i] for c in curves) for i in range(n)], label=a["name"])
     ax.set(xlabel="step", ylabel="training loss (25-step means)", title="loss curves")
