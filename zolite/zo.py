@@ -40,6 +40,7 @@ def step_seed(run_seed: int, step: int) -> int:
 # A residual is below half an ulp of its weight; scaled up by 2^12 it stays a normal (not subnormal) fp16 number for
 # weights from ~1e-4 to ~1e4, so it keeps 11 significant bits.
 RESIDUAL_SCALE = 4096.0
+UPDATE_CHUNK = 1 << 22   # elements of a half-precision tensor updated at a time (16 MiB of fp32)
 
 
 class TunedLayers:
@@ -124,15 +125,29 @@ class TunedLayers:
 
     @torch.no_grad()
     def sgd_update(self, seed: int, projected_grad: float, lr: float, weight_decay: float = 0.0) -> None:
-        """MeZO's update: W <- W - lr * (g * z + wd * W), no decay on vectors (norms, biases)."""
+        """MeZO's update: W <- W - lr * (g * z + wd * W), no decay on vectors (norms, biases).
+
+        Beside z, a half-precision tensor needs its fp32 value; it is built UPDATE_CHUNK elements at a time (the
+        arithmetic is elementwise, so the result is the same bits), and z is dropped before the next tensor's: on a
+        7B layer the update's peak went from 3 to 1 fp32 copies of its largest matrix (0.55 -> ~0.2 GiB)."""
         for i, (p, r) in enumerate(zip(self.params, self.residuals)):
             z = sample_z(seed, i, p)
-            value = self.master(i)
-            if weight_decay and p.dim() >= 2:
-                value.mul_(1 - lr * weight_decay)
-            value.add_(z, alpha=-lr * projected_grad * self.scales[i])
-            if r is not None:
-                self._set(p, r, value)
+            decay = 1 - lr * weight_decay if weight_decay and p.dim() >= 2 else None
+            step = -lr * projected_grad * self.scales[i]
+            if r is None:   # fp32: the weight is its own master, edited in place
+                if decay is not None:
+                    p.mul_(decay)
+                p.add_(z, alpha=step)
+            else:
+                weights, residuals, zs = p.view(-1), r.view(-1), z.view(-1)
+                for start in range(0, weights.numel(), UPDATE_CHUNK):
+                    part = slice(start, start + UPDATE_CHUNK)
+                    value = weights[part].float().add_(residuals[part], alpha=1 / RESIDUAL_SCALE)
+                    if decay is not None:
+                        value.mul_(decay)
+                    value.add_(zs[part], alpha=step)
+                    self._set(weights[part], residuals[part], value)
+            del z
 
     @contextmanager
     def _swapped(self, seed: int, eps: float, state: dict):
