@@ -222,3 +222,23 @@ def test_default_mode_on_a_gpu_is_nf4_unless_the_profile_says_otherwise():
     assert choose_mode(None, torch.device("cuda"), get_profile("smollm2-135m")) == "fp16"   # its profile's mode_cuda
     assert choose_mode(None, torch.device("cpu"), None) == "fp16"
     assert choose_mode("int8", torch.device("cuda"), None) == "int8"
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_breakdown_counts_the_quantization_statistics(tiny_model, mode):
+    """LLM.int8's row scales and NF4's block absmax are not parameters; the breakdown still counts them, once."""
+    pytest.importorskip("bitsandbytes")
+    from zolite.memory import weight_breakdown
+    from zolite.zo import TunedLayers
+
+    loaded = zolite.load_model(tiny_model, mode=mode, device="cpu", keep_layers=[1])
+    tuned = TunedLayers(loaded.model, [1])
+    frozen = weight_breakdown(loaded.model, tuned)["frozen_weights_gib"]
+    quantized = [m.weight for m in loaded.model.modules() if type(m.weight if hasattr(m, "weight") else None).__name__
+                 in ("Int8Params", "Params4bit")]
+    assert quantized
+    stats = (sum(w.SCB.numel() * 4 for w in quantized) if mode == "int8" else
+             sum(w.quant_state.absmax.numel() * 4 + w.quant_state.code.numel() * 4 for w in quantized))
+    assert frozen["quantization statistics, float32 on cpu"] * 2**30 == pytest.approx(stats, abs=2**30 * 1e-4)
+    weights = sum(w.numel() for w in quantized)   # int8: 1 byte a weight, nf4: 2 weights a byte, stored as uint8
+    assert frozen[f"{'int8' if mode == 'int8' else 'uint8'} on cpu"] * 2**30 == pytest.approx(weights, abs=2**30 * 1e-4)

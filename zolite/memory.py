@@ -143,27 +143,48 @@ def _downsample(samples: list[tuple], points: int) -> list[list]:
 
 
 def weight_breakdown(model: torch.nn.Module, tuned) -> dict:
-    """Bytes of the frozen weights by dtype and place, the tuned layers, and their compensation residuals (the
-    master copy's share beyond the weights themselves)."""
+    """Bytes of the frozen weights by dtype and place, the quantization statistics bitsandbytes keeps beside them
+    (NF4 block absmax, LLM.int8 row scales: not parameters, so not counted as weights), the tuned layers, and their
+    compensation residuals (the master copy's share beyond the weights themselves)."""
     tuned_ids = {id(p) for p in tuned.params}
     frozen: dict[str, int] = {}
     gpu_resident = 0
     seen = set()
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
+
+    def count(tensor, label: str) -> None:
+        nonlocal gpu_resident
+        key = (tensor.device, tensor.untyped_storage().data_ptr()) if tensor.numel() else (id(tensor),)
+        if key in seen:
+            return
+        seen.add(key)
         size = tensor.numel() * tensor.element_size()
         gpu_resident += size if tensor.device.type == "cuda" else 0
         if id(tensor) not in tuned_ids:
-            key = f"{str(tensor.dtype).removeprefix('torch.')} on {tensor.device.type}"
-            frozen[key] = frozen.get(key, 0) + size
+            name = f"{label}{str(tensor.dtype).removeprefix('torch.')} on {tensor.device.type}"
+            frozen[name] = frozen.get(name, 0) + size
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        count(tensor, "")
+    for param in model.parameters():
+        for tensor in _quantization_state(param):
+            count(tensor, "quantization statistics, ")
     tuned_bytes = sum(p.numel() * p.element_size() for p in tuned.params)
     master_bytes = sum(r.numel() * r.element_size() for r in tuned.residuals if r is not None)
     on_gpu = any(p.device.type == "cuda" for p in tuned.params)
     return {"frozen_weights_gib": {k: _gib(v) for k, v in sorted(frozen.items())},
             "tuned_layers_gib": _gib(tuned_bytes), "master_copy_gib": _gib(master_bytes),
             "gpu_resident_bytes": gpu_resident + (master_bytes if on_gpu else 0)}
+
+
+def _quantization_state(param) -> list[torch.Tensor]:
+    """Tensors bitsandbytes hangs on a quantized parameter: Int8Params' CB/SCB, Params4bit's quant_state (absmax,
+    code, and the nested state of double quantization)."""
+    found = [v for v in vars(param).values() if isinstance(v, torch.Tensor)]
+    state = getattr(param, "quant_state", None)
+    while state is not None:
+        found += [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+        state = getattr(state, "state2", None)
+    return found
 
 
 def _gib(n: int) -> float:
