@@ -242,3 +242,26 @@ def test_breakdown_counts_the_quantization_statistics(tiny_model, mode):
     assert frozen["quantization statistics, float32 on cpu"] * 2**30 == pytest.approx(stats, abs=2**30 * 1e-4)
     weights = sum(w.numel() for w in quantized)   # int8: 1 byte a weight, nf4: 2 weights a byte, stored as uint8
     assert frozen[f"{'int8' if mode == 'int8' else 'uint8'} on cpu"] * 2**30 == pytest.approx(weights, abs=2**30 * 1e-4)
+
+
+def test_offloaded_weights_are_moved_to_pinned_memory_once(tiny_model):
+    """pin_offloaded_weights swaps every tensor accelerate streams from for its pinned copy (here a clone: pinning
+    needs a GPU), tied tensors for one copy, and the model computes the same."""
+    from accelerate import cpu_offload
+
+    from zolite.loading import pin_offloaded_weights
+
+    model = zolite.load_model(tiny_model, dtype="float32").model
+    model.lm_head.weight = model.model.embed_tokens.weight          # tie them, as SmolLM2 does
+    ids = torch.tensor([[1, 5, 9, 3]])
+    expected = model(ids).logits
+    cpu_offload(model, execution_device="cpu")
+    store = model.model.layers[0].mlp.up_proj._hf_hook.weights_map.dataset   # one dict, shared by every hook
+    before = {k: v.data_ptr() for k, v in store.items()}
+    copies = []
+    pinned_bytes = pin_offloaded_weights(model, pin=lambda t: copies.append(t) or t.clone())
+    assert len(copies) == len({p for p in before.values()})         # the tied pair was copied once
+    assert all(store[k].data_ptr() != ptr for k, ptr in before.items())
+    assert store["lm_head.weight"] is store["model.embed_tokens.weight"]
+    assert pinned_bytes == sum(t.numel() * t.element_size() for t in copies)
+    assert torch.equal(model(ids).logits, expected)
