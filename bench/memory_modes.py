@@ -125,6 +125,8 @@ def main():
     ap.add_argument("--model-dir", type=Path, default=Path("/root/llama7b-random"))
     ap.add_argument("--shape", choices=list(SHAPES), default="7b")
     ap.add_argument("--caps", default="24,12,8,6,4", help="GiB budgets for the planner runs ('' to skip)")
+    ap.add_argument("--runs", help="only these runs, comma-separated (fp16, int8, int8-t0, nf4, offload, int8-mb8, "
+                    "int8-mb4, nf4-mb8, full-fp16); default: all")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import transformers
@@ -148,11 +150,13 @@ def main():
             # micro-batches: the same step in 2 or 4 forwards, for the int8 / nf4 memory targets
             ("int8-mb8", "--mode", "int8", "--micro-batch", "8"), ("int8-mb4", "--mode", "int8", "--micro-batch", "4"),
             ("nf4-mb8", "--mode", "nf4", "--micro-batch", "8")]
+    runs.append(("full-fp16", "--layers", "all", "--mode", "fp16"))
+    wanted = set(args.runs.split(",")) if args.runs else {name for name, *_ in runs}
     for name, *flags in runs:
-        results["runs"].append(profile(args.model_dir, args.out, name, *plain, *flags))
-        save()
-    results["runs"].append(profile(args.model_dir, args.out, "full-fp16", "--layers", "all", "--mode", "fp16"))
-    save()
+        if name in wanted:
+            results["runs"].append(profile(args.model_dir, args.out, name, *([] if name == "full-fp16" else plain),
+                                           *flags))
+            save()
     for cap in filter(None, args.caps.split(",")):
         results["runs"].append(profile(args.model_dir, args.out, f"plan-{cap}GiB", *plain, "--gpu-memory", f"{cap}GiB"))
         save()
