@@ -141,21 +141,23 @@ def main():
         if "forward_b32" in results:
             (args.out / "results.md").write_text(table(results))
 
-    build_model(args.model_dir, args.shape)
-    results["forward_b32"] = forward_ms(args.model_dir, 32, 256)
-    save()
     plain = ["--layer", "1"]
     runs = [("fp16", "--mode", "fp16"), ("int8", "--mode", "int8"), ("int8-t0", "--mode", "int8", "--int8-threshold", "0"),
             ("nf4", "--mode", "nf4"), ("offload", "--mode", "offload"),
             # micro-batches: the same step in 2 or 4 forwards, for the int8 / nf4 memory targets
             ("int8-mb8", "--mode", "int8", "--micro-batch", "8"), ("int8-mb4", "--mode", "int8", "--micro-batch", "4"),
-            ("nf4-mb8", "--mode", "nf4", "--micro-batch", "8")]
-    runs.append(("full-fp16", "--layers", "all", "--mode", "fp16"))
-    wanted = set(args.runs.split(",")) if args.runs else {name for name, *_ in runs}
+            ("nf4-mb8", "--mode", "nf4", "--micro-batch", "8"), ("full-fp16", "--layers", "all", "--mode", "fp16")]
+    names = [name for name, *_ in runs]
+    wanted = set(args.runs.split(",")) if args.runs else set(names)
+    if wanted - set(names):
+        sys.exit(f"memory_modes: unknown run(s) {', '.join(sorted(wanted - set(names)))}; choose from {', '.join(names)}")
+    build_model(args.model_dir, args.shape)
+    results["forward_b32"] = forward_ms(args.model_dir, 32, 256)
+    save()
     for name, *flags in runs:
         if name in wanted:
-            results["runs"].append(profile(args.model_dir, args.out, name, *([] if name == "full-fp16" else plain),
-                                           *flags))
+            layer = [] if "--layers" in flags else plain
+            results["runs"].append(profile(args.model_dir, args.out, name, *layer, *flags))
             save()
     for cap in filter(None, args.caps.split(",")):
         results["runs"].append(profile(args.model_dir, args.out, f"plan-{cap}GiB", *plain, "--gpu-memory", f"{cap}GiB"))

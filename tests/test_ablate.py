@@ -127,3 +127,7 @@ def test_plan_errors(tiny_model, tmp_path):
     assert_user_error(run_cli("ablate", "--model", tiny_model, "--plan", "seed999"), "unknown plan 'seed999'", "seed000")
     assert_user_error(run_cli("ablate", "--model", tiny_model, "--arms", "nope"), "has no arm(s) nope")
     assert_user_error(run_cli("ablate", "--model", tiny_model, "--jobs", "0"), "--jobs must be at least 1")
+    empty = tmp_path / "empty.toml"
+    empty.write_text('[[arm]]\nname = "x"\nlr = []\n')
+    assert_user_error(run_cli("ablate", "--model", tiny_model, "--plan", empty, "--steps", "2"),
+                      "arm x: its lr / lr_scale list is empty")

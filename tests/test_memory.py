@@ -245,8 +245,8 @@ def test_breakdown_counts_the_quantization_statistics(tiny_model, mode):
 
 
 def test_offloaded_weights_are_moved_to_pinned_memory_once(tiny_model):
-    """pin_offloaded_weights swaps every tensor accelerate streams from for its pinned copy (here a clone: pinning
-    needs a GPU), tied tensors for one copy, and the model computes the same."""
+    """pin_offloaded_weights copies every tensor accelerate streams from into a few power-of-two slabs (here
+    pageable ones: pinning needs a GPU), tied tensors once, and the model computes the same."""
     from accelerate import cpu_offload
 
     from zolite.loading import pin_offloaded_weights
@@ -256,12 +256,34 @@ def test_offloaded_weights_are_moved_to_pinned_memory_once(tiny_model):
     ids = torch.tensor([[1, 5, 9, 3]])
     expected = model(ids).logits
     cpu_offload(model, execution_device="cpu")
+    from zolite.memory import weight_breakdown
+    from zolite.zo import TunedLayers
+
+    frozen = weight_breakdown(model, TunedLayers(model, []))["frozen_weights_gib"]   # offloaded: all on meta
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert frozen["float32 on meta"] * 2**30 == pytest.approx(size, abs=2**30 * 1e-4)   # not one shared "storage"
     store = model.model.layers[0].mlp.up_proj._hf_hook.weights_map.dataset   # one dict, shared by every hook
     before = {k: v.data_ptr() for k, v in store.items()}
-    copies = []
-    pinned_bytes = pin_offloaded_weights(model, pin=lambda t: copies.append(t) or t.clone())
-    assert len(copies) == len({p for p in before.values()})         # the tied pair was copied once
-    assert all(store[k].data_ptr() != ptr for k, ptr in before.items())
+    slabs = []
+    pinned_bytes = pin_offloaded_weights(model, allocate=lambda n: slabs.append(torch.empty(n, dtype=torch.uint8))
+                                         or slabs[-1])
+    unique = {ptr: k for k, ptr in before.items()}
+    assert pinned_bytes == sum(store[k].numel() * store[k].element_size() for k in unique.values())
+    assert len(slabs) == 1 and slabs[0].numel() == 256 << 20         # the tiny model fits one slab
+    slab = range(slabs[0].data_ptr(), slabs[0].data_ptr() + slabs[0].numel())
+    assert all(store[k].data_ptr() in slab for k in before)
     assert store["lm_head.weight"] is store["model.embed_tokens.weight"]
-    assert pinned_bytes == sum(t.numel() * t.element_size() for t in copies)
     assert torch.equal(model(ids).logits, expected)
+
+
+def test_slabs_hold_every_tensor_without_overlap():
+    from zolite.loading import _copy_into_slabs
+
+    tensors = [torch.randn(n) for n in (3, 7_000_000, 1000, 4_000_000, 1)] + [torch.ones(5, dtype=torch.float16)]
+    slabs = []
+    copies = _copy_into_slabs(tensors, lambda n: slabs.append(torch.empty(n, dtype=torch.uint8)) or slabs[-1])
+    assert [s.numel() for s in slabs] == [256 << 20]
+    spans = sorted((c.data_ptr(), c.data_ptr() + c.numel() * c.element_size()) for c in copies.values())
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    for t in tensors:
+        assert torch.equal(copies[t.data_ptr()], t) and copies[t.data_ptr()].dtype == t.dtype

@@ -135,3 +135,20 @@ def test_chunked_half_precision_update_gives_the_whole_tensor_bits(tiny_model, m
     for a, b in zip(chunked.exact_state().values(), whole.exact_state().values()):
         assert torch.equal(a, b)
     assert any(r.abs().sum() > 0 for r in chunked.residuals)
+
+
+def test_update_of_a_non_contiguous_half_tensor():
+    """A transposed (non-contiguous) half-precision parameter takes the whole-tensor path: same result as a copy."""
+    import zolite.zo as zo
+
+    base = torch.randn(40, 30).to(torch.float16)
+    results = []
+    for weight in (torch.nn.Parameter(base.t().contiguous()), torch.nn.Parameter(base.clone().t())):
+        tuned = TunedLayers.__new__(TunedLayers)
+        tuned.params, tuned.residuals, tuned.scales = [weight], [torch.zeros_like(weight)], [1.0]
+        assert tuned.residuals[0].is_contiguous() == weight.is_contiguous()
+        for step in range(3):
+            tuned.sgd_update(step, 0.5, 1e-3, weight_decay=0.1)
+        results.append((weight.detach().clone(), tuned.residuals[0].clone()))
+    assert not torch.equal(results[0][0], base.t())
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

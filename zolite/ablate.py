@@ -97,6 +97,8 @@ def arm_options(arm: dict, defaults: dict, facts: dict, steps: int | None, extra
     else:
         scales = arm.get("lr_scale", [1.0])
         grid = [facts["lr"] * s for s in (scales if isinstance(scales, list) else [scales])]
+    if not grid:
+        raise ZoliteError(f"arm {arm['name']}: its lr / lr_scale list is empty; give at least one value")
     return options, [float(f"{lr:.3g}") for lr in grid]
 
 

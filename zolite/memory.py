@@ -153,7 +153,8 @@ def weight_breakdown(model: torch.nn.Module, tuned) -> dict:
 
     def count(tensor, label: str) -> None:
         nonlocal gpu_resident
-        key = (tensor.device, tensor.untyped_storage().data_ptr()) if tensor.numel() else (id(tensor),)
+        real = tensor.numel() and tensor.device.type != "meta"   # meta / empty tensors all have data_ptr 0
+        key = (tensor.device, tensor.untyped_storage().data_ptr()) if real else (id(tensor),)
         if key in seen:
             return
         seen.add(key)

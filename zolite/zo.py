@@ -128,8 +128,8 @@ class TunedLayers:
         """MeZO's update: W <- W - lr * (g * z + wd * W), no decay on vectors (norms, biases).
 
         Beside z, a half-precision tensor needs its fp32 value; it is built UPDATE_CHUNK elements at a time (the
-        arithmetic is elementwise, so the result is the same bits), and z is dropped before the next tensor's: on a
-        7B layer the update's peak went from 3 to 1 fp32 copies of its largest matrix (0.55 -> ~0.2 GiB)."""
+        arithmetic is elementwise, so the result is the same bits), and each z is freed before the next is drawn:
+        one fp32 tensor plus a chunk alive at a time, where a whole fp32 value and two z's were before."""
         for i, (p, r) in enumerate(zip(self.params, self.residuals)):
             z = sample_z(seed, i, p)
             decay = 1 - lr * weight_decay if weight_decay and p.dim() >= 2 else None
@@ -139,15 +139,22 @@ class TunedLayers:
                     p.mul_(decay)
                 p.add_(z, alpha=step)
             else:
-                weights, residuals, zs = p.view(-1), r.view(-1), z.view(-1)
-                for start in range(0, weights.numel(), UPDATE_CHUNK):
-                    part = slice(start, start + UPDATE_CHUNK)
-                    value = weights[part].float().add_(residuals[part], alpha=1 / RESIDUAL_SCALE)
-                    if decay is not None:
-                        value.mul_(decay)
-                    value.add_(zs[part], alpha=step)
-                    self._set(weights[part], residuals[part], value)
+                self._update_half(p, r, z, decay, step)
             del z
+
+    def _update_half(self, p: torch.Tensor, r: torch.Tensor, z: torch.Tensor, decay: float | None, step: float):
+        """p + r/RESIDUAL_SCALE (fp32) <- that * decay + step * z, rounded back into p and r, chunk by chunk."""
+        if p.is_contiguous() and r.is_contiguous():
+            flat = p.view(-1), r.view(-1), z.view(-1)
+            parts = [[t[i:i + UPDATE_CHUNK] for t in flat] for i in range(0, p.numel(), UPDATE_CHUNK)]
+        else:
+            parts = [[p, r, z]]
+        for weights, residuals, zs in parts:
+            value = weights.float().add_(residuals, alpha=1 / RESIDUAL_SCALE)
+            if decay is not None:
+                value.mul_(decay)
+            value.add_(zs, alpha=step)
+            self._set(weights, residuals, value)
 
     @contextmanager
     def _swapped(self, seed: int, eps: float, state: dict):
