@@ -262,33 +262,38 @@ def pin_offloaded_weights(model: torch.nn.Module, allocate=None) -> int:
             store = getattr(dataset, "state_dict", dataset)                 # OffloadedWeightsLoader keeps a dict
             if isinstance(store, dict):
                 stores[id(store)] = store
-    unique: dict[int, torch.Tensor] = {}
-    for store in stores.values():
-        for tensor in store.values():
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.numel():
-                unique.setdefault(tensor.data_ptr(), tensor)
-    if not unique:
-        return 0
-    pinned = _copy_into_slabs(list(unique.values()), allocate)
+    places: dict[int, list] = {}     # data_ptr -> [(store, key)]: tied entries share one copy
     for store in stores.values():
         for key, tensor in store.items():
             if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.numel():
-                store[key] = pinned[tensor.data_ptr()]
-    return sum(t.numel() * t.element_size() for t in unique.values())
+                places.setdefault(tensor.data_ptr(), []).append((store, key))
+
+    def current(ptr):   # read through the store, so no reference to an original outlives its replacement
+        store, key = places[ptr][0]
+        return store[key]
+
+    nbytes = {ptr: current(ptr).numel() * current(ptr).element_size() for ptr in places}
+    for ptr, space in _slab_spaces(nbytes, allocate):   # one tensor at a time: RAM never holds two full copies
+        tensor = current(ptr)
+        pinned = space.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        for store, key in places[ptr]:
+            store[key] = pinned
+    return sum(nbytes.values())
 
 
-def _copy_into_slabs(tensors: list[torch.Tensor], allocate, align: int = 512) -> dict[int, torch.Tensor]:
-    """{data_ptr: a copy of the tensor in one of a few slabs}, slabs of one power-of-two size (>= 256 MiB)."""
-    sizes = [-(-t.numel() * t.element_size() // align) * align for t in tensors]
-    slab_size = max(256 << 20, 1 << (max(sizes) - 1).bit_length())
-    copies, slab, used = {}, None, slab_size
-    for tensor, size in sorted(zip(tensors, sizes), key=lambda ts: -ts[1]):
-        if used + size > slab_size:
+def _slab_spaces(nbytes: dict, allocate, align: int = 512):
+    """Yield (key, uint8 space of nbytes[key]) carved from slabs of one power-of-two size (>= 256 MiB), allocated as
+    they fill, largest first."""
+    if not nbytes:
+        return
+    padded = {k: -(-n // align) * align for k, n in nbytes.items()}
+    slab_size = max(256 << 20, 1 << (max(padded.values()) - 1).bit_length())
+    slab, used = None, slab_size
+    for key in sorted(padded, key=padded.get, reverse=True):
+        if used + padded[key] > slab_size:
             slab, used = allocate(slab_size), 0
-        view = slab[used:used + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
-        copies[tensor.data_ptr()] = view.copy_(tensor)
-        used += size
-    return copies
+        yield key, slab[used:used + nbytes[key]]
+        used += padded[key]
 
 
 def check_cpu_memory(skeleton, dtype: torch.dtype) -> None:
