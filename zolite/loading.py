@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError
+from .offload import stream_offloaded_layers
 from .profile import Profile, find_profile, get_profile, profile_names
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -244,58 +245,6 @@ def offload_device_map(skeleton, layers: list[int], device: torch.device) -> dic
     return device_map
 
 
-def pin_offloaded_weights(model: torch.nn.Module, allocate=None) -> int:
-    """Move the CPU copies accelerate streams from (its hooks' weights maps) into pinned memory; returns the bytes.
-
-    A copy from pageable memory goes through a staging buffer at a fraction of PCIe bandwidth: on the H200 an offload
-    step moved 12.2 GiB per forward and took 7.8x the fp16 step. The tensors are packed into a few pinned slabs of a
-    power-of-two size: torch's pinned allocator rounds every request up to a power of two, so pinning an 86 MiB matrix
-    on its own would lock 128 MiB. Tied tensors stay one copy. allocate(nbytes) -> uint8 tensor (tests pass a
-    pageable one: pinning needs a GPU)."""
-    allocate = allocate or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
-    stores = {}
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        for h in getattr(hook, "hooks", [hook]):
-            weights_map = getattr(h, "weights_map", None) if getattr(h, "offload", False) else None
-            dataset = getattr(weights_map, "dataset", None)                 # PrefixedDataset -> the shared store
-            store = getattr(dataset, "state_dict", dataset)                 # OffloadedWeightsLoader keeps a dict
-            if isinstance(store, dict):
-                stores[id(store)] = store
-    places: dict[int, list] = {}     # data_ptr -> [(store, key)]: tied entries share one copy
-    for store in stores.values():
-        for key, tensor in store.items():
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.numel():
-                places.setdefault(tensor.data_ptr(), []).append((store, key))
-
-    def current(ptr):   # read through the store, so no reference to an original outlives its replacement
-        store, key = places[ptr][0]
-        return store[key]
-
-    nbytes = {ptr: current(ptr).numel() * current(ptr).element_size() for ptr in places}
-    for ptr, space in _slab_spaces(nbytes, allocate):   # one tensor at a time: RAM never holds two full copies
-        tensor = current(ptr)
-        pinned = space.view(tensor.dtype).view(tensor.shape).copy_(tensor)
-        for store, key in places[ptr]:
-            store[key] = pinned
-    return sum(nbytes.values())
-
-
-def _slab_spaces(nbytes: dict, allocate, align: int = 512):
-    """Yield (key, uint8 space of nbytes[key]) carved from slabs of one power-of-two size (>= 256 MiB), allocated as
-    they fill, largest first."""
-    if not nbytes:
-        return
-    padded = {k: -(-n // align) * align for k, n in nbytes.items()}
-    slab_size = max(256 << 20, 1 << (max(padded.values()) - 1).bit_length())
-    slab, used = None, slab_size
-    for key in sorted(padded, key=padded.get, reverse=True):
-        if used + padded[key] > slab_size:
-            slab, used = allocate(slab_size), 0
-        yield key, slab[used:used + nbytes[key]]
-        used += padded[key]
-
-
 def check_cpu_memory(skeleton, dtype: torch.dtype) -> None:
     """Offload holds the frozen weights in CPU memory: refuse up front when they cannot fit."""
     import psutil
@@ -342,11 +291,7 @@ def load_model(spec: str, *, device: str | torch.device | None = None, dtype: st
     if mode == "fp16":
         model.to(device)
     elif mode == "offload":
-        try:
-            pin_offloaded_weights(model)
-        except RuntimeError as e:   # page-locked memory is limited on some systems: pageable copies still work
-            print(f"zolite: offload weights not pinned ({str(e).splitlines()[0]}); copies will be slower",
-                  file=sys.stderr)
+        stream_offloaded_layers(model, device)
     model.eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, spec, path, profile, device, torch_dtype, mode)
 

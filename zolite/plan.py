@@ -3,7 +3,8 @@
 The estimate is built from the model's shapes (its meta-device skeleton: nothing is loaded):
 - resident weights: per mode, what stays on the GPU. fp16: everything in `dtype`; int8 / nf4: decoder Linear
   weights at 1 / 0.5 bytes (+ their scales), the rest (embeddings, norms, lm_head, the tuned layers) in `dtype`;
-  offload: the tuned layers, plus the largest other module while accelerate streams it in;
+  offload: the tuned layers, plus the largest other module while accelerate streams it in and the next decoder
+  layer being prefetched;
 - the tuned layers' compensation residuals (same dtype as the layer; none when `dtype` is fp32) and one tensor's z
   (fp32) and W + eps z (in `dtype`) while it runs;
 - activations of one ZO forward: the micro-batch is doubled from the first tuned layer on (+eps and -eps halves),
@@ -101,8 +102,8 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
         weights = s["linear_frozen"] + 4 * s["linear_frozen_rows"] + (s["other_frozen"] + s["tuned"]) * b
     elif mode == "nf4":    # 4-bit weights + one fp32 absmax per 64 values
         weights = s["linear_frozen"] // 2 + s["linear_frozen"] // 16 + (s["other_frozen"] + s["tuned"]) * b
-    elif mode == "offload":
-        weights = (s["tuned"] + s["largest_module"]) * b
+    elif mode == "offload":   # the module computing and the decoder layer being prefetched (zolite.offload)
+        weights = (s["tuned"] + 2 * s["largest_module"]) * b
     else:
         raise ZoliteError(f"unknown mode '{mode}'; choose one of fp16, int8, nf4, offload")
     master = 0 if dtype == torch.float32 else b * s["tuned"]
