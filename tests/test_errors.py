@@ -111,3 +111,18 @@ def test_model_paths(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     assert_user_error(run_cli("eval", "--model", tmp_path / "weights.bin"), "not a .gguf")
     assert_user_error(run_cli("eval", "--model", "nobody/no-such-model-xyz"), "not in the Hugging Face cache")
+
+
+def test_gpu_out_of_memory_is_one_line_with_the_fix(tiny_model, small_data, tmp_path, monkeypatch):
+    """The GPU running out of memory mid-run (simulated: there is no GPU here) ends in one line naming the fixes."""
+    import sys
+
+    import torch
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (GPU 0; 7.6 GiB total)")
+
+    monkeypatch.setattr(sys.modules["zolite.tune"], "load_for_tuning", oom)
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--data", small_data, "--layer", "1", "--run-dir",
+                              tmp_path / "run", *QUICK), "the GPU ran out of memory", "Tried to allocate 1.00 GiB",
+                      "--gpu-memory", "--micro-batch")

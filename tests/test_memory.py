@@ -3,6 +3,7 @@ and the memory reports of tune and `zolite profile`."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -212,6 +213,39 @@ def test_gpu_cap_passes_torch_a_device_index(monkeypatch):
     assert cap_gpu_memory(8 * 2**30, torch.device("cuda")) == 0.1
     cap_gpu_memory(100 * 2**30, torch.device("cuda:1"))
     assert calls == [(0.1, 0), (1.0, 1)] and all(isinstance(i, int) for _, i in calls)
+
+
+def test_on_a_gpu_tune_plans_for_the_free_memory_unless_given_a_budget(llama7b_skeleton, monkeypatch, capsys):
+    """No --gpu-memory on a GPU: the plan is for the card's free memory (fp16 where it fits, nf4 on an 8 GB card),
+    the allocator is not capped, and when nothing fits by the estimate the run is tried anyway. CUDA calls replaced."""
+    from zolite.profile import get_profile
+    from zolite.tune import TuneConfig, plan_for_device
+
+    free = {"bytes": 40 * GIB}
+    caps = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 * GIB))
+    monkeypatch.setattr(sys.modules["zolite.tune"], "cap_gpu_memory", lambda budget, device: caps.append(budget))
+    profile = get_profile("llama2-7b")
+
+    def plan(**options):
+        config = TuneConfig(model="llama2-7b", task="boolq", batch_size=16, max_length=256, **options)
+        return plan_for_device(config, torch.device("cuda"), llama7b_skeleton, [1], lambda: "x", profile)
+
+    mode, p = plan()
+    assert (mode, p.micro_batch) == ("fp16", 16) and "GPU's free 40.0 GiB" in capsys.readouterr().err
+    free["bytes"] = int(7.5 * GIB)                                   # an 8 GB card
+    assert plan()[0] == "nf4" and caps == []
+    assert plan(mode="fp16") == ("fp16", None)                        # a given mode is kept, even if it won't fit
+    assert "trying anyway" in capsys.readouterr().err
+    free["bytes"] = 1 * GIB                                          # nothing fits: try the default anyway
+    assert plan() == (None, None) and "trying anyway" in capsys.readouterr().err
+    mode, p = plan(gpu_memory="8GiB")                                # a budget you give is planned for and capped
+    assert mode == "nf4" and caps == [8 * GIB]
+    with pytest.raises(ZoliteError, match="nothing fits in 1.00 GiB"):
+        plan(gpu_memory="1GiB")
+    assert plan_for_device(TuneConfig(model="m", task="t", mode="int8"), torch.device("cpu"), None, [1], None,
+                           None) == ("int8", None)
 
 
 def test_default_mode_on_a_gpu_is_nf4_unless_the_profile_says_otherwise():

@@ -267,28 +267,50 @@ def load_for_tuning(config: TuneConfig):
     indices, source = choose_layers(config.layer, num_layers, identity, profile,
                                     lambda: scan(config.model, seeds=0, device=device, dtype=config.dtype,
                                                  mode=config.mode))
-    mode, plan = config.mode, None
-    if mode in QUANT_MODES and len(indices) == num_layers:
-        raise ZoliteError(f"--layers all tunes every layer, so nothing is left to quantize with --mode {mode}; "
+    if config.mode in QUANT_MODES and len(indices) == num_layers:
+        raise ZoliteError(f"--layers all tunes every layer, so nothing is left to quantize with --mode {config.mode}; "
                           "use --mode fp16 or offload")
-    if mode is None and len(indices) == num_layers and device.type == "cuda" and config.gpu_memory is None:
-        mode = "fp16"   # with a budget, the planner chooses between fp16 and offload
-    if config.gpu_memory is not None:
-        defaults = profile.defaults if profile else {}
-        batch = config.batch_size or defaults.get("batch_size", BUILTIN_DEFAULTS["batch_size"])
-        seq_len = config.max_length or defaults.get("max_length", BUILTIN_DEFAULTS["max_length"])
-        budget = parse_size(config.gpu_memory)
-        dtype = choose_dtype(config.dtype, device, profile)
-        plan = plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=mode,
-                           measured=measured_activations(identity(), dtype, profile), micro_batch=config.micro_batch,
-                           estimator=config.estimator, optimizer=config.optimizer)
-        print(f"zolite: memory plan: {plan.reason}", file=sys.stderr)
-        mode = plan.mode
-        if device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
-            cap_gpu_memory(budget, device)
+    mode, plan = plan_for_device(config, device, skeleton, indices, identity, profile)
+    if mode is None and len(indices) == num_layers and device.type == "cuda":
+        mode = "fp16"   # unplanned: every layer tuned, nothing to quantize
     loaded = load_model(config.model, device=device, dtype=config.dtype, mode=mode, keep_layers=indices,
                         int8_threshold=config.int8_threshold)
     return loaded, indices, source, plan
+
+
+def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices, identity, profile):
+    """(mode, plan): with --gpu-memory, the plan for that budget, the allocator capped to it; on a GPU without it,
+    the plan for the card's free memory (so a 7B model runs fp16 where it fits, nf4 on an 8 GB card, with the
+    micro-batch that fits), uncapped, and when by the estimate nothing fits, the default mode is tried anyway (the
+    estimate errs high). On the CPU: the mode as given, no plan."""
+    asked = config.gpu_memory is not None
+    if not asked and device.type != "cuda":
+        return config.mode, None
+    budget = parse_size(config.gpu_memory) if asked else free_gpu_memory(device)
+    defaults = profile.defaults if profile else {}
+    batch = config.batch_size or defaults.get("batch_size", BUILTIN_DEFAULTS["batch_size"])
+    seq_len = config.max_length or defaults.get("max_length", BUILTIN_DEFAULTS["max_length"])
+    dtype = choose_dtype(config.dtype, device, profile)
+    try:
+        plan = plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=config.mode,
+                           measured=measured_activations(identity(), dtype, profile), micro_batch=config.micro_batch,
+                           estimator=config.estimator, optimizer=config.optimizer)
+    except ZoliteError as e:
+        if asked:
+            raise
+        print(f"zolite: memory plan for the GPU's free {budget / 2**30:.1f} GiB: {e}; trying anyway "
+              "(the estimate errs high; --gpu-memory plans for a budget you give)", file=sys.stderr)
+        return config.mode, None
+    whose = "" if asked else f" for the GPU's free {budget / 2**30:.1f} GiB"
+    print(f"zolite: memory plan{whose}: {plan.reason}", file=sys.stderr)
+    if asked and device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
+        cap_gpu_memory(budget, device)
+    return plan.mode, plan
+
+
+def free_gpu_memory(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.mem_get_info(index)[0]
 
 
 def cap_gpu_memory(budget: int, device: torch.device) -> float:
