@@ -150,3 +150,7 @@ def test_given_layer_needs_no_scan_key(tmp_path, small_data):
     report = zolite.tune(str(tmp_path / "base"), "sst2", data=small_data, run_dir=tmp_path / "run", layer="1",
                          steps=1, eval_every=0, batch_size=2, progress=False)
     assert report["layers"] == "1" and report["layer_source"] == "given"
+    # and the key is found there too (a GPU run reads it for its memory plan): the same as the full checkpoint's
+    from zolite.scan import folder_identity
+
+    assert folder_identity(tmp_path / "base") == folder_identity(full)

@@ -175,13 +175,13 @@ def load_measured(identity: str, dtype: torch.dtype) -> dict:
         return {}
 
 
-def measured_activations(identity: str, dtype: torch.dtype, profile=None) -> dict:
-    """{mode: bytes per doubled token}: this machine's own `zolite profile` measurements of the model, else the
-    profile's shipped ones (measured on a GPU for the model's shape)."""
+def measured_activations(identity: str | None, dtype: torch.dtype, profile=None) -> dict:
+    """{mode: bytes per doubled token}: this machine's own `zolite profile` measurements of the model (none when
+    identity is None), else the profile's shipped ones (measured on a GPU for the model's shape)."""
     suffix = "/" + str(dtype).removeprefix("torch.")
     shipped = {key.removesuffix(suffix): v for key, v in (profile.activation_bytes_per_token if profile else {}).items()
                if key.endswith(suffix)}
-    return {**shipped, **load_measured(identity, dtype)}
+    return {**shipped, **(load_measured(identity, dtype) if identity is not None else {})}
 
 
 def record_measured(identity: str, mode: str, dtype: torch.dtype, bytes_per_token: float, source: dict) -> None:

@@ -162,12 +162,16 @@ def folder_identity(path: Path, skeleton=None) -> str:
     emb = skeleton.get_input_embeddings().weight
     name = next(n for n, p in skeleton.named_parameters(remove_duplicate=False) if p is emb)
     cfg = skeleton.config
+    # a checkpoint saved from the base model has its keys without the head model's prefix (embed_tokens.weight)
+    parts = name.split(".")
+    names = [".".join(parts[k:]) for k in range(len(parts) - 1)]
     for f in sorted(Path(path).glob("*.safetensors")):
         with safe_open(f, "pt") as st:
-            if name in st.keys():
+            found = next((n for n in names if n in st.keys()), None)
+            if found is not None:
                 digest = hashlib.sha256()
                 digest.update(f"{cfg.model_type}/{cfg.num_hidden_layers}/{cfg.hidden_size}".encode())
-                digest.update(st.get_tensor(name).to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(st.get_tensor(found).to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
                 return digest.hexdigest()[:32]
     raise ZoliteError(f"{path} has no safetensors file holding {name}; pass --layer N (0-based)")
 

@@ -292,9 +292,12 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
     seq_len = config.max_length or defaults.get("max_length", BUILTIN_DEFAULTS["max_length"])
     dtype = choose_dtype(config.dtype, device, profile)
     try:
-        plan = plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=config.mode,
-                           measured=measured_activations(identity(), dtype, profile), micro_batch=config.micro_batch,
-                           estimator=config.estimator, optimizer=config.optimizer)
+        measured = measured_activations(identity(), dtype, profile)
+    except ZoliteError:   # no embedding to key this machine's measurements by: the profile's, or the analytic estimate
+        measured = measured_activations(None, dtype, profile)
+    try:
+        plan = plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=config.mode, measured=measured,
+                           micro_batch=config.micro_batch, estimator=config.estimator, optimizer=config.optimizer)
     except ZoliteError as e:
         if asked:
             raise
