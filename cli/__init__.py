@@ -26,8 +26,9 @@ class ZoliteGroup(click.Group):
             if torch is None or not isinstance(e, torch.OutOfMemoryError):
                 raise
             first = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
-            click.echo(f"error: the GPU ran out of memory ({first[:160]}); give --gpu-memory with what the card "
-                       "can spare to plan for it, or lower --micro-batch, --batch-size or --max-length", err=True)
+            click.echo(f"error: the GPU ran out of memory ({first[:160]}); lower --batch-size, --micro-batch or "
+                       "--max-length where the command has them, or let tune / profile plan for a budget with "
+                       "--gpu-memory", err=True)
             sys.exit(2)
 
 
@@ -47,8 +48,8 @@ mode_option = click.option(
     "--mode", metavar="fp16|int8|nf4|offload",
     help="fp16: no quantization (weights in --dtype); nf4 / int8: bitsandbytes (int8 rounds activations too, which "
          "swamps ZO's signal below eps 1e-2); offload: weights in CPU memory, streamed to the GPU. The tuned / "
-         "patched layers stay unquantized on the GPU.  [default: tune and profile on a GPU: the fastest that fits "
-         "the free memory; otherwise nf4 on a GPU unless the profile says otherwise; fp16 on the CPU]")
+         "patched layers stay unquantized on the GPU.  [default: nf4 on a GPU unless the profile says otherwise; "
+         "fp16 on the CPU]")
 
 
 def report_options(files: str, default: str):
@@ -123,7 +124,8 @@ def main():
 @mode_option
 @click.option("--int8-threshold", type=float, help="LLM.int8 outlier threshold (0: no fp16 outlier path).  [default: 6.0]")
 @click.option("--gpu-memory", help="Fit the run in this much GPU memory (e.g. 8GiB): picks --mode and --micro-batch, "
-              "says why, and caps the allocator there.  [default: plan for the GPU's free memory, uncapped]")
+              "says why, and caps the allocator there.  [default: as asked; a smaller micro-batch (or offload) only where "
+              "the run would not fit the GPU's free memory]")
 @click.option("--micro-batch", type=int, help="Examples per forward; the batch's losses are the same, memory is lower.  [default: the batch]")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Model dtype. Default: fp32 on CPU, the profile's on GPU.")
 @click.option("--device", help="cpu, cuda, cuda:1... Default: cuda when available.")

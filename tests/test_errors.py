@@ -125,4 +125,4 @@ def test_gpu_out_of_memory_is_one_line_with_the_fix(tiny_model, small_data, tmp_
     monkeypatch.setattr(sys.modules["zolite.tune"], "load_for_tuning", oom)
     assert_user_error(run_cli("tune", "--model", tiny_model, "--data", small_data, "--layer", "1", "--run-dir",
                               tmp_path / "run", *QUICK), "the GPU ran out of memory", "Tried to allocate 1.00 GiB",
-                      "--gpu-memory", "--micro-batch")
+                      "--micro-batch", "--gpu-memory")

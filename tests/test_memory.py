@@ -12,7 +12,7 @@ import zolite
 from conftest import run_cli
 from test_errors import QUICK, assert_user_error
 from zolite.errors import ZoliteError
-from zolite.loading import load_model, model_skeleton, offload_device_map
+from zolite.loading import load_model, model_skeleton
 from zolite.plan import estimate, parse_size, plan_memory
 from zolite.scoring import collate, pad_token_id
 from zolite.optim import micro_batched_losses
@@ -47,7 +47,7 @@ def test_estimates_follow_the_weight_sizes(llama7b_skeleton):
     assert 12.4 < parts["fp16"]["weights"] < 12.7          # 6.74 B params in fp16
     assert 6.5 < parts["int8"]["weights"] < 6.9             # measured 6.56 GiB all-int8; layer 1 in fp16 adds 0.19
     assert 3.9 < parts["nf4"]["weights"] < 4.4              # measured 3.93 GiB all-nf4; layer 1 in fp16 adds 0.28
-    assert 1.0 < parts["offload"]["weights"] < 1.2          # the tuned layer, one layer streamed, one prefetched
+    assert 0.8 < parts["offload"]["weights"] < 0.9          # the tuned layer + two streamed modules (embedding, head)
     assert parts["int8"]["master_copy"] == pytest.approx(202.4e6 * 2 / GIB, rel=0.01)   # fp16 residuals of 202.4 M params
 
 
@@ -70,13 +70,6 @@ def test_smaller_budget_smaller_micro_batch(llama7b_skeleton):
     big = plan_memory(llama7b_skeleton, [1], 20 * GIB, 16, 2048, torch.float16, mode="int8")
     small = plan_memory(llama7b_skeleton, [1], 11 * GIB, 16, 2048, torch.float16, mode="int8")
     assert small.micro_batch < big.micro_batch and 16 % small.micro_batch == 0
-
-
-def test_offload_map_keeps_only_the_tuned_layer_on_the_gpu(tiny_model):
-    device_map = offload_device_map(model_skeleton(tiny_model), [2], torch.device("cuda", 0))
-    assert device_map["model.layers.2"] == 0
-    assert {k for k, v in device_map.items() if v != "cpu"} == {"model.layers.2"}
-    assert {"model.embed_tokens", "model.layers.0", "model.norm", "lm_head"} <= set(device_map)
 
 
 def test_int8_keeps_the_tuned_layer_unquantized(tiny_model):
@@ -215,15 +208,17 @@ def test_gpu_cap_passes_torch_a_device_index(monkeypatch):
     assert calls == [(0.1, 0), (1.0, 1)] and all(isinstance(i, int) for _, i in calls)
 
 
-def test_on_a_gpu_tune_plans_for_the_free_memory_unless_given_a_budget(llama7b_skeleton, monkeypatch, capsys):
-    """No --gpu-memory on a GPU: the plan is for the card's free memory (fp16 where it fits, nf4 on an 8 GB card),
-    the allocator is not capped, and when nothing fits by the estimate the run is tried anyway. CUDA calls replaced."""
+def test_on_a_gpu_a_run_that_would_not_fit_the_free_memory_is_planned(llama7b_skeleton, monkeypatch, capsys):
+    """No --gpu-memory on a GPU: a run that fits the card's free memory as asked runs as asked (its numbers do not
+    depend on what was free); one that would not gets the largest micro-batch that fits, else offload, else is
+    tried anyway. --gpu-memory plans for the budget and caps the allocator. CUDA calls replaced."""
     from zolite.profile import get_profile
     from zolite.tune import TuneConfig, plan_for_device
 
     free = {"bytes": 40 * GIB}
     caps = []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 * GIB))
     monkeypatch.setattr(sys.modules["zolite.tune"], "cap_gpu_memory", lambda budget, device: caps.append(budget))
     profile = get_profile("llama2-7b")
@@ -232,16 +227,17 @@ def test_on_a_gpu_tune_plans_for_the_free_memory_unless_given_a_budget(llama7b_s
         config = TuneConfig(model="llama2-7b", task="boolq", batch_size=16, max_length=256, **options)
         return plan_for_device(config, torch.device("cuda"), llama7b_skeleton, [1], lambda: "x", profile)
 
+    assert plan() == (None, None) and plan(mode="fp16") == ("fp16", None)     # fit as asked: unchanged
+    free["bytes"] = 6 * GIB                                                   # nf4 (the default) fits at 8
     mode, p = plan()
-    assert (mode, p.micro_batch) == ("fp16", 16) and "GPU's free 40.0 GiB" in capsys.readouterr().err
-    free["bytes"] = int(7.5 * GIB)                                   # an 8 GB card
-    assert plan()[0] == "nf4" and caps == []
-    assert plan(mode="fp16") == ("fp16", None)                        # a given mode is kept, even if it won't fit
-    assert "trying anyway" in capsys.readouterr().err
-    free["bytes"] = 1 * GIB                                          # nothing fits: try the default anyway
-    assert plan() == (None, None) and "trying anyway" in capsys.readouterr().err
-    mode, p = plan(gpu_memory="8GiB")                                # a budget you give is planned for and capped
-    assert mode == "nf4" and caps == [8 * GIB]
+    assert (mode, p.micro_batch) == ("nf4", 8) and "would not fit the GPU's free 6.0 GiB" in capsys.readouterr().err
+    free["bytes"] = 5 * GIB                                                   # no nf4 micro-batch fits: offload
+    assert plan()[0] == "offload"
+    assert plan(mode="nf4") == ("nf4", None) and "trying the run as asked" in capsys.readouterr().err
+    free["bytes"] = 1 * GIB                                                   # nothing fits: tried as asked
+    assert plan() == (None, None) and caps == []
+    mode, p = plan(gpu_memory="8GiB")                                        # a budget you give: planned and capped
+    assert (mode, p.micro_batch) == ("nf4", 16) and caps == [8 * GIB]
     with pytest.raises(ZoliteError, match="nothing fits in 1.00 GiB"):
         plan(gpu_memory="1GiB")
     assert plan_for_device(TuneConfig(model="m", task="t", mode="int8"), torch.device("cpu"), None, [1], None,
@@ -278,35 +274,36 @@ def test_breakdown_counts_the_quantization_statistics(tiny_model, mode):
     assert frozen[f"{'int8' if mode == 'int8' else 'uint8'} on cpu"] * 2**30 == pytest.approx(weights, abs=2**30 * 1e-4)
 
 
-def test_offloaded_weights_are_moved_to_pinned_memory_once(tiny_model):
-    """pin_offloaded_weights copies every tensor accelerate streams from into a few power-of-two slabs (here
-    pageable ones: pinning needs a GPU), tied tensors once, and the model computes the same."""
-    from accelerate import cpu_offload
-
-    from zolite.offload import pin_offloaded_weights
+def test_streamed_offload_computes_the_same_and_restores_its_weights(tiny_model):
+    """On the CPU there is no side stream, but the bookkeeping is the GPU's: the embedding, each frozen layer's
+    Linears and the head are fetched one ahead, in execution order, the kept layer is not streamed, the weights go
+    into a few slabs (pageable here: pinning needs a GPU), tied ones once, and after a forward each module holds
+    its own Parameter again, with the same logits."""
+    from zolite.offload import stream_from_cpu
 
     model = zolite.load_model(tiny_model, dtype="float32").model
     model.lm_head.weight = model.model.embed_tokens.weight          # tie them, as SmolLM2 does
     ids = torch.tensor([[1, 5, 9, 3]])
     expected = model(ids).logits
-    cpu_offload(model, execution_device="cpu")
-    from zolite.memory import weight_breakdown
-    from zolite.zo import TunedLayers
-
-    frozen = weight_breakdown(model, TunedLayers(model, []))["frozen_weights_gib"]   # offloaded: all on meta
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert frozen["float32 on meta"] * 2**30 == pytest.approx(size, abs=2**30 * 1e-4)   # not one shared "storage"
-    store = model.model.layers[0].mlp.up_proj._hf_hook.weights_map.dataset   # one dict, shared by every hook
-    before = {k: v.data_ptr() for k, v in store.items()}
+    params = dict(model.named_parameters(remove_duplicate=False))
     slabs = []
-    pinned_bytes = pin_offloaded_weights(model, allocate=lambda n: slabs.append(torch.empty(n, dtype=torch.uint8))
-                                         or slabs[-1])
-    unique = {ptr: k for k, ptr in before.items()}
-    assert pinned_bytes == sum(store[k].numel() * store[k].element_size() for k in unique.values())
-    assert len(slabs) == 1 and slabs[0].numel() == 256 << 20         # the tiny model fits one slab
+    streamer = stream_from_cpu(model, torch.device("cpu"), keep_layers=[1],
+                               allocate=lambda n: slabs.append(torch.empty(n, dtype=torch.uint8)) or slabs[-1])
+    names = {id(m): n for n, m in model.named_modules()}
+    order = [names[id(u)] for u in streamer.units]
+    linears = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj"]
+    assert order == ["model.embed_tokens", *[f"model.layers.{i}.{n}" for i in (0, 2, 3) for n in linears], "lm_head"]
     slab = range(slabs[0].data_ptr(), slabs[0].data_ptr() + slabs[0].numel())
-    assert all(store[k].data_ptr() in slab for k in before)
-    assert store["lm_head.weight"] is store["model.embed_tokens.weight"]
+    assert len(slabs) == 1 and model.model.embed_tokens.weight.data_ptr() in slab
+    assert model.model.layers[1].mlp.up_proj.weight.data_ptr() not in slab      # kept: not streamed
+    for _ in range(2):
+        assert torch.equal(model(ids).logits, expected)
+    assert streamer.fetched == list(range(len(order))) * 2 and not streamer.ready
+    assert all(p is params[n] for n, p in model.named_parameters(remove_duplicate=False))
+    with pytest.raises(Exception):
+        model(torch.tensor([[10**6]]))                                   # fails inside the embedding's forward
+    assert model.model.embed_tokens._parameters["weight"] is params["model.embed_tokens.weight"]   # put back
     assert torch.equal(model(ids).logits, expected)
 
 
@@ -323,25 +320,13 @@ def test_slab_spaces_do_not_overlap():
     assert all(v.data_ptr() % 512 == slabs[0].data_ptr() % 512 for v in spaces.values())
 
 
-def test_prefetcher_fetches_each_offloaded_layer_ahead_and_puts_the_host_copies_back(tiny_model):
-    """On the CPU there is no side stream, but the bookkeeping is the GPU's: layer i+1 is fetched when layer i
-    starts (the first when the decoder starts), layers kept on the device are skipped, and after a forward the
-    store holds the host tensors again, with the same results."""
-    from accelerate import cpu_offload
+def test_breakdown_counts_every_meta_tensor(tiny_model):
+    """Tensors on the meta device all report data_ptr 0: the breakdown must not take them for one shared tensor."""
+    from zolite.memory import weight_breakdown
+    from zolite.zo import TunedLayers
 
-    from zolite.offload import LayerPrefetcher, offload_stores
-
-    model = zolite.load_model(tiny_model, dtype="float32").model
-    ids = torch.tensor([[1, 5, 9, 3]])
-    expected = model(ids).logits
-    cpu_offload(model, execution_device="cpu")
-    (store,) = offload_stores(model)
-    host = dict(store)
-    layer2 = {k: store.pop(k) for k in list(store) if k.startswith("model.layers.2.")}   # as if kept on the GPU
-    assert LayerPrefetcher(model, torch.device("cpu")).following == {0: 1, 1: 3}
-    store.update(layer2)
-    prefetcher = LayerPrefetcher(model, torch.device("cpu"))
-    for _ in range(2):
-        assert torch.equal(model(ids).logits, expected)
-    assert prefetcher.fetched == [0, 1, 2, 3] * 2
-    assert all(store[k] is v for k, v in host.items()) and not prefetcher.host and not prefetcher.ready
+    skeleton = model_skeleton(tiny_model)
+    tuned = TunedLayers(skeleton, [1])
+    frozen = weight_breakdown(skeleton, tuned)["frozen_weights_gib"]
+    size = sum(p.numel() * p.element_size() for p in skeleton.parameters()) - tuned.numel() * 4
+    assert frozen["float32 on meta"] * 2**30 == pytest.approx(size, abs=2**30 * 1e-4)

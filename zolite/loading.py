@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError
-from .offload import stream_offloaded_layers
+from .offload import stream_from_cpu
 from .profile import Profile, find_profile, get_profile, profile_names
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -218,33 +218,6 @@ def linear_names(skeleton, layers: list[int]) -> list[str]:
             if isinstance(m, torch.nn.Linear)]
 
 
-def offload_device_map(skeleton, layers: list[int], device: torch.device) -> dict[str, str | int]:
-    """Every module in CPU memory (accelerate streams it to `device` for each forward) except the tuned decoder
-    layers, which stay on `device`."""
-    from .layers import check_layer_indices, decoder_layers
-
-    prefix, decoder = decoder_layers(skeleton)
-    gpu = device.index or 0
-    device_map: dict[str, str | int] = {}
-
-    def place(module, name):
-        for child_name, child in module.named_children():
-            full = f"{name}.{child_name}" if name else child_name
-            if full == prefix:
-                device_map.update({f"{full}.{i}": gpu if i in layers else "cpu" for i in range(len(decoder))})
-            elif prefix.startswith(full + "."):   # an ancestor of the decoder list: place its children one by one
-                place(child, full)
-            else:
-                device_map[full] = "cpu"
-
-    check_layer_indices(layers, len(decoder), PATCH_HINT)
-    place(skeleton, "")
-    if not layers:   # nothing kept: one small module on the GPU makes accelerate run the model there
-        small = [k for k in device_map if not k.startswith(prefix + ".") and "embed" not in k and k != "lm_head"]
-        device_map[small[-1] if small else f"{prefix}.0"] = gpu
-    return device_map
-
-
 def check_cpu_memory(skeleton, dtype: torch.dtype) -> None:
     """Offload holds the frozen weights in CPU memory: refuse up front when they cannot fit."""
     import psutil
@@ -262,7 +235,7 @@ def load_model(spec: str, *, device: str | torch.device | None = None, dtype: st
     """Load `spec` (profile, folder, .gguf or hub id) frozen, in eval mode, for inference-only use.
 
     mode: fp16 (no quantization: every weight in `dtype`), int8 / nf4 (bitsandbytes; norms, embeddings, lm_head
-    and `keep_layers` stay in `dtype`), offload (weights in CPU memory, streamed to the GPU by accelerate;
+    and `keep_layers` stay in `dtype`), offload (weights in CPU memory, streamed to the GPU by zolite.offload;
     `keep_layers` stay on the GPU). None: the profile's / nf4 on a GPU, fp16 on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -277,10 +250,8 @@ def load_model(spec: str, *, device: str | torch.device | None = None, dtype: st
         keep = linear_names(model_skeleton(path), list(keep_layers)) if keep_layers else []
         extra = {"quantization_config": quantization_config(mode, torch_dtype, keep, int8_threshold),
                  "device_map": {"": device}}
-    elif mode == "offload":
-        skeleton = model_skeleton(path)
-        check_cpu_memory(skeleton, torch_dtype)
-        extra = {"device_map": offload_device_map(skeleton, list(keep_layers), device)}
+    elif mode == "offload":   # loaded into CPU memory; zolite.offload streams it (see there why not accelerate)
+        check_cpu_memory(model_skeleton(path), torch_dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -291,7 +262,7 @@ def load_model(spec: str, *, device: str | torch.device | None = None, dtype: st
     if mode == "fp16":
         model.to(device)
     elif mode == "offload":
-        stream_offloaded_layers(model, device)
+        stream_from_cpu(model, device, list(keep_layers))
     model.eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, spec, path, profile, device, torch_dtype, mode)
 

@@ -1,10 +1,16 @@
-"""Offload mode, host side: the weights accelerate streams to the GPU are kept in pinned memory, and each decoder
-layer's copy is issued one layer ahead on a side stream, so it overlaps the previous layer's compute (ZO2's
-scheme, on top of accelerate's hooks rather than instead of them).
+"""Offload mode: the frozen weights stay in pinned CPU memory and are streamed to the GPU for each forward, each
+module's copy issued one module ahead on a side CUDA stream so it overlaps the previous module's compute (ZO2's
+scheme). The tuned layers, norms and buffers live on the GPU.
 
-accelerate's offload hooks read a module's weights from a shared dict (`weights_map`) in their pre-forward and move
-them to the GPU; a value already on the GPU is used as it is. The prefetcher puts layer i+1's GPU copies into that
-dict while layer i runs, and puts the pinned host tensors back once layer i+1 has run.
+Why not accelerate's offload hooks (what this mode used first): they copy each tensor synchronously from pageable
+memory and empty the CUDA cache after every one (`set_module_tensor_to_device`'s `clear_cache`), so copies never
+overlap compute: on an H200 the 7B-shaped ZO step took 7.8x the fp16 one.
+
+The streamed units are the input embedding, every Linear of the frozen decoder layers, and the output head, in that
+(execution) order. A unit's forward pre-hook makes the compute stream wait for its copy, puts the GPU copies in its
+`_parameters` for this forward, and issues the next unit's copy; its forward hook puts the pinned Parameters back.
+The host waits for unit k's copy before issuing unit k+1's, so at most two units' copies are in flight however far
+the host runs ahead of the GPU.
 """
 from __future__ import annotations
 
@@ -16,119 +22,95 @@ import torch
 from .layers import decoder_layers
 
 
-def stream_offloaded_layers(model: torch.nn.Module, device: torch.device) -> "LayerPrefetcher | None":
-    """Pin the offloaded weights and start prefetching decoder layers (a GPU only); warns and carries on unpinned
-    when page-locked memory is refused (some systems limit it): the copies then run, slower, from pageable memory."""
-    if device.type != "cuda":
-        return None
+def stream_from_cpu(model: torch.nn.Module, device: torch.device, keep_layers=(), allocate=None) -> "ModuleStreamer":
+    """Set up offload on a model loaded in CPU memory: stream the embedding, the frozen decoder layers' Linears and
+    the head from pinned memory; move everything else (kept layers, norms, buffers) to `device`.
+    allocate(nbytes) -> uint8 tensor for the pinned slabs (tests pass pageable memory: pinning needs a GPU)."""
+    _, layers = decoder_layers(model)
+    units = [model.get_input_embeddings()]
+    for i, layer in enumerate(layers):
+        if i not in keep_layers:
+            units += [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    head = model.get_output_embeddings()
+    if head is not None:
+        units.append(head)
+    streamed = {id(p) for unit in units for p in unit.parameters(recurse=False)}
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None and id(p) not in streamed:
+                    p.data = p.data.to(device)
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = b.to(device)
     try:
-        pin_offloaded_weights(model)
-    except RuntimeError as e:
+        pin_parameters([p for unit in units for p in unit.parameters(recurse=False)], allocate)
+    except RuntimeError as e:   # page-locked memory is limited on some systems: pageable copies still work
         print(f"zolite: offload weights not pinned ({str(e).splitlines()[0]}); copies will be slower", file=sys.stderr)
-    return LayerPrefetcher(model, device)
+    return ModuleStreamer(units, device)
 
 
-def offload_stores(model: torch.nn.Module) -> list[dict]:
-    """The dicts accelerate's offload hooks read weights from (usually one, shared by every hook)."""
-    stores = {}
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        for h in getattr(hook, "hooks", [hook]):
-            weights_map = getattr(h, "weights_map", None) if getattr(h, "offload", False) else None
-            dataset = getattr(weights_map, "dataset", None)                 # PrefixedDataset -> the shared store
-            store = getattr(dataset, "state_dict", dataset)                 # OffloadedWeightsLoader keeps a dict
-            if isinstance(store, dict):
-                stores[id(store)] = store
-    return list(stores.values())
+class ModuleStreamer:
+    """Hooks that give each streamed unit a GPU copy of its weights for the length of its forward."""
 
-
-class LayerPrefetcher:
-    """Copies offloaded decoder layer i+1 to the GPU on a side stream while layer i computes.
-
-    GPU memory: one more decoder layer than accelerate alone (the one in flight). Layers kept on the GPU (the tuned
-    ones) are skipped; the first offloaded layer is fetched when the decoder starts."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device):
-        prefix, layers = decoder_layers(model)
-        stores = offload_stores(model)
+    def __init__(self, units: list[torch.nn.Module], device: torch.device):
+        self.units = units
         self.device = device
-        self.entries = {i: [(store, key) for store in stores for key in store if key.startswith(f"{prefix}.{i}.")]
-                        for i in range(len(layers))}
-        offloaded = [i for i in range(len(layers)) if self.entries[i]]
-        self.following = dict(zip(offloaded, offloaded[1:]))
-        self.host: dict[tuple[int, str], torch.Tensor] = {}   # the pinned tensors a GPU copy stands in for
-        self.ready: dict[int, object] = {}                       # layer -> its copy's CUDA event (or None)
+        self.params = [[(name, p) for name, p in unit._parameters.items() if p is not None] for unit in units]
+        self.ready: dict[int, tuple] = {}   # unit -> (its copy's CUDA event or None, {name: GPU tensor})
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.fetched: list[int] = []                             # layers fetched ahead, in order (for tests)
-        if not offloaded:
-            return
-        first = offloaded[0]
-        decoder_owner = model.get_decoder() if hasattr(model, "get_decoder") else model
-        decoder_owner.register_forward_pre_hook(lambda *_: self._fetch(first))
-        for i in offloaded:
-            layers[i].register_forward_pre_hook(lambda *_, i=i: self._before(i))
-            layers[i].register_forward_hook(lambda *_, i=i: self._after(i))
+        self.fetched: list[int] = []        # units in the order their copies were issued (for tests)
+        for k, unit in enumerate(units):
+            unit.register_forward_pre_hook(lambda _m, _a, k=k: self._before(k))
+            unit.register_forward_hook(lambda _m, _a, _o, k=k: self._after(k), always_call=True)
 
-    def _fetch(self, i: int) -> None:
-        if i in self.ready:
+    def _fetch(self, k: int) -> None:
+        if k in self.ready:
             return
-        self.fetched.append(i)
+        self.fetched.append(k)
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-            for store, key in self.entries[i]:
-                host = store[key]
-                if host.device.type != "cpu":   # still there from a forward that was cut short
-                    continue
-                self.host[(id(store), key)] = host
-                store[key] = host.to(self.device, non_blocking=True)
+            copies = {name: p.data.to(self.device, non_blocking=True) for name, p in self.params[k]}
             event = None
             if self.stream is not None:
                 event = torch.cuda.Event()
                 event.record(self.stream)
-        self.ready[i] = event
+        self.ready[k] = (event, copies)
 
-    def _before(self, i: int) -> None:
-        if i in self.ready:
-            event = self.ready.pop(i)
-            if event is not None:   # the compute stream waits for the copy; the copies are now used on it
-                compute = torch.cuda.current_stream(self.device)
-                compute.wait_event(event)
-                for store, key in self.entries[i]:
-                    store[key].record_stream(compute)
-        if i in self.following:
-            self._fetch(self.following[i])
+    def _before(self, k: int) -> None:
+        if k == 0:   # a new forward: drop copies fetched ahead for a unit that was then not called (a head after
+            for stale in [j for j in self.ready if j != 0]:   # a hidden-states-only forward)
+                del self.ready[stale]
+        self._fetch(k)   # fetched ahead, or (first unit, out of order) now
+        event, copies = self.ready.pop(k)
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for t in copies.values():
+                t.record_stream(compute)   # freed by _after, reused only once this stream is past them
+            event.synchronize()            # bound the copies in flight to this unit's and the next one's
+        unit = self.units[k]
+        for name, t in copies.items():
+            unit._parameters[name] = t
+        if k + 1 < len(self.units):
+            self._fetch(k + 1)
 
-    def _after(self, i: int) -> None:
-        for store, key in self.entries[i]:
-            host = self.host.pop((id(store), key), None)
-            if host is not None:
-                store[key] = host
+    def _after(self, k: int) -> None:
+        unit = self.units[k]
+        for name, p in self.params[k]:
+            unit._parameters[name] = p
 
 
-def pin_offloaded_weights(model: torch.nn.Module, allocate=None) -> int:
-    """Move the CPU copies accelerate streams from (its hooks' weights maps) into pinned memory; returns the bytes.
-
-    A copy from pageable memory goes through a staging buffer at a fraction of PCIe bandwidth: on the H200 an offload
-    step moved 12.2 GiB per forward and took 7.8x the fp16 step. The tensors are packed into a few pinned slabs of a
-    power-of-two size: torch's pinned allocator rounds every request up to a power of two, so pinning an 86 MiB matrix
-    on its own would lock 128 MiB. Tied tensors stay one copy. allocate(nbytes) -> uint8 tensor (tests pass a
-    pageable one: pinning needs a GPU)."""
+def pin_parameters(params: list[torch.nn.Parameter], allocate=None) -> int:
+    """Move each distinct parameter's data into a few pinned slabs of one power-of-two size, one tensor at a time
+    (RAM never holds two copies of the weights); returns the bytes. Slabs, not one pinned tensor each: torch's pinned
+    allocator rounds every request up to a power of two, so an 86 MiB matrix alone would lock 128 MiB."""
     allocate = allocate or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
-    places: dict[int, list] = {}     # data_ptr -> [(store, key)]: tied entries share one copy
-    for store in offload_stores(model):
-        for key, tensor in store.items():
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.numel():
-                places.setdefault(tensor.data_ptr(), []).append((store, key))
-
-    def current(ptr):   # read through the store, so no reference to an original outlives its replacement
-        store, key = places[ptr][0]
-        return store[key]
-
-    nbytes = {ptr: current(ptr).numel() * current(ptr).element_size() for ptr in places}
-    for ptr, space in _slab_spaces(nbytes, allocate):   # one tensor at a time: RAM never holds two full copies
-        tensor = current(ptr)
-        pinned = space.view(tensor.dtype).view(tensor.shape).copy_(tensor)
-        for store, key in places[ptr]:
-            store[key] = pinned
+    unique = {id(p): p for p in params if p.numel() and p.device.type == "cpu"}
+    nbytes = {key: p.numel() * p.element_size() for key, p in unique.items()}
+    with torch.no_grad():
+        for key, space in _slab_spaces(nbytes, allocate):
+            p = unique[key]
+            p.data = space.view(p.dtype).view(p.shape).copy_(p.data)
     return sum(nbytes.values())
 
 

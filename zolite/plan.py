@@ -3,8 +3,7 @@
 The estimate is built from the model's shapes (its meta-device skeleton: nothing is loaded):
 - resident weights: per mode, what stays on the GPU. fp16: everything in `dtype`; int8 / nf4: decoder Linear
   weights at 1 / 0.5 bytes (+ their scales), the rest (embeddings, norms, lm_head, the tuned layers) in `dtype`;
-  offload: the tuned layers, plus the largest other module while accelerate streams it in and the next decoder
-  layer being prefetched;
+  offload: the tuned layers, plus two of the modules streamed in (the one computing and the next, in flight);
 - the tuned layers' compensation residuals (same dtype as the layer; none when `dtype` is fp32) and one tensor's z
   (fp32) and W + eps z (in `dtype`) while it runs;
 - activations of one ZO forward: the micro-batch is doubled from the first tuned layer on (+eps and -eps halves),
@@ -62,10 +61,10 @@ class Plan:
 
 
 def _sizes(skeleton, layers: list[int]) -> dict:
-    prefix, decoder = decoder_layers(skeleton)
+    prefix, _ = decoder_layers(skeleton)
     tuned_names = {f"{prefix}.{i}." for i in layers}
     sizes = {"linear_frozen": 0, "linear_frozen_rows": 0, "other_frozen": 0, "tuned": 0, "largest_tuned": 0,
-             "largest_module": 0}
+             "largest_streamed": 0}
     seen = set()
     for name, module in skeleton.named_modules():
         for attr, p in module.named_parameters(recurse=False):
@@ -79,11 +78,13 @@ def _sizes(skeleton, layers: list[int]) -> dict:
             elif isinstance(module, torch.nn.Linear) and full.startswith(prefix + ".") and attr == "weight":
                 sizes["linear_frozen"] += p.numel()
                 sizes["linear_frozen_rows"] += p.shape[0]
+                sizes["largest_streamed"] = max(sizes["largest_streamed"], p.numel())
             else:
                 sizes["other_frozen"] += p.numel()
-    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in decoder]
-    emb = skeleton.get_input_embeddings().weight.numel()
-    sizes["largest_module"] = max(per_layer + [emb])
+    head = skeleton.get_output_embeddings()
+    for module in (skeleton.get_input_embeddings(), head):   # offload streams these too (zolite.offload)
+        if module is not None:
+            sizes["largest_streamed"] = max(sizes["largest_streamed"], module.weight.numel())
     return sizes
 
 
@@ -102,8 +103,8 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
         weights = s["linear_frozen"] + 4 * s["linear_frozen_rows"] + (s["other_frozen"] + s["tuned"]) * b
     elif mode == "nf4":    # 4-bit weights + one fp32 absmax per 64 values
         weights = s["linear_frozen"] // 2 + s["linear_frozen"] // 16 + (s["other_frozen"] + s["tuned"]) * b
-    elif mode == "offload":   # the module computing and the decoder layer being prefetched (zolite.offload)
-        weights = (s["tuned"] + 2 * s["largest_module"]) * b
+    elif mode == "offload":   # frozen weights streamed one module at a time, one more in flight (zolite.offload)
+        weights = (s["tuned"] + 2 * s["largest_streamed"]) * b
     else:
         raise ZoliteError(f"unknown mode '{mode}'; choose one of fp16, int8, nf4, offload")
     master = 0 if dtype == torch.float32 else b * s["tuned"]

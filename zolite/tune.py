@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import math
 import re
@@ -22,7 +23,8 @@ from .errors import ZoliteError
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
 from .io import refuse_clobber, write_json
 from .layers import decoder_layers, format_layers
-from .loading import INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, default_device, load_model, model_skeleton, resolve_model
+from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, default_device, load_model,
+                      model_skeleton, resolve_model)
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
 from .plan import measured_activations, parse_size, plan_memory
 from .patch import fingerprint, save_patch
@@ -279,14 +281,20 @@ def load_for_tuning(config: TuneConfig):
 
 
 def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices, identity, profile):
-    """(mode, plan): with --gpu-memory, the plan for that budget, the allocator capped to it; on a GPU without it,
-    the plan for the card's free memory (so a 7B model runs fp16 where it fits, nf4 on an 8 GB card, with the
-    micro-batch that fits), uncapped, and when by the estimate nothing fits, the default mode is tried anyway (the
-    estimate errs high). On the CPU: the mode as given, no plan."""
+    """(mode, plan). With --gpu-memory: the fastest mode and largest micro-batch for that budget, the allocator
+    capped to it. On a GPU without it: the run as asked (its mode, the whole batch) unless by the estimate that would
+    not fit the card's free memory; then the same mode with the largest micro-batch that fits, else (no --mode given)
+    offload, else the run is tried as asked (the estimate errs high). So a run's numbers never depend on how much
+    memory happened to be free, unless it would not have fit. On the CPU: the mode as given, no plan."""
     asked = config.gpu_memory is not None
     if not asked and device.type != "cuda":
         return config.mode, None
-    budget = parse_size(config.gpu_memory) if asked else free_gpu_memory(device)
+    if asked:
+        budget = parse_size(config.gpu_memory)
+    else:   # what a scan earlier in this process left in torch's cache is free for this run too
+        gc.collect()
+        torch.cuda.empty_cache()
+        budget = free_gpu_memory(device)
     defaults = profile.defaults if profile else {}
     batch = config.batch_size or defaults.get("batch_size", BUILTIN_DEFAULTS["batch_size"])
     seq_len = config.max_length or defaults.get("max_length", BUILTIN_DEFAULTS["max_length"])
@@ -295,20 +303,33 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
         measured = measured_activations(identity(), dtype, profile)
     except ZoliteError:   # no embedding to key this machine's measurements by: the profile's, or the analytic estimate
         measured = measured_activations(None, dtype, profile)
-    try:
-        plan = plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=config.mode, measured=measured,
+
+    def plan_for(mode):
+        return plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=mode, measured=measured,
                            micro_batch=config.micro_batch, estimator=config.estimator, optimizer=config.optimizer)
-    except ZoliteError as e:
-        if asked:
-            raise
-        print(f"zolite: memory plan for the GPU's free {budget / 2**30:.1f} GiB: {e}; trying anyway "
-              "(the estimate errs high; --gpu-memory plans for a budget you give)", file=sys.stderr)
-        return config.mode, None
-    whose = "" if asked else f" for the GPU's free {budget / 2**30:.1f} GiB"
-    print(f"zolite: memory plan{whose}: {plan.reason}", file=sys.stderr)
-    if asked and device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
-        cap_gpu_memory(budget, device)
-    return plan.mode, plan
+
+    if asked:
+        plan = plan_for(config.mode)
+        print(f"zolite: memory plan: {plan.reason}", file=sys.stderr)
+        if device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
+            cap_gpu_memory(budget, device)
+        return plan.mode, plan
+    every_layer = len(indices) == len(decoder_layers(skeleton)[1])
+    default = config.mode or ("fp16" if every_layer else choose_mode(None, device, profile))
+    free = f"the GPU's free {budget / 2**30:.1f} GiB"
+    for mode in [default] + (["offload"] if config.mode is None and default != "offload" else []):
+        try:
+            plan = plan_for(mode)
+        except ZoliteError:
+            continue
+        if plan.mode == default and plan.micro_batch == (config.micro_batch or batch):
+            return config.mode, None   # fits as asked
+        print(f"zolite: by the estimate the run would not fit {free} as asked; memory plan: {plan.reason}",
+              file=sys.stderr)
+        return plan.mode, plan
+    print(f"zolite: by the estimate nothing fits {free}; trying the run as asked (the estimate errs high; "
+          "--gpu-memory plans for a budget you give)", file=sys.stderr)
+    return config.mode, None
 
 
 def free_gpu_memory(device: torch.device) -> int:
