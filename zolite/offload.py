@@ -6,8 +6,8 @@ Why not accelerate's offload hooks (what this mode used first): they copy each t
 memory and empty the CUDA cache after every one (`set_module_tensor_to_device`'s `clear_cache`), so copies never
 overlap compute: on an H200 the 7B-shaped ZO step took 7.8x the fp16 one.
 
-The streamed units are the input embedding, every Linear of the frozen decoder layers, and the output head, in that
-(execution) order. A unit's forward pre-hook makes the compute stream wait for its copy, puts the GPU copies in its
+The streamed units are every Linear of the frozen decoder layers and the output head (unless it is tied to the
+input embedding, which stays on the GPU), in that (execution) order. A unit's forward pre-hook makes the compute stream wait for its copy, puts the GPU copies in its
 `_parameters` for this forward, and issues the next unit's copy; its forward hook puts the pinned Parameters back.
 The host waits for unit k's copy before issuing unit k+1's, so at most two units' copies are in flight however far
 the host runs ahead of the GPU.
@@ -23,16 +23,18 @@ from .layers import decoder_layers
 
 
 def stream_from_cpu(model: torch.nn.Module, device: torch.device, keep_layers=(), allocate=None) -> "ModuleStreamer":
-    """Set up offload on a model loaded in CPU memory: stream the embedding, the frozen decoder layers' Linears and
-    the head from pinned memory; move everything else (kept layers, norms, buffers) to `device`.
+    """Set up offload on a model loaded in CPU memory: stream the frozen decoder layers' Linears and the (untied)
+    head from pinned memory; move everything else to `device`: the kept layers, norms, buffers and the input
+    embedding (a lookup needs no streaming, and the model's first parameter on the GPU is where callers and
+    `generate` put the inputs).
     allocate(nbytes) -> uint8 tensor for the pinned slabs (tests pass pageable memory: pinning needs a GPU)."""
     _, layers = decoder_layers(model)
-    units = [model.get_input_embeddings()]
+    units = []
     for i, layer in enumerate(layers):
         if i not in keep_layers:
             units += [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-    head = model.get_output_embeddings()
-    if head is not None:
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embedding.weight:   # a head tied to the embedding stays with it
         units.append(head)
     streamed = {id(p) for unit in units for p in unit.parameters(recurse=False)}
     with torch.no_grad():
@@ -77,8 +79,8 @@ class ModuleStreamer:
         self.ready[k] = (event, copies)
 
     def _before(self, k: int) -> None:
-        if k == 0:   # a new forward: drop copies fetched ahead for a unit that was then not called (a head after
-            for stale in [j for j in self.ready if j != 0]:   # a hidden-states-only forward)
+        if k == 0:   # a new forward: drop copies fetched ahead for a unit that was then not called (the head,
+            for stale in [j for j in self.ready if j != 0]:   # after a forward that wanted hidden states only)
                 del self.ready[stale]
         self._fetch(k)   # fetched ahead, or (first unit, out of order) now
         event, copies = self.ready.pop(k)

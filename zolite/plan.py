@@ -3,7 +3,8 @@
 The estimate is built from the model's shapes (its meta-device skeleton: nothing is loaded):
 - resident weights: per mode, what stays on the GPU. fp16: everything in `dtype`; int8 / nf4: decoder Linear
   weights at 1 / 0.5 bytes (+ their scales), the rest (embeddings, norms, lm_head, the tuned layers) in `dtype`;
-  offload: the tuned layers, plus two of the modules streamed in (the one computing and the next, in flight);
+  offload: the tuned layers and the input embedding, plus two of the modules streamed in (the one computing and the
+  next, in flight);
 - the tuned layers' compensation residuals (same dtype as the layer; none when `dtype` is fp32) and one tensor's z
   (fp32) and W + eps z (in `dtype`) while it runs;
 - activations of one ZO forward: the micro-batch is doubled from the first tuned layer on (+eps and -eps halves),
@@ -81,10 +82,10 @@ def _sizes(skeleton, layers: list[int]) -> dict:
                 sizes["largest_streamed"] = max(sizes["largest_streamed"], p.numel())
             else:
                 sizes["other_frozen"] += p.numel()
-    head = skeleton.get_output_embeddings()
-    for module in (skeleton.get_input_embeddings(), head):   # offload streams these too (zolite.offload)
-        if module is not None:
-            sizes["largest_streamed"] = max(sizes["largest_streamed"], module.weight.numel())
+    head, embedding = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    sizes["embedding"] = embedding.weight.numel()
+    if head is not None and head.weight is not embedding.weight:   # offload streams an untied head too
+        sizes["largest_streamed"] = max(sizes["largest_streamed"], head.weight.numel())
     return sizes
 
 
@@ -103,8 +104,8 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
         weights = s["linear_frozen"] + 4 * s["linear_frozen_rows"] + (s["other_frozen"] + s["tuned"]) * b
     elif mode == "nf4":    # 4-bit weights + one fp32 absmax per 64 values
         weights = s["linear_frozen"] // 2 + s["linear_frozen"] // 16 + (s["other_frozen"] + s["tuned"]) * b
-    elif mode == "offload":   # frozen weights streamed one module at a time, one more in flight (zolite.offload)
-        weights = (s["tuned"] + 2 * s["largest_streamed"]) * b
+    elif mode == "offload":   # frozen Linears streamed one at a time, one more in flight; the embedding stays
+        weights = (s["tuned"] + s["embedding"] + 2 * s["largest_streamed"]) * b
     else:
         raise ZoliteError(f"unknown mode '{mode}'; choose one of fp16, int8, nf4, offload")
     master = 0 if dtype == torch.float32 else b * s["tuned"]
