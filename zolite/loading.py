@@ -1,6 +1,7 @@
 """Find a model from a profile name, a folder, a .gguf file or a hub id, and load it with its tokenizer."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -251,7 +252,12 @@ def load_model(spec: str, *, device: str | torch.device | None = None, dtype: st
         extra = {"quantization_config": quantization_config(mode, torch_dtype, keep, int8_threshold),
                  "device_map": {"": device}}
     elif mode == "offload":   # loaded into CPU memory; zolite.offload streams it (see there why not accelerate)
-        check_cpu_memory(model_skeleton(path), torch_dtype)
+        from .layers import check_layer_indices, decoder_layers
+
+        skeleton = model_skeleton(path)
+        check_layer_indices(list(keep_layers), len(decoder_layers(skeleton)[1]), PATCH_HINT)
+        gc.collect()   # an offloaded model dropped just before (a scan's) frees its pinned weights first
+        check_cpu_memory(skeleton, torch_dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path)

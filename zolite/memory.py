@@ -153,8 +153,10 @@ def weight_breakdown(model: torch.nn.Module, tuned) -> dict:
 
     def count(tensor, label: str) -> None:
         nonlocal gpu_resident
-        real = tensor.numel() and tensor.device.type != "meta"   # meta / empty tensors all have data_ptr 0
-        key = (tensor.device, tensor.untyped_storage().data_ptr()) if real else (id(tensor),)
+        # one memory counted once (LLM.int8's CB is its weight's data); meta and empty tensors all have data_ptr 0,
+        # and offload packs many tensors into one pinned slab (one storage), so the key is the tensor's own bytes
+        real = tensor.numel() and tensor.device.type != "meta"
+        key = (tensor.device, tensor.data_ptr(), tensor.numel() * tensor.element_size()) if real else (id(tensor),)
         if key in seen:
             return
         seen.add(key)

@@ -1,20 +1,20 @@
 """Offload mode: the frozen weights stay in pinned CPU memory and are streamed to the GPU for each forward, each
 module's copy issued one module ahead on a side CUDA stream so it overlaps the previous module's compute (ZO2's
-scheme). The tuned layers, norms and buffers live on the GPU.
+scheme). The tuned layers, the input embedding, norms and buffers live on the GPU.
 
 Why not accelerate's offload hooks (what this mode used first): they copy each tensor synchronously from pageable
 memory and empty the CUDA cache after every one (`set_module_tensor_to_device`'s `clear_cache`), so copies never
 overlap compute: on an H200 the 7B-shaped ZO step took 7.8x the fp16 one.
 
-The streamed units are every Linear of the frozen decoder layers and the output head (unless it is tied to the
-input embedding, which stays on the GPU), in that (execution) order. A unit's forward pre-hook makes the compute stream wait for its copy, puts the GPU copies in its
-`_parameters` for this forward, and issues the next unit's copy; its forward hook puts the pinned Parameters back.
-The host waits for unit k's copy before issuing unit k+1's, so at most two units' copies are in flight however far
-the host runs ahead of the GPU.
+The streamed units are the frozen decoder layers' Linears and the output head (unless it is tied to the input
+embedding). A unit's forward pre-hook makes the compute stream wait for its copy, puts the GPU copies in its
+`_parameters` for this forward and issues the copy of the unit that ran after it in the first forward; its forward
+hook (always called, a failed forward included) puts the pinned Parameters back.
 """
 from __future__ import annotations
 
 import sys
+import weakref
 from contextlib import nullcontext
 
 import torch
@@ -26,13 +26,15 @@ def stream_from_cpu(model: torch.nn.Module, device: torch.device, keep_layers=()
     """Set up offload on a model loaded in CPU memory: stream the frozen decoder layers' Linears and the (untied)
     head from pinned memory; move everything else to `device`: the kept layers, norms, buffers and the input
     embedding (a lookup needs no streaming, and the model's first parameter on the GPU is where callers and
-    `generate` put the inputs).
+    `generate` put the inputs). The streamer is kept on the model (`model.zolite_streamer`).
     allocate(nbytes) -> uint8 tensor for the pinned slabs (tests pass pageable memory: pinning needs a GPU)."""
+    from transformers.pytorch_utils import Conv1D   # GPT-2's Linear
+
     _, layers = decoder_layers(model)
     units = []
     for i, layer in enumerate(layers):
         if i not in keep_layers:
-            units += [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+            units += [m for m in layer.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and head.weight is not embedding.weight:   # a head tied to the embedding stays with it
         units.append(head)
@@ -49,27 +51,48 @@ def stream_from_cpu(model: torch.nn.Module, device: torch.device, keep_layers=()
         pin_parameters([p for unit in units for p in unit.parameters(recurse=False)], allocate)
     except RuntimeError as e:   # page-locked memory is limited on some systems: pageable copies still work
         print(f"zolite: offload weights not pinned ({str(e).splitlines()[0]}); copies will be slower", file=sys.stderr)
-    return ModuleStreamer(units, device)
+    streamer = ModuleStreamer(model, units, device)
+    model.zolite_streamer = streamer   # the hooks hold it weakly: it lives and dies with the model
+    return streamer
 
 
 class ModuleStreamer:
-    """Hooks that give each streamed unit a GPU copy of its weights for the length of its forward."""
+    """Hooks that give each streamed unit a GPU copy of its weights for the length of its forward.
 
-    def __init__(self, units: list[torch.nn.Module], device: torch.device):
+    Prefetch follows the order the units ran in during the first forward (registration order is not always
+    execution order: OPT registers k, v, q). Before issuing unit k+1's copy the host waits for unit k's copy and for
+    the compute of the unit before k, so whatever the host's lead, about three units' copies are alive on the GPU."""
+
+    def __init__(self, model: torch.nn.Module, units: list[torch.nn.Module], device: torch.device):
         self.units = units
         self.device = device
         self.params = [[(name, p) for name, p in unit._parameters.items() if p is not None] for unit in units]
-        self.ready: dict[int, tuple] = {}   # unit -> (its copy's CUDA event or None, {name: GPU tensor})
+        self.ready: dict[int, tuple] = {}      # unit -> (its copy's CUDA event or None, {name: GPU tensor})
+        self.computed: dict[int, object] = {}  # unit -> CUDA event recorded on the compute stream after it ran
+        self.seen: list[int] = []              # units in the order the first forward ran them
+        self.following: dict[int, int] | None = None   # learned from `seen` at the start of the second forward
+        self.previous: int | None = None       # the unit that ran last in this forward
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.fetched: list[int] = []        # units in the order their copies were issued (for tests)
+        self.copies = 0                        # copies issued (for tests)
+        me = weakref.ref(self)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        decoder.register_forward_pre_hook(lambda *_: me()._start())
         for k, unit in enumerate(units):
-            unit.register_forward_pre_hook(lambda _m, _a, k=k: self._before(k))
-            unit.register_forward_hook(lambda _m, _a, _o, k=k: self._after(k), always_call=True)
+            unit.register_forward_pre_hook(lambda _m, _a, k=k: me()._before(k))
+            unit.register_forward_hook(lambda _m, _a, _o, k=k: me()._after(k), always_call=True)
+
+    def _start(self) -> None:
+        """A new forward of the decoder: learn the order once, drop copies fetched ahead and never used (the head,
+        after a forward that wanted hidden states only)."""
+        if self.following is None and self.seen:
+            self.following = dict(zip(self.seen, self.seen[1:]))
+        self.ready.clear()
+        self.previous = None
 
     def _fetch(self, k: int) -> None:
         if k in self.ready:
             return
-        self.fetched.append(k)
+        self.copies += 1
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
             copies = {name: p.data.to(self.device, non_blocking=True) for name, p in self.params[k]}
             event = None
@@ -79,27 +102,35 @@ class ModuleStreamer:
         self.ready[k] = (event, copies)
 
     def _before(self, k: int) -> None:
-        if k == 0:   # a new forward: drop copies fetched ahead for a unit that was then not called (the head,
-            for stale in [j for j in self.ready if j != 0]:   # after a forward that wanted hidden states only)
-                del self.ready[stale]
-        self._fetch(k)   # fetched ahead, or (first unit, out of order) now
+        if self.following is None:
+            self.seen.append(k)
+        self._fetch(k)   # fetched ahead, or (first forward, or out of the learned order) now
         event, copies = self.ready.pop(k)
         if event is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(event)
             for t in copies.values():
                 t.record_stream(compute)   # freed by _after, reused only once this stream is past them
-            event.synchronize()            # bound the copies in flight to this unit's and the next one's
+            event.synchronize()            # copies in flight: this unit's and the next one's
         unit = self.units[k]
         for name, t in copies.items():
             unit._parameters[name] = t
-        if k + 1 < len(self.units):
-            self._fetch(k + 1)
+        done = self.computed.pop(self.previous, None)
+        if done is not None:
+            done.synchronize()             # the host stays within two units of the GPU's compute
+        self.previous = k
+        upcoming = self.following.get(k) if self.following else None
+        if upcoming is not None:
+            self._fetch(upcoming)
 
     def _after(self, k: int) -> None:
         unit = self.units[k]
         for name, p in self.params[k]:
             unit._parameters[name] = p
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.computed[k] = event
 
 
 def pin_parameters(params: list[torch.nn.Parameter], allocate=None) -> int:

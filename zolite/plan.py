@@ -3,8 +3,8 @@
 The estimate is built from the model's shapes (its meta-device skeleton: nothing is loaded):
 - resident weights: per mode, what stays on the GPU. fp16: everything in `dtype`; int8 / nf4: decoder Linear
   weights at 1 / 0.5 bytes (+ their scales), the rest (embeddings, norms, lm_head, the tuned layers) in `dtype`;
-  offload: the tuned layers and the input embedding, plus two of the modules streamed in (the one computing and the
-  next, in flight);
+  offload: the tuned layers and the input embedding, plus three of the modules streamed in (the one computing, the
+  next in flight, the last one until the GPU is done with it);
 - the tuned layers' compensation residuals (same dtype as the layer; none when `dtype` is fp32) and one tensor's z
   (fp32) and W + eps z (in `dtype`) while it runs;
 - activations of one ZO forward: the micro-batch is doubled from the first tuned layer on (+eps and -eps halves),
@@ -104,8 +104,8 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
         weights = s["linear_frozen"] + 4 * s["linear_frozen_rows"] + (s["other_frozen"] + s["tuned"]) * b
     elif mode == "nf4":    # 4-bit weights + one fp32 absmax per 64 values
         weights = s["linear_frozen"] // 2 + s["linear_frozen"] // 16 + (s["other_frozen"] + s["tuned"]) * b
-    elif mode == "offload":   # frozen Linears streamed one at a time, one more in flight; the embedding stays
-        weights = (s["tuned"] + s["embedding"] + 2 * s["largest_streamed"]) * b
+    elif mode == "offload":   # streamed modules: the one computing, the next in flight, the last being freed
+        weights = (s["tuned"] + s["embedding"] + 3 * s["largest_streamed"]) * b
     else:
         raise ZoliteError(f"unknown mode '{mode}'; choose one of fp16, int8, nf4, offload")
     master = 0 if dtype == torch.float32 else b * s["tuned"]
@@ -133,6 +133,8 @@ def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_l
     modes = [mode] if mode else list(PLAN_ORDER)
     if len(layers) == len(decoder_layers(skeleton)[1]) and not mode:
         modes = ["fp16", "offload"]   # every layer tuned: nothing left to quantize
+    if estimator == "fo" and not mode:   # backprop keeps every streamed copy for its backward pass: offload saves nothing
+        modes = [m for m in modes if m != "offload"]
     divisors = [micro_batch] if micro_batch else [d for d in range(batch_size, 0, -1) if batch_size % d == 0]
     smallest = None
     # First pass: a mode counts only if it runs the batch in at most MAX_FORWARDS forwards (tiny micro-batches

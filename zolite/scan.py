@@ -216,7 +216,7 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
     net, tok = loaded.model, loaded.tokenizer
     batches = list(_batches(tok, texts, batch_size, max_length, loaded.device))
     activations = activation_profile(net, batches)
-    # Quantized weights (int8 / nf4) are packed integers, offloaded ones live in accelerate's CPU map: the probe
+    # Quantized weights (int8 / nf4) are packed integers, offloaded ones are streamed from CPU memory: the probe
     # needs plain weights on the device.
     probe = seeds if loaded.mode == "fp16" else 0
     base_loss, sensitivity = sensitivity_profile(net, batches, probe, eps) if probe else (None, [])

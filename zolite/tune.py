@@ -317,7 +317,8 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
     every_layer = len(indices) == len(decoder_layers(skeleton)[1])
     default = config.mode or ("fp16" if every_layer else choose_mode(None, device, profile))
     free = f"the GPU's free {budget / 2**30:.1f} GiB"
-    for mode in [default] + (["offload"] if config.mode is None and default != "offload" else []):
+    fallback = config.mode is None and default != "offload" and config.estimator != "fo"
+    for mode in [default] + (["offload"] if fallback else []):
         try:
             plan = plan_for(mode)
         except ZoliteError:
