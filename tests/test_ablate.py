@@ -64,6 +64,7 @@ def test_ablate_runs_resumes_and_tabulates(tiny_model, small_data, tmp_path):
     assert [r["arm"] for r in rows] == ["mezo", "backprop", "last-layer-residual"]
     assert all(float(r["test_mean"]) >= 0 for r in rows)
     assert [r["status"] for r in rows] == ["done"] * 3
+    assert [r["micro_batch"] for r in rows] == ["4"] * 3 and {r["mode"] for r in rows} == {"fp16"}
     assert all(0 <= float(r["kept_step_mean"]) <= 8 for r in rows)
     for name in ("results.md", "accuracy.png", "loss.png"):
         assert (out / name).stat().st_size > 0

@@ -129,6 +129,7 @@ def _row(report: dict, lr: float, seed: int) -> dict:
             "val": final["val"]["score"] if final.get("val") else None,
             "test": final["test"]["score"] if final.get("test") else None,
             "kept_step": report.get("kept_step"),
+            "micro_batch": report["config"].get("micro_batch"), "mode": report["config"].get("mode"),
             "forward_passes": report.get("forward_passes"), "wall_s": report["timing"]["total_s"],
             "diverged_at_step": report.get("diverged_at_step"),
             "peak_gib": memory.get("gpu_allocated_peak_gib", memory.get("cpu_rss_peak_gib")),
@@ -274,6 +275,9 @@ def _summary(arm: dict, seeds: int) -> dict:
             "val_mean": statistics.mean(vals) if vals else None,
             "kept_step_mean": statistics.mean(kept) if kept else None,
             "forward_passes": rs[0]["forward_passes"], "peak_gib": max(r["peak_gib"] for r in rs),
+            # seeds of one arm must have run alike: a differing micro-batch or mode would show here
+            "micro_batch": "/".join(sorted({str(r.get("micro_batch")) for r in rs})),
+            "mode": "/".join(sorted({str(r.get("mode")) for r in rs})),
             "peak_kind": rs[0]["peak_kind"], "wall_s": statistics.mean(r["wall_s"] for r in rs),
             "diverged": sum(r.get("diverged_at_step") is not None for r in rs)}
 
