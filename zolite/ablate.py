@@ -179,40 +179,43 @@ def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed
             write_results(results, out)
 
     if table_only:
-        _read_finished(entries, job, seeds)
+        _in_order(entries, job, seeds, _finished_row)
         if not any(e["runs"] for e in entries):
             raise ZoliteError(f"no finished runs of plan {plan_['name']} in {out}; run zolite ablate without "
                               "--table-only first (or give the --out it wrote to)")
         tabulate()
     elif jobs == 1:
-        for entry in entries:
-            for lr in entry["lr_grid"]:
-                entry["runs"].append(_run(*job(entry, lr, 0), progress))
-                tabulate()
-            entry["picked_lr"] = _pick(entry["runs"])
-            for seed in range(1, seeds):
-                entry["runs"].append(_run(*job(entry, entry["picked_lr"], seed), progress))
-                tabulate()
+        _in_order(entries, job, seeds, lambda args: _run(*args, progress), after=tabulate)
     else:
         _run_parallel(entries, job, seeds, jobs, tabulate)
     results["arms"] = entries
     return results
 
 
-def _read_finished(entries, job, seeds) -> None:
-    """Each arm's finished runs (report.json): its seed-0 grid, and once the grid is complete its other seeds."""
+def _in_order(entries, job, seeds, get, after=lambda: None) -> None:
+    """Each arm's seed-0 grid, then (once the grid is complete) its other seeds at the picked lr. get(job args) ->
+    the run's row, or None for a run not there (--table-only); after() follows every row."""
     for entry in entries:
         for lr in entry["lr_grid"]:
-            report = _finished_report(job(entry, lr, 0)[2])
-            if report is not None:
-                entry["runs"].append(_row(report, lr, 0))
+            _add(entry, get(job(entry, lr, 0)), after)
         if len(entry["runs"]) < len(entry["lr_grid"]):
             continue
         entry["picked_lr"] = _pick(entry["runs"])
         for seed in range(1, seeds):
-            report = _finished_report(job(entry, entry["picked_lr"], seed)[2])
-            if report is not None:
-                entry["runs"].append(_row(report, entry["picked_lr"], seed))
+            _add(entry, get(job(entry, entry["picked_lr"], seed)), after)
+
+
+def _add(entry, row, after) -> None:
+    if row is not None:
+        entry["runs"].append(row)
+        after()
+
+
+def _finished_row(args) -> dict | None:
+    """The row of a finished run (job args: model, task, run_dir, options, lr, seed); None if it has not finished."""
+    _, _, run_dir, _, lr, seed = args
+    report = _finished_report(run_dir)
+    return _row(report, lr, seed) if report is not None else None
 
 
 def _pick(runs: list[dict]) -> float:

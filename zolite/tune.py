@@ -333,14 +333,18 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
     return config.mode, None
 
 
+def _cuda_index(device: torch.device) -> int:
+    """torch's memory calls want an index, not a bare 'cuda'."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def free_gpu_memory(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.mem_get_info(index)[0]
+    return torch.cuda.mem_get_info(_cuda_index(device))[0]
 
 
 def cap_gpu_memory(budget: int, device: torch.device) -> float:
     """Cap this process's CUDA allocator at `budget` bytes on `device`; returns the fraction set."""
-    index = device.index if device.index is not None else torch.cuda.current_device()   # torch wants an index
+    index = _cuda_index(device)
     fraction = min(1.0, budget / torch.cuda.get_device_properties(index).total_memory)
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
