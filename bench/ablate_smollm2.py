@@ -5,8 +5,8 @@
 Each task is one `zolite ablate --jobs N` (N runs at once on the GPU, each in its own process; every arm's seed-0 lr
 grid first, then its other seeds); the runs land in OUT/TASK/ARM/lr<LR>-s<SEED>, the tables and plots in
 OUT/TASK/results.{md,csv,json}, accuracy.png, loss.png. Re-running the same command resumes: finished runs
-(report.json) are read back, cut-off ones continue from their checkpoints. To spread tasks over GPUs, start one
-invocation per GPU (CUDA_VISIBLE_DEVICES=i) with its own --tasks.
+(report.json) are read back, cut-off ones continue from their checkpoints. The N runs are spread over the visible GPUs
+(CUDA_VISIBLE_DEVICES); to run tasks side by side, start one invocation per task.
 """
 from __future__ import annotations
 

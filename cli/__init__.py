@@ -335,7 +335,7 @@ def profile(model, out, as_json, **options):
 @click.option("--device")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
 @click.option("--jobs", type=int, default=1, show_default=True,
-              help="Runs at once, each in its own process (a small model leaves a GPU mostly idle with one).")
+              help="Runs at once, each in its own process (a small model leaves a GPU mostly idle with one), spread evenly over the visible GPUs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--table-only", is_flag=True, help="Run nothing: tabulate the runs already finished in --out.")
 def ablate(model, task, plan, seeds, arms, steps, out, jobs, quiet, table_only, **tune_options):

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import queue
+import sys
 
 import pytest
 
@@ -94,6 +97,50 @@ def test_parallel_jobs_give_the_sequential_results(tiny_model, small_data, tmp_p
         assert a["picked_lr"] == b["picked_lr"]
         assert [(r["lr"], r["seed"], r["val"], r["test"], r["loss_by_25"]) for r in a["runs"]] == \
                [(r["lr"], r["seed"], r["val"], r["test"], r["loss_by_25"]) for r in b["runs"]]
+
+
+def test_parallel_runs_spread_over_the_visible_gpus(monkeypatch):
+    """Each worker holds one GPU's token while its run lasts: runs alternate over the GPUs, and a failed run gives its
+    GPU back."""
+    ablate_module = sys.modules["zolite.ablate"]   # (zolite.ablate the name is the function)
+
+    assert ablate_module._gpu_tokens(4, ["3", "5"]) == ["3", "5", "3", "5"]
+    assert ablate_module._gpu_tokens(3, ["0"]) == [None] * 3 and ablate_module._gpu_tokens(2, []) == [None] * 2
+    tokens = queue.Queue()
+    for token in ablate_module._gpu_tokens(4, ["3", "5"]):
+        tokens.put(token)
+    seen = []
+
+    def fake_run(*args):
+        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+        if len(seen) == 2:
+            raise RuntimeError("a failing run")
+        return {"args": args}
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setattr(ablate_module, "_run", fake_run)
+    assert ablate_module._run_on_a_gpu(tokens, "model", "task") == {"args": ("model", "task")}
+    with pytest.raises(RuntimeError):
+        ablate_module._run_on_a_gpu(tokens, "model", "task")
+    for _ in range(3):
+        ablate_module._run_on_a_gpu(tokens, "model", "task")
+    assert seen == ["3", "5", "3", "5", "3"]
+    assert tokens.qsize() == 4
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    import torch
+
+    from zolite.ablate import _visible_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,2")
+    assert _visible_gpus() == ["6", "2"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _visible_gpus() == ["0", "1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _visible_gpus() == []
 
 
 def test_table_only_tabulates_a_cut_off_ablation(tiny_model, small_data, tmp_path):

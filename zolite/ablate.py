@@ -229,16 +229,54 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def _visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries (empty without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in listed.split(",") if d.strip()] if listed else []
+    return ids[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _gpu_tokens(jobs: int, gpus: list[str]) -> list[str | None]:
+    """One token per worker, dealt round the GPUs (None for each when there is no choice to make)."""
+    return [gpus[i % len(gpus)] if len(gpus) > 1 else None for i in range(jobs)]
+
+
+def _run_on_a_gpu(gpus, *args) -> dict:
+    """_run on the GPU taken from the `gpus` queue (None: as visible), handed back when the run ends. Each run is a
+    fresh process (max_tasks_per_child=1), so CUDA_VISIBLE_DEVICES still takes effect here."""
+    gpu = gpus.get()
+    try:
+        if gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        return _run(*args)
+    finally:
+        gpus.put(gpu)
+
+
 def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
-    """Seed-0 grids of every arm at once, then each arm's other seeds once its grid is in; one process per run."""
+    """Seed-0 grids of every arm at once, then each arm's other seeds once its grid is in; one process per run, the
+    processes spread evenly over the visible GPUs (each run on one)."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")   # fresh interpreters: no forked CUDA or torch thread state
     fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}   # one run per process: clean peaks
     threads = max(1, (os.cpu_count() or 1) // jobs)   # share the cores: torch would give each process all of them
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,), **fresh) as pool:
-        pending = {pool.submit(_run, *job(e, lr, 0), False): e for e in entries for lr in e["lr_grid"]}
+    # one token per worker: a run takes a GPU's token and returns it, so each GPU has jobs/len(gpus) runs at a time
+    manager = context.Manager()
+    tokens = manager.Queue()
+    for token in _gpu_tokens(jobs, _visible_gpus() if fresh else []):   # (a reused worker could not change GPU)
+        tokens.put(token)
+    with manager, ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,),
+                                      **fresh) as pool:
+        def submit(entry, lr, seed):
+            return pool.submit(_run_on_a_gpu, tokens, *job(entry, lr, seed), False)
+
+        pending = {submit(e, lr, 0): e for e in entries for lr in e["lr_grid"]}
         waiting = {id(e): len(e["lr_grid"]) for e in entries}   # grid runs still out, then seed runs still out
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -254,8 +292,7 @@ def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
                 if not waiting[id(entry)] and entry["picked_lr"] is None:   # its grid is in: pick, then its seeds
                     entry["picked_lr"] = _pick(entry["runs"])
                     waiting[id(entry)] = seeds - 1
-                    pending.update({pool.submit(_run, *job(entry, entry["picked_lr"], s), False): entry
-                                    for s in range(1, seeds)})
+                    pending.update({submit(entry, entry["picked_lr"], s): entry for s in range(1, seeds)})
                 tabulate()
 
 
