@@ -128,6 +128,20 @@ def test_parallel_runs_spread_over_the_visible_gpus(monkeypatch):
     assert tokens.qsize() == 4
 
 
+def test_parallel_runs_start_longest_first():
+    """The runs with the most forward passes start first: 10 z per step (20 per step) before backprop (~3) before
+    MeZO (2) before residual feedback (1); plan order among equals."""
+    from zolite.ablate import _forwards, _longest_first
+
+    def run(name, **options):
+        return ({"name": name, "options": {"steps": 100, **options}}, 1e-3, 0)
+
+    ready = [run("mezo"), run("residual", estimator="residual"), run("nz10", n_z=10), run("fo", estimator="fo"),
+             run("mezo-2"), run("nz5-short", n_z=5, steps=20)]
+    assert [r[0]["name"] for r in _longest_first(ready)] == ["nz10", "fo", "mezo", "mezo-2", "nz5-short", "residual"]
+    assert _forwards({"steps": 1000, "n_z": 10}) == 20000
+
+
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     import torch
 

@@ -257,9 +257,21 @@ def _run_on_a_gpu(gpus, *args) -> dict:
         gpus.put(gpu)
 
 
+def _forwards(options: dict) -> int:
+    """A run's cost in forward passes, to start the long runs first: SPSA 2 per z, residual 1, backprop ~3."""
+    per_step = {"fo": 3, "residual": 1}.get(options.get("estimator"), 2 * options.get("n_z", 1))
+    return options["steps"] * per_step
+
+
+def _longest_first(ready: list) -> list:
+    """(entry, lr, seed) runs, the most forward passes first (plan order among equals)."""
+    return sorted(ready, key=lambda run: -_forwards(run[0]["options"]))
+
+
 def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
     """Seed-0 grids of every arm at once, then each arm's other seeds once its grid is in; one process per run, the
-    processes spread evenly over the visible GPUs (each run on one)."""
+    processes spread evenly over the visible GPUs (each run on one). Of the runs ready to start, the longest starts
+    first (so the long arms, and their seeds once their grid is in, do not finish last)."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -271,28 +283,30 @@ def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
     tokens = manager.Queue()
     for token in _gpu_tokens(jobs, _visible_gpus() if fresh else []):   # (a reused worker could not change GPU)
         tokens.put(token)
+    ready = [(e, lr, 0) for e in entries for lr in e["lr_grid"]]
+    waiting = {id(e): len(e["lr_grid"]) for e in entries}   # grid runs still out, then seed runs still out
+    running = {}
     with manager, ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,),
                                       **fresh) as pool:
-        def submit(entry, lr, seed):
-            return pool.submit(_run_on_a_gpu, tokens, *job(entry, lr, seed), False)
-
-        pending = {submit(e, lr, 0): e for e in entries for lr in e["lr_grid"]}
-        waiting = {id(e): len(e["lr_grid"]) for e in entries}   # grid runs still out, then seed runs still out
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        while ready or running:
+            ready = _longest_first(ready)
+            while ready and len(running) < jobs:   # only `jobs` submitted: the pool's own queue would be FIFO
+                entry, lr, seed = ready.pop(0)
+                running[pool.submit(_run_on_a_gpu, tokens, *job(entry, lr, seed), False)] = entry
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                entry = pending.pop(future)
+                entry = running.pop(future)
                 try:
                     entry["runs"].append(future.result())
                 except BaseException:
-                    for f in pending:
+                    for f in running:
                         f.cancel()
                     raise
                 waiting[id(entry)] -= 1
                 if not waiting[id(entry)] and entry["picked_lr"] is None:   # its grid is in: pick, then its seeds
                     entry["picked_lr"] = _pick(entry["runs"])
                     waiting[id(entry)] = seeds - 1
-                    pending.update({submit(entry, entry["picked_lr"], s): entry for s in range(1, seeds)})
+                    ready += [(entry, entry["picked_lr"], s) for s in range(1, seeds)]
                 tabulate()
 
 
