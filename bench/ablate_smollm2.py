@@ -2,11 +2,11 @@
 
     python bench/ablate_smollm2.py --out OUT --tasks sst2,rte --seeds 3 --steps 1000 --jobs 16 [--data DIR]
 
-Each task is one `zolite ablate --jobs N` (N runs at once on the GPU, each in its own process; every arm's seed-0 lr
-grid first, then its other seeds); the runs land in OUT/TASK/ARM/lr<LR>-s<SEED>, the tables and plots in
-OUT/TASK/results.{md,csv,json}, accuracy.png, loss.png. Re-running the same command resumes: finished runs
-(report.json) are read back, cut-off ones continue from their checkpoints. The N runs are spread over the visible GPUs
-(CUDA_VISIBLE_DEVICES); to run tasks side by side, start one invocation per task.
+Each task is one `zolite ablate --jobs N` (N runs at once, dealt over the visible GPUs, each in its own process;
+every arm's seed-0 lr grid first, then its other seeds); the runs land in OUT/TASK/ARM/lr<LR>-s<SEED>, the tables and
+plots in OUT/TASK/results.{md,csv,json}, accuracy.png, loss.png. Re-running the same command resumes: finished runs
+(report.json) are read back, cut-off ones continue from their checkpoints. To run tasks side by side, start one
+invocation per task.
 """
 from __future__ import annotations
 

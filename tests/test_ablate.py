@@ -80,8 +80,11 @@ def test_ablate_runs_resumes_and_tabulates(tiny_model, small_data, tmp_path):
     assert again["arms"][1]["runs"] == results["arms"][1]["runs"]
 
 
-def test_parallel_jobs_give_the_sequential_results(tiny_model, small_data, tmp_path):
-    """--jobs runs each run in its own process; the runs are deterministic, so the table is the same."""
+def test_parallel_jobs_give_the_sequential_results(tiny_model, small_data, tmp_path, monkeypatch):
+    """--jobs runs each run in its own process; the runs are deterministic, so the table is the same. The runs are
+    dealt over two (pretend) GPUs: on the CPU their CUDA_VISIBLE_DEVICES changes nothing, but the whole token path
+    (manager queue, spawned workers taking and returning tokens) runs."""
+    monkeypatch.setattr(sys.modules["zolite.ablate"], "_visible_gpus", lambda: ["a", "b"])
     plan = tmp_path / "mini.toml"
     plan.write_text(PLAN)
     common = dict(plan=str(plan), seeds=2, steps=4, data=small_data, batch_size=4, eval_every=2, progress=False,
@@ -104,6 +107,8 @@ def test_parallel_runs_spread_over_the_visible_gpus(monkeypatch):
     GPU back."""
     ablate_module = sys.modules["zolite.ablate"]   # (zolite.ablate the name is the function)
 
+    assert ablate_module._gpu_is_free_to_pick([{"options": {}}, {"options": {"device": "cuda"}}])
+    assert not ablate_module._gpu_is_free_to_pick([{"options": {}}, {"options": {"device": "cuda:1"}}])
     assert ablate_module._gpu_tokens(4, ["3", "5"]) == ["3", "5", "3", "5"]
     assert ablate_module._gpu_tokens(3, ["0"]) == [None] * 3 and ablate_module._gpu_tokens(2, []) == [None] * 2
     tokens = queue.Queue()

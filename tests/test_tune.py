@@ -9,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import zolite
 from conftest import run_cli
+from test_errors import assert_user_error
 from zolite.patch import load_patch
 
 QUICK = ["--layer", "1", "--steps", "6", "--eval-every", "3", "--batch-size", "4", "--lr", "1e-2", "--quiet"]
@@ -118,6 +120,62 @@ def test_sigkill_and_resume_gives_the_same_patch(tiny_model, small_data, tmp_pat
     assert sha(killed / "patch.safetensors") == sha(full / "patch.safetensors")
     assert (json.loads((killed / "report.json").read_text())["loss_curve"]
             == json.loads((full / "report.json").read_text())["loss_curve"])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _cut_off_after(monkeypatch, step: int):
+    """Make tune stop (as if killed) right after writing the checkpoint of `step`."""
+    tune_module = sys.modules["zolite.tune"]
+    save = tune_module._save
+
+    def save_then_stop(run_dir, tuned, stepper, best, state, trained_on):
+        save(run_dir, tuned, stepper, best, state, trained_on)
+        if state["step"] == step:
+            raise Interrupted
+    monkeypatch.setattr(tune_module, "_save", save_then_stop)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"n_z": 2, "optimizer": "momentum"}, {"estimator": "residual", "optimizer": "adam"},
+    {"layerwise": True, "weight_decay": 0.1}, {"optimizer": "sign"}, {"estimator": "fo", "optimizer": "adam"}],
+    ids=["mezo", "nz2-momentum", "residual-adam", "layerwise-wd", "sign", "fo-adam"])
+def test_resume_gives_the_uninterrupted_run(options, tiny_model, small_data, tmp_path, monkeypatch):
+    """A run cut off after its step-4 checkpoint and resumed ends bit for bit like one that was never stopped. ZO runs
+    checkpoint their seeds and projected gradients (kilobytes, replayed from the base), backprop its tensors."""
+    common = dict(data=small_data, layer="1", steps=8, eval_every=2, batch_size=4, lr=1e-2, progress=False,
+                  **options)
+    full = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "full", **common)
+    with monkeypatch.context() as m:
+        _cut_off_after(m, 4)
+        with pytest.raises(Interrupted):
+            zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "cut", **common)
+    checkpoint = tmp_path / "cut" / "checkpoint.safetensors"
+    if options.get("estimator") == "fo":
+        assert checkpoint.stat().st_size > 10_000   # the layer, the best copy, Adam's buffers
+    else:
+        assert checkpoint.stat().st_size < 4_000 and zolite.checkpoint.load_checkpoint(tmp_path / "cut")[0] == {}
+    resumed = zolite.tune(tiny_model, "sst2", resume=tmp_path / "cut", progress=False)
+    assert sha(resumed["patch"]) == sha(full["patch"])
+    assert resumed["loss_curve"] == full["loss_curve"] and resumed["val_curve"] == full["val_curve"]
+    assert resumed["kept_step"] == full["kept_step"] and resumed["forward_passes"] == full["forward_passes"]
+
+
+def test_seed_checkpoint_resumes_only_where_its_z_were_drawn(tiny_model, small_data, tmp_path, monkeypatch):
+    from zolite.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _cut_off_after(m, 2)
+        with pytest.raises(Interrupted):
+            zolite.tune(tiny_model, "sst2", data=small_data, run_dir=run, layer="1", steps=4, eval_every=2,
+                        batch_size=4, progress=False)
+    masters, best, state = load_checkpoint(run)
+    save_checkpoint(run, masters, best, {**state, "trained_on": "cuda/NVIDIA H100 80GB HBM3/132 SMs/float32"})
+    assert_user_error(run_cli("tune", "--resume", run, "--quiet"), "checkpointed on cuda/NVIDIA H100",
+                      "resume it there, or start it again")
 
 
 def test_half_precision_patch_fits_a_base_with_negative_zeros(tmp_path, small_data):

@@ -240,6 +240,11 @@ def _visible_gpus() -> list[str]:
     return ids[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
 
 
+def _gpu_is_free_to_pick(entries) -> bool:
+    """Runs may be dealt over the GPUs unless an arm names its device (--device cuda:1, or cpu)."""
+    return all(e["options"].get("device") in (None, "cuda") for e in entries)
+
+
 def _gpu_tokens(jobs: int, gpus: list[str]) -> list[str | None]:
     """One token per worker, dealt round the GPUs (None for each when there is no choice to make)."""
     return [gpus[i % len(gpus)] if len(gpus) > 1 else None for i in range(jobs)]
@@ -281,8 +286,8 @@ def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
     # one token per worker: a run takes a GPU's token and returns it, so each GPU has jobs/len(gpus) runs at a time
     manager = context.Manager()
     tokens = manager.Queue()
-    for token in _gpu_tokens(jobs, _visible_gpus() if fresh else []):   # (a reused worker could not change GPU)
-        tokens.put(token)
+    for token in _gpu_tokens(jobs, _visible_gpus() if fresh and _gpu_is_free_to_pick(entries) else []):
+        tokens.put(token)   # (a reused worker, Python 3.10, could not change its GPU)
     ready = [(e, lr, 0) for e in entries for lr in e["lr_grid"]]
     waiting = {id(e): len(e["lr_grid"]) for e in entries}   # grid runs still out, then seed runs still out
     running = {}

@@ -1,4 +1,6 @@
-"""Run-folder checkpoints: the tuned layers as stored (weights + residuals), the best weights so far and the loop's state.
+"""Run-folder checkpoints: the loop's state and either every step's seeds and projected gradients (ZO runs: a seed
+checkpoint of kilobytes; resuming replays them from the base weights, on the device and dtype that drew the z) or
+(backprop) the tuned layers as stored (weights + residuals), the best weights so far and the optimiser's buffers.
 
 There is no RNG state to save: step seeds and batches are functions of (run seed, step).
 """
@@ -15,6 +17,10 @@ from .errors import ZoliteError
 from .io import atomic_path
 
 FILE = "checkpoint.safetensors"
+
+
+class CheckpointDevice(ZoliteError):
+    """A seed checkpoint resumed on another device or dtype than the one that drew its z."""
 
 
 def save_checkpoint(run_dir, masters: dict[str, torch.Tensor], best: dict[str, torch.Tensor] | None, state: dict) -> None:

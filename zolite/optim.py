@@ -157,7 +157,9 @@ class Stepper:
         self.batch_of = collate_to_device
         self.optimizer = Optimizer(tuned, **optimizer_options)
         self.previous_loss = None      # residual feedback: l(W_{t-1} + eps z_{t-1})
-        self.last_update = None        # plain MeZO: (seed, projected gradient) of the last step, for trajectories
+        # ZO: each step's (seeds, projected gradients), or None for a step without an update (residual's first):
+        # with the base weights they rebuild the weights and optimiser state (seed checkpoints, trajectories)
+        self.updates = [] if estimator != "fo" else None
         self.forwards = 0
         self.phase = phase or (lambda name: contextlib.nullcontext())   # a MemoryProfiler's phase, to measure
 
@@ -203,21 +205,18 @@ class Stepper:
                 mean_loss += (plus + minus) / 2 / len(seeds)
             self.forwards += 2 * len(seeds)
             with self.phase("update"):
-                if self.plain():   # MeZO exactly: the fused in-place update, no direction buffer
-                    self.tuned.sgd_update(seeds[0], coefficients[0], self.optimizer.lr, self.optimizer.wd)
-                    self.last_update = (seeds[0], coefficients[0])
-                else:
-                    self.optimizer.step(zo_direction(self.tuned, seeds, coefficients))
+                self._zo_update(seeds, coefficients)
             return mean_loss
         if self.estimator == "residual":
             seed = z_seed(self.seed, step, 0)
             with self.phase("forward +eps"):
                 loss = self.perturbed_loss(examples, seed)
             self.forwards += 1
-            if self.previous_loss is not None:
+            if self.previous_loss is None:
+                self.updates.append(None)
+            else:
                 with self.phase("update"):
-                    g = (loss - self.previous_loss) / self.eps
-                    self.optimizer.step(zo_direction(self.tuned, [seed], [g]))
+                    self._zo_update([seed], [(loss - self.previous_loss) / self.eps])
             self.previous_loss = loss
             return loss
         with self.phase("forward + backward"):
@@ -227,11 +226,30 @@ class Stepper:
             self.optimizer.step(lambda i: grads[i])
         return loss
 
+    def _zo_update(self, seeds: list[int], coefficients: list[float], record: bool = True) -> None:
+        if self.plain():   # MeZO exactly: the fused in-place update, no direction buffer
+            self.tuned.sgd_update(seeds[0], coefficients[0], self.optimizer.lr, self.optimizer.wd)
+        else:
+            self.optimizer.step(zo_direction(self.tuned, seeds, coefficients))
+        if record:
+            self.updates.append([list(seeds), list(coefficients)])
+
+    def replay(self, updates: list, after_step=lambda step: None) -> None:
+        """Apply recorded updates again, from the base weights and a fresh optimiser: weights and optimiser state
+        come out bit for bit as they were, on the device and dtype that drew the z. after_step(n) follows step n."""
+        for n, update in enumerate(updates, start=1):
+            if update is not None:
+                self._zo_update(*update, record=False)
+            after_step(n)
+        self.updates = [u if u is None else [list(u[0]), list(u[1])] for u in updates]
+
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, scalars = self.optimizer.state()
         return tensors, {**scalars, "previous_loss": self.previous_loss, "forwards": self.forwards}
 
-    def load(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
-        self.optimizer.load(tensors, scalars)
+    def load(self, tensors: dict[str, torch.Tensor] | None, scalars: dict) -> None:
+        """Optimiser buffers (None: rebuilt by replay) and scalars from a checkpoint."""
+        if tensors is not None:
+            self.optimizer.load(tensors, scalars)
         self.previous_loss = scalars.get("previous_loss")
         self.forwards = scalars.get("forwards", 0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointDevice, load_checkpoint, save_checkpoint
 from .data import batches_for_step, sample_splits
 from .errors import ZoliteError
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
@@ -132,23 +132,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             scores = score_encoded(net, tokenizer, val, eval_batch)   # classification: encoded once
             return accuracy_report(scores, [e.accepted for e in val])["score"]
 
-        # --- resume, or start with the base weights scored on val ---
-        state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0,
-                 "trajectory": []}   # plain MeZO: (seed, projected gradient) per step, for the trajectory patch
-        best = None
-        saved = load_checkpoint(run_dir) if resume else None
-        saved_optimizer = {}
-        if saved is not None:
-            masters, best, state = saved
-            state.setdefault("trajectory", None)   # a checkpoint of an older zolite: no trajectory to continue
-            saved_optimizer = {k[4:]: v for k, v in masters.items() if k.startswith("opt/")}
-            tuned.load({k: v for k, v in masters.items() if not k.startswith("opt/")})
-        elif config.eval_every and val:
-            state["val"].append([0, val_score()])
-            state["best_step"], state["best_metric"] = 0, state["val"][-1][1]
-            best = _cpu_copy(tuned.state())
-
-        # --- the loop ---
+        # --- the stepper, then resume (a seed checkpoint replays its updates) or score the base weights on val ---
         pad, device = pad_token_id(tokenizer), loaded.device
         stepper = Stepper(net, tuned, estimator=config.estimator, n_z=config.n_z, eps=config.eps,
                           objective=config.objective, micro_batch=config.micro_batch, seed=config.seed,
@@ -158,8 +142,16 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         if config.objective == "f1":   # greedy answers under +eps and -eps, scored like the eval: raw rows go in
             stepper.pair_losses = lambda rows, seed: generation_losses(net, tokenizer, tuned, task_, rows, seed,
                                                                         config.eps, config.max_length)
+        trained_on = device_descriptor(device, loaded.dtype)
+        state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0}
+        best = None
+        saved = load_checkpoint(run_dir) if resume else None
         if saved is not None:
-            stepper.load(saved_optimizer, state.pop("optimizer", {}))
+            best, state = _resume(saved, tuned, stepper, trained_on, run_dir)
+        elif config.eval_every and val:
+            state["val"].append([0, val_score()])
+            state["best_step"], state["best_metric"] = 0, state["val"][-1][1]
+            best = _cpu_copy(tuned.state())
         bar = _progress_bar(state["step"], config.steps, progress)
         tokens = 0
         # a finite fallback if the run diverges: the best-val copy, else (no val yet) the weights it starts from
@@ -175,8 +167,6 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                     examples = [train[i] for i in rows]
                     tokens += sum(len(e.context) for e in examples)
                 state["losses"].append(stepper.step(step, examples))
-                if stepper.plain() and state["trajectory"] is not None:
-                    state["trajectory"].append(list(stepper.last_update))
                 state["step"] = step + 1
                 state["train_s"] += time.perf_counter() - t0
                 if not math.isfinite(state["losses"][-1]):   # diverged: the weights are no longer usable
@@ -191,7 +181,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                         if config.keep == "best" and acc > state["best_metric"]:
                             state["best_step"], state["best_metric"] = state["step"], acc
                             best = _cpu_copy(tuned.state())
-                    _save(run_dir, tuned, stepper, best, state)
+                    _save(run_dir, tuned, stepper, best, state, trained_on)
                 bar.update(1)
                 bar.set_postfix_str(_postfix(state, profiler))
             bar.close()
@@ -210,7 +200,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             final = {"val": score(splits.val) if splits.val else None}
             if config.eval_test and splits.test:
                 final["test"] = score(splits.test)
-        _save(run_dir, tuned, stepper, best, state)
+        _save(run_dir, tuned, stepper, best, state, trained_on)
         metric = {"name": task_.metric, "val": final["val"]["score"] if final["val"] else None,
                   "kept_step": state["best_step"] if (config.keep == "best" or diverged) and best is not None
                   else start_step if diverged else state["step"]}
@@ -221,10 +211,11 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                 "zolite.task": config.task, "zolite.steps": str(state["step"]), "zolite.metric": metric,
                 "zolite.hparams": dataclasses.asdict(config)}
             save_patch(out, tuned.state(), patch_metadata, force=True)
-            if stepper.plain() and state["trajectory"] is not None:   # seeds: kilobytes
-                save_trajectory(trajectory_path(out), state["trajectory"][:metric["kept_step"]], {
+            if stepper.plain() and stepper.updates is not None:   # seeds: kilobytes
+                trajectory = [(u[0][0], u[1][0]) for u in stepper.updates[:metric["kept_step"]]]
+                save_trajectory(trajectory_path(out), trajectory, {
                     **patch_metadata, "zolite.dense_sha256": fingerprint(tuned.state()),
-                    "zolite.trained_on": device_descriptor(device, loaded.dtype)}, force=True)   # checked up front
+                    "zolite.trained_on": trained_on}, force=True)   # checked up front
         step_ms = 1000 * state["train_s"] / max(1, len(state["losses"]))
         memory_profile = profiler.report(static, extra={
             "step_ms": round(step_ms, 2), "plan": plan.reason if plan else None,
@@ -350,11 +341,41 @@ def cap_gpu_memory(budget: int, device: torch.device) -> float:
     return fraction
 
 
-def _save(run_dir, tuned, stepper, best, state) -> None:
-    """Checkpoint: the layers as stored, the optimiser's buffers (opt/...) and scalars, the loop's state."""
+def _save(run_dir, tuned, stepper, best, state, trained_on: str) -> None:
+    """Checkpoint the loop's state with, for ZO runs, every step's seeds and projected gradients (a seed checkpoint:
+    kilobytes, replayed on resume), else (backprop) the layers as stored, the best weights and the optimiser's
+    buffers (opt/...)."""
     tensors, scalars = stepper.state()
-    save_checkpoint(run_dir, {**tuned.exact_state(), **{f"opt/{k}": v for k, v in tensors.items()}}, best,
-                    {**state, "optimizer": scalars})
+    state = {**state, "optimizer": scalars, "trained_on": trained_on}
+    if stepper.updates is not None:
+        save_checkpoint(run_dir, {}, None, {**state, "updates": stepper.updates})
+    else:
+        save_checkpoint(run_dir, {**tuned.exact_state(), **{f"opt/{k}": v for k, v in tensors.items()}}, best,
+                        state)
+
+
+def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | None, dict]:
+    """Put the checkpoint's weights and optimiser state back; returns (best weights, the loop's state)."""
+    masters, best, state = saved
+    scalars = state.pop("optimizer", {})
+    updates = state.pop("updates", None)
+    if updates is None:   # dense: the layers as stored and the optimiser's buffers
+        tuned.load({k: v for k, v in masters.items() if not k.startswith("opt/")})
+        stepper.load({k[4:]: v for k, v in masters.items() if k.startswith("opt/")}, scalars)
+        stepper.updates = None   # the steps before were not recorded: this run goes on with dense checkpoints
+        return best, state
+    if state.get("trained_on") != trained_on:   # z is drawn by the device's generator
+        raise CheckpointDevice(f"{run_dir} was checkpointed on {state.get('trained_on')}; its seeds give the same z "
+                               f"only there (this is {trained_on}): resume it there, or start it again")
+    best = {}
+
+    def keep_best(step: int) -> None:
+        if step == state["best_step"]:
+            best.update(_cpu_copy(tuned.state()))
+    keep_best(0)
+    stepper.replay(updates, keep_best)
+    stepper.load(None, scalars)
+    return best or None, state
 
 
 def _cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
