@@ -25,6 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .checkpoint import CheckpointDevice
 from .errors import ZoliteError
 from .io import write_text
 
@@ -107,8 +108,11 @@ def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progre
 
     report = _finished_report(run_dir)
     if report is None and (run_dir / "checkpoint.safetensors").is_file():
-        report = tune(model, task, resume=run_dir, progress=progress)
-    elif report is None:
+        try:
+            report = tune(model, task, resume=run_dir, progress=progress)
+        except CheckpointDevice as e:   # its seeds were drawn on another GPU model: that part is run again
+            print(f"zolite: {e}; starting it again", file=sys.stderr)
+    if report is None:
         report = tune(model, task, run_dir=run_dir, force=True, progress=progress, lr=lr, seed=seed, **options)
     return _row(report, lr, seed)
 
