@@ -147,6 +147,28 @@ def test_parallel_runs_start_longest_first():
     assert _forwards({"steps": 1000, "n_z": 10}) == 20000
 
 
+def test_a_cut_off_run_resumes_or_starts_again(tiny_model, small_data, tmp_path, monkeypatch, capsys):
+    """ablate continues a cut-off run from its seed checkpoint; one checkpointed on another GPU model is run again."""
+    from test_tune import Interrupted, _cut_off_after
+    from zolite.checkpoint import load_checkpoint, save_checkpoint
+
+    ablate_module = sys.modules["zolite.ablate"]
+    options = dict(data=small_data, layer="1", steps=4, eval_every=2, batch_size=4)
+    whole = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "whole", lr=1e-2, seed=0, progress=False, **options)
+    for name, elsewhere in (("here", False), ("elsewhere", True)):
+        with monkeypatch.context() as m:
+            _cut_off_after(m, 2)
+            with pytest.raises(Interrupted):
+                zolite.tune(tiny_model, "sst2", run_dir=tmp_path / name, lr=1e-2, seed=0, progress=False, **options)
+        if elsewhere:
+            masters, best, state = load_checkpoint(tmp_path / name)
+            save_checkpoint(tmp_path / name, masters, best, {**state, "trained_on": "cuda/another GPU/float32"})
+        row = ablate_module._run(tiny_model, "sst2", tmp_path / name, options, 1e-2, 0, False)
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["loss_curve"] == whole["loss_curve"] and row["val"] == whole["final"]["val"]["score"]
+        assert ("starting it again" in capsys.readouterr().err) == elsewhere
+
+
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     import torch
 
