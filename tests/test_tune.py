@@ -140,13 +140,15 @@ def _cut_off_after(monkeypatch, step: int):
 
 @pytest.mark.parametrize("options", [
     {}, {"n_z": 2, "optimizer": "momentum"}, {"estimator": "residual", "optimizer": "adam"},
-    {"layerwise": True, "weight_decay": 0.1}, {"optimizer": "sign"}, {"estimator": "fo", "optimizer": "adam"}],
-    ids=["mezo", "nz2-momentum", "residual-adam", "layerwise-wd", "sign", "fo-adam"])
+    {"layerwise": True, "weight_decay": 0.1}, {"optimizer": "sign"}, {"dtype": "float16", "optimizer": "adam"},
+    {"estimator": "fo", "optimizer": "adam"}],
+    ids=["mezo", "nz2-momentum", "residual-adam", "layerwise-wd", "sign", "fp16-residuals-adam", "fo-adam"])
 def test_resume_gives_the_uninterrupted_run(options, tiny_model, small_data, tmp_path, monkeypatch):
-    """A run cut off after its step-4 checkpoint and resumed ends bit for bit like one that was never stopped. ZO runs
-    checkpoint their seeds and projected gradients (kilobytes, replayed from the base), backprop its tensors."""
-    common = dict(data=small_data, layer="1", steps=8, eval_every=2, batch_size=4, lr=1e-2, progress=False,
-                  **options)
+    """A run cut off after its step-4 checkpoint and resumed ends bit for bit like one that was never stopped (the
+    patch keeps the last step, so it holds the weights the resumed steps made). ZO runs checkpoint their seeds and
+    projected gradients (kilobytes, replayed from the base), backprop its tensors."""
+    common = dict(data=small_data, layer="1", steps=8, eval_every=2, batch_size=4, lr=1e-2, keep="last",
+                  progress=False, **options)
     full = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "full", **common)
     with monkeypatch.context() as m:
         _cut_off_after(m, 4)
@@ -158,9 +160,68 @@ def test_resume_gives_the_uninterrupted_run(options, tiny_model, small_data, tmp
     else:
         assert checkpoint.stat().st_size < 4_000 and zolite.checkpoint.load_checkpoint(tmp_path / "cut")[0] == {}
     resumed = zolite.tune(tiny_model, "sst2", resume=tmp_path / "cut", progress=False)
+    assert full["kept_step"] == 8 and resumed["kept_step"] == 8
     assert sha(resumed["patch"]) == sha(full["patch"])
     assert resumed["loss_curve"] == full["loss_curve"] and resumed["val_curve"] == full["val_curve"]
-    assert resumed["kept_step"] == full["kept_step"] and resumed["forward_passes"] == full["forward_passes"]
+    assert resumed["forward_passes"] == full["forward_passes"]
+
+
+def test_replay_rebuilds_the_best_weights_of_an_earlier_step(tiny_model, small_data, tmp_path, monkeypatch):
+    """The best-val copy of a step before the cut is rebuilt during replay: made best (by editing the checkpoint's
+    state), step 2's weights become the patch, equal to step 2's weights of an uninterrupted run."""
+    from zolite.checkpoint import load_checkpoint, save_checkpoint
+
+    common = dict(data=small_data, layer="1", steps=6, eval_every=2, batch_size=4, lr=1e-2, progress=False)
+    weights_at = {}
+    tune_module = sys.modules["zolite.tune"]
+    save = tune_module._save
+
+    def save_and_remember(run_dir, tuned, stepper, best, state, trained_on):
+        save(run_dir, tuned, stepper, best, state, trained_on)
+        weights_at.setdefault(state["step"], {k: v.clone() for k, v in tuned.state().items()})
+    with monkeypatch.context() as m:
+        m.setattr(tune_module, "_save", save_and_remember)
+        zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "full", **common)
+    with monkeypatch.context() as m:
+        _cut_off_after(m, 4)
+        with pytest.raises(Interrupted):
+            zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "cut", **common)
+    masters, best, state = load_checkpoint(tmp_path / "cut")
+    save_checkpoint(tmp_path / "cut", masters, best, {**state, "best_step": 2, "best_metric": 2.0})   # unbeatable
+    resumed = zolite.tune(tiny_model, "sst2", resume=tmp_path / "cut", progress=False)
+    assert resumed["kept_step"] == 2
+    patch = load_patch(resumed["patch"]).tensors
+    assert not torch.equal(weights_at[2]["model.layers.1.mlp.up_proj.weight"],
+                           weights_at[4]["model.layers.1.mlp.up_proj.weight"])
+    for name, value in weights_at[2].items():
+        assert torch.equal(patch[name], value.half()), name
+
+
+@pytest.mark.parametrize("options", [{}, {"n_z": 2, "optimizer": "momentum"}], ids=["mezo", "nz2-momentum"])
+def test_dense_checkpoints_of_earlier_versions_still_resume(options, tiny_model, small_data, tmp_path, monkeypatch):
+    """A ZO run checkpointed the old way (tensors, and for plain MeZO its trajectory) resumes to the same result;
+    plain MeZO goes on with seed checkpoints, others with dense ones."""
+    from zolite.checkpoint import load_checkpoint, save_checkpoint
+
+    common = dict(data=small_data, layer="1", steps=8, eval_every=2, batch_size=4, lr=1e-2, keep="last",
+                  progress=False, **options)
+    full = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "full", **common)
+
+    def old_save(run_dir, tuned, stepper, best, state, trained_on):
+        tensors, scalars = stepper.state()
+        trajectory = [[u[0][0], u[1][0]] for u in stepper.updates] if stepper.plain() else None
+        save_checkpoint(run_dir, {**tuned.exact_state(), **{f"opt/{k}": v for k, v in tensors.items()}}, best,
+                        {**state, "optimizer": scalars, "trajectory": trajectory})
+        if state["step"] == 4:
+            raise Interrupted
+    with monkeypatch.context() as m:
+        m.setattr(sys.modules["zolite.tune"], "_save", old_save)
+        with pytest.raises(Interrupted):
+            zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "cut", **common)
+    resumed = zolite.tune(tiny_model, "sst2", resume=tmp_path / "cut", progress=False)
+    assert sha(resumed["patch"]) == sha(full["patch"]) and resumed["loss_curve"] == full["loss_curve"]
+    masters = load_checkpoint(tmp_path / "cut")[0]
+    assert (masters == {}) == (options == {})   # plain MeZO now checkpoints its seeds
 
 
 def test_seed_checkpoint_resumes_only_where_its_z_were_drawn(tiny_model, small_data, tmp_path, monkeypatch):
@@ -176,6 +237,11 @@ def test_seed_checkpoint_resumes_only_where_its_z_were_drawn(tiny_model, small_d
     save_checkpoint(run, masters, best, {**state, "trained_on": "cuda/NVIDIA H100 80GB HBM3/132 SMs/float32"})
     assert_user_error(run_cli("tune", "--resume", run, "--quiet"), "checkpointed on cuda/NVIDIA H100",
                       "resume it there, or start it again")
+    # same descriptor, other z (say another torch's generator): the replayed weights' digest tells
+    save_checkpoint(run, masters, best, {**state, "replay_sha256": "0" * 64})
+    assert_user_error(run_cli("tune", "--resume", run, "--quiet"), "its seeds give the same z only there")
+    save_checkpoint(run, masters, best, state)
+    assert run_cli("tune", "--resume", run, "--quiet").exit_code == 0
 
 
 def test_half_precision_patch_fits_a_base_with_negative_zeros(tmp_path, small_data):

@@ -213,7 +213,8 @@ class Stepper:
                 loss = self.perturbed_loss(examples, seed)
             self.forwards += 1
             if self.previous_loss is None:
-                self.updates.append(None)
+                if self.updates is not None:
+                    self.updates.append(None)
             else:
                 with self.phase("update"):
                     self._zo_update([seed], [(loss - self.previous_loss) / self.eps])
@@ -231,7 +232,7 @@ class Stepper:
             self.tuned.sgd_update(seeds[0], coefficients[0], self.optimizer.lr, self.optimizer.wd)
         else:
             self.optimizer.step(zo_direction(self.tuned, seeds, coefficients))
-        if record:
+        if record and self.updates is not None:   # None: resumed from a dense checkpoint, steps before unrecorded
             self.updates.append([list(seeds), list(coefficients)])
 
     def replay(self, updates: list, after_step=lambda step: None) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointDevice, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointDevice, exact_digest, load_checkpoint, save_checkpoint
 from .data import batches_for_step, sample_splits
 from .errors import ZoliteError
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
@@ -145,6 +145,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         trained_on = device_descriptor(device, loaded.dtype)
         state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0}
         best = None
+        # a finite fallback if the run diverges: the best-val copy, else (no val) the base weights, step 0
+        start_step, start_weights = 0, None if config.eval_every and val else _cpu_copy(tuned.state())
         saved = load_checkpoint(run_dir) if resume else None
         if saved is not None:
             best, state = _resume(saved, tuned, stepper, trained_on, run_dir)
@@ -154,10 +156,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             best = _cpu_copy(tuned.state())
         bar = _progress_bar(state["step"], config.steps, progress)
         tokens = 0
-        # a finite fallback if the run diverges: the best-val copy, else (no val yet) the weights it starts from
-        start_step, start_weights = state["step"], _cpu_copy(tuned.state()) if best is None else None
         with profiler.phase("train"):
-            while state["step"] < config.steps:
+            while state["step"] < config.steps and state.get("diverged_at") is None:   # (a resumed run may have)
                 step = state["step"]
                 t0 = time.perf_counter()
                 rows = batches_for_step(len(train), config.batch_size, step, config.seed)
@@ -348,7 +348,8 @@ def _save(run_dir, tuned, stepper, best, state, trained_on: str) -> None:
     tensors, scalars = stepper.state()
     state = {**state, "optimizer": scalars, "trained_on": trained_on}
     if stepper.updates is not None:
-        save_checkpoint(run_dir, {}, None, {**state, "updates": stepper.updates})
+        save_checkpoint(run_dir, {}, None, {**state, "updates": stepper.updates,
+                                            "replay_sha256": exact_digest(tuned.exact_state())})
     else:
         save_checkpoint(run_dir, {**tuned.exact_state(), **{f"opt/{k}": v for k, v in tensors.items()}}, best,
                         state)
@@ -359,14 +360,18 @@ def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | Non
     masters, best, state = saved
     scalars = state.pop("optimizer", {})
     updates = state.pop("updates", None)
+    old_trajectory = state.pop("trajectory", None)   # dense checkpoints of zolite before seed checkpoints
     if updates is None:   # dense: the layers as stored and the optimiser's buffers
         tuned.load({k: v for k, v in masters.items() if not k.startswith("opt/")})
         stepper.load({k[4:]: v for k, v in masters.items() if k.startswith("opt/")}, scalars)
-        stepper.updates = None   # the steps before were not recorded: this run goes on with dense checkpoints
+        # plain MeZO recorded its steps (as the trajectory): it goes on with seed checkpoints; else with dense ones
+        plain_steps = old_trajectory is not None and stepper.plain() and len(old_trajectory) == state["step"]
+        stepper.updates = [[[s], [g]] for s, g in old_trajectory] if plain_steps else None
         return best, state
+    mismatch = CheckpointDevice(f"{run_dir} was checkpointed on {state.get('trained_on')}; its seeds give the same "
+                                f"z only there (this is {trained_on}): resume it there, or start it again")
     if state.get("trained_on") != trained_on:   # z is drawn by the device's generator
-        raise CheckpointDevice(f"{run_dir} was checkpointed on {state.get('trained_on')}; its seeds give the same z "
-                               f"only there (this is {trained_on}): resume it there, or start it again")
+        raise mismatch
     best = {}
 
     def keep_best(step: int) -> None:
@@ -374,6 +379,8 @@ def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | Non
             best.update(_cpu_copy(tuned.state()))
     keep_best(0)
     stepper.replay(updates, keep_best)
+    if exact_digest(tuned.exact_state()) != state.pop("replay_sha256", None):   # e.g. another torch drew other z
+        raise mismatch
     stepper.load(None, scalars)
     return best or None, state
 
