@@ -169,6 +169,32 @@ def test_a_cut_off_run_resumes_or_starts_again(tiny_model, small_data, tmp_path,
         assert ("starting it again" in capsys.readouterr().err) == elsewhere
 
 
+def test_parallel_ablation_starts_the_longest_runs_first(tiny_model, small_data, tmp_path):
+    """Two at a time: the two long runs (4 z per step, last in the plan) start before the short ones, which start
+    only as a long one ends (each run writes its config.json when it starts)."""
+    plan = tmp_path / "order.toml"
+    plan.write_text('''
+name = "order"
+[defaults]
+layer = "1"
+[[arm]]
+name = "short"
+lr = [1e-3, 1e-2]
+[[arm]]
+name = "long"
+n_z = 4
+lr = [1e-3, 1e-2]
+''')
+    out = tmp_path / "out"
+    zolite.ablate(tiny_model, "sst2", plan=str(plan), seeds=1, steps=6, out=out, jobs=2, data=small_data,
+                  batch_size=4, eval_every=3, progress=False)
+    started = {run.parent.name + "/" + run.name: (run / "config.json").stat().st_mtime_ns
+               for run in out.glob("*/lr*")}
+    assert len(started) == 4
+    assert max(v for k, v in started.items() if k.startswith("long/")) < \
+        min(v for k, v in started.items() if k.startswith("short/"))
+
+
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     import torch
 
