@@ -6,7 +6,6 @@ There is no RNG state to save: step seeds and batches are functions of (run seed
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -47,12 +46,3 @@ def load_checkpoint(run_dir) -> tuple[dict, dict | None, dict] | None:
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise ZoliteError(f"{path} is unreadable ({e}); delete it to restart the run from scratch") from None
     return masters, (best or None), state
-
-
-def exact_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names and raw bytes of `tensors`: a seed checkpoint's replay must give these bits."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

@@ -242,7 +242,7 @@ class Stepper:
             if update is not None:
                 self._zo_update(*update, record=False)
             after_step(n)
-        self.updates = [u if u is None else [list(u[0]), list(u[1])] for u in updates]
+        self.updates = list(updates)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, scalars = self.optimizer.state()

@@ -42,13 +42,15 @@ class Patch:
         return {k: hparams.get(k) for k in ("template", "candidates", "label_field", "answer_field")}
 
 
-def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names and fp16 bytes of `tensors` (sorted by name)."""
+def fingerprint(tensors: dict[str, torch.Tensor], *, as_stored: bool = False) -> str:
+    """SHA-256 over the names and fp16 bytes of `tensors` (sorted by name); as_stored: over their bytes as they are
+    (what a seed checkpoint's replay must rebuild, bit for bit)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode())
-        t = tensors[name].detach().to("cpu", torch.float16).contiguous()
-        digest.update(t.view(torch.int16).numpy().tobytes())
+        t = tensors[name].detach().cpu()
+        t = (t if as_stored else t.to(torch.float16)).contiguous()
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

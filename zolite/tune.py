@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointDevice, exact_digest, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointDevice, load_checkpoint, save_checkpoint
 from .data import batches_for_step, sample_splits
 from .errors import ZoliteError
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
@@ -349,7 +349,7 @@ def _save(run_dir, tuned, stepper, best, state, trained_on: str) -> None:
     state = {**state, "optimizer": scalars, "trained_on": trained_on}
     if stepper.updates is not None:
         save_checkpoint(run_dir, {}, None, {**state, "updates": stepper.updates,
-                                            "replay_sha256": exact_digest(tuned.exact_state())})
+                                            "replay_sha256": fingerprint(tuned.exact_state(), as_stored=True)})
     else:
         save_checkpoint(run_dir, {**tuned.exact_state(), **{f"opt/{k}": v for k, v in tensors.items()}}, best,
                         state)
@@ -379,7 +379,7 @@ def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | Non
             best.update(_cpu_copy(tuned.state()))
     keep_best(0)
     stepper.replay(updates, keep_best)
-    if exact_digest(tuned.exact_state()) != state.pop("replay_sha256", None):   # e.g. another torch drew other z
+    if fingerprint(tuned.exact_state(), as_stored=True) != state.pop("replay_sha256", None):   # e.g. another torch drew other z
         raise mismatch
     stepper.load(None, scalars)
     return best or None, state
