@@ -169,7 +169,7 @@ def test_a_cut_off_run_resumes_or_starts_again(tiny_model, small_data, tmp_path,
         assert ("starting it again" in capsys.readouterr().err) == elsewhere
 
 
-def test_parallel_ablation_starts_the_longest_runs_first(tiny_model, small_data, tmp_path):
+def test_parallel_ablation_starts_the_longest_runs_first(tiny_model, small_data, tmp_path, monkeypatch):
     """Two at a time: the two long runs (4 z per step, last in the plan) start before the short ones, which start
     only as a long one ends (each run writes its config.json when it starts)."""
     plan = tmp_path / "order.toml"
@@ -193,6 +193,15 @@ lr = [1e-3, 1e-2]
     assert len(started) == 4
     assert max(v for k, v in started.items() if k.startswith("long/")) < \
         min(v for k, v in started.items() if k.startswith("short/"))
+    # run again: every run is finished, so all are read back in this process, none submitted to a worker
+    from concurrent.futures import ProcessPoolExecutor
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a finished run was given to a worker")
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", no_worker)
+    again = zolite.ablate(tiny_model, "sst2", plan=str(plan), seeds=1, steps=6, out=out, jobs=2, data=small_data,
+                          batch_size=4, eval_every=3, progress=False)
+    assert sum(len(arm["runs"]) for arm in again["arms"]) == 4
 
 
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):

@@ -224,7 +224,8 @@ def test_dense_checkpoints_of_earlier_versions_still_resume(options, tiny_model,
     assert (masters == {}) == (options == {})   # plain MeZO now checkpoints its seeds
 
 
-def test_seed_checkpoint_resumes_only_where_its_z_were_drawn(tiny_model, small_data, tmp_path, monkeypatch):
+def test_seed_checkpoint_resumes_where_its_z_are_drawn_again(tiny_model, small_data, tmp_path, monkeypatch):
+    """Another device type or dtype is refused up front; another GPU model replays, and the digest decides."""
     from zolite.checkpoint import load_checkpoint, save_checkpoint
 
     run = tmp_path / "run"
@@ -240,6 +241,9 @@ def test_seed_checkpoint_resumes_only_where_its_z_were_drawn(tiny_model, small_d
     # same descriptor, other z (say another torch's generator): the replayed weights' digest tells
     save_checkpoint(run, masters, best, {**state, "replay_sha256": "0" * 64})
     assert_user_error(run_cli("tune", "--resume", run, "--quiet"), "its seeds give the same z only there")
+    # another GPU model of the same device type and dtype: its replay gives the digest, so it goes on
+    tune_module = sys.modules["zolite.tune"]
+    monkeypatch.setattr(tune_module, "device_descriptor", lambda device, dtype: "cpu/another CPU/float32")
     save_checkpoint(run, masters, best, state)
     assert run_cli("tune", "--resume", run, "--quiet").exit_code == 0
 
@@ -278,3 +282,21 @@ def test_given_layer_needs_no_scan_key(tmp_path, small_data):
     from zolite.scan import folder_identity
 
     assert folder_identity(tmp_path / "base") == folder_identity(full)
+
+
+def test_zo_runs_checkpoint_their_seeds_between_evals(tiny_model, small_data, tmp_path, monkeypatch):
+    """A seed checkpoint also every SEED_CHECKPOINT_S seconds (0 here: every step), so a run cut off between evals
+    (or one without val) resumes from its last step, not its last eval, and still ends as an uninterrupted one."""
+    options = dict(data=small_data, layer="1", steps=6, eval_every=4, batch_size=4, lr=1e-2, keep="last",
+                   progress=False)
+    whole = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "whole", **options)
+    monkeypatch.setattr(sys.modules["zolite.tune"], "SEED_CHECKPOINT_S", 0)
+    with monkeypatch.context() as m:
+        _cut_off_after(m, 3)
+        with pytest.raises(Interrupted):
+            zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "cut", **options)
+    from zolite.checkpoint import load_checkpoint
+    assert load_checkpoint(tmp_path / "cut")[2]["step"] == 3
+    resumed = zolite.tune(tiny_model, "sst2", resume=tmp_path / "cut", progress=False)
+    assert sha(resumed["patch"]) == sha(whole["patch"]) and resumed["loss_curve"] == whole["loss_curve"]
+    assert resumed["val_curve"] == whole["val_curve"]

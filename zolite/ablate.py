@@ -297,25 +297,39 @@ def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
     running = {}
     with manager, ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,),
                                       **fresh) as pool:
+
+        def finished(entry, row) -> None:
+            nonlocal ready
+            entry["runs"].append(row)
+            waiting[id(entry)] -= 1
+            if not waiting[id(entry)] and entry["picked_lr"] is None:   # its grid is in: pick, then its seeds
+                entry["picked_lr"] = _pick(entry["runs"])
+                waiting[id(entry)] = seeds - 1
+                ready += [(entry, entry["picked_lr"], s) for s in range(1, seeds)]
+
         while ready or running:
             ready = _longest_first(ready)
             while ready and len(running) < jobs:   # only `jobs` submitted: the pool's own queue would be FIFO
                 entry, lr, seed = ready.pop(0)
+                row = _finished_row(job(entry, lr, seed))
+                if row is not None:   # read back here: no process (and no GPU slot) for a run already done
+                    finished(entry, row)
+                    ready = _longest_first(ready)
+                    continue
                 running[pool.submit(_run_on_a_gpu, tokens, *job(entry, lr, seed), False)] = entry
+            tabulate()   # (runs read back above are written once here, not one table and plot each)
+            if not running:
+                continue
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 entry = running.pop(future)
                 try:
-                    entry["runs"].append(future.result())
+                    row = future.result()
                 except BaseException:
                     for f in running:
                         f.cancel()
                     raise
-                waiting[id(entry)] -= 1
-                if not waiting[id(entry)] and entry["picked_lr"] is None:   # its grid is in: pick, then its seeds
-                    entry["picked_lr"] = _pick(entry["runs"])
-                    waiting[id(entry)] = seeds - 1
-                    ready += [(entry, entry["picked_lr"], s) for s in range(1, seeds)]
+                finished(entry, row)
                 tabulate()
 
 

@@ -36,6 +36,7 @@ from .optim import ESTIMATORS, OPTIMIZERS, Stepper
 from .zo import TunedLayers, generation_losses
 
 OBJECTIVES = ("ce", "lm", "accuracy", "f1")
+SEED_CHECKPOINT_S = 60   # a seed checkpoint is kilobytes: ZO runs also write one this often between evals
 BUILTIN_DEFAULTS = {"lr": 1e-6, "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
 
 
@@ -156,6 +157,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             best = _cpu_copy(tuned.state())
         bar = _progress_bar(state["step"], config.steps, progress)
         tokens = 0
+        last_save = time.monotonic()
         with profiler.phase("train"):
             while state["step"] < config.steps and state.get("diverged_at") is None:   # (a resumed run may have)
                 step = state["step"]
@@ -182,6 +184,10 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                             state["best_step"], state["best_metric"] = state["step"], acc
                             best = _cpu_copy(tuned.state())
                     _save(run_dir, tuned, stepper, best, state, trained_on)
+                    last_save = time.monotonic()
+                elif stepper.updates is not None and time.monotonic() - last_save >= SEED_CHECKPOINT_S:
+                    _save(run_dir, tuned, stepper, best, state, trained_on)   # a cut-off run loses at most a minute
+                    last_save = time.monotonic()
                 bar.update(1)
                 bar.set_postfix_str(_postfix(state, profiler))
             bar.close()
@@ -370,7 +376,7 @@ def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | Non
         return best, state
     mismatch = CheckpointDevice(f"{run_dir} was checkpointed on {state.get('trained_on')}; its seeds give the same "
                                 f"z only there (this is {trained_on}): resume it there, or start it again")
-    if state.get("trained_on") != trained_on:   # z is drawn by the device's generator
+    if _kind(state.get("trained_on")) != _kind(trained_on):   # z is drawn by the device type's generator, in dtype
         raise mismatch
     best = {}
 
@@ -379,10 +385,16 @@ def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | Non
             best.update(_cpu_copy(tuned.state()))
     keep_best(0)
     stepper.replay(updates, keep_best)
-    if fingerprint(tuned.exact_state(), as_stored=True) != state.pop("replay_sha256", None):   # e.g. another torch drew other z
+    # another GPU model (or torch) may draw the same z or not: the replayed weights' digest decides
+    if fingerprint(tuned.exact_state(), as_stored=True) != state.pop("replay_sha256", None):
         raise mismatch
     stepper.load(None, scalars)
     return best or None, state
+
+
+def _kind(descriptor: str | None) -> tuple[str, str] | None:
+    """(device type, dtype) of a device_descriptor: where they differ, z differs for sure."""
+    return (descriptor.split("/")[0], descriptor.split("/")[-1]) if descriptor else None
 
 
 def _cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
