@@ -228,16 +228,19 @@ def test_seed_checkpoint_resumes_where_its_z_are_drawn_again(tiny_model, small_d
     """Another device type or dtype is refused up front; another GPU model replays, and the digest decides."""
     from zolite.checkpoint import load_checkpoint, save_checkpoint
 
+    options = dict(data=small_data, layer="1", steps=4, eval_every=2, batch_size=4, progress=False)
+    whole = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "whole", **options)
     run = tmp_path / "run"
     with monkeypatch.context() as m:
         _cut_off_after(m, 2)
         with pytest.raises(Interrupted):
-            zolite.tune(tiny_model, "sst2", data=small_data, run_dir=run, layer="1", steps=4, eval_every=2,
-                        batch_size=4, progress=False)
+            zolite.tune(tiny_model, "sst2", run_dir=run, **options)
     masters, best, state = load_checkpoint(run)
     save_checkpoint(run, masters, best, {**state, "trained_on": "cuda/NVIDIA H100 80GB HBM3/132 SMs/float32"})
     assert_user_error(run_cli("tune", "--resume", run, "--quiet"), "checkpointed on cuda/NVIDIA H100",
                       "resume it there, or start it again")
+    save_checkpoint(run, masters, best, {**state, "trained_on": "cpu/float16"})   # another dtype
+    assert_user_error(run_cli("tune", "--resume", run, "--quiet"), "checkpointed on cpu/float16")
     # same descriptor, other z (say another torch's generator): the replayed weights' digest tells
     save_checkpoint(run, masters, best, {**state, "replay_sha256": "0" * 64})
     assert_user_error(run_cli("tune", "--resume", run, "--quiet"), "its seeds give the same z only there")
@@ -246,6 +249,9 @@ def test_seed_checkpoint_resumes_where_its_z_are_drawn_again(tiny_model, small_d
     monkeypatch.setattr(tune_module, "device_descriptor", lambda device, dtype: "cpu/another CPU/float32")
     save_checkpoint(run, masters, best, state)
     assert run_cli("tune", "--resume", run, "--quiet").exit_code == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["devices"] == ["cpu/float32", "cpu/another CPU/float32"]
+    assert report["loss_curve"] == whole["loss_curve"] and sha(run / "patch.safetensors") == sha(whole["patch"])
 
 
 def test_half_precision_patch_fits_a_base_with_negative_zeros(tmp_path, small_data):
@@ -300,3 +306,29 @@ def test_zo_runs_checkpoint_their_seeds_between_evals(tiny_model, small_data, tm
     resumed = zolite.tune(tiny_model, "sst2", resume=tmp_path / "cut", progress=False)
     assert sha(resumed["patch"]) == sha(whole["patch"]) and resumed["loss_curve"] == whole["loss_curve"]
     assert resumed["val_curve"] == whole["val_curve"]
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_a_run_cut_off_while_writing_its_patch_resumes(tiny_model, small_data, tmp_path, monkeypatch, keep):
+    """The last checkpoint is the loop's end, before the patch's weights are chosen and rounded: resuming it (no
+    steps left) writes the patch an uninterrupted run writes. A cut between evals with keep=best, too."""
+    options = dict(data=small_data, layer="1", steps=7, eval_every=3, batch_size=4, lr=1e-2, keep=keep,
+                   progress=False)
+    whole = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "whole", **options)
+    tune_module = sys.modules["zolite.tune"]
+    monkeypatch.setattr(tune_module, "SEED_CHECKPOINT_S", 0)
+
+    def patch_write_fails(*args, **kwargs):
+        raise Interrupted
+    with monkeypatch.context() as m:
+        m.setattr(tune_module, "save_patch", patch_write_fails)
+        with pytest.raises(Interrupted):
+            zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "cut", **options)
+    resumed = zolite.tune(tiny_model, "sst2", resume=tmp_path / "cut", progress=False)
+    assert sha(resumed["patch"]) == sha(whole["patch"]) and resumed["kept_step"] == whole["kept_step"]
+    with monkeypatch.context() as m:
+        _cut_off_after(m, 5)   # between the evals of steps 3 and 6
+        with pytest.raises(Interrupted):
+            zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "between", **options)
+    resumed = zolite.tune(tiny_model, "sst2", resume=tmp_path / "between", progress=False)
+    assert sha(resumed["patch"]) == sha(whole["patch"]) and resumed["val_curve"] == whole["val_curve"]

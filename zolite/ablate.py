@@ -110,7 +110,7 @@ def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progre
     if report is None and (run_dir / "checkpoint.safetensors").is_file():
         try:
             report = tune(model, task, resume=run_dir, progress=progress)
-        except CheckpointDevice as e:   # its seeds were drawn on another GPU model: that part is run again
+        except CheckpointDevice as e:   # its seeds give other z here (another device type, dtype, or generator)
             print(f"zolite: {e}; starting it again", file=sys.stderr)
     if report is None:
         report = tune(model, task, run_dir=run_dir, force=True, progress=progress, lr=lr, seed=seed, **options)
@@ -298,8 +298,11 @@ def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
     with manager, ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,),
                                       **fresh) as pool:
 
+        new_rows = False
+
         def finished(entry, row) -> None:
-            nonlocal ready
+            nonlocal ready, new_rows
+            new_rows = True
             entry["runs"].append(row)
             waiting[id(entry)] -= 1
             if not waiting[id(entry)] and entry["picked_lr"] is None:   # its grid is in: pick, then its seeds
@@ -317,7 +320,9 @@ def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
                     ready = _longest_first(ready)
                     continue
                 running[pool.submit(_run_on_a_gpu, tokens, *job(entry, lr, seed), False)] = entry
-            tabulate()   # (runs read back above are written once here, not one table and plot each)
+            if new_rows:   # once a pass (the runs read back above: one table and plot, not one each)
+                tabulate()
+                new_rows = False
             if not running:
                 continue
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -330,7 +335,8 @@ def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
                         f.cancel()
                     raise
                 finished(entry, row)
-                tabulate()
+        if new_rows:
+            tabulate()
 
 
 def _summary(arm: dict, seeds: int) -> dict:

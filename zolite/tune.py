@@ -144,13 +144,17 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             stepper.pair_losses = lambda rows, seed: generation_losses(net, tokenizer, tuned, task_, rows, seed,
                                                                         config.eps, config.max_length)
         trained_on = device_descriptor(device, loaded.dtype)
-        state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0}
+        state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0,
+                 "devices": [trained_on]}
         best = None
         # a finite fallback if the run diverges: the best-val copy, else (no val) the base weights, step 0
         start_step, start_weights = 0, None if config.eval_every and val else _cpu_copy(tuned.state())
         saved = load_checkpoint(run_dir) if resume else None
         if saved is not None:
             best, state = _resume(saved, tuned, stepper, trained_on, run_dir)
+            devices = state.setdefault("devices", [state["trained_on"]] if state.get("trained_on") else [])
+            if trained_on not in devices:   # resumed on another GPU model: its later losses are that GPU's
+                devices.append(trained_on)
         elif config.eval_every and val:
             state["val"].append([0, val_score()])
             state["best_step"], state["best_metric"] = 0, state["val"][-1][1]
@@ -186,11 +190,13 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                     _save(run_dir, tuned, stepper, best, state, trained_on)
                     last_save = time.monotonic()
                 elif stepper.updates is not None and time.monotonic() - last_save >= SEED_CHECKPOINT_S:
-                    _save(run_dir, tuned, stepper, best, state, trained_on)   # a cut-off run loses at most a minute
+                    _save(run_dir, tuned, stepper, best, state, trained_on)   # a cut-off run loses about a minute
                     last_save = time.monotonic()
                 bar.update(1)
                 bar.set_postfix_str(_postfix(state, profiler))
             bar.close()
+        # the loop's end (before the patch's weights are chosen): a run cut off while writing its patch resumes here
+        _save(run_dir, tuned, stepper, best, state, trained_on)
 
         # --- the patch: best (or last) weights, rounded to fp16 first so the final score is the patch's ---
         diverged = state.get("diverged_at") is not None
@@ -206,7 +212,6 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             final = {"val": score(splits.val) if splits.val else None}
             if config.eval_test and splits.test:
                 final["test"] = score(splits.test)
-        _save(run_dir, tuned, stepper, best, state, trained_on)
         metric = {"name": task_.metric, "val": final["val"]["score"] if final["val"] else None,
                   "kept_step": state["best_step"] if (config.keep == "best" or diverged) and best is not None
                   else start_step if diverged else state["step"]}
@@ -236,7 +241,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             "base_sha256": base_sha256,
             "data": {"source": splits.source, "rows_in_file": splits.total_rows, "counts": splits.counts},
             "steps": state["step"], "kept_step": metric["kept_step"], "forward_passes": stepper.forwards,
-            "diverged_at_step": state.get("diverged_at"),
+            "diverged_at_step": state.get("diverged_at"), "devices": state["devices"],
             "final": final, "val_curve": state["val"], "loss_curve": state["losses"],
             "timing": {"load_s": round(load_s, 2), "train_s": round(state["train_s"], 2),
                        "step_ms": round(step_ms, 2),
