@@ -245,17 +245,18 @@ def load_model(spec: str, *, device: str | torch.device | None = None, dtype: st
     torch_dtype = choose_dtype(dtype, device, profile)
     mode = choose_mode(mode, device, profile)
     extra = {}
-    if mode in QUANT_MODES:
-        # bitsandbytes logs a warning on every int8 matmul of a non-fp16 input (fp32 on the CPU): expected, and noisy
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        keep = linear_names(model_skeleton(path), list(keep_layers)) if keep_layers else []
-        extra = {"quantization_config": quantization_config(mode, torch_dtype, keep, int8_threshold),
-                 "device_map": {"": device}}
-    elif mode == "offload":   # loaded into CPU memory; zolite.offload streams it (see there why not accelerate)
+    if mode != "fp16":   # the layers kept as they are (unquantized / on the GPU), checked on a weightless skeleton
         from .layers import check_layer_indices, decoder_layers
 
         skeleton = model_skeleton(path)
         check_layer_indices(list(keep_layers), len(decoder_layers(skeleton)[1]), PATCH_HINT)
+    if mode in QUANT_MODES:
+        # bitsandbytes logs a warning on every int8 matmul of a non-fp16 input (fp32 on the CPU): expected, and noisy
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        keep = linear_names(skeleton, list(keep_layers)) if keep_layers else []
+        extra = {"quantization_config": quantization_config(mode, torch_dtype, keep, int8_threshold),
+                 "device_map": {"": device}}
+    elif mode == "offload":   # loaded into CPU memory; zolite.offload streams it (see there why not accelerate)
         gc.collect()   # an offloaded model dropped just before (a scan's) frees its pinned weights first
         check_cpu_memory(skeleton, torch_dtype)
     try:

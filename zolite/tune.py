@@ -275,11 +275,16 @@ def load_for_tuning(config: TuneConfig):
         raise ZoliteError(f"--layers all tunes every layer, so nothing is left to quantize with --mode {config.mode}; "
                           "use --mode fp16 or offload")
     mode, plan = plan_for_device(config, device, skeleton, indices, identity, profile)
-    if mode is None and len(indices) == num_layers and device.type == "cuda":
-        mode = "fp16"   # unplanned: every layer tuned, nothing to quantize
+    mode = mode or _default_mode(config, device, profile, every_layer=len(indices) == num_layers)
     loaded = load_model(config.model, device=device, dtype=config.dtype, mode=mode, keep_layers=indices,
                         int8_threshold=config.int8_threshold)
     return loaded, indices, source, plan
+
+
+def _default_mode(config: TuneConfig, device: torch.device, profile, every_layer: bool) -> str:
+    """The mode of a run not planned otherwise: as given, else fp16 when every layer is tuned (nothing is left to
+    quantize), else the profile's / the device's default."""
+    return config.mode or ("fp16" if every_layer else choose_mode(None, device, profile))
 
 
 def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices, identity, profile):
@@ -316,8 +321,7 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
         if device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
             cap_gpu_memory(budget, device)
         return plan.mode, plan
-    every_layer = len(indices) == len(decoder_layers(skeleton)[1])
-    default = config.mode or ("fp16" if every_layer else choose_mode(None, device, profile))
+    default = _default_mode(config, device, profile, every_layer=len(indices) == len(decoder_layers(skeleton)[1]))
     free = f"the GPU's free {budget / 2**30:.1f} GiB"
     fallback = config.mode is None and default != "offload" and config.estimator != "fo"
     for mode in [default] + (["offload"] if fallback else []):
