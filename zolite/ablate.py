@@ -415,13 +415,16 @@ def _plot(results: dict, rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=100)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for a, row in zip(results["arms"], rows):
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for i, (a, row) in enumerate(zip(results["arms"], rows)):
         curves = [r["loss_by_25"] for r in a["runs"] if r["lr"] == row["lr"]]
         n = min(len(c) for c in curves)
-        ax.plot([25 * i for i in range(n)], [statistics.mean(c[i] for c in curves) for i in range(n)], label=a["name"])
-    ax.set(xlabel="step", ylabel="training loss (25-step means)", title="loss curves")
-    ax.legend(fontsize=6, ncol=2)
+        # ten colours x three line styles: every arm of a 24-arm plan tells apart from the others
+        ax.plot([25 * i for i in range(n)], [statistics.mean(c[i] for c in curves) for i in range(n)], label=a["name"],
+                color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3])
+    ax.set(xlabel="step", ylabel="training loss (25-step means; ZO: at W ± eps z)",
+           title=f"{results['model']} / {results['task']}: loss curves (mean over the picked lr's seeds)")
+    ax.legend(fontsize=6, ncol=1 + len(rows) // 16, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=100)
     plt.close(fig)
