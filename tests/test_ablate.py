@@ -78,6 +78,14 @@ def test_ablate_runs_resumes_and_tabulates(tiny_model, small_data, tmp_path):
                           batch_size=4, eval_every=2, progress=False)
     assert report.stat().st_mtime_ns == before
     assert again["arms"][1]["runs"] == results["arms"][1]["runs"]
+    # the same --out with other settings: its folders hold other runs, so ablate refuses them (read back, resumed or
+    # overwritten as this one, they would put wrong rows in the table), in one line, for a table too
+    for extra in ([], ["--table-only"]):
+        result = run_cli("ablate", "--model", tiny_model, "--task", "sst2", "--plan", plan, "--seeds", "2",
+                         "--steps", "6", "--out", out, "--data", small_data, "--batch-size", "4",
+                         "--eval-every", "2", "--quiet", *extra)
+        assert_user_error(result, "holds a run with steps = 4, not 6", "another --out")
+    assert report.stat().st_mtime_ns == before
 
 
 def test_parallel_jobs_give_the_sequential_results(tiny_model, small_data, tmp_path, monkeypatch):

@@ -102,6 +102,16 @@ def test_trajectory_replays_the_dense_patch_bit_for_bit(tiny_model, two_patches,
     half = zolite.load_model(tiny_model, dtype="float16")   # other arithmetic: refused, not silently different
     with pytest.raises(ZoliteError, match="trained on cpu/float32.*this is cpu/float16"):
         replay(half.model, trajectory)
+    # another model of the same device type and dtype (say an H100 run on an H200): replayed, the fingerprint decides
+    from zolite.patch import Patch
+
+    elsewhere = {**trajectory.metadata, "zolite.trained_on": "cpu/another CPU/float32"}
+    replayed = replay(loaded.model, Patch(trajectory.tensors, elsewhere, trajectory.path))
+    assert all(torch.equal(replayed.tensors[k], dense.tensors[k]) for k in dense.tensors)
+    other_z = {**elsewhere, "zolite.dense_sha256": "0" * 64}
+    with pytest.raises(ZoliteError, match="did not reproduce its dense patch.*draws other z"):
+        replay(loaded.model, Patch(trajectory.tensors, other_z, trajectory.path))
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())   # base restored after it too
 
 
 def test_export_is_a_plain_checkpoint(tiny_model, two_patches, tmp_path):

@@ -15,6 +15,7 @@ import torch
 import zolite
 from conftest import run_cli
 from test_errors import assert_user_error
+from zolite.errors import ZoliteError
 from zolite.patch import load_patch
 
 QUICK = ["--layer", "1", "--steps", "6", "--eval-every", "3", "--batch-size", "4", "--lr", "1e-2", "--quiet"]
@@ -332,3 +333,17 @@ def test_a_run_cut_off_while_writing_its_patch_resumes(tiny_model, small_data, t
             zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "between", **options)
     resumed = zolite.tune(tiny_model, "sst2", resume=tmp_path / "between", progress=False)
     assert sha(resumed["patch"]) == sha(whole["patch"]) and resumed["val_curve"] == whole["val_curve"]
+
+
+def test_a_failed_run_leaves_no_folder_and_force_clears_the_old_report(tiny_model, small_data, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("tune", "--model", tiny_model, "--task", "sst2", "--data", small_data, "--layer", "99",
+                     "--run-dir", run, "--quiet")
+    assert_user_error(result, "layer 99 is out of range")
+    assert not run.exists()
+    options = dict(data=small_data, layer="1", steps=1, eval_every=0, batch_size=2, progress=False)
+    zolite.tune(tiny_model, "sst2", run_dir=run, **options)
+    assert (run / "report.md").is_file()
+    with pytest.raises(ZoliteError, match="out of range"):   # --force, then the run fails: no stale report left
+        zolite.tune(tiny_model, "sst2", run_dir=run, force=True, **{**options, "layer": "99"})
+    assert not (run / "report.md").exists() and not (run / "report.json").exists()

@@ -106,6 +106,7 @@ def arm_options(arm: dict, defaults: dict, facts: dict, steps: int | None, extra
 def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progress: bool) -> dict:
     from .tune import tune
 
+    _check_folder(run_dir, model, task, options, lr, seed)
     report = _finished_report(run_dir)
     if report is None and (run_dir / "checkpoint.safetensors").is_file():
         try:
@@ -115,6 +116,23 @@ def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progre
     if report is None:
         report = tune(model, task, run_dir=run_dir, force=True, progress=progress, lr=lr, seed=seed, **options)
     return _row(report, lr, seed)
+
+
+def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: int) -> None:
+    """Refuse a run folder that holds another run (other task, lr, seed or option): it would be read back, resumed
+    or overwritten as this one. `data` is not compared: the same files may sit at another path on another machine."""
+    import json
+
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    wanted = {"model": model, "task": task, "lr": lr, "seed": seed,
+              **{k: v for k, v in options.items() if k != "data"}}
+    for key, want in wanted.items():
+        if key in config and config[key] != want:
+            raise ZoliteError(f"{run_dir} holds a run with {key} = {config[key]!r}, not {want!r}; give zolite ablate "
+                              "another --out (or move that folder away)")
 
 
 def _finished_report(run_dir: Path) -> dict | None:
@@ -217,7 +235,8 @@ def _add(entry, row, after) -> None:
 
 def _finished_row(args) -> dict | None:
     """The row of a finished run (job args: model, task, run_dir, options, lr, seed); None if it has not finished."""
-    _, _, run_dir, _, lr, seed = args
+    model, task, run_dir, options, lr, seed = args
+    _check_folder(run_dir, model, task, options, lr, seed)
     report = _finished_report(run_dir)
     return _row(report, lr, seed) if report is not None else None
 

@@ -3,8 +3,9 @@
 Plain MeZO's update at step t is W <- W - lr (g_t z_t + wd W), with z_t regenerated from the step's seed, so the
 seeds and projected gradients g_t up to the kept step (plus lr and wd) rebuild the tuned layer from the base.
 Replayed where the run trained, it gives the dense patch bit for bit (zolite.dense_sha256 says which bits, and
-replay checks them). Elsewhere it is refused: z comes from the device's own generator (CPU: mt19937; CUDA: Philox,
-whose element order also depends on the GPU's SM count), so another device draws other z, not a rounding variant.
+replay checks them). z comes from the device type's own generator (CPU: mt19937; CUDA: Philox, whose element order
+also depends on the GPU's SM count), so another device type or dtype is refused up front: it draws other z, not a
+rounding variant. Another GPU model may draw the same z or not: the replay runs and the fingerprint decides.
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def device_descriptor(device: torch.device, dtype: torch.dtype) -> str:
     return f"{device.type}/{dtype}"
 
 
+def device_kind(descriptor: str | None) -> tuple[str, str] | None:
+    """(device type, dtype) of a device_descriptor: where they differ, z differs for sure."""
+    return (descriptor.split("/")[0], descriptor.split("/")[-1]) if descriptor else None
+
+
 def is_trajectory(patch: Patch) -> bool:
     return patch.metadata.get("zolite.kind") == "trajectory"
 
@@ -59,7 +65,7 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
     tuned = TunedLayers(model, patch.layers, hparams.get("eps_scale", "absolute"))
     here = device_descriptor(tuned.params[0].device, tuned.params[0].dtype)
     trained_on = patch.metadata.get("zolite.trained_on")
-    if trained_on != here:
+    if device_kind(trained_on) != device_kind(here):
         raise ZoliteError(f"{patch.path} was trained on {trained_on}; its seeds give the same z only there (this "
                           f"is {here}): use the dense patch, or replay it on that device and dtype")
     check_fits(model, Patch(tuned.weights(), patch.metadata, patch.path))   # the base, as for a dense patch
@@ -72,8 +78,8 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
         for p, s in zip(tuned.params, saved):
             p.copy_(s)
     if fingerprint(tensors) != patch.metadata.get("zolite.dense_sha256"):
-        raise ZoliteError(f"replaying {patch.path} did not reproduce its dense patch (fingerprint differs); "
-                          "use the dense patch")
+        raise ZoliteError(f"replaying {patch.path} did not reproduce its dense patch (fingerprint differs: "
+                          f"{here} draws other z than {trained_on}); use the dense patch")
     metadata = {k: v for k, v in patch.metadata.items() if k not in ("zolite.kind", "zolite.trajectory_steps")}
     metadata["zolite.kind"] = "dense"
     return Patch(tensors, metadata, patch.path)

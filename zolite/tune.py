@@ -28,7 +28,7 @@ from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_m
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
 from .plan import measured_activations, parse_size, plan_memory
 from .patch import fingerprint, save_patch
-from .trajectory import device_descriptor, save_trajectory, trajectory_path
+from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
 from .scan import choose_layers, folder_identity, scan
 from .scoring import collate, pad_token_id
 from .tasks import get_task, task_data
@@ -385,7 +385,7 @@ def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | Non
         return best, state
     mismatch = CheckpointDevice(f"{run_dir} was checkpointed on {state.get('trained_on')}; its seeds give the same "
                                 f"z only there (this is {trained_on}): resume it there, or start it again")
-    if _kind(state.get("trained_on")) != _kind(trained_on):   # z is drawn by the device type's generator, in dtype
+    if device_kind(state.get("trained_on")) != device_kind(trained_on):   # z is drawn by the device type's generator, in dtype
         raise mismatch
     best = {}
 
@@ -399,11 +399,6 @@ def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | Non
         raise mismatch
     stepper.load(None, scalars)
     return best or None, state
-
-
-def _kind(descriptor: str | None) -> tuple[str, str] | None:
-    """(device type, dtype) of a device_descriptor: where they differ, z differs for sure."""
-    return (descriptor.split("/")[0], descriptor.split("/")[-1]) if descriptor else None
 
 
 def _cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -444,8 +439,8 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
     refuse_clobber(out, force)
     refuse_clobber(trajectory_path(out), force)
     trajectory_path(out).unlink(missing_ok=True)   # with --force: a stale one must not sit beside the new patch
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("checkpoint.safetensors", "report.json"):
+    # (the folder itself is made when its config.json is written, after the model loaded: a failed load leaves none)
+    for stale in ("checkpoint.safetensors", "report.json", "report.md", "memory.png"):   # --force: the old run's
         (run_dir / stale).unlink(missing_ok=True)
     return config, run_dir, out
 
