@@ -160,7 +160,7 @@ def _post(url, body, raw=None):
 
 
 def test_server_answers_each_request_with_its_own_patch(tiny_model, two_patches):
-    from zolite.predict import generate
+    from zolite.predict import complete
     from zolite.serve import PatchServer
 
     loaded, patches = load_with_patches(tiny_model, {k: str(v) for k, v in two_patches.items()})
@@ -169,8 +169,9 @@ def test_server_answers_each_request_with_its_own_patch(tiny_model, two_patches)
     for name in ("a", "b", None):
         patches.swap(name)
         for prompt in prompts:
-            expected[(name, prompt)] = generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=5)
+            expected[(name, prompt)] = complete(loaded.model, loaded.tokenizer, prompt, max_new_tokens=5)
     assert expected[("a", prompts[0])] != expected[("b", prompts[0])] or expected[("a", prompts[1])] != expected[("b", prompts[1])]
+    assert {reason for _, reason in expected.values()} <= {"stop", "length"}
     patches.reset()
     server = PatchServer(loaded, patches, port=0, timeout=30)
     server.start()
@@ -190,7 +191,8 @@ def test_server_answers_each_request_with_its_own_patch(tiny_model, two_patches)
         for i, (name, prompt) in enumerate(jobs):
             status, body = answers[i]
             assert status == 200 and body["patch"] == name
-            assert body["choices"][0]["text"] == expected[(name, prompt)], (name, prompt)
+            choice = body["choices"][0]
+            assert (choice["text"], choice["finish_reason"]) == expected[(name, prompt)], (name, prompt)
         assert server.swaps < len(jobs)   # grouped by patch, not one swap per request
         assert _post(url, {"prompt": "x", "patch": "nope"})[0] == 404
         assert _post(url, None, raw=b"{not json")[0] == 400
@@ -234,3 +236,26 @@ def test_failed_swap_leaves_the_base_active(tiny_model, two_patches, tmp_path):
     with pytest.raises(ZoliteError, match="model.layers.9.*does not have"):
         patches.attach("alien", tmp_path / "alien.safetensors")
     assert patches.names() == ["a", "b"]
+
+
+def test_completion_says_why_it_stopped(tiny_model):
+    """"length" when max_new_tokens cut it off, "stop" when the model ended it (its end-of-sequence token)."""
+    from zolite.predict import complete
+
+    loaded = zolite.load_model(tiny_model)
+    eos = loaded.tokenizer.eos_token_id
+    loaded.model.generation_config.eos_token_id = eos
+
+    def always(token):   # the head's logits made to pick `token` every time
+        def hook(module, args, logits):
+            forced = torch.zeros_like(logits)
+            forced[..., token] = 1.0
+            return forced
+        return loaded.model.lm_head.register_forward_hook(hook)
+
+    other = (eos + 1) % loaded.model.config.vocab_size
+    with always(other):
+        text, reason = complete(loaded.model, loaded.tokenizer, "the film was", max_new_tokens=3)
+    assert reason == "length" and text == loaded.tokenizer.decode([other] * 3, skip_special_tokens=True)
+    with always(eos):
+        assert complete(loaded.model, loaded.tokenizer, "the film was", max_new_tokens=3) == ("", "stop")

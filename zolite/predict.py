@@ -10,9 +10,15 @@ from .evaluate import encode_rows, score_encoded
 from .tasks import Task
 
 
-@torch.inference_mode()
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: bool = False) -> str:
     """Greedy continuation of `prompt` (wrapped in the tokenizer's chat template when chat=True)."""
+    return complete(model, tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat)[0]
+
+
+@torch.inference_mode()
+def complete(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: bool = False) -> tuple[str, str]:
+    """(greedy continuation, finish reason): "stop" when the model ended it (end-of-sequence token), "length" when
+    max_new_tokens cut it off, as an OpenAI-style completion reports it."""
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
@@ -21,7 +27,9 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: b
     ids = ids.to(next(model.parameters()).device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    new = out[0, ids.shape[1]:]
+    reason = "length" if len(new) >= max_new_tokens and new[-1].item() != tokenizer.eos_token_id else "stop"
+    return tokenizer.decode(new, skip_special_tokens=True), reason
 
 
 @torch.inference_mode()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .errors import ZoliteError
-from .predict import generate
+from .predict import complete
 from .swap import PatchSet
 
 MAX_TOKENS_LIMIT = 512
@@ -35,6 +35,7 @@ class Request:
     patch: str | None
     done: threading.Event = field(default_factory=threading.Event)
     text: str | None = None
+    finish_reason: str | None = None   # "stop" | "length"
     error: str | None = None
     cancelled: bool = False   # its client timed out: the worker skips it
 
@@ -101,8 +102,8 @@ class PatchServer:
                     if r.cancelled:
                         continue
                     try:
-                        r.text = generate(self.loaded.model, self.loaded.tokenizer, r.prompt,
-                                          max_new_tokens=r.max_tokens)
+                        r.text, r.finish_reason = complete(self.loaded.model, self.loaded.tokenizer, r.prompt,
+                                                           max_new_tokens=r.max_tokens)
                     except Exception as e:   # this request only
                         r.error = f"{type(e).__name__}: {e}"
                     r.done.set()
@@ -161,7 +162,8 @@ class PatchServer:
                     return self._error(500, request.error)
                 self._send(200, {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "text_completion",
                                  "created": int(time.time()), "model": server.loaded.name, "patch": patch,
-                                 "choices": [{"index": 0, "text": request.text, "finish_reason": None}]})
+                                 "choices": [{"index": 0, "text": request.text,
+                                              "finish_reason": request.finish_reason}]})
 
         return Handler
 
