@@ -28,8 +28,15 @@ def complete(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: b
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     new = out[0, ids.shape[1]:]
-    reason = "length" if len(new) >= max_new_tokens and new[-1].item() != tokenizer.eos_token_id else "stop"
-    return tokenizer.decode(new, skip_special_tokens=True), reason
+    ended = len(new) < max_new_tokens or new[-1].item() in _eos_ids(model, tokenizer)
+    return tokenizer.decode(new, skip_special_tokens=True), "stop" if ended else "length"
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Every token generation stops at: the generation config's (an id or a list) and the tokenizer's."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {i for i in ids | {tokenizer.eos_token_id} if i is not None}
 
 
 @torch.inference_mode()
