@@ -37,6 +37,20 @@ lr_scale = 1.0
 """
 
 
+def test_plan_layers_are_written_as_tune_stores_them(tiny_model, small_data, tmp_path):
+    """A plan's layer = 1 (a TOML number) or "2,1" reaches config.json as "1" / "1,2": a second ablate over the same
+    --out reads those runs back instead of refusing them as another run's."""
+    plan = tmp_path / "layers.toml"
+    plan.write_text('name = "layers"\n[[arm]]\nname = "one"\nlayer = 1\nlr = 1e-3\n'
+                    '[[arm]]\nname = "two"\nlayer = "2,1"\nlr = 1e-3\n')
+    options = dict(plan=str(plan), seeds=1, steps=2, out=tmp_path / "out", data=small_data, batch_size=4,
+                   eval_every=0, progress=False)
+    first = zolite.ablate(tiny_model, "sst2", **options)
+    again = zolite.ablate(tiny_model, "sst2", **options)
+    assert [a["runs"] for a in again["arms"]] == [a["runs"] for a in first["arms"]]
+    assert [a["runs"][0]["layers"] for a in again["arms"]] == ["1", "1,2"]
+
+
 def test_builtin_plan_resolves_for_a_model():
     plan = load_plan("seed000")
     facts = {"num_layers": 30, "dominant": 11, "lr": 3e-4, "steps": 1000}

@@ -109,7 +109,7 @@ def test_trajectory_replays_the_dense_patch_bit_for_bit(tiny_model, two_patches,
     replayed = replay(loaded.model, Patch(trajectory.tensors, elsewhere, trajectory.path))
     assert all(torch.equal(replayed.tensors[k], dense.tensors[k]) for k in dense.tensors)
     other_z = {**elsewhere, "zolite.dense_sha256": "0" * 64}
-    with pytest.raises(ZoliteError, match="did not reproduce its dense patch.*draws other z"):
+    with pytest.raises(ZoliteError, match="did not reproduce its dense patch.*replayed on cpu/float32"):
         replay(loaded.model, Patch(trajectory.tensors, other_z, trajectory.path))
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())   # base restored after it too
 
@@ -259,3 +259,6 @@ def test_completion_says_why_it_stopped(tiny_model):
     assert reason == "length" and text == loaded.tokenizer.decode([other] * 3, skip_special_tokens=True)
     with always(eos):
         assert complete(loaded.model, loaded.tokenizer, "the film was", max_new_tokens=3) == ("", "stop")
+    loaded.model.generation_config.eos_token_id = [eos, other]   # several end ids (e.g. Llama 3's): any ends it
+    with always(other):
+        assert complete(loaded.model, loaded.tokenizer, "the film was", max_new_tokens=1)[1] == "stop"

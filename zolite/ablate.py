@@ -28,6 +28,7 @@ else:  # pragma: no cover
 from .checkpoint import CheckpointDevice
 from .errors import ZoliteError
 from .io import write_text
+from .layers import format_layers, parse_layers
 
 ARM_KEYS = {"name", "lr", "lr_scale", "steps_factor"}
 
@@ -93,6 +94,8 @@ def arm_options(arm: dict, defaults: dict, facts: dict, steps: int | None, extra
     elif layer == "random":
         choices = [i for i in range(facts["num_layers"]) if i != facts["dominant"]]
         options["layer"] = str(random.Random(0).choice(choices))
+    elif layer is not None and str(layer).strip().lower() != "auto":   # as tune writes it in config.json: 11, "2,1"
+        options["layer"] = format_layers(parse_layers(layer, facts["num_layers"]), facts["num_layers"])
     if "lr" in arm:
         grid = arm["lr"] if isinstance(arm["lr"], list) else [arm["lr"]]
     else:
@@ -120,15 +123,17 @@ def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progre
 
 def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: int) -> None:
     """Refuse a run folder that holds another run (other task, lr, seed or option): it would be read back, resumed
-    or overwritten as this one. `data` is not compared: the same files may sit at another path on another machine."""
+    or overwritten as this one. Paths are not compared (`data`; of a model folder or task file only the name): the
+    same files may sit elsewhere on another machine."""
     import json
 
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         return
     config = json.loads(config_file.read_text())
-    wanted = {"model": model, "task": task, "lr": lr, "seed": seed,
-              **{k: v for k, v in options.items() if k != "data"}}
+    config.update({k: Path(str(config[k])).name for k in ("model", "task") if k in config})
+    wanted = {"model": Path(str(model)).name, "task": Path(str(task)).name, "lr": lr, "seed": seed,
+              **{k: v for k, v in options.items() if k != "data" and not (k == "layer" and v in (None, "auto"))}}
     for key, want in wanted.items():
         if key in config and config[key] != want:
             raise ZoliteError(f"{run_dir} holds a run with {key} = {config[key]!r}, not {want!r}; give zolite ablate "

@@ -28,7 +28,7 @@ def complete(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: b
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     new = out[0, ids.shape[1]:]
-    ended = len(new) < max_new_tokens or new[-1].item() in _eos_ids(model, tokenizer)
+    ended = len(new) < max_new_tokens or (len(new) > 0 and new[-1].item() in _eos_ids(model, tokenizer))
     return tokenizer.decode(new, skip_special_tokens=True), "stop" if ended else "length"
 
 

@@ -78,8 +78,8 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
         for p, s in zip(tuned.params, saved):
             p.copy_(s)
     if fingerprint(tensors) != patch.metadata.get("zolite.dense_sha256"):
-        raise ZoliteError(f"replaying {patch.path} did not reproduce its dense patch (fingerprint differs: "
-                          f"{here} draws other z than {trained_on}); use the dense patch")
+        raise ZoliteError(f"replaying {patch.path} did not reproduce its dense patch (fingerprint differs; trained "
+                          f"on {trained_on}, replayed on {here}); use the dense patch")
     metadata = {k: v for k, v in patch.metadata.items() if k not in ("zolite.kind", "zolite.trajectory_steps")}
     metadata["zolite.kind"] = "dense"
     return Patch(tensors, metadata, patch.path)

@@ -440,7 +440,8 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
     refuse_clobber(trajectory_path(out), force)
     trajectory_path(out).unlink(missing_ok=True)   # with --force: a stale one must not sit beside the new patch
     # (the folder itself is made when its config.json is written, after the model loaded: a failed load leaves none)
-    for stale in ("checkpoint.safetensors", "report.json", "report.md", "memory.png"):   # --force: the old run's
+    # --force: the old run's files go (its patch stays until the new one replaces it)
+    for stale in ("config.json", "checkpoint.safetensors", "report.json", "report.md", "memory.png"):
         (run_dir / stale).unlink(missing_ok=True)
     return config, run_dir, out
 
