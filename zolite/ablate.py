@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import random
 import statistics
@@ -125,8 +126,6 @@ def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: in
     """Refuse a run folder that holds another run (other task, lr, seed or option): it would be read back, resumed
     or overwritten as this one. Paths are not compared (`data`; of a model folder or task file only the name): the
     same files may sit elsewhere on another machine."""
-    import json
-
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         return
@@ -141,8 +140,6 @@ def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: in
 
 
 def _finished_report(run_dir: Path) -> dict | None:
-    import json
-
     report_file = run_dir / "report.json"
     return json.loads(report_file.read_text()) if report_file.is_file() else None
 
@@ -390,8 +387,6 @@ def _summary(arm: dict, seeds: int) -> dict:
 
 
 def write_results(results: dict, out: Path) -> None:
-    import json
-
     from .io import write_json
 
     out.mkdir(parents=True, exist_ok=True)

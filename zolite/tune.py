@@ -152,9 +152,6 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         saved = load_checkpoint(run_dir) if resume else None
         if saved is not None:
             best, state = _resume(saved, tuned, stepper, trained_on, run_dir)
-            devices = state.setdefault("devices", [state["trained_on"]] if state.get("trained_on") else [])
-            if trained_on not in devices:   # resumed on another GPU model: its later losses are that GPU's
-                devices.append(trained_on)
         elif config.eval_every and val:
             state["val"].append([0, val_score()])
             state["best_step"], state["best_metric"] = 0, state["val"][-1][1]
@@ -371,8 +368,12 @@ def _save(run_dir, tuned, stepper, best, state, trained_on: str) -> None:
 
 
 def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | None, dict]:
-    """Put the checkpoint's weights and optimiser state back; returns (best weights, the loop's state)."""
+    """Put the checkpoint's weights and optimiser state back; returns (best weights, the loop's state, its devices
+    with this one added: a run resumed on another GPU model has its later losses from that GPU)."""
     masters, best, state = saved
+    devices = state.setdefault("devices", [state["trained_on"]] if state.get("trained_on") else [])
+    if trained_on not in devices:
+        devices.append(trained_on)
     scalars = state.pop("optimizer", {})
     updates = state.pop("updates", None)
     old_trajectory = state.pop("trajectory", None)   # dense checkpoints of zolite before seed checkpoints
@@ -385,7 +386,7 @@ def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | Non
         return best, state
     mismatch = CheckpointDevice(f"{run_dir} was checkpointed on {state.get('trained_on')}; its seeds give the same "
                                 f"z only there (this is {trained_on}): resume it there, or start it again")
-    if device_kind(state.get("trained_on")) != device_kind(trained_on):   # z is drawn by the device type's generator, in dtype
+    if device_kind(state.get("trained_on")) != device_kind(trained_on):   # z: the device type's generator, in dtype
         raise mismatch
     best = {}
 
