@@ -85,6 +85,11 @@ def test_ablate_runs_resumes_and_tabulates(tiny_model, small_data, tmp_path):
     assert all(0 <= float(r["kept_step_mean"]) <= 8 for r in rows)
     for name in ("results.md", "accuracy.png", "loss.png"):
         assert (out / name).stat().st_size > 0
+    # the references beside the table: the test split's most common label's share, the base model's step-0 val score
+    report0 = json.loads((out / "mezo" / "lr0.001-s0" / "report.json").read_text())
+    label_counts = [c["n"] for c in report0["final"]["test"]["per_class"].values()]
+    assert (f"most common label scores {max(label_counts) / sum(label_counts):.4f}; the untuned base model scores "
+            f"{report0['val_curve'][0][1]:.4f} on val") in (out / "results.md").read_text()
     # resume: finished runs are read back, not run again
     report = out / "backprop" / "lr0.001-s1" / "report.json"
     before = report.stat().st_mtime_ns

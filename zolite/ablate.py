@@ -149,10 +149,17 @@ def _row(report: dict, lr: float, seed: int) -> dict:
     final = report["final"]
     memory = report["memory"]
     losses = report["loss_curve"]
+    test_classes = (final.get("test") or {}).get("per_class") or {}
+    counts = [c["n"] for c in test_classes.values()]
+    val_curve = report.get("val_curve") or []
     return {"lr": lr, "seed": seed, "steps": report["steps"], "layers": report["layers"],
             "val": final["val"]["score"] if final.get("val") else None,
             "test": final["test"]["score"] if final.get("test") else None,
             "kept_step": report.get("kept_step"),
+            # references for reading the scores: always answering the test split's most common label, and the
+            # untuned base model's val score (the val check at step 0)
+            "test_majority": max(counts) / sum(counts) if counts else None,
+            "base_val": val_curve[0][1] if val_curve and val_curve[0][0] == 0 else None,
             "micro_batch": report["config"].get("micro_batch"), "mode": report["config"].get("mode"),
             "forward_passes": report.get("forward_passes"), "wall_s": report["timing"]["total_s"],
             "diverged_at_step": report.get("diverged_at_step"),
@@ -398,7 +405,10 @@ def write_results(results: dict, out: Path) -> None:
     writer.writerows(rows)
     write_text(out / "results.csv", table.getvalue())
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    majority, base_val = _reference("test_majority", results), _reference("base_val", results)
     lines = [f"# Ablation {results['plan']}: {results['model']} on {results['task']}", "",
+             f"References: always answering the test split's most common label scores {fmt(majority)}; the untuned "
+             f"base model scores {fmt(base_val)} on val.", "",
              f"Test score mean ± std over seeds at each arm's lr (picked by seed 0's val score from its grid); "
              f"forward passes per run (MeZO's count: 2 per z); diverged = seeds whose loss became inf/nan (their "
              f"patch keeps the best val weights); kept step = the step whose weights the patch keeps (best val "
@@ -420,6 +430,11 @@ def write_results(results: dict, out: Path) -> None:
     _plot(results, rows, out)
 
 
+def _reference(key: str, results: dict) -> float | None:
+    """A run-independent figure (same data, same base model), read from the first run that has it."""
+    return next((r[key] for a in results["arms"] for r in a["runs"] if r.get(key) is not None), None)
+
+
 def _plot(results: dict, rows: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -428,6 +443,10 @@ def _plot(results: dict, rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
     ax.bar(range(len(rows)), [r["test_mean"] or 0 for r in rows], yerr=[r["test_std"] for r in rows], capsize=3)
+    majority = _reference("test_majority", results)
+    if majority is not None:
+        ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label="most common label")
+        ax.legend(fontsize=8, loc="lower right")
     labels = [r["arm"] + ("" if r["status"] == "done" else f" ({r['status']})") for r in rows]
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
     ax.set(ylabel="test score (mean ± std)", title=f"{results['model']} / {results['task']}: {results['plan']}")
