@@ -28,7 +28,7 @@ else:  # pragma: no cover
 
 from .checkpoint import CheckpointDevice
 from .errors import ZoliteError
-from .io import write_text
+from .io import config_mismatch, write_text
 from .layers import format_layers, parse_layers
 
 ARM_KEYS = {"name", "lr", "lr_scale", "steps_factor"}
@@ -132,11 +132,12 @@ def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: in
     config = json.loads(config_file.read_text())
     config.update({k: Path(str(config[k])).name for k in ("model", "task") if k in config})
     wanted = {"model": Path(str(model)).name, "task": Path(str(task)).name, "lr": lr, "seed": seed,
-              **{k: v for k, v in options.items() if k != "data" and not (k == "layer" and v in (None, "auto"))}}
-    for key, want in wanted.items():
-        if key in config and config[key] != want:
-            raise ZoliteError(f"{run_dir} holds a run with {key} = {config[key]!r}, not {want!r}; give zolite ablate "
-                              "another --out (or move that folder away)")
+              **{k: v for k, v in options.items() if k != "data"}}
+    mismatch = config_mismatch(config, wanted)
+    if mismatch:
+        key, was, want = mismatch
+        raise ZoliteError(f"{run_dir} holds a run with {key} = {was!r}, not {want!r}; give zolite ablate "
+                          "another --out (or move that folder away)")
 
 
 def _finished_report(run_dir: Path) -> dict | None:

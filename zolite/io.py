@@ -1,4 +1,5 @@
-"""Writing files so that a crash never leaves half a file and nothing the user has is overwritten by accident."""
+"""Files on disk: written so that a crash never leaves half a file and nothing the user has is overwritten by accident;
+the check that a run folder holds the run asked for."""
 from __future__ import annotations
 
 import json
@@ -41,3 +42,14 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+def config_mismatch(saved: dict, wanted: dict) -> tuple | None:
+    """(option, saved value, wanted value) of the first option a run folder's config.json holds otherwise, or None.
+    A layer of None / "auto" matches any layer (the profile's pick), and "1" matches 1."""
+    for key, value in wanted.items():
+        if key == "layer" and (value in (None, "auto") or str(value) == str(saved.get(key))):
+            continue
+        if saved.get(key) != value:
+            return key, saved.get(key), value
+    return None

@@ -21,7 +21,7 @@ from .checkpoint import CheckpointDevice, load_checkpoint, save_checkpoint
 from .data import batches_for_step, sample_splits
 from .errors import ZoliteError
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
-from .io import refuse_clobber, write_json
+from .io import config_mismatch, refuse_clobber, write_json
 from .layers import decoder_layers, format_layers
 from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, default_device, load_model,
                       model_skeleton, resolve_model)
@@ -419,10 +419,11 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
             raise ZoliteError(f"{run_dir} is not a zolite run folder (no config.json); pass the RUN_DIR of an earlier tune")
         saved = json.loads((run_dir / "config.json").read_text())
         given.update({k: v for k, v in (("model", model), ("task", task)) if v is not None})
-        for key, value in given.items():
-            if saved.get(key) != value and not (key == "layer" and str(value) in (str(saved.get(key)), "auto")):
-                raise ZoliteError(f"{run_dir} was started with {key}={saved.get(key)!r}, not {value!r}; "
-                                  f"drop that option to resume it, or start a new run")
+        mismatch = config_mismatch(saved, given)
+        if mismatch:
+            key, was, value = mismatch
+            raise ZoliteError(f"{run_dir} was started with {key}={was!r}, not {value!r}; "
+                              f"drop that option to resume it, or start a new run")
         config = TuneConfig(**saved)
         out = Path(out) if out else run_dir / "patch.safetensors"
         return config, run_dir, out
