@@ -231,6 +231,27 @@ lr = [1e-3, 1e-2]
     assert sum(len(arm["runs"]) for arm in again["arms"]) == 4
 
 
+def test_an_arm_with_one_lr_starts_all_its_seeds_at_once(tiny_model, small_data, tmp_path, monkeypatch):
+    """Nothing to pick from a one-lr grid, so its seeds need not wait for seed 0: with three workers, the one-lr arm's
+    two seeds (the longer runs) are submitted first, then the other arm's grid."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    plan = tmp_path / "one-lr.toml"
+    plan.write_text('name = "one-lr"\n[defaults]\nlayer = "1"\n[[arm]]\nname = "single"\nn_z = 2\nlr = 1e-3\n'
+                    '[[arm]]\nname = "grid"\nlr = [1e-3, 1e-2]\n')
+    submitted = []
+    submit = ProcessPoolExecutor.submit
+
+    def record(pool, fn, *args):
+        submitted.append(f"{args[3].parent.name}/{args[3].name}")   # args: tokens, model, task, run_dir, ...
+        return submit(pool, fn, *args)
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", record)
+    zolite.ablate(tiny_model, "sst2", plan=str(plan), seeds=2, steps=2, out=tmp_path / "out", jobs=3,
+                  data=small_data, batch_size=4, eval_every=1, progress=False)
+    assert submitted[:2] == ["single/lr0.001-s0", "single/lr0.001-s1"]
+    assert set(submitted[2:4]) == {"grid/lr0.001-s0", "grid/lr0.01-s0"} and len(submitted) == 5
+
+
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     import torch
 

@@ -307,9 +307,10 @@ def _longest_first(ready: list) -> list:
 
 
 def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
-    """Seed-0 grids of every arm at once, then each arm's other seeds once its grid is in; one process per run, the
-    processes spread evenly over the visible GPUs (each run on one). Of the runs ready to start, the longest starts
-    first (so the long arms, and their seeds once their grid is in, do not finish last)."""
+    """Seed-0 grids of every arm at once, then each arm's other seeds once its grid is in (an arm with one lr: all its
+    seeds at once); one process per run, the processes spread evenly over the visible GPUs (each run on one). Of the
+    runs ready to start, the longest starts first (so the long arms, and their seeds once their grid is in, do not
+    finish last)."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -321,8 +322,15 @@ def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
     tokens = manager.Queue()
     for token in _gpu_tokens(jobs, _visible_gpus() if fresh and _gpu_is_free_to_pick(entries) else []):
         tokens.put(token)   # (a reused worker, Python 3.10, could not change its GPU)
-    ready = [(e, lr, 0) for e in entries for lr in e["lr_grid"]]
-    waiting = {id(e): len(e["lr_grid"]) for e in entries}   # grid runs still out, then seed runs still out
+    ready, waiting = [], {}   # waiting: grid runs still out, then seed runs still out
+    for e in entries:
+        if len(e["lr_grid"]) == 1:   # nothing to pick: every seed starts now, not after seed 0
+            e["picked_lr"] = e["lr_grid"][0]
+            ready += [(e, e["picked_lr"], s) for s in range(seeds)]
+            waiting[id(e)] = seeds
+        else:
+            ready += [(e, lr, 0) for lr in e["lr_grid"]]
+            waiting[id(e)] = len(e["lr_grid"])
     running = {}
     with manager, ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,),
                                       **fresh) as pool:
