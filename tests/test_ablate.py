@@ -51,6 +51,15 @@ def test_plan_layers_are_written_as_tune_stores_them(tiny_model, small_data, tmp
     assert [a["runs"][0]["layers"] for a in again["arms"]] == ["1", "1,2"]
 
 
+def test_lr_and_steps_factor_in_defaults_apply_to_arms_without_their_own():
+    plan = {"lr": [1e-3, 1e-2], "steps_factor": 2.0, "eps": 1e-2}
+    facts = {"num_layers": 4, "dominant": 1, "lr": 3e-4, "steps": 10}
+    assert arm_options({"name": "a"}, plan, facts, None, {}) == ({"eps": 1e-2, "steps": 20}, [1e-3, 1e-2])
+    assert arm_options({"name": "b", "lr_scale": 2.0}, plan, facts, None, {})[1] == [6e-4]
+    assert arm_options({"name": "c", "steps_factor": 1.0, "lr": 5e-3}, plan, facts, None, {}) == \
+        ({"eps": 1e-2, "steps": 10}, [5e-3])
+
+
 def test_builtin_plan_resolves_for_a_model():
     plan = load_plan("seed000")
     facts = {"num_layers": 30, "dominant": 11, "lr": 3e-4, "steps": 1000}
@@ -104,6 +113,10 @@ def test_ablate_runs_resumes_and_tabulates(tiny_model, small_data, tmp_path):
                          "--steps", "6", "--out", out, "--data", small_data, "--batch-size", "4",
                          "--eval-every", "2", "--quiet", *extra)
         assert_user_error(result, "holds a run with steps = 4, not 6", "another --out")
+    # an option left at its default is compared too: these runs used --batch-size 4, the default is 16
+    result = run_cli("ablate", "--model", tiny_model, "--task", "sst2", "--plan", plan, "--seeds", "2", "--steps", "4",
+                     "--out", out, "--data", small_data, "--eval-every", "2", "--table-only")
+    assert_user_error(result, "holds a run with batch_size = 4, not 16", "another --out")
     assert report.stat().st_mtime_ns == before
 
 
@@ -277,7 +290,7 @@ def test_table_only_tabulates_a_cut_off_ablation(tiny_model, small_data, tmp_pat
     (out / "backprop" / "lr0.001-s0" / "report.json").unlink()        # as if cut off mid-run
     made = {p.relative_to(out) for p in out.rglob("report.json")}
     r = run_cli("ablate", "--model", tiny_model, "--task", "sst2", "--plan", plan, "--seeds", 2, "--steps", 4,
-                "--out", out, "--table-only")
+                "--batch-size", 4, "--eval-every", 2, "--out", out, "--table-only")   # the run's options (not --data)
     assert r.exit_code == 0, r.output
     assert {p.relative_to(out) for p in out.rglob("report.json")} == made   # nothing ran
     rows = {row["arm"]: row for row in csv.DictReader(open(out / "results.csv"))}
@@ -299,6 +312,21 @@ def test_plan_errors(tiny_model, tmp_path):
     assert_user_error(run_cli("ablate", "--model", tiny_model, "--plan", "seed999"), "unknown plan 'seed999'", "seed000")
     assert_user_error(run_cli("ablate", "--model", tiny_model, "--arms", "nope"), "has no arm(s) nope")
     assert_user_error(run_cli("ablate", "--model", tiny_model, "--jobs", "0"), "--jobs must be at least 1")
+    assert_user_error(run_cli("ablate", "--model", tiny_model, "--steps", "0"), "--steps must be at least 1")
+    for text, message in [('[arm]\nname = "x"\n', "[[arm]] (two brackets)"),
+                          ('defaults = 3\n[[arm]]\nname = "x"\n', "defaults is a table"),
+                          ('[[arm]]\nname = "x"\nlr_scale = "3"\n', "lr_scale = '3' in x should be a number above 0"),
+                          ('[[arm]]\nname = "x"\nn_z = "5"\n', "n_z = '5' in x should be a whole number"),
+                          ('[[arm]]\nname = "x"\nsteps_factor = 0\n', "steps_factor = 0 in x should be a number"),
+                          ('[[arm]]\nname = "x"\nlayerwise = 1\n', "layerwise = 1 in x should be true or false"),
+                          ('[defaults]\nseed = 1\n[[arm]]\nname = "x"\n', "seed in [defaults] is set by")]:
+        bad.write_text(text)
+        assert_user_error(run_cli("ablate", "--model", tiny_model, "--plan", bad), message)
+    for text, message in [('[[arm]]\nname = "x"\nlr = [1e-3, 0.001]\n', "its lr grid 0.001, 0.001 repeats a value"),
+                          ('[[arm]]\nname = "x"\nn_z = 0\nlr = 1e-3\n', "--n-z must be at least 1")]:
+        bad.write_text(text)   # found when the arms are resolved, before any run starts
+        assert_user_error(run_cli("ablate", "--model", tiny_model, "--plan", bad, "--out", tmp_path / "o"), message)
+        assert not (tmp_path / "o").exists()
     empty = tmp_path / "empty.toml"
     empty.write_text('[[arm]]\nname = "x"\nlr = []\n')
     assert_user_error(run_cli("ablate", "--model", tiny_model, "--plan", empty, "--steps", "2"),

@@ -75,6 +75,10 @@ def test_resume_must_match_the_run(tiny_model, small_data, patch_file, tmp_path)
     assert_user_error(run_cli("tune", "--resume", patch_file.parent, "--lr", "0.5"), "started with lr=", "not 0.5")
     assert_user_error(run_cli("tune", "--resume", patch_file.parent, "--task", "boolq"), "task='sst2'")
     assert_user_error(run_cli("tune", "--resume", tmp_path), "not a zolite run folder")
+    mine = tmp_path / "mine.safetensors"   # a file of the user's, given as --out of a resumed run: kept
+    mine.write_bytes(b"precious")
+    assert_user_error(run_cli("tune", "--resume", patch_file.parent, "--out", mine), "already exists", "--force")
+    assert mine.read_bytes() == b"precious"
 
 
 def test_patch_for_another_base_or_model_is_refused(other_tiny_model, patch_file, tmp_path):

@@ -165,6 +165,8 @@ def test_resume_gives_the_uninterrupted_run(options, tiny_model, small_data, tmp
     assert sha(resumed["patch"]) == sha(full["patch"])
     assert resumed["loss_curve"] == full["loss_curve"] and resumed["val_curve"] == full["val_curve"]
     assert resumed["forward_passes"] == full["forward_passes"]
+    tokens = [zolite.checkpoint.load_checkpoint(tmp_path / name)[2]["tokens"] for name in ("full", "cut")]
+    assert tokens[0] > 0 and tokens[1] == tokens[0]   # the resumed run's throughput counts the steps before the cut
 
 
 def test_replay_rebuilds_the_best_weights_of_an_earlier_step(tiny_model, small_data, tmp_path, monkeypatch):

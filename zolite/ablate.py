@@ -12,6 +12,7 @@ unfinished one resumed from its checkpoint. Results: OUT/results.csv, OUT/result
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -39,9 +40,8 @@ def plan_names() -> list[str]:
 
 
 def load_plan(plan: str) -> dict:
-    """A built-in plan by name, or a TOML file; checked up front (unknown tune options, duplicate arm names)."""
-    from .tune import TuneConfig
-
+    """A built-in plan by name, or a TOML file; checked up front (unknown tune options or value types, duplicate arm
+    names)."""
     builtin = resources.files("zolite") / "plans" / f"{plan}.toml"
     try:
         text = builtin.read_text() if builtin.is_file() else Path(plan).read_text()
@@ -52,20 +52,54 @@ def load_plan(plan: str) -> dict:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ZoliteError(f"plan {plan} is not valid TOML: {e}") from None
-    arms = data.get("arm", [])
+    arms, defaults = data.get("arm", []), data.get("defaults", {})
+    if not isinstance(arms, list) or not all(isinstance(a, dict) for a in arms):
+        raise ZoliteError(f"plan {plan}: arms are tables written [[arm]] (two brackets), not [arm] or arm = ...")
     if not arms:
         raise ZoliteError(f"plan {plan} has no [[arm]] entries")
-    fields = {f for f in TuneConfig.__dataclass_fields__} - {"model", "task"}
+    if not isinstance(defaults, dict):
+        raise ZoliteError(f"plan {plan}: defaults is a table, written [defaults]")
     names = [a.get("name") for a in arms]
-    if None in names or len(set(names)) != len(names):
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
         raise ZoliteError(f"plan {plan}: every [[arm]] needs a unique name")
-    for arm in [data.get("defaults", {}), *arms]:
-        unknown = set(arm) - fields - ARM_KEYS
-        if unknown:
-            raise ZoliteError(f"plan {plan}: unknown option(s) {', '.join(sorted(unknown))} in "
-                              f"{arm.get('name', '[defaults]')}; use zolite tune's option names (e.g. n_z, eps)")
+    for arm in [defaults, *arms]:
+        _check_arm(plan, arm.get("name", "[defaults]"), arm)
     return {"name": data.get("name", Path(plan).stem), "description": data.get("description", ""),
-            "defaults": data.get("defaults", {}), "arms": arms}
+            "defaults": defaults, "arms": arms}
+
+
+def _check_arm(plan: str, where: str, arm: dict) -> None:
+    """Option names and value types of an arm (or of [defaults]), so a typo fails here in one line, not in a run."""
+    from .tune import TuneConfig
+
+    fields = {f.name: f.type for f in dataclasses.fields(TuneConfig)}
+    unknown = set(arm) - set(fields) - ARM_KEYS
+    if unknown:
+        raise ZoliteError(f"plan {plan}: unknown option(s) {', '.join(sorted(unknown))} in {where}; use zolite "
+                          "tune's option names (e.g. n_z, eps)")
+    fixed = {"model", "task", "seed"} & set(arm)
+    if fixed:
+        raise ZoliteError(f"plan {plan}: {', '.join(sorted(fixed))} in {where} is set by zolite ablate's --model / "
+                          "--task / --seeds, not by a plan; remove it")
+    number = (int, float)
+    for key, value in arm.items():
+        if key in ("lr", "lr_scale"):
+            ok = all(isinstance(v, number) and not isinstance(v, bool) and v > 0
+                     for v in (value if isinstance(value, list) else [value]))
+            want = "a number above 0 or a list of them"
+        elif key == "steps_factor":
+            ok, want = isinstance(value, number) and not isinstance(value, bool) and value > 0, "a number above 0"
+        elif key == "name":
+            continue
+        elif key == "layer":   # 11, "11", "3,5", "all", "last", "random", "auto"
+            ok, want = isinstance(value, (int, str)) and not isinstance(value, bool), "a layer number or a string"
+        else:
+            kind = fields[key].split("|")[0].strip()   # "int | None" -> int
+            types = {"int": (int,), "float": number, "str": (str,), "bool": (bool,)}.get(kind, (object,))
+            ok = isinstance(value, types) and (kind == "bool" or not isinstance(value, bool))
+            want = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false"}.get(kind)
+        if not ok:
+            raise ZoliteError(f"plan {plan}: {key} = {value!r} in {where} should be {want}")
 
 
 def _model_facts(model: str) -> dict:
@@ -81,12 +115,18 @@ def _model_facts(model: str) -> dict:
     if dominant is None and profile is not None:
         dominant = profile.dominant_layer
     defaults = {**BUILTIN_DEFAULTS, **(profile.defaults if profile else {})}
-    return {"num_layers": num_layers, "dominant": dominant, "lr": defaults["lr"], "steps": defaults["steps"]}
+    return {"num_layers": num_layers, "dominant": dominant, "lr": defaults["lr"], "steps": defaults["steps"],
+            "defaults": defaults}
 
 
 def arm_options(arm: dict, defaults: dict, facts: dict, steps: int | None, extra: dict) -> tuple[dict, list[float]]:
-    """tune options of an arm (without lr) and its lr grid."""
-    options = {**defaults, **{k: v for k, v in arm.items() if k not in ARM_KEYS}, **extra}
+    """tune options of an arm (without lr) and its lr grid. lr / lr_scale / steps_factor in [defaults] apply to the
+    arms that have none of their own."""
+    own_lr = {"lr", "lr_scale"} & set(arm)
+    arm = {**{k: v for k, v in defaults.items() if k in ARM_KEYS - {"name"} and not (own_lr and k in ("lr", "lr_scale"))},
+           **arm}
+    options = {**{k: v for k, v in defaults.items() if k not in ARM_KEYS},
+               **{k: v for k, v in arm.items() if k not in ARM_KEYS}, **extra}
     base_steps = steps or options.get("steps") or facts["steps"]
     options["steps"] = max(1, round(base_steps * arm.get("steps_factor", 1.0)))
     layer = options.get("layer")
@@ -104,13 +144,16 @@ def arm_options(arm: dict, defaults: dict, facts: dict, steps: int | None, extra
         grid = [facts["lr"] * s for s in (scales if isinstance(scales, list) else [scales])]
     if not grid:
         raise ZoliteError(f"arm {arm['name']}: its lr / lr_scale list is empty; give at least one value")
-    return options, [float(f"{lr:.3g}") for lr in grid]
+    grid = [float(f"{lr:.3g}") for lr in grid]   # as the run folders name them
+    if len(set(grid)) != len(grid):
+        raise ZoliteError(f"arm {arm['name']}: its lr grid {', '.join(f'{lr:g}' for lr in grid)} repeats a value "
+                          "(lrs are kept to 3 significant digits); give each lr once")
+    return options, grid
 
 
 def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progress: bool) -> dict:
     from .tune import tune
 
-    _check_folder(run_dir, model, task, options, lr, seed)
     report = _finished_report(run_dir)
     if report is None and (run_dir / "checkpoint.safetensors").is_file():
         try:
@@ -131,8 +174,8 @@ def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: in
         return
     config = json.loads(config_file.read_text())
     config.update({k: Path(str(config[k])).name for k in ("model", "task") if k in config})
-    wanted = {"model": Path(str(model)).name, "task": Path(str(task)).name, "lr": lr, "seed": seed,
-              **{k: v for k, v in options.items() if k != "data"}}
+    wanted = {**{k: v for k, v in options.items() if k != "data"},
+              "model": Path(str(model)).name, "task": Path(str(task)).name, "lr": lr, "seed": seed}
     mismatch = config_mismatch(config, wanted)
     if mismatch:
         key, was, want = mismatch
@@ -182,6 +225,10 @@ def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed
         raise ZoliteError(f"--seeds must be at least 1, got {seeds}")
     if jobs < 1:
         raise ZoliteError(f"--jobs must be at least 1, got {jobs}")
+    if steps is not None and steps < 1:
+        raise ZoliteError(f"--steps must be at least 1, got {steps}")
+    from .tune import BUILTIN_DEFAULTS, TuneConfig, check_options
+
     plan_ = load_plan(plan)
     selected = plan_["arms"]
     if arms:
@@ -198,10 +245,19 @@ def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed
     entries = []
     for arm in selected:
         options, grid = arm_options(arm, plan_["defaults"], facts, steps, extra)
+        for lr in grid:   # values out of range fail now, in one line, not in the middle of the ablation
+            check_options(TuneConfig(model=model, task=task, lr=lr, **options))
         entries.append({"name": arm["name"], "options": options, "lr_grid": grid, "picked_lr": None, "runs": []})
+    # what a run folder must hold: the options given, and tune's defaults for the rest (a run made with another
+    # --batch-size must not be read back as this one); device-chosen ones (mode, dtype, micro-batch) only if given
+    run_defaults = {**{f.name: f.default for f in dataclasses.fields(TuneConfig)
+                       if f.default is not None and f.name not in ("model", "task", "seed")},
+                    **{k: v for k, v in facts["defaults"].items() if k in BUILTIN_DEFAULTS}}
 
-    def job(entry, lr, seed):
-        return (model, task, out / entry["name"] / f"lr{lr:g}-s{seed}", entry["options"], lr, seed)
+    def job(entry, lr, seed):   # (called in this process before a run starts or is read back)
+        run_dir = out / entry["name"] / f"lr{lr:g}-s{seed}"
+        _check_folder(run_dir, model, task, {**run_defaults, **entry["options"]}, lr, seed)
+        return (model, task, run_dir, entry["options"], lr, seed)
 
     def tabulate():   # every arm with a finished run, in the plan's order
         for entry in entries:
@@ -245,8 +301,7 @@ def _add(entry, row, after) -> None:
 
 def _finished_row(args) -> dict | None:
     """The row of a finished run (job args: model, task, run_dir, options, lr, seed); None if it has not finished."""
-    model, task, run_dir, options, lr, seed = args
-    _check_folder(run_dir, model, task, options, lr, seed)
+    _, _, run_dir, _, lr, seed = args
     report = _finished_report(run_dir)
     return _row(report, lr, seed) if report is not None else None
 
@@ -391,7 +446,7 @@ def _summary(arm: dict, seeds: int) -> dict:
     return {"arm": arm["name"], "lr": lr, "seeds": len(rs), "status": status, "steps": rs[0]["steps"],
             "layers": rs[0]["layers"],
             "test_mean": statistics.mean(tests) if tests else None,
-            "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "test_std": statistics.stdev(tests) if len(tests) > 1 else None,   # one seed: no spread to show
             "val_mean": statistics.mean(vals) if vals else None,
             "kept_step_mean": statistics.mean(kept) if kept else None,
             "forward_passes": rs[0]["forward_passes"], "peak_gib": max(r["peak_gib"] for r in rs),
@@ -418,8 +473,9 @@ def write_results(results: dict, out: Path) -> None:
     lines = [f"# Ablation {results['plan']}: {results['model']} on {results['task']}", "",
              f"References: always answering the test split's most common label scores {fmt(majority)}; the untuned "
              f"base model scores {fmt(base_val)} on val.", "",
-             f"Test score mean ± std over seeds at each arm's lr (picked by seed 0's val score from its grid); "
-             f"forward passes per run (MeZO's count: 2 per z); diverged = seeds whose loss became inf/nan (their "
+             f"Test score mean ± std over seeds at each arm's lr (picked by seed 0's val score from its grid; std - "
+             f"with one seed); forward passes per run (MeZO's count: 2 per z; backprop runs: forwards only, each also "
+             f"has a backward pass); diverged = seeds whose loss became inf/nan (their "
              f"patch keeps the best val weights); kept step = the step whose weights the patch keeps (best val "
              f"score; 0 = no val check beat the base model, so the patch is the base); status: done, or how much of "
              f"the arm's lr grid / seeds has finished; peak memory = {rows[0]['peak_kind']}.", "",
@@ -429,7 +485,7 @@ def write_results(results: dict, out: Path) -> None:
     for r in rows:
         kept = "-" if r["kept_step_mean"] is None else f"{r['kept_step_mean']:.0f}"
         lines.append(f"| {r['arm']} | {r['layers']} | {r['lr']:g} | {r['steps']} | {r['forward_passes']} | "
-                     f"{fmt(r['test_mean'])} ± {r['test_std']:.4f} | {r['seeds']} | {r['status']} | {r['diverged']} | "
+                     f"{fmt(r['test_mean'])} ± {fmt(r['test_std'])} | {r['seeds']} | {r['status']} | {r['diverged']} | "
                      f"{fmt(r['val_mean'])} | {kept} | {r['peak_gib']:.2f} | {r['wall_s']:.0f} |")
     lines += ["", "lr grids (seed 0's val score):", ""]
     for a in results["arms"]:
@@ -451,7 +507,7 @@ def _plot(results: dict, rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
-    ax.bar(range(len(rows)), [r["test_mean"] or 0 for r in rows], yerr=[r["test_std"] for r in rows], capsize=3)
+    ax.bar(range(len(rows)), [r["test_mean"] or 0 for r in rows], yerr=[r["test_std"] or 0 for r in rows], capsize=3)
     majority = _reference("test_majority", results)
     if majority is not None:
         ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label="most common label")

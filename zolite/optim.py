@@ -31,7 +31,8 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "sign")
 
 
 def z_seed(run_seed: int, step: int, k: int) -> int:
-    """The seed of the k-th z of a step (k = 0 is the step's own seed, so n_z = 1 is plain MeZO)."""
+    """The seed of the k-th z of a step (k = 0 is the step's own seed, so n_z = 1 is plain MeZO). Run seeds 7919
+    apart share z (seed s's second z is seed s + 7919's first); kept as is, since it decides every n_z > 1 run."""
     return step_seed(run_seed, step) if k == 0 else step_seed(run_seed + 7919 * k, step)
 
 

@@ -157,7 +157,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             state["best_step"], state["best_metric"] = 0, state["val"][-1][1]
             best = _cpu_copy(tuned.state())
         bar = _progress_bar(state["step"], config.steps, progress)
-        tokens = 0
+        state.setdefault("tokens", 0)   # (a checkpoint of an older zolite has none)
         last_save = time.monotonic()
         with profiler.phase("train"):
             while state["step"] < config.steps and state.get("diverged_at") is None:   # (a resumed run may have)
@@ -168,7 +168,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                     examples = [splits.train[i] for i in rows]
                 else:
                     examples = [train[i] for i in rows]
-                    tokens += sum(len(e.context) for e in examples)
+                    state["tokens"] += sum(len(e.context) for e in examples)
                 state["losses"].append(stepper.step(step, examples))
                 state["step"] = step + 1
                 state["train_s"] += time.perf_counter() - t0
@@ -227,7 +227,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         step_ms = 1000 * state["train_s"] / max(1, len(state["losses"]))
         memory_profile = profiler.report(static, extra={
             "step_ms": round(step_ms, 2), "plan": plan.reason if plan else None,
-            "tokens_per_s": round(tokens / state["train_s"], 1) if state["train_s"] and tokens else None})
+            "tokens_per_s": round(state["tokens"] / state["train_s"], 1) if state["train_s"] and state["tokens"] else None})
 
         report = {
             "patch": str(out), "run_dir": str(run_dir), "config": dataclasses.asdict(config),
@@ -425,6 +425,10 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
             raise ZoliteError(f"{run_dir} was started with {key}={was!r}, not {value!r}; "
                               f"drop that option to resume it, or start a new run")
         config = TuneConfig(**saved)
+        if out is not None and Path(out).resolve() != (run_dir / "patch.safetensors").resolve():
+            refuse_clobber(out, force)   # a file of the user's, not the run's own patch
+            refuse_clobber(trajectory_path(out), force)
+            trajectory_path(out).unlink(missing_ok=True)
         out = Path(out) if out else run_dir / "patch.safetensors"
         return config, run_dir, out
     config = TuneConfig(model=model, task=task, **given)
