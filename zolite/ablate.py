@@ -473,8 +473,8 @@ def write_results(results: dict, out: Path) -> None:
     lines = [f"# Ablation {results['plan']}: {results['model']} on {results['task']}", "",
              f"References: always answering the test split's most common label scores {fmt(majority)}; the untuned "
              f"base model scores {fmt(base_val)} on val.", "",
-             f"Test score mean ± std over seeds at each arm's lr (picked by seed 0's val score from its grid; std - "
-             f"with one seed); forward passes per run (MeZO's count: 2 per z; backprop runs: forwards only, each also "
+             f"Test score mean ± std over seeds at each arm's lr (picked by seed 0's val score from its grid; one "
+             f"seed: no ±); forward passes per run (MeZO's count: 2 per z; backprop runs: forwards only, each also "
              f"has a backward pass); diverged = seeds whose loss became inf/nan (their "
              f"patch keeps the best val weights); kept step = the step whose weights the patch keeps (best val "
              f"score; 0 = no val check beat the base model, so the patch is the base); status: done, or how much of "
@@ -484,8 +484,9 @@ def write_results(results: dict, out: Path) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kept = "-" if r["kept_step_mean"] is None else f"{r['kept_step_mean']:.0f}"
+        test = fmt(r["test_mean"]) + ("" if r["test_std"] is None else f" ± {r['test_std']:.4f}")
         lines.append(f"| {r['arm']} | {r['layers']} | {r['lr']:g} | {r['steps']} | {r['forward_passes']} | "
-                     f"{fmt(r['test_mean'])} ± {fmt(r['test_std'])} | {r['seeds']} | {r['status']} | {r['diverged']} | "
+                     f"{test} | {r['seeds']} | {r['status']} | {r['diverged']} | "
                      f"{fmt(r['val_mean'])} | {kept} | {r['peak_gib']:.2f} | {r['wall_s']:.0f} |")
     lines += ["", "lr grids (seed 0's val score):", ""]
     for a in results["arms"]:
