@@ -181,7 +181,7 @@ def _print_eval(result: dict):
 @click.option("--patch", type=click.Path(), help="Also score this patch on the same rows.")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--data", help="Folder holding TASK/train.jsonl(.gz) or TASK.jsonl, or one JSONL file.")
-@click.option("--data-seed", type=int, default=0, show_default=True)
+@click.option("--data-seed", type=int, help="Seed of the train/val/test split.  [default: the patch's, else 0]")
 @click.option("--limit", type=int, help="Score only the first N rows of the split.")
 @click.option("--max-length", type=int, default=512, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Sequences per forward (lower it on a small GPU).")

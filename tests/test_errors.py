@@ -42,11 +42,22 @@ def test_unknown_model_task_and_layer(tiny_model, small_data, tmp_path):
     ("--steps", "-3", "--steps must be at least 0"), ("--batch-size", "0", "--batch-size must be at least 1"),
     ("--eps", "0", "--eps must be above 0"), ("--lr", "-1", "--lr must be at least 0"),
     ("--eval-every", "-1", "--eval-every must be at least 0"), ("--max-length", "1", "--max-length must be at least 2"),
+    ("--lr", "nan", "--lr must be at least 0"), ("--eps", "inf", "--eps must be above 0"),
+    ("--momentum", "1.5", "--momentum must be in [0, 1)"), ("--device", "foo", "unknown device 'foo'"),
+    ("--device", "cuda:99", "--device cuda:99"),
 ])
 def test_bad_numbers_fail_before_loading(option, value, needle, tmp_path):
     # the model does not exist: the option is refused before anything is loaded
     assert_user_error(run_cli("tune", "--model", tmp_path / "no-model", option, value, "--run-dir", tmp_path / "r"), needle)
     assert not (tmp_path / "r").exists()
+
+
+def test_an_output_folder_that_is_a_file_is_refused(tiny_model, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--run-dir", afile, *QUICK), "is a file", "--run-dir")
+    assert_user_error(run_cli("profile", "--model", tiny_model, "--out", afile), "is a file", "--out")
+    assert afile.read_text() == "mine"
 
 
 def test_missing_and_malformed_data(tiny_model, tmp_path):

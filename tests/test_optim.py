@@ -2,6 +2,8 @@
 exact resume of optimiser state, and the backprop baseline's gradient against autograd."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -169,6 +171,19 @@ def test_divergence_is_reported_and_the_patch_stays_finite(tiny_model, small_dat
     patch = zolite.load_patch(report["patch"])
     base = dict(zolite.load_model(tiny_model).model.named_parameters())
     assert all(torch.equal(t, base[n].half()) for n, t in patch.tensors.items())   # the weights it started from
+
+
+def test_a_diverged_keep_last_run_falls_back_to_the_best_val_step(tiny_model, small_data, tmp_path, monkeypatch):
+    """--keep last tracks the best val weights too: when the loss turns nan at step 5, the patch is step 2's (the
+    best val score), not the base's."""
+    val_scores = iter([0.1, 0.5, 0.3])   # the val checks at steps 0, 2, 4
+    monkeypatch.setattr(sys.modules["zolite.tune"], "accuracy_report", lambda *args, **kwargs: {"score": next(val_scores)})
+    step = Stepper.step
+    monkeypatch.setattr(Stepper, "step", lambda self, i, rows: float("nan") if i == 4 else step(self, i, rows))
+    report = zolite.tune(tiny_model, "sst2", data=small_data, run_dir=tmp_path / "run", layer="1", steps=8,
+                         eval_every=2, batch_size=4, lr=1e-2, keep="last", progress=False)
+    assert report["diverged_at_step"] == 5 and report["val_curve"] == [[0, 0.1], [2, 0.5], [4, 0.3]]
+    assert report["kept_step"] == 2
 
 
 def test_relative_eps_perturbs_by_the_weights_scale():

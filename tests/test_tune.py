@@ -75,6 +75,22 @@ def test_tune_apply_eval_end_to_end(tiny_model, small_data, tmp_path):
     assert 0 <= result["patched"]["ci95"][0] <= result["patched"]["accuracy"] <= result["patched"]["ci95"][1] <= 1
 
 
+def test_the_last_step_is_scored_and_eval_uses_the_patchs_data_seed(tiny_model, small_data, tmp_path):
+    """Steps after the last multiple of --eval-every get a val check (--keep best can keep them); zolite eval --patch
+    splits with the data seed the patch was tuned with, and refuses another one for val / test rows."""
+    run = tmp_path / "run"
+    r = run_cli("tune", "--model", tiny_model, "--task", "sst2", "--data", small_data, "--run-dir", run, "--layer", "1",
+                "--steps", "5", "--eval-every", "2", "--batch-size", "4", "--data-seed", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    report = json.loads((run / "report.json").read_text())
+    assert [s for s, _ in report["val_curve"]] == [0, 2, 4, 5]
+    assert report["memory_profile"]["phases"]["eval"]["count"] == 4   # the step-0 check is in the profile too
+    result = zolite.evaluate(tiny_model, "sst2", patch=run / "patch.safetensors", data=small_data, split="val")
+    assert result["data_seed"] == 1 and result["patched"]["score"] == report["final"]["val"]["score"]
+    assert_user_error(run_cli("eval", "--model", tiny_model, "--task", "sst2", "--data", small_data, "--patch",
+                              run / "patch.safetensors", "--data-seed", "0"), "tuned on the train split of --data-seed 1")
+
+
 def test_same_seed_same_patch_bits(tiny_model, small_data, tmp_path):
     a = zolite.tune(tiny_model, "boolq", data=small_data, run_dir=tmp_path / "a", layer="2", steps=5,
                     eval_every=0, batch_size=3, lr=1e-2, progress=False)

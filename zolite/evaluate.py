@@ -146,10 +146,11 @@ def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, max_length:
 
 
 def evaluate(model: str = "smollm2-135m", task: str = "sst2", *, patch=None, split: str = "test",
-             data: str | None = None, data_seed: int = 0, limit: int | None = None, max_length: int = 512,
+             data: str | None = None, data_seed: int | None = None, limit: int | None = None, max_length: int = 512,
              batch_size: int = 32, device=None, dtype=None, mode=None, **task_options) -> dict:
     """Zero-shot accuracy on a split of the task, and the patched model's on the same rows when a patch is given.
-    mode: as in load_model; a patch's layers are kept unquantized so it can be applied."""
+    mode: as in load_model; a patch's layers are kept unquantized so it can be applied. data_seed: the split's seed;
+    None: the patch's (its val / test rows are then rows it was not trained on), else 0."""
     from .data import sample_splits
     from .loading import load_model
     from .patch import apply_patch, load_patch
@@ -159,13 +160,19 @@ def evaluate(model: str = "smollm2-135m", task: str = "sst2", *, patch=None, spl
     if split not in ("train", "val", "test"):
         raise ZoliteError(f"unknown split '{split}'; choose train, val or test")
     patch_ = load_patch(patch) if patch is not None else None   # a bad patch fails before the model loads
+    trained_seed = patch_.hparams.get("data_seed", 0) if patch_ else None
+    if data_seed is None:
+        data_seed = trained_seed or 0
+    elif trained_seed is not None and data_seed != trained_seed and split != "train":
+        raise ZoliteError(f"{patch} was tuned on the train split of --data-seed {trained_seed}: with --data-seed "
+                          f"{data_seed} its {split} rows include rows it was trained on; drop --data-seed")
     loaded = load_model(model, device=device, dtype=dtype, mode=mode, keep_layers=patch_.layers if patch_ else ())
     splits = sample_splits(task_data(task_, data), seed=data_seed, validate=task_.validate,
                            expand=task_.expand)
     rows = getattr(splits, split)[:limit]
     if not rows:
         raise ZoliteError(f"the {split} split of {splits.source} is empty; pass a larger data file")
-    result = {"model": model, "task": task, "split": split, "rows": len(rows), "source": splits.source,
+    result = {"model": model, "task": task, "split": split, "data_seed": data_seed, "rows": len(rows), "source": splits.source,
               "counts": splits.counts, "zero_shot": evaluate_rows(loaded.model, loaded.tokenizer, task_, rows,
                                                                  max_length=max_length, batch_size=batch_size)}
     if patch_ is not None:

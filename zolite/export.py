@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError
+from .io import refuse_used_folder
 
 PROBE = "The quick brown fox jumps over the lazy dog. It was"
 
@@ -23,10 +24,7 @@ def export(model: str | None, patch, out, *, dtype: str = "float16", force: bool
     from .patch import apply_patch, load_patch
 
     out = Path(out)
-    if out.is_file():
-        raise ZoliteError(f"{out} is a file; export writes a folder (config, tokenizer, shards): choose another --out")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ZoliteError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    refuse_used_folder(out, force)   # a folder: config, tokenizer, shards
     p = load_patch(patch)
     model = model or p.metadata.get("zolite.model")
     loaded = load_model(model, device=device or "cpu", dtype=dtype, mode="fp16")

@@ -16,6 +16,14 @@ def refuse_clobber(path: str | os.PathLike, force: bool) -> None:
         raise ZoliteError(f"{path} already exists; pass --force to overwrite it or choose another path")
 
 
+def refuse_used_folder(path: str | os.PathLike, force: bool, option: str = "--out") -> None:
+    """A folder zolite writes into: refused when it is a file, or when it holds files and force is off."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ZoliteError(f"{path} is a file, and {option} names a folder to write into; choose another {option}")
+    if Path(path).exists() and any(Path(path).iterdir()) and not force:
+        raise ZoliteError(f"{path} already exists; pass --force to overwrite it or choose another {option}")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
@@ -27,10 +35,17 @@ def atomic_path(path: str | os.PathLike):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it 0600; the file gets a normal file's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

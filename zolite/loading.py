@@ -146,6 +146,26 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """--device as given, checked against this machine (cpu, cuda, cuda:N), else the GPU if there is one, else the
+    CPU."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ZoliteError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ZoliteError(f"--device {device}: no CUDA GPU is visible here; drop --device to run on the CPU")
+        if resolved.index is not None and resolved.index >= count:
+            raise ZoliteError(f"--device {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    elif resolved.type != "cpu":
+        raise ZoliteError(f"--device {device} is not supported; use cpu, cuda or cuda:N")
+    return resolved
+
+
 def choose_dtype(dtype: str | None, device: torch.device, profile: Profile | None) -> torch.dtype:
     """fp32 on the CPU (fp16 matmuls are slow there); on a GPU the profile's choice, fp16 without one."""
     if dtype is None:
@@ -241,7 +261,7 @@ def load_model(spec: str, *, device: str | torch.device | None = None, dtype: st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, profile = resolve_model(spec)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     torch_dtype = choose_dtype(dtype, device, profile)
     mode = choose_mode(mode, device, profile)
     extra = {}

@@ -211,9 +211,10 @@ def markdown(profile: dict, title: str) -> str:
     lines.append(f"- tuned layer(s): {b['tuned_layers_gib']:.3f} GiB; master copy beyond them (residuals): "
                  f"{b['master_copy_gib']:.3f} GiB")
     if "activations_and_temporaries_gib" in b:
-        lines.append(f"- activations and temporaries (peak during training minus resident weights): "
+        lines.append(f"- activations, optimiser state and temporaries (peak during training minus resident weights): "
                      f"{b['activations_and_temporaries_gib']:.3f} GiB")
-        lines.append(f"- allocator slack (reserved minus allocated at the peak): {b['allocator_slack_gib']:.3f} GiB")
+        lines.append(f"- allocator slack (reserved peak minus allocated peak during training): "
+                     f"{b['allocator_slack_gib']:.3f} GiB")
     for key in ("step_ms", "tokens_per_s", "plan"):
         if key in profile:
             lines.append(f"- {key.replace('_', ' ')}: {profile[key]}")

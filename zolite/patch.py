@@ -36,10 +36,14 @@ class Patch:
     def task(self) -> str | None:
         return self.metadata.get("zolite.task")
 
+    @property
+    def hparams(self) -> dict:
+        """The tune options of the run that made the patch."""
+        return json.loads(self.metadata.get("zolite.hparams", "{}"))
+
     def task_options(self) -> dict:
         """A custom task's template options, as the run that made the patch had them."""
-        hparams = json.loads(self.metadata.get("zolite.hparams", "{}"))
-        return {k: hparams.get(k) for k in ("template", "candidates", "label_field", "answer_field")}
+        return {k: self.hparams.get(k) for k in ("template", "candidates", "label_field", "answer_field")}
 
 
 def fingerprint(tensors: dict[str, torch.Tensor], *, as_stored: bool = False) -> str:

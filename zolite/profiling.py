@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError
-from .io import write_json
+from .io import refuse_used_folder, write_json
 from .layers import decoder_layers, format_layers
+from .loading import resolve_device
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
 from .scoring import EncodedExample, collate, pad_token_id
 from .optim import Stepper
@@ -41,14 +42,14 @@ def profile_memory(model: str = "smollm2-135m", *, mode: str | None = None, batc
         raise ZoliteError(f"--steps must be at least 2 (the first is a warm-up), got {steps}")
     if batch_size < 1 or seq_len < 2:
         raise ZoliteError("--batch-size must be at least 1 and --seq-len at least 2")
-    if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not force:
-        raise ZoliteError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    if out is not None:
+        refuse_used_folder(out, force)
     config = TuneConfig(model=model, layer=layer, mode=mode, batch_size=batch_size, max_length=seq_len + 1,
                         micro_batch=micro_batch, device=device, dtype=dtype, gpu_memory=gpu_memory, eps=eps,
                         **({"int8_threshold": int8_threshold} if int8_threshold is not None else {}))
     check_options(config)
     t_start = time.perf_counter()
-    with MemoryProfiler(device or ("cuda" if torch.cuda.is_available() else "cpu")) as profiler:
+    with MemoryProfiler(resolve_device(device)) as profiler:
         with profiler.phase("load"):
             loaded, indices, source, plan = load_for_tuning(config)
         net = loaded.model

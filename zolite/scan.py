@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError
-from .io import write_json, write_text
+from .io import refuse_used_folder, write_json, write_text
 from .layers import decoder_layers
 
 MAGNITUDE, RATIO, SHARE = 100.0, 1000.0, 0.5
@@ -209,8 +209,8 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
         raise ZoliteError(f"--seeds must be at least 0, got {seeds}")
     if eps <= 0:
         raise ZoliteError(f"--eps must be above 0, got {eps}")
-    if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not force:
-        raise ZoliteError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    if out is not None:
+        refuse_used_folder(out, force)
     texts = calibration_prompts(text, prompts)
     loaded = loaded or load_model(model, device=device, dtype=dtype, mode=mode)
     net, tok = loaded.model, loaded.tokenizer

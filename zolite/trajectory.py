@@ -9,7 +9,6 @@ rounding variant. Another GPU model may draw the same z or not: the replay runs 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -58,7 +57,7 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
 
     if not is_trajectory(patch):
         raise ZoliteError(f"{patch.path} is already a dense patch")
-    hparams = json.loads(patch.metadata.get("zolite.hparams", "{}"))
+    hparams = patch.hparams
     steps = int(patch.metadata["zolite.trajectory_steps"])
     seeds = patch.tensors["trajectory.seeds"].tolist()[:steps]
     grads = patch.tensors["trajectory.grads"].tolist()[:steps]

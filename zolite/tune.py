@@ -23,7 +23,7 @@ from .errors import ZoliteError
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
 from .io import config_mismatch, refuse_clobber, write_json
 from .layers import decoder_layers, format_layers
-from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, default_device, load_model,
+from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, load_model, resolve_device,
                       model_skeleton, resolve_model)
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
 from .plan import measured_activations, parse_size, plan_memory
@@ -96,7 +96,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     t_start = time.perf_counter()
 
     # --- set up: model, layers, data ---
-    with MemoryProfiler(config.device or default_device()) as profiler:
+    with MemoryProfiler(resolve_device(config.device)) as profiler:
         with profiler.phase("load"):
             loaded, indices, layer_source, plan = load_for_tuning(config)
         net, tokenizer = loaded.model, loaded.tokenizer
@@ -151,9 +151,11 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         start_step, start_weights = 0, None if config.eval_every and val else _cpu_copy(tuned.state())
         saved = load_checkpoint(run_dir) if resume else None
         if saved is not None:
-            best, state = _resume(saved, tuned, stepper, trained_on, run_dir)
+            with profiler.phase("resume"):   # the replay of a seed checkpoint
+                best, state = _resume(saved, tuned, stepper, trained_on, run_dir)
         elif config.eval_every and val:
-            state["val"].append([0, val_score()])
+            with profiler.phase("eval"):
+                state["val"].append([0, val_score()])
             state["best_step"], state["best_metric"] = 0, state["val"][-1][1]
             best = _cpu_copy(tuned.state())
         bar = _progress_bar(state["step"], config.steps, progress)
@@ -176,12 +178,14 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                     state["diverged_at"] = state["step"]
                     break
 
-                if config.eval_every and state["step"] % config.eval_every == 0:
+                # val checks every eval_every steps and at the last step (so --keep best can keep the steps after
+                # the last multiple of eval_every)
+                if config.eval_every and (state["step"] % config.eval_every == 0 or state["step"] == config.steps):
                     if val:
                         with profiler.phase("eval"):
                             acc = val_score()
                         state["val"].append([state["step"], acc])
-                        if config.keep == "best" and acc > state["best_metric"]:
+                        if acc > state["best_metric"]:   # also with --keep last: a diverged run falls back to it
                             state["best_step"], state["best_metric"] = state["step"], acc
                             best = _cpu_copy(tuned.state())
                     _save(run_dir, tuned, stepper, best, state, trained_on)
@@ -260,7 +264,7 @@ def load_for_tuning(config: TuneConfig):
     choice came from, and the memory plan when a budget was given. Layers are chosen before loading: quantized
     modes must know which layer to leave alone."""
     path, profile = resolve_model(config.model)
-    device = torch.device(config.device) if config.device else default_device()
+    device = resolve_device(config.device)
     skeleton = model_skeleton(path)
     num_layers = len(decoder_layers(skeleton)[1])
     # read from the model's files only when needed (a cached scan, a memory plan): it hashes the embedding
@@ -438,6 +442,8 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name)
         run_dir = Path("runs") / f"{name}-{task}-L{config.layer if config.layer not in (None, 'auto') else 'dominant'}-s{config.seed}"
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ZoliteError(f"--run-dir {run_dir} is a file; a run folder holds the run's files: choose another --run-dir")
     if run_dir.exists() and any(run_dir.iterdir()) and not force:
         raise ZoliteError(f"run folder {run_dir} already exists; resume it with --resume {run_dir}, "
                           "pass --force to start it again, or choose another --run-dir")
@@ -458,10 +464,13 @@ def check_options(config: TuneConfig) -> None:
                "micro_batch": 1, "int8_threshold": 0.0}
     for name, low in minimum.items():
         value = getattr(config, name)
-        if value is not None and value < low:
+        if value is not None and not (value >= low and math.isfinite(value)):   # (nan fails both)
             raise ZoliteError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    if config.eps is not None and config.eps <= 0:
+    if not 0 <= config.momentum < 1:
+        raise ZoliteError(f"--momentum must be in [0, 1), got {config.momentum}")
+    if config.eps is not None and not (config.eps > 0 and math.isfinite(config.eps)):
         raise ZoliteError(f"--eps must be above 0, got {config.eps}")
+    resolve_device(config.device)
     if config.keep not in ("best", "last"):
         raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
     if config.micro_batch and config.batch_size and config.batch_size % config.micro_batch:
