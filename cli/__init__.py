@@ -234,7 +234,7 @@ def apply(patches, model, prompt, chat, max_new_tokens, eval_task, input_file, r
     if eval_task is not None:
         return _print_eval(zolite.evaluate(model, eval_task, patch=patch, data=data, limit=limit,
                                            device=device, dtype=dtype))
-    task = get_task(p.task, **p.task_options()) if input_file is not None else None
+    task = get_task(p.task, need_data=False, **p.task_options()) if input_file is not None else None
     loaded = zolite.load_model(model, device=device, dtype=dtype, keep_layers=p.layers)   # the patched layers unquantized
     zolite.apply_patch(loaded.model, p)
     if prompt is not None:
@@ -263,7 +263,7 @@ def _apply_routed(patches, model, input_file, route_field, device, dtype):
     predictions = []
     for name, rows in groups.items():
         p = patch_set.patches[name]["patch"]
-        task = get_task(p.task, **p.task_options())
+        task = get_task(p.task, need_data=False, **p.task_options())
         rows = [task_row(task, row, input_file) for row in rows]
         patch_set.swap(name)
         predictions += [dict(pred, patch=name) for pred in classify_rows(loaded.model, loaded.tokenizer, task, rows)]

@@ -32,11 +32,15 @@ def test_custom_classification_task_tunes_applies_and_evaluates(tiny_model, revi
     assert report["data"]["counts"] == {"train": 24, "val": 12, "test": 24}
     rows = tmp_path / "new.jsonl"
     rows.write_text('{"text": "wonderful"}\n{"text": "awful"}\n')
-    r = run_cli("apply", run / "patch.safetensors", "--model", tiny_model, "--input", rows)
-    assert r.exit_code == 0, r.output
-    assert all(json.loads(line)["prediction"] in ("negative", "positive") for line in r.output.splitlines())
+    applied = run_cli("apply", run / "patch.safetensors", "--model", tiny_model, "--input", rows)
+    assert applied.exit_code == 0, applied.output
+    assert all(json.loads(line)["prediction"] in ("negative", "positive") for line in applied.output.splitlines())
     r = run_cli("eval", "--model", tiny_model, "--task", reviews, *CUSTOM, "--patch", run / "patch.safetensors", "--json")
     assert r.exit_code == 0 and json.loads(r.output)["patched"]["n"] == 24, r.output
+    # the patch carries the template and candidates: applying it needs neither the training file nor --model
+    reviews.rename(tmp_path / "moved.jsonl")
+    again = run_cli("apply", run / "patch.safetensors", "--input", rows)
+    assert again.exit_code == 0 and again.output == applied.output, again.output
 
 
 def test_toml_task_file_with_an_answer_field(tiny_model, tmp_path):

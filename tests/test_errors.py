@@ -5,6 +5,7 @@ import pytest
 
 import zolite
 from conftest import run_cli
+from zolite.errors import ZoliteError
 
 QUICK = ["--steps", "2", "--eval-every", "0", "--batch-size", "2", "--quiet"]
 
@@ -58,6 +59,27 @@ def test_an_output_folder_that_is_a_file_is_refused(tiny_model, tmp_path):
     assert_user_error(run_cli("tune", "--model", tiny_model, "--run-dir", afile, *QUICK), "is a file", "--run-dir")
     assert_user_error(run_cli("profile", "--model", tiny_model, "--out", afile), "is a file", "--out")
     assert afile.read_text() == "mine"
+
+
+def test_generation_rows_are_not_classified_and_a_folder_is_not_a_patch_path(tmp_path):
+    from zolite.io import refuse_clobber
+    from zolite.predict import task_row
+    from zolite.tasks import get_task
+
+    with pytest.raises(ZoliteError, match="squad is a generation task.*zolite serve"):
+        task_row(get_task("squad"), {"context": "c", "question": "q", "answers": ["a"]}, "rows.jsonl")
+    with pytest.raises(ZoliteError, match="is a folder; give a file path"):
+        refuse_clobber(tmp_path, force=True)
+
+
+def test_a_local_model_is_named_by_its_absolute_path(tiny_model, monkeypatch):
+    from pathlib import Path
+
+    from zolite.tune import _model_reference
+
+    monkeypatch.chdir(Path(tiny_model).parent)
+    assert _model_reference(Path(tiny_model).name) == str(Path(tiny_model).resolve())
+    assert _model_reference("smollm2-135m") == "smollm2-135m"
 
 
 def test_missing_and_malformed_data(tiny_model, tmp_path):

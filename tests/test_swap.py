@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -199,7 +200,8 @@ def test_server_answers_each_request_with_its_own_patch(tiny_model, two_patches)
         assert _post(url, {"prompt": 3})[0] == 400
         assert _post(url, {"prompt": "x", "max_tokens": 0})[0] == 400
         assert _post(url, {"prompt": ""})[0] == 400 and _post(url, {"prompt": "x", "max_tokens": True})[0] == 400
-        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        assert _post(url, {"prompt": "x", "patch": ["a"]})[0] == 400   # a list is not a name: 400, not 404
+        with urllib.request.urlopen(url + "/health?verbose=1", timeout=10) as r:   # a query string is ignored
             health = json.loads(r.read())
         assert health["status"] == "ok" and sorted(health["patches"]) == ["a", "b"]
         with pytest.raises(ZoliteError, match="cannot listen on 127.0.0.1:%d" % server.address[1]):
@@ -219,10 +221,15 @@ def test_failed_swap_leaves_the_base_active(tiny_model, two_patches, tmp_path):
     shutil.copy(two_patches["b"], disk_copy)
     patches.attach("b", disk_copy, "disk")
     patches.swap("a")
-    disk_copy.write_bytes(b"replaced by something else")
-    with pytest.raises(ZoliteError, match="could not be swapped in.*the base is active"):
+    time.sleep(0.01)
+    disk_copy.write_bytes(b"replaced by something else")   # a file changed since attach is refused, not read
+    with pytest.raises(ZoliteError, match="changed since it was attached"):
         patches.swap("b")
     assert patches.active is None and torch.equal(_logits(loaded.model, loaded.tokenizer), base_logits)
+    shutil.copy(two_patches["a"], disk_copy)   # even a valid patch: it was not the one checked against the base
+    with pytest.raises(ZoliteError, match="changed since it was attached"):
+        patches.swap("b")
+    assert patches.active is None
     patches.swap("a")   # and the good patch still works
     other = zolite.load_model(tiny_model)
     zolite.apply_patch(other.model, two_patches["a"])
@@ -236,6 +243,14 @@ def test_failed_swap_leaves_the_base_active(tiny_model, two_patches, tmp_path):
     with pytest.raises(ZoliteError, match="model.layers.9.*does not have"):
         patches.attach("alien", tmp_path / "alien.safetensors")
     assert patches.names() == ["a", "b"]
+    # metadata edited by hand: missing names and a broken layer list are one line each
+    for drop, change, message in [("zolite.model", {}, "missing zolite.model"),
+                                  ("zolite.task", {}, "missing zolite.task"),
+                                  (None, {"zolite.layer": "x"}, "broken zolite.layer")]:
+        metadata = {k: v for k, v in alien.metadata.items() if k not in ("zolite.format", "zolite.version", drop)}
+        save_patch(tmp_path / "edited.safetensors", alien.tensors, {**metadata, **change}, force=True)
+        with pytest.raises(ZoliteError, match=message):
+            load_patch(tmp_path / "edited.safetensors")
 
 
 def test_completion_says_why_it_stopped(tiny_model):

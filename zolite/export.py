@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError
-from .io import refuse_used_folder
+from .io import refuse_used_folder, umask
 
 PROBE = "The quick brown fox jumps over the lazy dog. It was"
 
@@ -31,6 +31,7 @@ def export(model: str | None, patch, out, *, dtype: str = "float16", force: bool
     apply_patch(loaded.model, p)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o777 & ~umask())   # mkdtemp makes it 0700; the export gets a normal folder's mode
     try:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)

@@ -12,6 +12,8 @@ from .errors import ZoliteError
 
 
 def refuse_clobber(path: str | os.PathLike, force: bool) -> None:
+    if Path(path).is_dir():
+        raise ZoliteError(f"{path} is a folder; give a file path (e.g. {Path(path) / 'patch.safetensors'})")
     if Path(path).exists() and not force:
         raise ZoliteError(f"{path} already exists; pass --force to overwrite it or choose another path")
 
@@ -35,14 +37,15 @@ def atomic_path(path: str | os.PathLike):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it 0600; the file gets a normal file's mode
+        os.chmod(tmp, 0o666 & ~umask())   # mkstemp makes it 0600; the file gets a normal file's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (os.umask can only be read by setting it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -2,12 +2,14 @@
 
 Tensors are stored under their full names in the base model (`model.layers.12.self_attn.q_proj.weight`), so a
 patch is a partial state dict; `zolite.base_sha256` is the SHA-256 of the same tensors in the base model, in
-fp16, so a patch is refused by any other base.
+fp16, so a patch is refused by a base whose tuned layers differ (the rest of the base is not hashed: `zolite.model`
+names it).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +97,13 @@ def load_patch(path) -> Patch:
     if metadata.get("zolite.format") != FORMAT:
         raise ZoliteError(f"{path} is not a zolite patch (format {metadata.get('zolite.format')!r}, "
                           f"expected {FORMAT!r})")
-    needed = ("zolite.layer", "zolite.base_sha256", "zolite.arch")
+    needed = ("zolite.model", "zolite.task", "zolite.layer", "zolite.base_sha256", "zolite.arch")
     missing = [k for k in needed if k not in metadata]
     if missing or not tensors:
         raise ZoliteError(f"{path} is an incomplete zolite patch (missing {', '.join(missing) or 'tensors'})")
+    if not re.fullmatch(r"\d+(,\d+)*", metadata["zolite.layer"]):
+        raise ZoliteError(f"{path} has a broken zolite.layer ({metadata['zolite.layer']!r}, expected e.g. 11 or 3,5); "
+                          "re-create it with zolite tune")
     return Patch(tensors, metadata, path)
 
 
@@ -126,7 +131,8 @@ def check_fits(model: torch.nn.Module, patch: Patch, base_sha256: str | None = N
         base_sha256 = fingerprint(base_tensors(model, patch.tensors))
     if base_sha256 != patch.metadata["zolite.base_sha256"]:
         raise ZoliteError(f"{where} was tuned from another base (layer {patch.metadata['zolite.layer']} fingerprint "
-                          f"differs; made for {patch.metadata.get('zolite.model', '?')}); apply it to that base model")
+                          f"differs; made for {patch.metadata.get('zolite.model', '?')}); apply it to that base model (loaded in "
+                          f"float32 or float16: bfloat16 rounds the base's weights otherwise)")
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from typing import Iterator
 import torch
 
 from .data import iter_rows
+from .errors import ZoliteError
 from .evaluate import encode_rows, score_encoded
 from .tasks import Task
 
@@ -70,6 +71,9 @@ def classify_rows(model, tokenizer, task: Task, rows: list[dict], *, max_length:
 
 def task_row(task: Task, row: dict, path) -> dict:
     """A row to classify with `task`, checked (the label field is optional: the template wants one)."""
+    if task.generative:
+        raise ZoliteError(f"{task.name} is a generation task, and --input picks among a task's candidates; generate "
+                          "its answers with zolite serve (POST /v1/completions) or apply --prompt")
     row = dict(row)
     row.setdefault("label", 0)
     task.validate(row, path)

@@ -12,6 +12,7 @@ import json
 import queue
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -126,14 +127,17 @@ class PatchServer:
             def _error(self, code: int, message: str) -> None:
                 self._send(code, {"error": {"message": message, "code": code}})
 
+            def _route(self) -> str:
+                return urllib.parse.urlsplit(self.path).path   # without a query string
+
             def do_GET(self):
-                if self.path == "/health":
+                if self._route() == "/health":
                     return self._send(200, {"status": "ok", "patches": server.patches.names(),
                                             "active": server.patches.active, "queued": server.queue.qsize()})
                 self._error(404, f"no such path {self.path}; use POST /v1/completions or GET /health")
 
             def do_POST(self):
-                if self.path != "/v1/completions":
+                if self._route() != "/v1/completions":
                     return self._error(404, f"no such path {self.path}; use POST /v1/completions")
                 try:
                     length = int(self.headers.get("Content-Length", 0))
@@ -148,6 +152,8 @@ class PatchServer:
                 if type(max_tokens) is not int or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
                     return self._error(400, f'"max_tokens" must be an integer from 1 to {MAX_TOKENS_LIMIT}')
                 patch = body.get("patch")
+                if patch is not None and not isinstance(patch, str):
+                    return self._error(400, '"patch" must be a patch name (a string), or null for the base')
                 if patch is not None and patch not in server.patches.names():
                     return self._error(404, f"unknown patch '{patch}'; served: {', '.join(server.patches.names())}")
                 request = Request(body["prompt"], max_tokens, patch)

@@ -218,7 +218,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                   else start_step if diverged else state["step"]}
         with profiler.phase("patch write"):
             patch_metadata = {
-                "zolite.model": config.model, "zolite.arch": net.config.model_type,
+                "zolite.model": _model_reference(config.model), "zolite.arch": net.config.model_type,
                 "zolite.layer": ",".join(map(str, indices)), "zolite.base_sha256": base_sha256,
                 "zolite.task": config.task, "zolite.steps": str(state["step"]), "zolite.metric": metric,
                 "zolite.hparams": dataclasses.asdict(config)}
@@ -257,6 +257,12 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                    f"{step_ms:.1f} ms/step; val {metric['val']}; patch {out}.")
         write_memory_report(memory_profile, run_dir, title, summary)
         return report
+
+
+def _model_reference(model: str) -> str:
+    """The base as a patch names it: a profile or hub id as given, a local folder or file by its absolute path (so
+    apply without --model finds it from any folder)."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def load_for_tuning(config: TuneConfig):

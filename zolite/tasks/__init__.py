@@ -12,10 +12,12 @@ TASKS: dict[str, Task] = {t.name: t for t in (SST2(), BoolQ(), RTE(), CB(), WSC(
                                                  ReCoRD(), SQuAD(), DROP())}
 
 
-def get_task(name: str, *, template=None, candidates=None, label_field=None, answer_field=None) -> Task:
-    """A built-in task by name, or a custom one from a .jsonl file (+ template options) or a .toml task file."""
+def get_task(name: str, *, template=None, candidates=None, label_field=None, answer_field=None,
+             need_data: bool = True) -> Task:
+    """A built-in task by name, or a custom one from a .jsonl file (+ template options) or a .toml task file.
+    need_data=False: a custom task's data file may be absent (to apply a patch, not to tune)."""
     if is_custom(name):
-        return CustomTask(spec_from(name, template, candidates, label_field, answer_field))
+        return CustomTask(spec_from(name, template, candidates, label_field, answer_field, need_data))
     if name not in TASKS:
         raise ZoliteError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}, "
                           "or a .jsonl file with --template, or a .toml task file")

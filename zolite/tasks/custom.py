@@ -33,8 +33,10 @@ def is_custom(name: str) -> bool:
     return name.endswith((".jsonl", ".jsonl.gz", ".toml"))
 
 
-def spec_from(name: str, template=None, candidates=None, label_field=None, answer_field=None) -> TaskSpec:
-    """The spec from a TOML file, or from a JSONL path plus the command-line options."""
+def spec_from(name: str, template=None, candidates=None, label_field=None, answer_field=None,
+              need_data: bool = True) -> TaskSpec:
+    """The spec from a TOML file, or from a JSONL path plus the command-line options. need_data=False: the data file
+    may be absent (applying a patch needs the template, not the rows it was tuned on)."""
     path = Path(name)
     if name.endswith(".toml"):
         if not path.is_file():
@@ -51,15 +53,15 @@ def spec_from(name: str, template=None, candidates=None, label_field=None, answe
         cands = raw.get("candidates", [])
         cands = cands.split(",") if isinstance(cands, str) else cands
         return _checked(TaskSpec(data, raw["template"], tuple(c.strip() for c in cands),
-                                 raw.get("label_field", "label"), raw.get("answer_field")), name)
+                                 raw.get("label_field", "label"), raw.get("answer_field")), name, need_data)
     if template is None:
         raise ZoliteError(f"custom task {name} needs --template \"...{{field}}...\" (or a .toml task file)")
     cands = tuple(c.strip() for c in candidates.split(",")) if candidates else ()
-    return _checked(TaskSpec(name, template, cands, label_field or "label", answer_field), name)
+    return _checked(TaskSpec(name, template, cands, label_field or "label", answer_field), name, need_data)
 
 
-def _checked(spec: TaskSpec, name: str) -> TaskSpec:
-    if not Path(spec.data).is_file():
+def _checked(spec: TaskSpec, name: str, need_data: bool = True) -> TaskSpec:
+    if need_data and not Path(spec.data).is_file():
         raise ZoliteError(f"data file {spec.data} of task {name} does not exist")
     if bool(spec.candidates) == bool(spec.answer_field):
         raise ZoliteError(f"task {name}: give either candidates (classification) or an answer field (generation)")
