@@ -277,3 +277,12 @@ def test_completion_says_why_it_stopped(tiny_model):
     loaded.model.generation_config.eos_token_id = [eos, other]   # several end ids (e.g. Llama 3's): any ends it
     with always(other):
         assert complete(loaded.model, loaded.tokenizer, "the film was", max_new_tokens=1)[1] == "stop"
+
+
+def test_apply_input_checks_every_row_before_printing(tiny_model, two_patches, tmp_path):
+    """A bad row past the first 256-row chunk: one line, exit 2, and no prediction printed before it."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join('{"sentence": "fine film %d"}\n' % i for i in range(300)) + '{"text": "wrong field"}\n')
+    result = run_cli("apply", two_patches["a"], "--model", tiny_model, "--input", rows)
+    assert_user_error(result, "line 301")
+    assert '"prediction"' not in result.output

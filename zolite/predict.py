@@ -88,7 +88,10 @@ def read_task_rows(task: Task, path) -> Iterator[dict]:
 
 def classify_file(model, tokenizer, task: Task, path, *, max_length: int = 512,
                   batch_size: int = 32) -> Iterator[dict]:
-    """One prediction per row of `path` (task rows; the label field is optional), in file order."""
+    """One prediction per row of `path` (task rows; the label field is optional), in file order. Every row is checked
+    before the first prediction, so a bad row fails with nothing printed; then the file is streamed in chunks."""
+    for _ in read_task_rows(task, path):
+        pass
     chunk: list[dict] = []
     for row in read_task_rows(task, path):
         chunk.append(row)
