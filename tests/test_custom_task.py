@@ -43,6 +43,28 @@ def test_custom_classification_task_tunes_applies_and_evaluates(tiny_model, revi
     assert again.exit_code == 0 and again.output == applied.output, again.output
 
 
+def test_a_toml_task_patch_applies_with_its_own_template(tiny_model, reviews, tmp_path):
+    """The patch stores the TOML task's template and candidates: applying it needs neither the TOML file nor its
+    data, and a TOML edited since does not change what the patch predicts."""
+    toml = tmp_path / "reviews.toml"
+    toml.write_text('data = "reviews.jsonl"\ntemplate = "Review: {text} Sentiment:"\ncandidates = "negative,positive"\n')
+    run = tmp_path / "run"
+    r = run_cli("tune", "--model", tiny_model, "--task", toml, "--layer", "1", "--steps", "2", "--eval-every", "1",
+                "--batch-size", "4", "--run-dir", run, "--quiet")
+    assert r.exit_code == 0, r.output
+    rows = tmp_path / "new.jsonl"
+    rows.write_text('{"text": "wonderful"}\n{"text": "awful"}\n')
+    applied = run_cli("apply", run / "patch.safetensors", "--input", rows)
+    assert applied.exit_code == 0, applied.output
+    toml.write_text('data = "reviews.jsonl"\ntemplate = "{text} was:"\ncandidates = "bad,good"\n')
+    assert run_cli("apply", run / "patch.safetensors", "--input", rows).output == applied.output
+    toml.unlink()
+    reviews.unlink()
+    again = run_cli("apply", run / "patch.safetensors", "--input", rows)
+    assert again.exit_code == 0 and again.output == applied.output, again.output
+    assert all(json.loads(line)["prediction"] in ("negative", "positive") for line in again.output.splitlines())
+
+
 def test_toml_task_file_with_an_answer_field(tiny_model, tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"q": f"What is {i} plus {i}?", "a": str(2 * i)}) + "\n" for i in range(20)))

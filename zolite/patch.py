@@ -44,7 +44,12 @@ class Patch:
         return json.loads(self.metadata.get("zolite.hparams", "{}"))
 
     def task_options(self) -> dict:
-        """A custom task's template options, as the run that made the patch had them."""
+        """A custom task's template options, as the run that made the patch had them (a TOML task's from the
+        patch's zolite.task_spec: the TOML file may have changed or gone since)."""
+        spec = json.loads(self.metadata.get("zolite.task_spec", "null"))
+        if spec:
+            return {"template": spec["template"], "candidates": ",".join(spec["candidates"]) or None,
+                    "label_field": spec["label_field"], "answer_field": spec["answer_field"]}
         return {k: self.hparams.get(k) for k in ("template", "candidates", "label_field", "answer_field")}
 
 

@@ -31,7 +31,7 @@ from .patch import fingerprint, save_patch
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
 from .scan import choose_layers, folder_identity, scan
 from .scoring import collate, pad_token_id
-from .tasks import get_task, task_data
+from .tasks import CustomTask, get_task, task_data
 from .optim import ESTIMATORS, OPTIMIZERS, Stepper
 from .zo import TunedLayers, generation_losses
 
@@ -222,6 +222,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                 "zolite.layer": ",".join(map(str, indices)), "zolite.base_sha256": base_sha256,
                 "zolite.task": config.task, "zolite.steps": str(state["step"]), "zolite.metric": metric,
                 "zolite.hparams": dataclasses.asdict(config)}
+            if isinstance(task_, CustomTask):   # its template, so the patch applies without the task's files
+                patch_metadata["zolite.task_spec"] = {k: v for k, v in task_.spec.to_dict().items() if k != "data"}
             save_patch(out, tuned.state(), patch_metadata, force=True)
             if stepper.plain() and stepper.updates is not None:   # seeds: kilobytes
                 trajectory = [(u[0][0], u[1][0]) for u in stepper.updates[:metric["kept_step"]]]

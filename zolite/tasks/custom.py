@@ -38,7 +38,7 @@ def spec_from(name: str, template=None, candidates=None, label_field=None, answe
     """The spec from a TOML file, or from a JSONL path plus the command-line options. need_data=False: the data file
     may be absent (applying a patch needs the template, not the rows it was tuned on)."""
     path = Path(name)
-    if name.endswith(".toml"):
+    if name.endswith(".toml") and (need_data or template is None):   # (a patch of a TOML task brings its template)
         if not path.is_file():
             raise ZoliteError(f"task file {name} does not exist")
         try:
