@@ -83,6 +83,9 @@ def test_custom_task_errors_name_the_problem(tiny_model, reviews, tmp_path):
                               "--run-dir", tmp_path / "b"), "no {field} slot")
     assert_user_error(run_cli(*tune, "--task", reviews, "--template", "{text}", "--run-dir", tmp_path / "c"),
                       "either candidates")
+    for template in ("Review: {} Sentiment:", "{0}", "{text[0]}"):   # positional or indexed slots
+        assert_user_error(run_cli(*tune, "--task", reviews, "--template", template, "--candidates", "a,b",
+                                  "--run-dir", tmp_path / "c2"), "is not a field name")
     assert_user_error(run_cli(*tune, "--task", reviews, "--template", "{title}:", "--candidates", "negative,positive",
                               "--run-dir", tmp_path / "d"), "line 1", "missing field(s) title")
     assert_user_error(run_cli(*tune, "--task", reviews, "--template", "{text}", "--candidates", "bad,good",

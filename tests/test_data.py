@@ -33,6 +33,25 @@ def test_splits_are_disjoint_seeded_and_stable():
     assert lines(a.test) != lines(c.test)
 
 
+def test_a_lines_examples_stay_in_one_split(tmp_path):
+    """Lines holding several examples (a passage with its questions) are dealt whole: no passage is in two splits;
+    a nested field missing is one line naming the file line."""
+    path = tmp_path / "passages.jsonl"
+    path.write_text("".join(json.dumps({"passage": f"p{i}", "questions": [f"q{i}.{j}" for j in range(1 + i % 4)]}) + "\n"
+                            for i in range(200)))
+    expand = lambda line: [{"passage": line["passage"], "question": q, "_line": line["_line"]} for q in line["questions"]]  # noqa: E731
+    splits = sample_splits(path, seed=3, expand=expand)
+    passages = [{r["passage"] for r in rows} for rows in (splits.train, splits.val, splits.test)]
+    assert not (passages[0] & passages[1] or passages[0] & passages[2] or passages[1] & passages[2])
+    assert splits.counts == {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
+    assert 0 < len(splits.test) <= split_sizes(500)["test"] and None not in splits.train
+    assert sample_splits(path, seed=3, expand=expand).test == splits.test   # seeded
+    with open(path, "a") as f:
+        f.write('{"passage": "no questions"}\n')
+    with pytest.raises(ZoliteError, match="line 201: a nested field is missing or malformed"):
+        sample_splits(path, expand=expand)
+
+
 def test_bundled_boolq_is_the_shared_file_and_shrinks(tmp_path):
     s = sample_splits(bundled_file("boolq"), seed=0)
     assert s.total_rows == 2270 and s.counts == {"train": 908, "val": 454, "test": 908}

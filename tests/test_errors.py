@@ -72,6 +72,15 @@ def test_generation_rows_are_not_classified_and_a_folder_is_not_a_patch_path(tmp
         refuse_clobber(tmp_path, force=True)
 
 
+def test_a_corrupt_gguf_is_one_line(tmp_path):
+    pytest.importorskip("gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"garbage, not a GGUF file")
+    result = run_cli("scan", "--model", bad, "--out", tmp_path / "s")   # (after the "converting ..." notice)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.splitlines()[-1].startswith("error: ") and "could not be read as a GGUF model" in result.output
+
+
 def test_a_local_model_is_named_by_its_absolute_path(tiny_model, monkeypatch):
     from pathlib import Path
 

@@ -90,33 +90,70 @@ def sample_splits(path: str | os.PathLike, *, seed: int = 0, protocol: dict = PR
                   validate=None, expand=None) -> Splits:
     """Sample disjoint test, val and train rows (in that order) from `path` with a fixed seed.
 
-    `expand` turns one line into the examples it holds (MultiRC); rows are sampled among the examples.
+    `expand` turns one line into the examples it holds (MultiRC: one per answer; SQuAD: one per question). A line's
+    examples share its passage, so lines, not examples, are dealt to the splits (test first, then val, train): no
+    passage is in two splits. A file of one example per line is sampled row by row.
     """
-    def rows():
-        for line in iter_rows(path):
-            yield from (expand(line) if expand is not None else (line,))
-
-    n = 0
-    for row in rows():   # every row is checked up front, not only the sampled ones
-        if validate is not None:
-            validate(row, path)
-        n += 1
+    counts = []   # examples per line; every row is checked up front, not only the sampled ones
+    for line in iter_rows(path):
+        examples = _expanded(line, expand, path)
+        for row in examples:
+            if validate is not None:
+                validate(row, path)
+        counts.append(len(examples))
+    n = sum(counts)
     if n == 0:
         raise ZoliteError(f"{path} holds no rows; pass a file with one JSON object per line")
     sizes = split_sizes(n, protocol)
+    place = _deal_rows(n, sizes, seed) if all(c == 1 for c in counts) else _deal_lines(counts, sizes, seed)
+    parts = {p: [None] * sizes[p] for p in sizes}
+    for i, line in enumerate(iter_rows(path)):
+        if i in place:
+            part, first, take = place[i]
+            parts[part][first:first + take] = _expanded(line, expand, path)[:take]
+    # (lines dealt whole can leave the last split short of its size when the file barely has enough examples)
+    parts = {p: [row for row in rows if row is not None] for p, rows in parts.items()}
+    sizes = {p: len(rows) for p, rows in parts.items()}
+    return Splits(parts["train"], parts["val"], parts["test"], str(path), n, sizes)
+
+
+def _expanded(line: dict, expand, path) -> list[dict]:
+    if expand is None:
+        return [line]
+    try:
+        return list(expand(line))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ZoliteError(f"{path} line {line.get('_line')}: a nested field is missing or malformed "
+                          f"({type(e).__name__}: {e}); fix that line or remove it") from None
+
+
+def _deal_rows(n: int, sizes: dict, seed: int) -> dict:
+    """{row: (split, position, 1)}: a random sample of the n rows, the first ones to test, then val, then train."""
     picked = random.Random(seed).sample(range(n), sum(sizes.values()))
-    part_of = {}
-    start = 0
+    place, start = {}, 0
     for part in ("test", "val", "train"):
         for rank, i in enumerate(picked[start:start + sizes[part]]):
-            part_of[i] = (part, rank)
+            place[i] = (part, rank, 1)
         start += sizes[part]
-    parts = {p: [None] * sizes[p] for p in sizes}
-    for i, row in enumerate(rows()):
-        if i in part_of:
-            part, rank = part_of[i]
-            parts[part][rank] = row
-    return Splits(parts["train"], parts["val"], parts["test"], str(path), n, sizes)
+    return place
+
+
+def _deal_lines(counts: list[int], sizes: dict, seed: int) -> dict:
+    """{line: (split, position, examples taken)}: lines in a random order fill test, then val, then train; a line
+    that overfills a split gives it only the examples it needs (the rest are unused, never in another split)."""
+    place, filled = {}, dict.fromkeys(sizes, 0)
+    parts = iter(("test", "val", "train"))
+    part = next(parts)
+    for line in random.Random(seed).sample(range(len(counts)), len(counts)):
+        while filled[part] == sizes[part]:
+            part = next(parts, None)
+            if part is None:
+                return place
+        take = min(counts[line], sizes[part] - filled[part])
+        if take:
+            place[line] = (part, filled[part], take)
+            filled[part] += take
+    return place
 
 
 def bundled_file(task: str) -> Path | None:

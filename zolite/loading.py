@@ -121,8 +121,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     if importlib.util.find_spec("gguf") is None:
         raise ZoliteError("reading .gguf files needs the gguf package: pip install gguf")
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, OSError, KeyError) as e:   # not a GGUF file, truncated, or an architecture it cannot read
+        raise ZoliteError(f"{gguf} could not be read as a GGUF model ({str(e).splitlines()[0][:200]}); "
+                          "check the file (a complete download?)") from None
     cfg = src.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "transformers_version"):
         cfg.pop(key, None)

@@ -73,6 +73,10 @@ def _checked(spec: TaskSpec, name: str, need_data: bool = True) -> TaskSpec:
         raise ZoliteError(f"task {name}: bad template ({e}); write fields as {{name}} and braces as {{{{ }}}}") from None
     if not fields:
         raise ZoliteError(f"task {name}: the template has no {{field}} slot")
+    odd = [f for f in fields if not f.isidentifier()]   # {} / {0}: positional; {text[0]}, {a.b}: not a field name
+    if odd:
+        raise ZoliteError(f"task {name}: template slot {{{odd[0]}}} is not a field name; write {{field}} with the "
+                          "row's field, e.g. {text}")
     return spec
 
 
