@@ -67,6 +67,17 @@ def test_tune_auto_uses_the_cached_scan(planted_model, small_data, tmp_path):
     assert report["layers"] == str(PLANTED_LAYER) and report["layer_source"].startswith("scan cached in")
 
 
+def test_only_the_documented_rule_is_cached(planted_model, small_data, tmp_path):
+    """An exploratory rule is reported, not cached: tune --layer auto keeps the documented rule's layer."""
+    from zolite.scan import cached_dominant_layer
+
+    loose = scan(planted_model, prompts=8, seeds=0, magnitude=1e-3, ratio=1.0, share=0.0)
+    assert loose["dominant_layer"] == 0 and loose["cached"] is False
+    assert cached_dominant_layer(loose["identity"])[0] is None
+    assert scan(planted_model, prompts=8, seeds=0)["cached"] is True
+    assert cached_dominant_layer(loose["identity"])[0] == PLANTED_LAYER
+
+
 def test_tune_auto_scans_a_model_never_scanned(planted_model, small_data, tmp_path):
     report = zolite.tune(planted_model, "sst2", data=small_data, run_dir=tmp_path / "run", steps=1, eval_every=0,
                          batch_size=2, layer="auto", progress=False)

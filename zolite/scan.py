@@ -8,7 +8,8 @@ Two per-layer profiles over calibration text (the residual stream after decoder 
 - sensitivity: |loss(W_i + eps z) - loss(W)| of the LM loss when only layer i is perturbed, mean over seeds. The
   perturbation is swapped in by forward hooks for one forward (zo.TunedLayers.shifted): weights are never written.
 
-The result is cached per model identity (architecture + embedding weights), so `tune` finds it without rescanning.
+The result of the documented rule is cached per model identity (architecture + embedding weights), so `tune` finds it
+without rescanning; a scan with another rule is reported, not cached.
 """
 from __future__ import annotations
 
@@ -198,7 +199,7 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
          batch_size: int = 8, max_length: int = 256, out: str | None = None, force: bool = False,
          device=None, dtype=None, loaded=None) -> dict:
     """Scan `model`: both profiles, the dominant layer; writes report.json / report.md / scan.png to `out` (if
-    given) and caches the result for `tune --layer auto`."""
+    given) and, for the default rule, caches the result for `tune --layer auto`."""
     from .loading import load_model
 
     if magnitude <= 0 or ratio <= 0:
@@ -228,7 +229,10 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
     for a in activations:
         a["outlier_share"] = outlier_share(a, magnitude, ratio)
     dominant = first_outlier_layer(activations, magnitude, ratio, share)
-    identity = folder_identity(loaded.path)
+    try:
+        identity = folder_identity(loaded.path)
+    except ZoliteError:   # e.g. a folder of .bin weights: nothing to key a cache on, the report is still written
+        identity = None
     result = {"model": model, "identity": identity, "mode": mode, "dtype": str(loaded.dtype).removeprefix("torch."),
               "device": str(loaded.device), "prompts": len(texts), "calibration": text or "bundled generic text",
               "tokens": int(sum(int(b[2].sum()) for b in batches)),
@@ -241,7 +245,10 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
                               "most_sensitive_layer": max(sensitivity, key=lambda s: s["delta_loss"])["layer"]
                               if sensitivity else None},
               "layers": activations}
-    write_json(cached_scan_path(identity), result)
+    # only the documented rule's answer becomes `tune --layer auto`'s: an exploratory rule is reported, not cached
+    result["cached"] = identity is not None and (magnitude, ratio, share) == (MAGNITUDE, RATIO, SHARE)
+    if result["cached"]:
+        write_json(cached_scan_path(identity), result)
     if out is not None:
         write_report(result, Path(out))
     return result
