@@ -95,10 +95,15 @@ def hub_folder(repo_id: str) -> Path:
 
 
 def convert_gguf_cached(gguf: Path) -> Path:
-    """Convert a .gguf file once into a Hugging Face folder (fp16 safetensors) under the cache; reuse it after."""
+    """Convert a .gguf file once into a Hugging Face folder (fp16 safetensors) under the cache; reuse it after, as
+    long as it was made from this file (its size and modification time, else its SHA-256, match the record)."""
     out = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
     if (out / "config.json").is_file():
-        return out
+        if _made_from(out, gguf):
+            return out
+        out = out.with_name(f"{out.name}-{_sha256(gguf)[:12]}")   # another file of the same name and size
+        if (out / "config.json").is_file():
+            return out
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"zolite: converting {gguf.name} once into {out} (about half a minute)", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -139,11 +144,37 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     dst.tie_weights()
     dst.to(torch.float16).save_pretrained(out)
     tok.save_pretrained(out)
+    _record_source(out, gguf, _sha256(gguf))
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(gguf, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    (out / "zolite_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest.hexdigest()}) + "\n")
+    return digest.hexdigest()
+
+
+def _record_source(out: Path, gguf: Path, sha256: str) -> None:
+    stat = gguf.stat()
+    (out / "zolite_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha256,
+                                                        "stamp": [stat.st_size, stat.st_mtime_ns]}) + "\n")
+
+
+def _made_from(out: Path, gguf: Path) -> bool:
+    """Whether the converted folder `out` came from `gguf`: the recorded size and modification time, else (a copy,
+    a touched file, an older record) the recorded SHA-256, which then refreshes the record."""
+    try:
+        source = json.loads((out / "zolite_source.json").read_text())
+    except (OSError, ValueError):
+        return False
+    stat = gguf.stat()
+    if source.get("stamp") == [stat.st_size, stat.st_mtime_ns]:
+        return True
+    if source.get("sha256") != _sha256(gguf):
+        return False
+    _record_source(out, gguf, source["sha256"])
+    return True
 
 
 def default_device() -> torch.device:
