@@ -406,12 +406,13 @@ def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
             ready = _longest_first(ready)
             while ready and len(running) < jobs:   # only `jobs` submitted: the pool's own queue would be FIFO
                 entry, lr, seed = ready.pop(0)
-                row = _finished_row(job(entry, lr, seed))
+                args = job(entry, lr, seed)   # (checks the run folder)
+                row = _finished_row(args)
                 if row is not None:   # read back here: no process (and no GPU slot) for a run already done
                     finished(entry, row)
                     ready = _longest_first(ready)
                     continue
-                running[pool.submit(_run_on_a_gpu, tokens, *job(entry, lr, seed), False)] = entry
+                running[pool.submit(_run_on_a_gpu, tokens, *args, False)] = entry
             if new_rows:   # once a pass (the runs read back above: one table and plot, not one each)
                 tabulate()
                 new_rows = False

@@ -44,6 +44,12 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
+def file_stamp(path: str | os.PathLike) -> list[int]:
+    """Size, modification time and inode: a file replaced or rewritten since it was stamped differs."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
 def umask() -> int:
     """The process's umask (os.umask can only be read by setting it)."""
     mask = os.umask(0)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError
+from .io import file_stamp
 from .offload import stream_from_cpu
 from .profile import Profile, find_profile, get_profile, profile_names
 
@@ -156,20 +157,18 @@ def _sha256(path: Path) -> str:
 
 
 def _record_source(out: Path, gguf: Path, sha256: str) -> None:
-    stat = gguf.stat()
     (out / "zolite_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha256,
-                                                        "stamp": [stat.st_size, stat.st_mtime_ns]}) + "\n")
+                                                        "stamp": file_stamp(gguf)}) + "\n")
 
 
 def _made_from(out: Path, gguf: Path) -> bool:
-    """Whether the converted folder `out` came from `gguf`: the recorded size and modification time, else (a copy,
-    a touched file, an older record) the recorded SHA-256, which then refreshes the record."""
+    """Whether the converted folder `out` came from `gguf`: the recorded stamp (size, modification time, inode), else
+    (a copy, a touched file, an older record) the recorded SHA-256, which then refreshes the record."""
     try:
         source = json.loads((out / "zolite_source.json").read_text())
     except (OSError, ValueError):
         return False
-    stat = gguf.stat()
-    if source.get("stamp") == [stat.st_size, stat.st_mtime_ns]:
+    if source.get("stamp") == file_stamp(gguf):
         return True
     if source.get("sha256") != _sha256(gguf):
         return False

@@ -50,7 +50,8 @@ class Patch:
         if spec:
             return {"template": spec["template"], "candidates": ",".join(spec["candidates"]) or None,
                     "label_field": spec["label_field"], "answer_field": spec["answer_field"]}
-        return {k: self.hparams.get(k) for k in ("template", "candidates", "label_field", "answer_field")}
+        hparams = self.hparams
+        return {k: hparams.get(k) for k in ("template", "candidates", "label_field", "answer_field")}
 
 
 def fingerprint(tensors: dict[str, torch.Tensor], *, as_stored: bool = False) -> str:

@@ -9,14 +9,13 @@ points it back, so the base is bit-identical afterwards. Where a patch lives dec
 """
 from __future__ import annotations
 
-import os
-
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from .errors import ZoliteError
+from .io import file_stamp
 from .patch import Patch, check_fits, fingerprint, load_patch
 from .trajectory import is_trajectory, replay
 
@@ -73,7 +72,7 @@ class PatchSet:
             if patch.path is None:
                 raise ZoliteError("a patch kept on disk needs its file; attach it by path")
             entry["path"] = str(patch.path)
-            entry["stamp"] = _file_stamp(patch.path)   # the file checked now is the file each swap reads
+            entry["stamp"] = file_stamp(patch.path)   # the file checked now is the file each swap reads
         if name == self.active:   # replacing the active patch: back to the base first, so nothing stale is used
             self.reset()
         self.patches[name] = entry
@@ -103,7 +102,7 @@ class PatchSet:
             elif entry["where"] == "pinned":
                 self._copy_in(entry["names"], entry["tensors"].__getitem__, non_blocking=True)
             else:
-                if _file_stamp(entry["path"]) != entry["stamp"]:
+                if file_stamp(entry["path"]) != entry["stamp"]:
                     raise ZoliteError(f"patch file {entry['path']} changed since it was attached (it was checked "
                                       f"against the base then); attach it again")
                 with safe_open(entry["path"], framework="pt") as f:
@@ -159,9 +158,3 @@ def load_with_patches(model: str | None, patches: dict[str, str], *, where: str 
     for name, patch in read.items():
         patch_set.attach(name, patch, where)   # already read: a disk patch maps its file (patch.path) on each swap
     return loaded, patch_set
-
-
-def _file_stamp(path) -> tuple:
-    """Size, modification time and inode: a file replaced or rewritten since it was checked differs."""
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino

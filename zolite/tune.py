@@ -438,9 +438,7 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
                               f"drop that option to resume it, or start a new run")
         config = TuneConfig(**saved)
         if out is not None and Path(out).resolve() != (run_dir / "patch.safetensors").resolve():
-            refuse_clobber(out, force)   # a file of the user's, not the run's own patch
-            refuse_clobber(trajectory_path(out), force)
-            trajectory_path(out).unlink(missing_ok=True)
+            _claim_patch_path(out, force)   # a file of the user's, not the run's own patch
         out = Path(out) if out else run_dir / "patch.safetensors"
         return config, run_dir, out
     config = TuneConfig(model=model, task=task, **given)
@@ -456,14 +454,20 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
         raise ZoliteError(f"run folder {run_dir} already exists; resume it with --resume {run_dir}, "
                           "pass --force to start it again, or choose another --run-dir")
     out = Path(out) if out else run_dir / "patch.safetensors"
-    refuse_clobber(out, force)
-    refuse_clobber(trajectory_path(out), force)
-    trajectory_path(out).unlink(missing_ok=True)   # with --force: a stale one must not sit beside the new patch
+    _claim_patch_path(out, force)
     # (the folder itself is made when its config.json is written, after the model loaded: a failed load leaves none)
     # --force: the old run's files go (its patch stays until the new one replaces it)
     for stale in ("config.json", "checkpoint.safetensors", "report.json", "report.md", "memory.png"):
         (run_dir / stale).unlink(missing_ok=True)
     return config, run_dir, out
+
+
+def _claim_patch_path(out, force: bool) -> None:
+    """Refuse to overwrite the patch path or its trajectory without force; with force, a stale trajectory goes (it
+    must not sit beside the new patch)."""
+    refuse_clobber(out, force)
+    refuse_clobber(trajectory_path(out), force)
+    trajectory_path(out).unlink(missing_ok=True)
 
 
 def check_options(config: TuneConfig) -> None:
