@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from zolite.errors import ZoliteError
+from zolite.errors import ZoliteError, check_at_least
 
 
 class ZoliteGroup(click.Group):
@@ -224,6 +224,7 @@ def apply(patches, model, prompt, chat, max_new_tokens, eval_task, input_file, r
 
     if sum(x is not None for x in (prompt, eval_task, input_file)) != 1:
         raise ZoliteError("pass exactly one of --prompt TEXT, --eval TASK or --input FILE.jsonl")
+    check_at_least("--max-new-tokens", max_new_tokens, 1)   # before the model loads
     if len(patches) > 1 or "=" in patches[0]:
         if input_file is None:
             raise ZoliteError("several patches need --input FILE.jsonl, each row naming its patch in --route-field")
@@ -468,6 +469,7 @@ def tasks():
 
     for t in TASKS.values():
         click.echo(f"{t.name:<8} {t.description}")
+        click.echo(f"{'':<8} fields: {', '.join(t.fields)}")
 
 
 if __name__ == "__main__":

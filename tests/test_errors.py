@@ -53,6 +53,22 @@ def test_bad_numbers_fail_before_loading(option, value, needle, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (("eval", "--batch-size", "0"), "--batch-size must be at least 1, got 0"),
+    (("eval", "--limit", "-1"), "--limit must be at least 1, got -1"),   # was python's [:-1]: all rows but one
+    (("eval", "--limit", "0"), "--limit must be at least 1, got 0"),     # was "the split is empty"
+    (("apply", "p.safetensors", "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens must be at least 1"),
+    (("profile", "--device", "cpu", "--snapshot"), "--snapshot records torch's CUDA memory"),
+])
+def test_bad_numbers_of_the_other_commands_fail_before_loading(args, needle, tmp_path):
+    assert_user_error(run_cli(*args, "--model", tmp_path / "no-model"), needle)
+
+
+def test_a_python_option_spelled_as_on_the_command_line_gets_its_python_name():
+    with pytest.raises(TypeError, match=r"layers \(use layer=\), test \(use eval_test=\)"):
+        zolite.tune("m", "sst2", test=True, layers="3")
+
+
 def test_an_output_folder_that_is_a_file_is_refused(tiny_model, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("mine")
@@ -131,6 +147,11 @@ def test_patch_for_another_base_or_model_is_refused(other_tiny_model, patch_file
     assert_user_error(run_cli("apply", patch_file, "--model", wider, "--prompt", "hi"), "shape")
     shallow = build_tiny_model(tmp_path / "shallow", layers=1)
     assert_user_error(run_cli("apply", patch_file, "--model", shallow, "--prompt", "hi"), "does not have")
+
+
+def test_the_right_base_in_bfloat16_is_told_to_load_in_another_dtype(tiny_model, patch_file):
+    assert_user_error(run_cli("apply", patch_file, "--model", tiny_model, "--dtype", "bfloat16", "--prompt", "hi"),
+                      "as loaded in bfloat16", "--dtype float32 or float16")
 
 
 def test_corrupt_or_foreign_patch_files(tiny_model, patch_file, tmp_path):

@@ -33,7 +33,7 @@ def planted_model(tiny_model, tmp_path_factory):
 
 def test_planted_outlier_is_found_at_its_layer(planted_model, tmp_path):
     result = scan(planted_model, prompts=8, seeds=0, out=str(tmp_path / "scan"))
-    assert result["dominant_layer"] == PLANTED_LAYER
+    assert result["dominant_layer"] == PLANTED_LAYER and result["mode"] == "fp16"   # the mode used, not None
     layers = result["layers"]
     assert layers[PLANTED_LAYER]["where"]["channel"] == CHANNEL and layers[PLANTED_LAYER]["outlier_share"] == 1.0
     assert all(a["outlier_share"] == 0.0 for a in layers[:PLANTED_LAYER])

@@ -71,6 +71,17 @@ def test_every_task_has_a_description():
     assert all(t.description and t.name == name for name, t in TASKS.items())
 
 
+def test_tasks_lists_each_tasks_fields_and_a_field_read_beyond_them_is_named(tmp_path):
+    from conftest import run_cli
+
+    listed = run_cli("tasks").output
+    assert "fields: passage, question, label" in listed and "fields: word, sentence1, sentence2, label" in listed
+    f = tmp_path / "wsc.jsonl"   # WSC's spans sit under "target" or at the top level: not in its fields
+    f.write_text('{"text": "Mark told Pete he was late.", "label": true, "target": {"span1_text": "Pete"}}\n' * 5)
+    with pytest.raises(ZoliteError, match=r"line 1: missing field 'span2_text' needed by task wsc"):
+        sample_splits(f, validate=get_task("wsc").validate)
+
+
 @needs_shared
 @pytest.mark.parametrize("task", ["copa", "cb", "multirc"])
 def test_multi_token_and_three_way_candidates_tune_and_score(task, tiny_model, tmp_path):

@@ -311,10 +311,16 @@ def _pick(runs: list[dict]) -> float:
     return max(runs, key=lambda r: (r["val"] if r["val"] is not None else float("-inf"), -r["lr"]))["lr"]
 
 
-def _set_threads(n: int) -> None:
+def _init_worker(threads: int, progress_bars: bool, verbosity: int) -> None:
+    """A spawned worker: its share of the cores, and transformers' progress bars / logging as in the parent (the
+    CLI's --quiet turns them off there; a fresh interpreter would show them again)."""
     import torch
+    from transformers.utils import logging
 
-    torch.set_num_threads(n)
+    torch.set_num_threads(threads)
+    if not progress_bars:
+        logging.disable_progress_bar()
+    logging.set_verbosity(verbosity)
 
 
 def _visible_gpus() -> list[str]:
@@ -387,7 +393,10 @@ def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
             ready += [(e, lr, 0) for lr in e["lr_grid"]]
             waiting[id(e)] = len(e["lr_grid"])
     running = {}
-    with manager, ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,),
+    from transformers.utils import logging
+
+    settings = (threads, logging.is_progress_bar_enabled(), logging.get_verbosity())
+    with manager, ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=settings,
                                       **fresh) as pool:
 
         new_rows = False

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .errors import ZoliteError
+from .errors import ZoliteError, check_at_least
 from .scoring import EncodedExample, candidate_scores, collate, encode_example, last_hidden, pad_token_id
 from .tasks import Task
 
@@ -157,6 +157,8 @@ def evaluate(model: str = "smollm2-135m", task: str = "sst2", *, patch=None, spl
     from .tasks import get_task, task_data
 
     task_ = get_task(task, **task_options)
+    for option, value, low in (("--limit", limit, 1), ("--batch-size", batch_size, 1), ("--max-length", max_length, 2)):
+        check_at_least(option, value, low)
     if split not in ("train", "val", "test"):
         raise ZoliteError(f"unknown split '{split}'; choose train, val or test")
     patch_ = load_patch(patch) if patch is not None else None   # a bad patch fails before the model loads

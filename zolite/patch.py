@@ -136,6 +136,12 @@ def check_fits(model: torch.nn.Module, patch: Patch, base_sha256: str | None = N
     if base_sha256 is None:
         base_sha256 = fingerprint(base_tensors(model, patch.tensors))
     if base_sha256 != patch.metadata["zolite.base_sha256"]:
+        loaded_in = {str(params[name].dtype).removeprefix("torch.") for name in patch.tensors}
+        tuned_in = patch.hparams.get("dtype")
+        if loaded_in == {"bfloat16"} and tuned_in != "bfloat16":   # the likely cause: rounding, not another model
+            raise ZoliteError(f"{where} does not match this base as loaded in bfloat16 (layer "
+                              f"{patch.metadata['zolite.layer']} fingerprint differs: bfloat16 rounds the weights it "
+                              f"was tuned from); load the base with --dtype float32 or float16")
         raise ZoliteError(f"{where} was tuned from another base (layer {patch.metadata['zolite.layer']} fingerprint "
                           f"differs; made for {patch.metadata.get('zolite.model', '?')}); apply it to that base model (loaded in "
                           f"float32 or float16: bfloat16 rounds the base's weights otherwise)")

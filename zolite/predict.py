@@ -6,7 +6,7 @@ from typing import Iterator
 import torch
 
 from .data import iter_rows
-from .errors import ZoliteError
+from .errors import ZoliteError, check_at_least
 from .evaluate import encode_rows, score_encoded
 from .tasks import Task
 
@@ -20,6 +20,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: b
 def complete(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: bool = False) -> tuple[str, str]:
     """(greedy continuation, finish reason): "stop" when the model ended it (end-of-sequence token), "length" when
     max_new_tokens cut it off, as an OpenAI-style completion reports it."""
+    check_at_least("--max-new-tokens", max_new_tokens, 1)
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]

@@ -48,6 +48,8 @@ def profile_memory(model: str = "smollm2-135m", *, mode: str | None = None, batc
                         micro_batch=micro_batch, device=device, dtype=dtype, gpu_memory=gpu_memory, eps=eps,
                         **({"int8_threshold": int8_threshold} if int8_threshold is not None else {}))
     check_options(config)
+    if snapshot and resolve_device(device).type != "cuda":
+        raise ZoliteError("--snapshot records torch's CUDA memory history, and this run is on the CPU: drop --snapshot")
     t_start = time.perf_counter()
     with MemoryProfiler(resolve_device(device)) as profiler:
         with profiler.phase("load"):

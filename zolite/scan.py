@@ -233,7 +233,7 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
         identity = folder_identity(loaded.path)
     except ZoliteError:   # e.g. a folder of .bin weights: nothing to key a cache on, the report is still written
         identity = None
-    result = {"model": model, "identity": identity, "mode": mode, "dtype": str(loaded.dtype).removeprefix("torch."),
+    result = {"model": model, "identity": identity, "mode": loaded.mode, "dtype": str(loaded.dtype).removeprefix("torch."),
               "device": str(loaded.device), "prompts": len(texts), "calibration": text or "bundled generic text",
               "tokens": int(sum(int(b[2].sum()) for b in batches)),
               "rule": {"magnitude": magnitude, "ratio": ratio, "share": share}, "dominant_layer": dominant,
@@ -256,7 +256,7 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
 
 def markdown(result: dict) -> str:
     rule = result["rule"]
-    lines = [f"# Layer scan: {result['model']} ({result['mode'] or result['dtype']}, {result['device']})", "",
+    lines = [f"# Layer scan: {result['model']} ({result['mode']}, {result['dtype']}, {result['device']})", "",
              f"{result['prompts']} prompts ({result['calibration']}), {result['tokens']} tokens. Layer i = the "
              "residual stream after decoder layer i (0-based).", "",
              f"Dominant layer: **{result['dominant_layer']}** = the first layer where at least {rule['share']:.0%} of "

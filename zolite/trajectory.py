@@ -66,7 +66,8 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
     trained_on = patch.metadata.get("zolite.trained_on")
     if device_kind(trained_on) != device_kind(here):
         raise ZoliteError(f"{patch.path} was trained on {trained_on}; its seeds give the same z only there (this "
-                          f"is {here}): use the dense patch, or replay it on that device and dtype")
+                          f"is {here}): use the dense patch, or make one there: zolite patch convert {patch.path} --out "
+                          f"DENSE.safetensors (on that device, --dtype {hparams.get('dtype', 'as trained')})")
     check_fits(model, Patch(tuned.weights(), patch.metadata, patch.path))   # the base, as for a dense patch
     saved = [p.detach().clone() for p in tuned.params]
     try:

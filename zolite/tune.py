@@ -326,7 +326,8 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
 
     if asked:
         plan = plan_for(config.mode)
-        print(f"zolite: memory plan: {plan.reason}", file=sys.stderr)
+        on_cpu = "" if device.type == "cuda" else " (running on the CPU: its micro-batch is used, nothing is capped)"
+        print(f"zolite: memory plan: {plan.reason}{on_cpu}", file=sys.stderr)
         if device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
             cap_gpu_memory(budget, device)
         return plan.mode, plan
@@ -423,7 +424,9 @@ def _prepare_run(model, task, run_dir, out, force, resume, options):
     """The config, run folder and patch path; checks a resumed folder against the arguments given."""
     unknown = set(options) - {f.name for f in dataclasses.fields(TuneConfig)}
     if unknown:
-        raise TypeError(f"tune() got unknown options: {', '.join(sorted(unknown))}")
+        cli_names = {"test": "eval_test", "layers": "layer"}   # the CLI's --test / --layers are these in Python
+        hints = [f"{k} (use {cli_names[k]}=)" if k in cli_names else k for k in sorted(unknown)]
+        raise TypeError(f"tune() got unknown options: {', '.join(hints)}")
     given = {k: v for k, v in options.items() if v is not None}
     if resume is not None:
         run_dir = Path(resume)

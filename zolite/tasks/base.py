@@ -62,5 +62,7 @@ class Task:
             raise ZoliteError(f"{where}: missing field(s) {', '.join(missing)} needed by task {self.name}")
         try:
             self.example(row)
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
+        except KeyError as e:   # a field the task reads that `fields` does not list (e.g. WSC's spans)
+            raise ZoliteError(f"{where}: missing field {e} needed by task {self.name}") from None
+        except (ValueError, TypeError, AttributeError) as e:
             raise ZoliteError(f"{where}: cannot build a {self.name} example ({type(e).__name__}: {e})") from None

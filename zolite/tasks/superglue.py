@@ -62,7 +62,7 @@ class WiC(Task):
 
 class WSC(Task):
     name = "wsc"
-    description = "Winograd schema (SuperGLUE): does the pronoun refer to <span1>? -> No | Yes"
+    description = "Winograd schema (SuperGLUE): does the pronoun <span2_text> refer to <span1_text>? -> No | Yes (spans flat or under target)"
     fields = ("text", "label")
     hf_dataset = ("super_glue", "wsc.fixed")
     candidates = ("No", "Yes")
