@@ -28,7 +28,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .checkpoint import CheckpointDevice
-from .errors import ZoliteError
+from .errors import ZoliteError, check_at_least
 from .io import config_mismatch, write_text
 from .layers import format_layers, parse_layers
 
@@ -221,12 +221,8 @@ def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed
     what it measured. jobs > 1: up to `jobs` runs at once, each in its own process (a small model leaves a GPU mostly
     idle with one): every arm's seed-0 grid first, then each arm's other seeds as soon as its grid has finished.
     table_only: run nothing, tabulate the runs already finished in `out`."""
-    if seeds < 1:
-        raise ZoliteError(f"--seeds must be at least 1, got {seeds}")
-    if jobs < 1:
-        raise ZoliteError(f"--jobs must be at least 1, got {jobs}")
-    if steps is not None and steps < 1:
-        raise ZoliteError(f"--steps must be at least 1, got {steps}")
+    for option, value in (("--seeds", seeds), ("--jobs", jobs), ("--steps", steps)):
+        check_at_least(option, value, 1)
     from .tune import BUILTIN_DEFAULTS, TuneConfig, check_options
 
     plan_ = load_plan(plan)
@@ -375,6 +371,8 @@ def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    from transformers.utils import logging
+
     context = multiprocessing.get_context("spawn")   # fresh interpreters: no forked CUDA or torch thread state
     fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}   # one run per process: clean peaks
     threads = max(1, (os.cpu_count() or 1) // jobs)   # share the cores: torch would give each process all of them
@@ -393,8 +391,6 @@ def _run_parallel(entries, job, seeds, jobs, tabulate) -> None:
             ready += [(e, lr, 0) for lr in e["lr_grid"]]
             waiting[id(e)] = len(e["lr_grid"])
     running = {}
-    from transformers.utils import logging
-
     settings = (threads, logging.is_progress_bar_enabled(), logging.get_verbosity())
     with manager, ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=settings,
                                       **fresh) as pool:

@@ -23,7 +23,7 @@ import contextlib
 
 import torch
 
-from .errors import ZoliteError
+from .errors import ZoliteError, check_at_least
 from .zo import TunedLayers, sample_z, step_seed
 
 ESTIMATORS = ("spsa", "residual", "fo")
@@ -151,8 +151,7 @@ class Stepper:
                  collate_to_device=None, **optimizer_options):
         if estimator not in ESTIMATORS:
             raise ZoliteError(f"unknown estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}")
-        if n_z < 1:
-            raise ZoliteError(f"--n-z must be at least 1, got {n_z}")
+        check_at_least("--n-z", n_z, 1)
         self.model, self.tuned, self.estimator, self.n_z, self.eps = model, tuned, estimator, n_z, eps
         self.objective, self.micro_batch, self.seed = objective, micro_batch, seed
         self.batch_of = collate_to_device

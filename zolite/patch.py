@@ -143,8 +143,7 @@ def check_fits(model: torch.nn.Module, patch: Patch, base_sha256: str | None = N
                               f"{patch.metadata['zolite.layer']} fingerprint differs: bfloat16 rounds the weights it "
                               f"was tuned from); load the base with --dtype float32 or float16")
         raise ZoliteError(f"{where} was tuned from another base (layer {patch.metadata['zolite.layer']} fingerprint "
-                          f"differs; made for {patch.metadata.get('zolite.model', '?')}); apply it to that base model (loaded in "
-                          f"float32 or float16: bfloat16 rounds the base's weights otherwise)")
+                          f"differs; made for {patch.metadata.get('zolite.model', '?')}); apply it to that base model")
 
 
 @torch.no_grad()

@@ -48,10 +48,11 @@ def profile_memory(model: str = "smollm2-135m", *, mode: str | None = None, batc
                         micro_batch=micro_batch, device=device, dtype=dtype, gpu_memory=gpu_memory, eps=eps,
                         **({"int8_threshold": int8_threshold} if int8_threshold is not None else {}))
     check_options(config)
-    if snapshot and resolve_device(device).type != "cuda":
+    run_device = resolve_device(device)
+    if snapshot and run_device.type != "cuda":
         raise ZoliteError("--snapshot records torch's CUDA memory history, and this run is on the CPU: drop --snapshot")
     t_start = time.perf_counter()
-    with MemoryProfiler(resolve_device(device)) as profiler:
+    with MemoryProfiler(run_device) as profiler:
         with profiler.phase("load"):
             loaded, indices, source, plan = load_for_tuning(config)
         net = loaded.model

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ZoliteError
+from .errors import ZoliteError, check_at_least
 from .io import refuse_used_folder, write_json, write_text
 from .layers import decoder_layers
 
@@ -29,8 +29,7 @@ MAGNITUDE, RATIO, SHARE = 100.0, 1000.0, 0.5
 
 def calibration_prompts(source: str | None, n: int) -> list[str]:
     """n prompts: the bundled generic text (one per line), a task's prompts, or the lines of a text file."""
-    if n < 1:
-        raise ZoliteError(f"--prompts must be at least 1, got {n}")
+    check_at_least("--prompts", n, 1)
     if source is None:
         text = (resources.files("zolite") / "data" / "calibration.txt").read_text(encoding="utf-8")
         prompts = [line for line in text.splitlines() if line.strip()]
@@ -206,8 +205,7 @@ def scan(model: str = "smollm2-135m", *, prompts: int = 32, text: str | None = N
         raise ZoliteError("--magnitude and --ratio must be above 0")
     if not 0 <= share <= 1:
         raise ZoliteError(f"--share must be between 0 and 1, got {share}")
-    if seeds < 0:
-        raise ZoliteError(f"--seeds must be at least 0, got {seeds}")
+    check_at_least("--seeds", seeds, 0)
     if eps <= 0:
         raise ZoliteError(f"--eps must be above 0, got {eps}")
     if out is not None:

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import CheckpointDevice, load_checkpoint, save_checkpoint
 from .data import batches_for_step, sample_splits
-from .errors import ZoliteError
+from .errors import ZoliteError, check_at_least
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
 from .io import config_mismatch, refuse_clobber, write_json
 from .layers import decoder_layers, format_layers
@@ -478,9 +478,7 @@ def check_options(config: TuneConfig) -> None:
     minimum = {"steps": 0, "batch_size": 1, "max_length": 2, "eval_every": 0, "lr": 0.0, "weight_decay": 0.0,
                "micro_batch": 1, "int8_threshold": 0.0}
     for name, low in minimum.items():
-        value = getattr(config, name)
-        if value is not None and not (value >= low and math.isfinite(value)):   # (nan fails both)
-            raise ZoliteError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+        check_at_least(f"--{name.replace('_', '-')}", getattr(config, name), low)
     if not 0 <= config.momentum < 1:
         raise ZoliteError(f"--momentum must be in [0, 1), got {config.momentum}")
     if config.eps is not None and not (config.eps > 0 and math.isfinite(config.eps)):
@@ -496,8 +494,7 @@ def check_options(config: TuneConfig) -> None:
         raise ZoliteError(f"unknown estimator '{config.estimator}'; choose one of {', '.join(ESTIMATORS)}")
     if config.optimizer not in OPTIMIZERS:
         raise ZoliteError(f"unknown optimizer '{config.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
-    if config.n_z < 1:
-        raise ZoliteError(f"--n-z must be at least 1, got {config.n_z}")
+    check_at_least("--n-z", config.n_z, 1)
     if config.estimator == "fo" and config.objective in ("accuracy", "f1"):
         raise ZoliteError(f"--estimator fo needs a differentiable objective (ce or lm), not {config.objective}")
     if config.objective == "f1" and (config.estimator, config.n_z, config.optimizer, config.layerwise) != ("spsa", 1, "sgd", False):
