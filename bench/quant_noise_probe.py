@@ -27,7 +27,10 @@ from zolite.data import sample_splits
 from zolite.zo import TunedLayers, spsa_losses
 
 MODES = {"reference": dict(mode="fp16"), "int8 (threshold 6)": dict(mode="int8", int8_threshold=6.0),
-         "int8 (threshold 0)": dict(mode="int8", int8_threshold=0.0), "nf4": dict(mode="nf4")}
+         "int8 (threshold 0)": dict(mode="int8", int8_threshold=0.0), "nf4": dict(mode="nf4"),
+         # the dtype's own rounding (issue 22: fp16 or bf16 for Qwen2.5?), against a float32 reference
+         "fp16 float16": dict(mode="fp16", dtype="float16"), "fp16 bfloat16": dict(mode="fp16", dtype="bfloat16"),
+         "nf4 float16": dict(mode="nf4", dtype="float16"), "nf4 bfloat16": dict(mode="nf4", dtype="bfloat16")}
 
 
 def projected_gradients(name, options, args, rows, eps_list) -> dict:
@@ -66,7 +69,10 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--eps", default="1e-3,1e-2")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--reference-dtype", help="dtype of the unquantized reference (default: the device's)")
     args = ap.parse_args()
+    if args.reference_dtype:
+        MODES["reference"] = dict(mode="fp16", dtype=args.reference_dtype)
     eps_list = [float(e) for e in args.eps.split(",")]
     task = get_task("sst2")
     rows = sample_splits(task_data(task, None), seed=0).train[:args.batch]

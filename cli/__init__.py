@@ -44,6 +44,20 @@ def custom_task_options(command):
     return command
 
 
+class LrType(click.ParamType):
+    name = "LR|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor auto", param, ctx)
+
+
+LR = LrType()
+
 mode_option = click.option(
     "--mode", metavar="fp16|int8|nf4|offload",
     help="fp16: no quantization (weights in --dtype); nf4 / int8: bitsandbytes (int8 rounds activations too, which "
@@ -98,7 +112,10 @@ def main():
               help="Decoder layer(s) to tune, 0-based: N, N,M, 'all' (full-model MeZO) or 'auto' (the default: the "
                    "dominant layer from this model's cached `zolite scan`, else its profile, else a scan now).")
 @click.option("--steps", type=int, help="ZO steps. Default: the profile's.")
-@click.option("--lr", type=float, help="Learning rate. Default: the profile's.")
+@click.option("--lr", type=LR, help="Step size, or auto: probed from the model's curvature before the run "
+              "(docs: zolite.stepsize).  [default: the profile's, else auto]")
+@click.option("--guard/--no-guard", default=None,
+              help="Halve the step when the training loss climbs (ZO-SGD / momentum).  [default: on]")
 @click.option("--eps", type=float, help="Perturbation scale (absolute). Default: the profile's.")
 @click.option("--batch-size", type=int, help="Examples per step. Default: the profile's.")
 @click.option("--weight-decay", type=float, help="MeZO weight decay on matrices.  [default: 0]")
@@ -106,9 +123,11 @@ def main():
               help="spsa: MeZO's two-point estimate; residual: one-point residual feedback (one forward per step); "
                    "fo: backprop into the tuned layers (the first-order baseline).  [default: spsa]")
 @click.option("--n-z", type=int, help="Perturbations per step (spsa), averaged.  [default: 1]")
-@click.option("--eps-scale", type=click.Choice(["absolute", "relative"]),
+@click.option("--eps-scale", type=click.Choice(["absolute", "relative", "activation"]),
               help="absolute: W + eps z, z ~ N(0, 1) per weight; relative: each tensor's eps times the RMS of its "
-                   "base weights (the update follows the same scaling).  [default: absolute]")
+                   "base weights; activation: each matrix column's z scaled down by its input channel's energy, "
+                   "measured on training batches (the update follows the same scaling).  [default: the profile's, "
+                   "else absolute]")
 @click.option("--optimizer", type=click.Choice(["sgd", "momentum", "adam", "sign"]), help="[default: sgd]")
 @click.option("--momentum", type=float, help="Momentum of --optimizer momentum.  [default: 0.9]")
 @click.option("--layerwise/--no-layerwise", default=None,
@@ -148,7 +167,8 @@ def tune(ctx, model, task, run_dir, out, resume, force, as_json, quiet, **option
         task = task if given("task") else None
     report = zolite.tune(model, task, run_dir=run_dir, out=out, force=force, resume=resume,
                          progress=not quiet, **options)
-    summary = {k: report[k] for k in ("patch", "run_dir", "layers", "steps", "kept_step", "tuned_params", "timing", "memory")}
+    summary = {k: report[k] for k in ("patch", "run_dir", "layers", "steps", "kept_step", "tuned_params", "lr", "timing",
+                                      "memory")}
     summary["metric"] = (report["final"]["val"] or {}).get("metric")
     summary["val_score"] = report["final"]["val"]["score"] if report["final"]["val"] else None
     if "test" in report["final"]:
@@ -158,6 +178,10 @@ def tune(ctx, model, task, run_dir, out, resume, force, as_json, quiet, **option
     else:
         click.echo(f"patch: {summary['patch']} (layer {summary['layers']}, {summary['tuned_params']:,} params, "
                    f"{summary['steps']} steps, kept step {summary['kept_step']})")
+        lr = report["lr"]
+        how = "probed from the model's curvature" if lr["source"] == "probe" else "as given"
+        halved = f"; halved at steps {', '.join(str(b[0]) for b in lr['backoffs'])}" if lr.get("backoffs") else ""
+        click.echo(f"lr: {lr['lr']:.3g} ({how}{halved})")
         for part in ("val", "test"):
             if report["final"].get(part):
                 r = report["final"][part]
@@ -457,9 +481,11 @@ def models():
     """List the model profiles."""
     from zolite.loading import known_models
 
-    for p in known_models():
+    profiles = known_models()
+    width = max(len(p.name) for p in profiles)
+    for p in profiles:
         layer = f"dominant layer {p.dominant_layer}" if p.dominant_layer is not None else "dominant layer unknown"
-        click.echo(f"{p.name:<14} {p.num_layers} layers, {layer:<22} {p.description}")
+        click.echo(f"{p.name:<{width}}  {p.num_layers} layers, {layer:<22} {p.description}")
 
 
 @main.command()

@@ -84,9 +84,9 @@ def _check_arm(plan: str, where: str, arm: dict) -> None:
     number = (int, float)
     for key, value in arm.items():
         if key in ("lr", "lr_scale"):
-            ok = all(isinstance(v, number) and not isinstance(v, bool) and v > 0
+            ok = all((isinstance(v, number) and not isinstance(v, bool) and v > 0) or (key == "lr" and v == "auto")
                      for v in (value if isinstance(value, list) else [value]))
-            want = "a number above 0 or a list of them"
+            want = "a number above 0 (lr: or \"auto\") or a list of them"
         elif key == "steps_factor":
             ok, want = isinstance(value, number) and not isinstance(value, bool) and value > 0, "a number above 0"
         elif key == "name":
@@ -141,12 +141,16 @@ def arm_options(arm: dict, defaults: dict, facts: dict, steps: int | None, extra
         grid = arm["lr"] if isinstance(arm["lr"], list) else [arm["lr"]]
     else:
         scales = arm.get("lr_scale", [1.0])
-        grid = [facts["lr"] * s for s in (scales if isinstance(scales, list) else [scales])]
+        scales = scales if isinstance(scales, list) else [scales]
+        if facts["lr"] == "auto" and scales != [1.0]:
+            raise ZoliteError(f"arm {arm['name']}: lr_scale multiplies the profile's lr, and this model's lr is "
+                              "probed (auto); give the arm lr = [...] instead")
+        grid = ["auto" if facts["lr"] == "auto" else facts["lr"] * s for s in scales]
     if not grid:
         raise ZoliteError(f"arm {arm['name']}: its lr / lr_scale list is empty; give at least one value")
-    grid = [float(f"{lr:.3g}") for lr in grid]   # as the run folders name them
+    grid = [lr if lr == "auto" else float(f"{lr:.3g}") for lr in grid]   # as the run folders name them
     if len(set(grid)) != len(grid):
-        raise ZoliteError(f"arm {arm['name']}: its lr grid {', '.join(f'{lr:g}' for lr in grid)} repeats a value "
+        raise ZoliteError(f"arm {arm['name']}: its lr grid {', '.join(map(lr_name, grid))} repeats a value "
                           "(lrs are kept to 3 significant digits); give each lr once")
     return options, grid
 
@@ -197,6 +201,7 @@ def _row(report: dict, lr: float, seed: int) -> dict:
     counts = [c["n"] for c in test_classes.values()]
     val_curve = report.get("val_curve") or []
     return {"lr": lr, "seed": seed, "steps": report["steps"], "layers": report["layers"],
+            "lr_used": (report.get("lr") or {}).get("lr", lr),   # what an "auto" lr probed
             "val": final["val"]["score"] if final.get("val") else None,
             "test": final["test"]["score"] if final.get("test") else None,
             "kept_step": report.get("kept_step"),
@@ -251,7 +256,7 @@ def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed
                     **{k: v for k, v in facts["defaults"].items() if k in BUILTIN_DEFAULTS}}
 
     def job(entry, lr, seed):   # (called in this process before a run starts or is read back)
-        run_dir = out / entry["name"] / f"lr{lr:g}-s{seed}"
+        run_dir = out / entry["name"] / f"lr{lr_name(lr)}-s{seed}"
         _check_folder(run_dir, model, task, {**run_defaults, **entry["options"]}, lr, seed)
         return (model, task, run_dir, entry["options"], lr, seed)
 
@@ -304,7 +309,13 @@ def _finished_row(args) -> dict | None:
 
 def _pick(runs: list[dict]) -> float:
     """The grid's lr with the best seed-0 val score (the smaller lr on a tie)."""
-    return max(runs, key=lambda r: (r["val"] if r["val"] is not None else float("-inf"), -r["lr"]))["lr"]
+    return max(runs, key=lambda r: (r["val"] if r["val"] is not None else float("-inf"),
+                                    -r["lr"] if r["lr"] != "auto" else 0.0))["lr"]
+
+
+def lr_name(lr) -> str:
+    """An lr as run folders and tables name it: 3e-04 -> 0.0003, "auto" -> auto."""
+    return lr if lr == "auto" else f"{lr:g}"
 
 
 def _init_worker(threads: int, progress_bars: bool, verbosity: int) -> None:
@@ -449,7 +460,10 @@ def _summary(arm: dict, seeds: int) -> dict:
         status = f"lr grid {len(grid_runs)}/{len(arm['lr_grid'])}"
     else:
         status = "done" if len(rs) == seeds else f"seeds {len(rs)}/{seeds}"
-    return {"arm": arm["name"], "lr": lr, "seeds": len(rs), "status": status, "steps": rs[0]["steps"],
+    used = sorted({r.get("lr_used", lr) for r in rs})
+    lr_text = lr_name(lr) if lr != "auto" else f"auto ({', '.join(f'{u:.3g}' for u in used)})"
+    return {"arm": arm["name"], "lr": lr, "lr_text": lr_text, "seeds": len(rs), "status": status,
+            "steps": rs[0]["steps"],
             "layers": rs[0]["layers"],
             "test_mean": statistics.mean(tests) if tests else None,
             "test_std": statistics.stdev(tests) if len(tests) > 1 else None,   # one seed: no spread to show
@@ -491,12 +505,12 @@ def write_results(results: dict, out: Path) -> None:
     for r in rows:
         kept = "-" if r["kept_step_mean"] is None else f"{r['kept_step_mean']:.0f}"
         test = fmt(r["test_mean"]) + ("" if r["test_std"] is None else f" ± {r['test_std']:.4f}")
-        lines.append(f"| {r['arm']} | {r['layers']} | {r['lr']:g} | {r['steps']} | {r['forward_passes']} | "
+        lines.append(f"| {r['arm']} | {r['layers']} | {r['lr_text']} | {r['steps']} | {r['forward_passes']} | "
                      f"{test} | {r['seeds']} | {r['status']} | {r['diverged']} | "
                      f"{fmt(r['val_mean'])} | {kept} | {r['peak_gib']:.2f} | {r['wall_s']:.0f} |")
     lines += ["", "lr grids (seed 0's val score):", ""]
     for a in results["arms"]:
-        seed0 = ", ".join(f"{r['lr']:g}: {fmt(r['val'])}" for r in a["runs"] if r["seed"] == 0)
+        seed0 = ", ".join(f"{lr_name(r['lr'])}: {fmt(r['val'])}" for r in a["runs"] if r["seed"] == 0)
         lines.append(f"- {a['name']}: {seed0}; options {json.dumps(a['options'], sort_keys=True)}")
     write_text(out / "results.md", "\n".join(lines) + "\n")
     _plot(results, rows, out)

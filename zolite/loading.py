@@ -18,6 +18,7 @@ import torch
 from .errors import ZoliteError
 from .io import file_stamp
 from .offload import stream_from_cpu
+from .parts import joined_file, parse_parts
 from .profile import Profile, find_profile, get_profile, profile_names
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,6 +50,9 @@ def resolve_model(spec: str) -> tuple[Path, Profile | None]:
         kind, _, where = profile.source.partition(":")
         if kind == "package":
             return convert_gguf_cached(_package_file(where, profile)), profile
+        if kind == "parts":
+            parts = parse_parts(profile.parts, profile.name)
+            return convert_gguf_cached(joined_file(parts, cache_dir() / "sources")), profile
         return hub_folder(where), profile
     path = Path(spec).expanduser()
     if path.is_dir():

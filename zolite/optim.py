@@ -24,7 +24,7 @@ import contextlib
 import torch
 
 from .errors import ZoliteError, check_at_least
-from .zo import TunedLayers, sample_z, step_seed
+from .zo import TunedLayers, step_seed
 
 ESTIMATORS = ("spsa", "residual", "fo")
 OPTIMIZERS = ("sgd", "momentum", "adam", "sign")
@@ -96,11 +96,11 @@ def zo_direction(tuned: TunedLayers, seeds: list[int], coefficients: list[float]
     """d_i = s_i mean_k c_k z_k,i, one tensor at a time (z regenerated from its seed; s_i = the tensor's eps
     scale, 1 unless eps is relative)."""
     def direction(i: int) -> torch.Tensor:
-        p = tuned.params[i]
-        d = sample_z(seeds[0], i, p).mul_(coefficients[0])
+        d, scale = tuned.z(seeds[0], i)
+        d.mul_(coefficients[0])
         for seed, c in zip(seeds[1:], coefficients[1:]):
-            d.add_(sample_z(seed, i, p), alpha=c)
-        return d.mul_(tuned.scales[i] / len(seeds))
+            d.add_(tuned.z(seed, i)[0], alpha=c)
+        return d.mul_(scale / len(seeds))
     return direction
 
 
@@ -161,12 +161,16 @@ class Stepper:
         # with the base weights they rebuild the weights and optimiser state (seed checkpoints, trajectories)
         self.updates = [] if estimator != "fo" else None
         self.forwards = 0
+        # the step-size guard's multiplier (a power of two, so slopes scaled by it replay exactly): ZO steps apply
+        # and record lr_factor * g
+        self.lr_factor = 1.0
         self.phase = phase or (lambda name: contextlib.nullcontext())   # a MemoryProfiler's phase, to measure
 
     # --- the losses ---
-    def pair_losses(self, examples, seed: int) -> tuple[float, float]:
-        return micro_batched_losses(self.model, self.tuned, examples, self.batch_of, seed, self.eps, self.objective,
-                                    self.micro_batch)
+    def pair_losses(self, examples, seed: int, eps: float | None = None) -> tuple[float, float]:
+        """l(W + eps z) and l(W - eps z); eps None: the stepper's."""
+        return micro_batched_losses(self.model, self.tuned, examples, self.batch_of, seed,
+                                    self.eps if eps is None else eps, self.objective, self.micro_batch)
 
     def _scores_loss(self, batch):
         from .scoring import candidate_scores, last_hidden, losses
@@ -201,7 +205,7 @@ class Stepper:
             for seed in seeds:
                 with self.phase("forward ±eps"):
                     plus, minus = self.pair_losses(examples, seed)
-                coefficients.append((plus - minus) / (2 * self.eps))
+                coefficients.append(self.lr_factor * (plus - minus) / (2 * self.eps))
                 mean_loss += (plus + minus) / 2 / len(seeds)
             self.forwards += 2 * len(seeds)
             with self.phase("update"):
@@ -217,7 +221,7 @@ class Stepper:
                     self.updates.append(None)
             else:
                 with self.phase("update"):
-                    self._zo_update([seed], [(loss - self.previous_loss) / self.eps])
+                    self._zo_update([seed], [self.lr_factor * (loss - self.previous_loss) / self.eps])
             self.previous_loss = loss
             return loss
         with self.phase("forward + backward"):

@@ -17,7 +17,7 @@ from .errors import ZoliteError
 class Profile:
     name: str
     description: str
-    source: str                      # "package:<module>/<file>" or "hub:<org/name>"
+    source: str                      # "package:<module>/<file>", "parts" (the [parts] table) or "hub:<org/name>"
     arch: str
     num_layers: int
     hf_id: str | None = None
@@ -29,6 +29,7 @@ class Profile:
     # the planner uses them until the user's own `zolite profile` has measured the model
     activation_bytes_per_token: dict = field(default_factory=dict)
     activation_source: str | None = None
+    parts: dict = field(default_factory=dict)   # source "parts": a file shipped as several packages (zolite.parts)
 
 
 def profile_names() -> list[str]:

@@ -17,13 +17,19 @@ from .errors import ZoliteError
 from .patch import Patch, check_fits, fingerprint, save_patch
 
 
-def save_trajectory(path, trajectory: list, metadata: dict, *, force: bool = False) -> Path:
+SCALE = "trajectory.scale/"   # + a tensor's full name: its measured activation scale (--eps-scale activation)
+
+
+def save_trajectory(path, trajectory: list, metadata: dict, *, force: bool = False,
+                    scales: dict[str, torch.Tensor] | None = None) -> Path:
     """trajectory: [(seed, g), ...] up to the kept step. g is kept in float64: the update's step is computed from
-    it in double precision, and must be the same number on replay."""
+    it in double precision, and must be the same number on replay. scales: measured per-tensor scales of z."""
     seeds = torch.tensor([int(s) for s, _ in trajectory] or [0], dtype=torch.int64)
     grads = torch.tensor([float(g) for _, g in trajectory] or [0.0], dtype=torch.float64)
     meta = {**metadata, "zolite.kind": "trajectory", "zolite.trajectory_steps": str(len(trajectory))}
-    return save_patch(path, {"trajectory.seeds": seeds, "trajectory.grads": grads}, meta, dtype=None, force=force)
+    tensors = {"trajectory.seeds": seeds, "trajectory.grads": grads}
+    tensors.update({SCALE + k: v.detach().cpu().contiguous() for k, v in (scales or {}).items()})
+    return save_patch(path, tensors, meta, dtype=None, force=force)
 
 
 def trajectory_path(dense: Path) -> Path:
@@ -62,6 +68,7 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
     seeds = patch.tensors["trajectory.seeds"].tolist()[:steps]
     grads = patch.tensors["trajectory.grads"].tolist()[:steps]
     tuned = TunedLayers(model, patch.layers, hparams.get("eps_scale", "absolute"))
+    tuned.set_scales({k.removeprefix(SCALE): v for k, v in patch.tensors.items() if k.startswith(SCALE)})
     here = device_descriptor(tuned.params[0].device, tuned.params[0].dtype)
     trained_on = patch.metadata.get("zolite.trained_on")
     if device_kind(trained_on) != device_kind(here):

@@ -33,11 +33,13 @@ from .scan import choose_layers, folder_identity, scan
 from .scoring import collate, pad_token_id
 from .tasks import CustomTask, get_task, task_data
 from .optim import ESTIMATORS, OPTIMIZERS, Stepper
-from .zo import TunedLayers, generation_losses
+from .stepsize import PROBES, LossGuard, guard_window, probe_lr
+from .precondition import measure_scales, scale_summary
+from .zo import EPS_SCALES, TunedLayers, generation_losses
 
 OBJECTIVES = ("ce", "lm", "accuracy", "f1")
 SEED_CHECKPOINT_S = 60   # a seed checkpoint is kilobytes: ZO runs also write one this often between evals
-BUILTIN_DEFAULTS = {"lr": 1e-6, "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
+BUILTIN_DEFAULTS = {"lr": "auto", "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
 
 
 @dataclass
@@ -48,7 +50,7 @@ class TuneConfig:
     layer: str | None = None          # "12", "3,5" or "all" (0-based); None / "auto" = the dominant layer
                                       # (this model's cached scan, else its profile, else a scan now)
     steps: int | None = None
-    lr: float | None = None
+    lr: float | str | None = None     # a number, or "auto": probed from the model before the run (zolite.stepsize)
     eps: float | None = None
     batch_size: int | None = None
     weight_decay: float = 0.0
@@ -72,7 +74,9 @@ class TuneConfig:
     optimizer: str = "sgd"            # sgd | momentum | adam (AdamW) | sign
     momentum: float = 0.9
     layerwise: bool = False           # per-tensor trust ratio ||W|| / ||update|| (lr becomes a relative step)
-    eps_scale: str = "absolute"       # absolute: W + eps z; relative: tensor i gets eps * RMS(base W_i) * z
+    guard: bool = True                # halve the step when the training loss climbs (ZO with sgd / momentum)
+    eps_scale: str = "absolute"       # absolute: W + eps z; relative: tensor i gets eps * RMS(base W_i) * z;
+                                      # activation: column j of a matrix gets eps * s_j * z (zolite.precondition)
     data: str | None = None
     eval_test: bool = False           # also score the held-out test rows at the end
     template: str | None = None       # custom tasks (task = a .jsonl file): see zolite/tasks/custom.py
@@ -138,11 +142,11 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         stepper = Stepper(net, tuned, estimator=config.estimator, n_z=config.n_z, eps=config.eps,
                           objective=config.objective, micro_batch=config.micro_batch, seed=config.seed,
                           phase=profiler.phase, collate_to_device=lambda c: collate(c, pad).to(device),
-                          name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                          name=config.optimizer, lr=0.0, weight_decay=config.weight_decay,
                           momentum=config.momentum, layerwise=config.layerwise)
         if config.objective == "f1":   # greedy answers under +eps and -eps, scored like the eval: raw rows go in
-            stepper.pair_losses = lambda rows, seed: generation_losses(net, tokenizer, tuned, task_, rows, seed,
-                                                                        config.eps, config.max_length)
+            stepper.pair_losses = lambda rows, seed, eps=None: generation_losses(
+                net, tokenizer, tuned, task_, rows, seed, config.eps if eps is None else eps, config.max_length)
         trained_on = device_descriptor(device, loaded.dtype)
         state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0,
                  "devices": [trained_on]}
@@ -150,9 +154,25 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         # a finite fallback if the run diverges: the best-val copy, else (no val) the base weights, step 0
         start_step, start_weights = 0, None if config.eval_every and val else _cpu_copy(tuned.state())
         saved = load_checkpoint(run_dir) if resume else None
+        if config.eps_scale == "activation":   # measured on the base (a resumed run reads them back)
+            with profiler.phase("lr probe"):
+                tuned.set_scales(_saved_scales(saved) or measure_scales(net, tuned, train, eval_batch, device))
+        # the step size: given, or probed on the base weights (a resumed run reads what it probed)
+        lr_choice = saved[2].get("lr_choice") if saved is not None else None
+        if lr_choice is None:
+            with profiler.phase("lr probe"):
+                lr_choice = choose_lr(config, stepper, splits.train if config.objective == "f1" else train)
+        stepper.optimizer.lr = lr_choice["lr"]
+        config = dataclasses.replace(config, lr=lr_choice["lr"])   # patches and trajectories record the number
+        state["lr_choice"] = lr_choice
+        guard = LossGuard(guard_window(config.steps)) if uses_guard(config) else None
         if saved is not None:
             with profiler.phase("resume"):   # the replay of a seed checkpoint
                 best, state = _resume(saved, tuned, stepper, trained_on, run_dir)
+                state["lr_choice"] = lr_choice
+                if guard is not None:
+                    guard.replay(state["losses"])
+                    stepper.lr_factor = guard.factor
         elif config.eval_every and val:
             with profiler.phase("eval"):
                 state["val"].append([0, val_score()])
@@ -177,6 +197,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                 if not math.isfinite(state["losses"][-1]):   # diverged: the weights are no longer usable
                     state["diverged_at"] = state["step"]
                     break
+                if guard is not None and guard.check(state["losses"], quiet=not progress):
+                    stepper.lr_factor = guard.factor
 
                 # val checks every eval_every steps and at the last step (so --keep best can keep the steps after
                 # the last multiple of eval_every)
@@ -229,7 +251,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                 trajectory = [(u[0][0], u[1][0]) for u in stepper.updates[:metric["kept_step"]]]
                 save_trajectory(trajectory_path(out), trajectory, {
                     **patch_metadata, "zolite.dense_sha256": fingerprint(tuned.state()),
-                    "zolite.trained_on": trained_on}, force=True)   # checked up front
+                    "zolite.trained_on": trained_on}, force=True, scales=tuned.scale_tensors())   # checked up front
         step_ms = 1000 * state["train_s"] / max(1, len(state["losses"]))
         memory_profile = profiler.report(static, extra={
             "step_ms": round(step_ms, 2), "plan": plan.reason if plan else None,
@@ -244,6 +266,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             "base_sha256": base_sha256,
             "data": {"source": splits.source, "rows_in_file": splits.total_rows, "counts": splits.counts},
             "steps": state["step"], "kept_step": metric["kept_step"], "forward_passes": stepper.forwards,
+            "lr": {**lr_choice, "backoffs": guard.backoffs if guard else None},
+            "activation_scales": scale_summary(tuned.scale_tensors()) if tuned.scale_tensors() else None,
             "diverged_at_step": state.get("diverged_at"), "devices": state["devices"],
             "final": final, "val_curve": state["val"], "loss_curve": state["losses"],
             "timing": {"load_s": round(load_s, 2), "train_s": round(state["train_s"], 2),
@@ -372,12 +396,18 @@ def _save(run_dir, tuned, stepper, best, state, trained_on: str) -> None:
     buffers (opt/...)."""
     tensors, scalars = stepper.state()
     state = {**state, "optimizer": scalars, "trained_on": trained_on}
+    scales = {f"{k}#scale": v for k, v in tuned.scale_tensors().items()}   # measured: saved, not recomputed
     if stepper.updates is not None:
-        save_checkpoint(run_dir, {}, None, {**state, "updates": stepper.updates,
-                                            "replay_sha256": fingerprint(tuned.exact_state(), as_stored=True)})
+        save_checkpoint(run_dir, scales, None, {**state, "updates": stepper.updates,
+                                                "replay_sha256": fingerprint(tuned.exact_state(), as_stored=True)})
     else:
-        save_checkpoint(run_dir, {**tuned.exact_state(), **{f"opt/{k}": v for k, v in tensors.items()}}, best,
-                        state)
+        save_checkpoint(run_dir, {**tuned.exact_state(), **{f"opt/{k}": v for k, v in tensors.items()}, **scales},
+                        best, state)
+
+
+def _saved_scales(saved) -> dict:
+    """The activation scales a checkpoint holds (none: a fresh run, or another eps scale)."""
+    return {k.removesuffix("#scale"): v for k, v in saved[0].items() if k.endswith("#scale")} if saved else {}
 
 
 def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | None, dict]:
@@ -477,6 +507,10 @@ def check_options(config: TuneConfig) -> None:
     """Numbers and choices the user gave, checked before anything is loaded (None = the profile's default)."""
     minimum = {"steps": 0, "batch_size": 1, "max_length": 2, "eval_every": 0, "lr": 0.0, "weight_decay": 0.0,
                "micro_batch": 1, "int8_threshold": 0.0}
+    if isinstance(config.lr, str):
+        if config.lr != "auto":
+            raise ZoliteError(f"--lr must be a number or auto, got {config.lr!r}")
+        minimum.pop("lr")
     for name, low in minimum.items():
         check_at_least(f"--{name.replace('_', '-')}", getattr(config, name), low)
     if not 0 <= config.momentum < 1:
@@ -488,8 +522,8 @@ def check_options(config: TuneConfig) -> None:
         raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
     if config.micro_batch and config.batch_size and config.batch_size % config.micro_batch:
         raise ZoliteError(f"--micro-batch {config.micro_batch} must divide --batch-size {config.batch_size}")
-    if config.eps_scale not in ("absolute", "relative"):
-        raise ZoliteError(f"--eps-scale must be absolute or relative, got {config.eps_scale!r}")
+    if config.eps_scale not in EPS_SCALES:
+        raise ZoliteError(f"--eps-scale must be one of {', '.join(EPS_SCALES)}, got {config.eps_scale!r}")
     if config.estimator not in ESTIMATORS:
         raise ZoliteError(f"unknown estimator '{config.estimator}'; choose one of {', '.join(ESTIMATORS)}")
     if config.optimizer not in OPTIMIZERS:
@@ -505,6 +539,32 @@ def check_options(config: TuneConfig) -> None:
         parse_size(config.gpu_memory)
     if config.objective not in (None, *OBJECTIVES):
         raise ZoliteError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}")
+
+
+def auto_lr_supported(config: TuneConfig) -> bool:
+    """The probe measures the step of ZO-SGD (momentum: scaled by 1 - beta); Adam, sign and the trust ratio take
+    steps of their own size, and backprop has no probe."""
+    return config.estimator != "fo" and config.optimizer in ("sgd", "momentum") and not config.layerwise
+
+
+def uses_guard(config: TuneConfig) -> bool:
+    return config.guard and auto_lr_supported(config)
+
+
+def choose_lr(config: TuneConfig, stepper: Stepper, train: list) -> dict:
+    """{"lr", "source", "probe"}: the lr given, or for "auto" the probe's on the base weights (zolite.stepsize),
+    on batches drawn apart from the run's."""
+    if config.lr != "auto":
+        return {"lr": float(config.lr), "source": "given", "probe": None}
+    if not auto_lr_supported(config):
+        raise ZoliteError("--lr auto probes the step of ZO-SGD; with --estimator fo, --optimizer adam / sign or "
+                          "--layerwise give --lr")
+    batches = [[[train[i] for i in batches_for_step(len(train), config.batch_size, 2 * k + half, -1 - config.seed)]
+                for half in (0, 1)] for k in range(PROBES)]
+    probe = probe_lr(stepper.pair_losses, batches, config.seed, config.eps)
+    stepper.forwards += probe.forwards
+    lr = probe.lr * (1 - config.momentum if config.optimizer == "momentum" else 1.0)
+    return {"lr": float(f"{lr:.4g}"), "source": "probe", "probe": probe.as_dict()}
 
 
 def _fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=None) -> TuneConfig:

@@ -21,6 +21,7 @@ from .errors import ZoliteError
 from .layers import decoder_layers
 
 _MIX = 0x9E3779B97F4A7C15
+EPS_SCALES = ("absolute", "relative", "activation")
 
 
 def tensor_seed(step_seed: int, index: int) -> int:
@@ -47,11 +48,12 @@ class TunedLayers:
     """The tuned decoder layers: their parameters by full name, and a compensation residual for half-precision ones."""
 
     def __init__(self, model: torch.nn.Module, indices: list[int], eps_scale: str = "absolute"):
-        """eps_scale: 'absolute' (z ~ N(0, 1) per weight, times eps) or 'relative' (tensor i is perturbed by
+        """eps_scale: 'absolute' (z ~ N(0, 1) per weight, times eps), 'relative' (tensor i is perturbed by
         eps * s_i * z with s_i = the RMS of its weights when this object is made, i.e. of the base; the update
-        follows the same s_i * z, a diagonal preconditioning)."""
-        if eps_scale not in ("absolute", "relative"):
-            raise ZoliteError(f"unknown eps scale '{eps_scale}'; choose absolute or relative")
+        follows the same s_i * z, a diagonal preconditioning) or 'activation' (a matrix's column j is perturbed by
+        eps * s_j * z, s_j from the energy of its input channel j: zolite.precondition; set by set_scales)."""
+        if eps_scale not in EPS_SCALES:
+            raise ZoliteError(f"unknown eps scale '{eps_scale}'; choose one of {', '.join(EPS_SCALES)}")
         prefix, layers = decoder_layers(model)
         self.indices = list(indices)
         self.layers = [layers[i] for i in self.indices]
@@ -63,10 +65,28 @@ class TunedLayers:
                     self.params.append(p)
                     self.owner.append((module, attr))
         self.residuals = [None if p.dtype == torch.float32 else torch.zeros_like(p) for p in self.params]
-        self.scales = [1.0] * len(self.params)
+        self.eps_scale = eps_scale
+        self.scales: list = [1.0] * len(self.params)   # a float per tensor, or a tensor broadcast over it
         if eps_scale == "relative":
             rms = [p.detach().float().pow(2).mean().sqrt().item() for p in self.params]
             self.scales = [r if r > 0 else 1.0 for r in rms]
+
+    def set_scales(self, scales: dict[str, torch.Tensor]) -> None:
+        """Per-tensor scale tensors by full name (fp32, broadcastable to the tensor); the others stay 1."""
+        for i, (name, p) in enumerate(zip(self.names, self.params)):
+            if name in scales:
+                self.scales[i] = scales[name].to(p.device, torch.float32)
+
+    def scale_tensors(self) -> dict[str, torch.Tensor]:
+        """The scale tensors by full name (for checkpoints and trajectories: they are measured, not derived)."""
+        return {n: s for n, s in zip(self.names, self.scales) if isinstance(s, torch.Tensor)}
+
+    def z(self, seed: int, i: int) -> tuple[torch.Tensor, float]:
+        """(z of tensor i, times its scale tensor if it has one; the scalar scale left to apply)."""
+        z, scale = sample_z(seed, i, self.params[i]), self.scales[i]
+        if isinstance(scale, torch.Tensor):
+            return z.mul_(scale), 1.0
+        return z, scale
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
@@ -131,9 +151,9 @@ class TunedLayers:
         arithmetic is elementwise, so the result is the same bits), and each z is freed before the next is drawn:
         one fp32 tensor plus a chunk alive at a time, where a whole fp32 value and two z's were before."""
         for i, (p, r) in enumerate(zip(self.params, self.residuals)):
-            z = sample_z(seed, i, p)
+            z, scale = self.z(seed, i)
             decay = 1 - lr * weight_decay if weight_decay and p.dim() >= 2 else None
-            step = -lr * projected_grad * self.scales[i]
+            step = -lr * projected_grad * scale
             if r is None:   # fp32: the weight is its own master, edited in place
                 if decay is not None:
                     p.mul_(decay)
@@ -167,7 +187,8 @@ class TunedLayers:
         def swap_in(module, _args, _entries):
             for i, attr in _entries:   # W + sign * eps * z, built in z's buffer: one fp32 temporary per tensor
                 p, r = self.params[i], self.residuals[i]
-                w = sample_z(seed, i, p).mul_(state["sign"] * eps * self.scales[i]).add_(p)
+                z, scale = self.z(seed, i)
+                w = z.mul_(state["sign"] * eps * scale).add_(p)
                 if r is not None:
                     w.add_(r, alpha=1 / RESIDUAL_SCALE)
                 module._parameters[attr] = w.to(p.dtype)

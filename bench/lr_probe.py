@@ -1,0 +1,91 @@
+"""The step-size probe (zolite.stepsize) on a real model: the lr it picks per layer and perturbation scale, next to
+the numbers behind it (curvature along z, signal fraction), and the expected loss decrease per step at that lr.
+
+    python bench/lr_probe.py --model smollm2-135m --task sst2 --layers 11 --eps-scale absolute,activation \
+        --data ../shared/data --out bench/results/lr_probe/smollm2-sst2.json
+
+One model load per layer (quantized modes keep only the probed layer unquantized).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def probe(model, task, layer, eps_scale, data, mode, dtype, batch_size, seed, eps):
+    from zolite.data import sample_splits
+    from zolite.evaluate import encode_rows
+    from zolite.optim import Stepper
+    from zolite.precondition import measure_scales, scale_summary
+    from zolite.scoring import collate, pad_token_id
+    from zolite.tasks import get_task, task_data
+    from zolite.tune import TuneConfig, _fill_defaults, choose_lr, load_for_tuning
+    from zolite.zo import TunedLayers
+    from zolite.layers import decoder_layers
+
+    config = TuneConfig(model=model, task=task, layer=str(layer), mode=mode, dtype=dtype, batch_size=batch_size,
+                        seed=seed, eps=eps, data=data, eps_scale=eps_scale[0], lr="auto")
+    loaded, indices, _, _ = load_for_tuning(config)
+    task_ = get_task(task)
+    config = _fill_defaults(config, loaded, indices, len(decoder_layers(loaded.model)[1]), task_)
+    splits = sample_splits(task_data(task_, data), seed=0, validate=task_.validate, expand=task_.expand)
+    train = encode_rows(loaded.tokenizer, task_, splits.train, config.max_length)
+    pad, device = pad_token_id(loaded.tokenizer), loaded.device
+    rows = []
+    for scale in eps_scale:
+        tuned = TunedLayers(loaded.model, indices, scale)
+        if scale == "activation":
+            tuned.set_scales(measure_scales(loaded.model, tuned, train, 2 * config.batch_size, device))
+        stepper = Stepper(loaded.model, tuned, eps=config.eps, objective="ce", seed=seed, lr=0.0,
+                          collate_to_device=lambda c: collate(c, pad).to(device))
+        t0 = time.perf_counter()
+        choice = choose_lr(dataclasses.replace(config, eps_scale=scale), stepper, train)
+        p = choice["probe"]
+        signal = max(p["signal"], 0.0)
+        rows.append({"layer": layer, "eps_scale": scale, "tuned_params": tuned.numel(), "lr": choice["lr"],
+                     "signal_fraction": p["signal"] / p["slope_sq"],
+                     # E[dL] at the chosen lr, per step (to second order; negative = the loss falls)
+                     "expected_change": -choice["lr"] * signal + choice["lr"] ** 2 / 2 * p["slope_sq"] * p["weighted_curvature"],
+                     "probe": p, "probe_s": round(time.perf_counter() - t0, 2),
+                     "scales": scale_summary(tuned.scale_tensors()) if scale == "activation" else None})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("probe", "scales")}), flush=True)
+    del loaded
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--layers", default="11", help="comma-separated, 0-based")
+    ap.add_argument("--eps-scale", default="absolute,activation")
+    ap.add_argument("--data")
+    ap.add_argument("--mode")
+    ap.add_argument("--dtype")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    rows = []
+    for layer in [int(x) for x in args.layers.split(",")]:
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            for row in probe(args.model, args.task, layer, args.eps_scale.split(","), args.data, args.mode,
+                             args.dtype, args.batch_size, seed, args.eps):
+                rows.append({**row, "seed": seed})
+    info = {"command": "python bench/lr_probe.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(info, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
