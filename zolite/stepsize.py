@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from .errors import ZoliteError
 
 PROBES = 24          # probe batches: 3 doubled forwards each (~7% of a 1,000-step run's forwards)
-MIN_SIGNAL = 0.05    # floor of the signal fraction E[g_a g_b] / E[g_a^2]
-SAFETY = 0.5         # the lr used, as a fraction of the one minimising the expected loss change
+KAPPA = 0.05         # lr = KAPPA / curvature (see the module's docstring for how it was set)
 MAX_BACKOFFS = 8     # the guard halves the step at most this often (1/256)
 
 
@@ -91,8 +90,7 @@ def probe_lr(pair_losses, batches: list[tuple[list, list]], run_seed: int, eps: 
     if curvature <= 0:   # no positive curvature measured: fall back on the slope's own scale
         result.note = "no positive curvature measured; lr from the curvature's standard error"
         curvature = max(result.curvature_se, 1e-12)
-    fraction = max(MIN_SIGNAL, min(1.0, signal / slope_sq))
-    result.lr = SAFETY * fraction / curvature
+    result.lr = KAPPA / curvature
     return result
 
 
