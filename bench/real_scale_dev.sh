@@ -3,6 +3,8 @@
 #   bash bench/real_scale_dev.sh smollm2        # SmolLM2: probed lr vs the hand-picked 3e-4, activation-scaled z
 #   bash bench/real_scale_dev.sh qwen           # Qwen2.5-Coder-1.5B (nf4): scan, noise and lr probes, the dev plan
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
+#   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
+#                                               # name them: pkill -f would match the call's shell)
 # Jobs run in the background (setsid): they outlive the call that started them while the machine stays warm.
 # Re-running a start resumes (finished runs are read back, cut-off ones continue from their seed checkpoints).
 set -u
@@ -12,19 +14,22 @@ case $1 in
 smollm2)
   for t in sst2 boolq; do
     setsid nohup zolite ablate --model smollm2-135m --task $t --plan bench/plans/smollm2_auto_lr.toml --seeds 1 \
-      --steps 1000 --jobs 3 --data /root/data --out $R/smollm2/$t --quiet > $R/smollm2-$t.log 2>&1 < /dev/null &
+      --steps 1000 --jobs 3 --data /root/data --out $R/smollm2b/$t --quiet > $R/smollm2b-$t.log 2>&1 < /dev/null &
   done ;;
 qwen)
-  zolite scan --model qwen2.5-coder-1.5b --out $R/scan-qwen --force > $R/scan-qwen.log 2>&1
-  setsid nohup python bench/quant_noise_probe.py --model qwen2.5-coder-1.5b --layer 1 --reference-dtype float32 \
+  [ -f $R/scan-qwen/report.json ] || zolite scan --model qwen2.5-coder-1.5b --out $R/scan-qwen --force > $R/scan-qwen.log 2>&1
+  [ -f $R/noise-qwen.log ] || setsid nohup python bench/quant_noise_probe.py --model qwen2.5-coder-1.5b --layer 1 --reference-dtype float32 \
     --modes reference,"fp16 float16","fp16 bfloat16","nf4 float16","nf4 bfloat16" --eps 1e-3,1e-2 \
     --out $R/noise-qwen > $R/noise-qwen.log 2>&1 < /dev/null &
-  setsid nohup python bench/lr_probe.py --model qwen2.5-coder-1.5b --task boolq --layers 1,4,14,27 --mode nf4 \
+  [ -f $R/lr-probe-qwen.log ] || setsid nohup python bench/lr_probe.py --model qwen2.5-coder-1.5b --task boolq --layers 1,4,14,27 --mode nf4 \
     --data /root/data --out $R/lr-probe-qwen-boolq.json > $R/lr-probe-qwen.log 2>&1 < /dev/null &
   for t in sst2 boolq rte; do
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_dev.toml --seeds 1 \
-      --steps 1000 --jobs 4 --data /root/data --out $R/qwen/$t --quiet > $R/qwen-$t.log 2>&1 < /dev/null &
+      --steps 1000 --jobs 4 --data /root/data --out $R/qwen2/$t --quiet > $R/qwen2-$t.log 2>&1 < /dev/null &
   done ;;
+stop)
+  pkill -f "zolite ablate"; pkill -f "multiprocessing.spawn"; sleep 4
+  pkill -9 -f "zolite ablate"; pkill -9 -f "multiprocessing.spawn"; true ;;
 collect)
   out=$2
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > $R/nvidia-smi.txt
