@@ -1,5 +1,5 @@
 """The step-size probe (zolite.stepsize) on a real model: the lr it picks per layer and perturbation scale, next to
-the numbers behind it (curvature along z, signal fraction), and the expected loss decrease per step at that lr.
+the numbers behind it (curvature along z, the slope's signal per unit curvature).
 
     python bench/lr_probe.py --model smollm2-135m --task sst2 --layers 11 --eps-scale absolute,activation \
         --data ../shared/data --out bench/results/lr_probe/smollm2-sst2.json
@@ -46,11 +46,10 @@ def probe(model, task, layer, eps_scale, data, mode, dtype, batch_size, seed, ep
         t0 = time.perf_counter()
         choice = choose_lr(dataclasses.replace(config, eps_scale=scale), stepper, train)
         p = choice["probe"]
-        signal = max(p["signal"], 0.0)
         rows.append({"layer": layer, "eps_scale": scale, "tuned_params": tuned.numel(), "lr": choice["lr"],
-                     "signal_fraction": p["signal"] / p["slope_sq"],
-                     # E[dL] at the chosen lr, per step (to second order; negative = the loss falls)
-                     "expected_change": -choice["lr"] * signal + choice["lr"] ** 2 / 2 * p["slope_sq"] * p["weighted_curvature"],
+                     "curvature": p["curvature"], "curvature_se": p["curvature_se"],
+                     # the slope two batches agree on, per unit curvature: how fast ZO can learn here, per step
+                     "signal_per_curvature": p["signal"] / p["used_curvature"],
                      "probe": p, "probe_s": round(time.perf_counter() - t0, 2),
                      "scales": scale_summary(tuned.scale_tensors()) if scale == "activation" else None})
         print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("probe", "scales")}), flush=True)

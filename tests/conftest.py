@@ -15,7 +15,9 @@ torch.set_num_threads(2)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def build_tiny_model(out: Path, seed: int = 0, layers: int = 4, hidden: int = 32) -> Path:
+def build_tiny_model(out: Path, seed: int = 0, layers: int = 4, hidden: int = 32, sharp: bool = False) -> Path:
+    """sharp: embeddings (tied to the head) 30x larger, so the logits, and the loss, answer the layers' weights
+    (a random tiny model's loss barely moves whatever its weights)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -35,14 +37,49 @@ def build_tiny_model(out: Path, seed: int = 0, layers: int = 4, hidden: int = 32
                          max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
+    if sharp:
+        with torch.no_grad():
+            model.model.embed_tokens.weight.mul_(30)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def build_tiny_qwen2(out: Path, seed: int = 0, layers: int = 3, hidden: int = 32) -> Path:
+    """A tiny random Qwen2: q/k/v biases, grouped-query attention (4 query / 2 key-value heads), tied embeddings,
+    with the same BPE tokenizer as the tiny Llama."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok_dir = build_tiny_model(out.parent / f"{out.name}-tok", layers=1)
+    fast = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():   # random biases, so a patch that dropped them would show
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.02)
     model.save_pretrained(out)
     fast.save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> str:
+    return str(build_tiny_qwen2(tmp_path_factory.mktemp("qwen2") / "model"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
+def sharp_tiny_model(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("sharp"), sharp=True))
 
 
 @pytest.fixture(scope="session")

@@ -1,26 +1,31 @@
-"""The step size, from the model instead of a grid: a probe before the run, a guard during it.
+"""The step size, from the model instead of a grid: a curvature probe before the run, a guard during it.
 
 Why a fixed lr fails across models: MeZO's update is W <- W - lr g u, with u the (scaled) random direction and
-g = (l+ - l-) / 2eps the loss's slope along it. To second order a step changes the loss on fresh data by
+g = (l+ - l-) / 2eps the loss's slope along it. To second order a step changes the loss by
 
-    E[dL] = -lr E[g_a g_b] + lr^2 / 2 E[g_a^2 c],      c = u'Hu, the loss's curvature along u,
+    dL = -lr g (u . grad) + lr^2 / 2 g^2 c,      c = u'Hu, the loss's curvature along u.
 
-where g_a and g_b are the slopes along the same u on two independent batches (their product keeps the part of the
-gradient the batches agree on: the signal; g_a^2 also holds the batch noise). c grows with the number of perturbed
-weights (E[c] = tr H in u's metric), which is why SmolLM2's layer 11 (3.5M weights) learns at 3e-4 and Qwen2.5-1.5B's
-layer 1 (46.8M) is wrecked at 1e-4.
+Over random u, E[c] = tr H (in u's metric), which grows with the number of perturbed weights: the step that keeps
+the second term in check shrinks as the tuned layer grows. That is why SmolLM2's layer 11 (3.5M weights) learns at
+3e-4 while Qwen2.5-1.5B's layer 1 (46.8M) is wrecked at 1e-4.
 
-The probe measures those three numbers on a few training batches, from doubled forwards the run makes anyway:
-(l+, l-) on batch a, the unperturbed l0 on batch a (the same doubled forward at eps 0, so its rounding matches) and
-(l+, l-) on batch b, each probe with its own z. c = (l+ + l- - 2 l0) / eps^2. The lr minimising E[dL] is
-E[g_a g_b] / E[g_a^2 c]; the signal term is noisy over a few probes, so it is floored at `MIN_SIGNAL` of E[g_a^2]
-(a step at that lr still expects the loss to fall when the signal is at least that), and the result is scaled by
-`SAFETY` (half the minimising lr keeps 75% of its expected decrease, with room for curvature that grows as the
-weights move).
+The probe measures c directly: on `PROBES` training batches, each with its own z, the doubled forward gives l+ and
+l- at `probe_eps` and the same forward at eps 0 gives l0 (so its rounding matches), c = (l+ + l- - 2 l0) / eps^2,
+and lr = KAPPA / c. c is a second difference, so its rounding noise grows as 1/eps^2: at MeZO's eps 1e-3 in nf4 the
+noise swamped it on Qwen2.5 BoolQ and RTE (mean c below its standard error, even negative), hence probe_eps >=
+PROBE_EPS. When c is still not clearly positive (below 3 standard errors), c + 3 standard errors is used: a smaller
+step, never a larger one.
 
-The guard: the training loss is watched in windows of `window` steps; when a window's mean is above the first
-window's (the base's loss) by more than 3 standard errors, the step size is halved. Halving is exact in floating
-point, so a backed-off run replays bit for bit (its recorded slopes carry the factor).
+KAPPA was set on SmolLM2-135M, SST-2, layer 11 (H200, bench/results/real_scale_dev): the probe measured c = 174 and
+the hand-picked 3e-4 (best val of {3e-4, 1e-3}) is 0.05 / 174. A step that also used the measured signal fraction
+(0.64 at the base) was 6x larger and collapsed after 100 steps: the signal is large only until the first, easy
+direction (the label prior) is learnt.
+
+The guard: the training loss is compared in blocks of `BLOCK` windows of `window` steps; when the last block's mean
+is above the lowest earlier block's, or the base's loss on a few training batches (measured before the first step:
+a step too large from the start lifts every block), by more than `SIGNIFICANCE` standard errors, the step is
+halved. Each halving multiplies the slopes the run records, so a resumed run or a trajectory
+replays the same updates bit for bit.
 """
 from __future__ import annotations
 
@@ -32,7 +37,11 @@ from dataclasses import dataclass, field
 from .errors import ZoliteError
 
 PROBES = 24          # probe batches: 3 doubled forwards each (~7% of a 1,000-step run's forwards)
-KAPPA = 0.05         # lr = KAPPA / curvature (see the module's docstring for how it was set)
+PROBE_EPS = 1e-2     # the smallest eps the curvature is measured at (see above)
+KAPPA = 0.05         # lr = KAPPA / curvature
+BLOCK = 4            # guard windows per compared block
+SIGNIFICANCE = 4     # standard errors a block must rise by
+BASE_BATCHES = 8     # batches the base's loss is measured on when the lr is given (a probe measures 24)
 MAX_BACKOFFS = 8     # the guard halves the step at most this often (1/256)
 
 
@@ -46,23 +55,27 @@ def probe_seed(run_seed: int, k: int) -> int:
 @dataclass
 class ProbeResult:
     lr: float
-    slope_sq: float            # E[g_a^2]
-    signal: float              # E[g_a g_b]
-    signal_se: float           # its standard error over the probes
+    eps: float                 # the eps the curvature was measured at
     curvature: float           # E[c]
-    curvature_se: float
-    weighted_curvature: float  # E[g_a^2 c] / E[g_a^2]
+    curvature_se: float        # its standard error over the probes
+    used_curvature: float      # what lr = KAPPA / used_curvature came from
+    slope_sq: float            # E[g_a^2]
+    signal: float              # E[g_a g_b]: the part of the slope two batches agree on (reported, not used)
+    signal_se: float
+    base_losses: list          # l0 of each probe batch: the guard's reference for the base's loss
     probes: int
     forwards: int
     note: str = ""
 
     def as_dict(self) -> dict:
-        return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in self.__dict__.items()
+                if k != "base_losses"}
 
 
 def probe_lr(pair_losses, batches: list[tuple[list, list]], run_seed: int, eps: float) -> ProbeResult:
-    """pair_losses(examples, seed, eps) -> (l+, l-); batches: (batch a, batch b) per probe."""
-    ga, gb, curv = [], [], []
+    """pair_losses(examples, seed, eps) -> (l+, l-); batches: (batch a, batch b) per probe; eps: the run's."""
+    eps = max(eps, PROBE_EPS)
+    ga, gb, curv, bases = [], [], [], []
     for k, (a, b) in enumerate(batches):
         seed = probe_seed(run_seed, k)
         plus, minus = pair_losses(a, seed, eps)
@@ -75,22 +88,22 @@ def probe_lr(pair_losses, batches: list[tuple[list, list]], run_seed: int, eps: 
         ga.append((plus - minus) / (2 * eps))
         gb.append((plus_b - minus_b) / (2 * eps))
         curv.append((plus + minus - 2 * base) / eps ** 2)
-    n = len(ga)
-    slope_sq = sum(g * g for g in ga) / n
+        bases.append(base)
     products = [x * y for x, y in zip(ga, gb)]
-    signal = statistics.fmean(products)
-    weighted = sum(g * g * c for g, c in zip(ga, curv)) / max(slope_sq * n, 1e-300)
-    result = ProbeResult(lr=0.0, slope_sq=slope_sq, signal=signal, signal_se=_se(products),
-                         curvature=statistics.fmean(curv), curvature_se=_se(curv), weighted_curvature=weighted,
-                         probes=n, forwards=6 * n)
-    if slope_sq == 0:
+    result = ProbeResult(lr=0.0, eps=eps, curvature=statistics.fmean(curv), curvature_se=_se(curv),
+                         used_curvature=0.0, slope_sq=statistics.fmean(g * g for g in ga),
+                         signal=statistics.fmean(products), signal_se=_se(products), base_losses=bases,
+                         probes=len(ga), forwards=6 * len(ga))
+    if result.slope_sq == 0 and result.curvature == 0:
         raise ZoliteError("the step-size probe saw no change of the loss under any perturbation (the tuned layers "
                           "do not reach the loss?); pass --lr")
-    curvature = max(weighted, result.curvature)
-    if curvature <= 0:   # no positive curvature measured: fall back on the slope's own scale
-        result.note = "no positive curvature measured; lr from the curvature's standard error"
-        curvature = max(result.curvature_se, 1e-12)
-    result.lr = KAPPA / curvature
+    used = result.curvature
+    if not used > 3 * result.curvature_se:
+        used = max(used, 0.0) + 3 * result.curvature_se
+        result.note = (f"curvature {result.curvature:.4g} not clearly above its noise ({result.curvature_se:.4g}); "
+                       "used curvature + 3 standard errors (a smaller step)")
+    result.used_curvature = used
+    result.lr = KAPPA / used
     return result
 
 
@@ -100,40 +113,50 @@ def _se(values: list[float]) -> float:
 
 @dataclass
 class LossGuard:
-    """Halve the step when the training loss climbs (see the module's docstring). factor: the current multiplier
-    of the lr (a power of two); backoffs: [step, factor] each time it changed."""
+    """Halve the step when the training loss turns up (see the module's docstring). factor: the current multiplier
+    of the lr; backoffs: [step, factor] each time it changed."""
     window: int
+    base: list = field(default_factory=list)   # the base's loss on a few training batches (a reference block)
     factor: float = 1.0
     backoffs: list = field(default_factory=list)
 
     def check(self, losses: list[float], quiet: bool = False) -> bool:
         """Called after each step with every loss so far; True when it just halved the step."""
-        n, w = len(losses), self.window
-        if n < 2 * w or n % w or len(self.backoffs) >= MAX_BACKOFFS:
+        n, block = len(losses), BLOCK * self.window
+        if n < 2 * block or n % block or len(self.backoffs) >= MAX_BACKOFFS:
             return False
-        if self.backoffs and n - self.backoffs[-1][0] < w:   # the window must be all at the current step size
+        if self.backoffs and n - self.backoffs[-1][0] < block:   # the last block must be all at the current step
             return False
-        first, recent = losses[:w], losses[n - w:]
+        recent = losses[n - block:]
         if not all(math.isfinite(v) for v in recent):
             return False   # divergence is the loop's to handle
-        se = math.sqrt(statistics.variance(first) / w + statistics.variance(recent) / w)
-        if statistics.fmean(recent) <= statistics.fmean(first) + 3 * se:
+        # the lowest earlier block (blocks do not overlap: the minimum of many overlapping ones sits far below the
+        # mean of a flat, noisy loss, and the guard would halve on noise)
+        blocks = [losses[end - block:end] for end in range(block, n - block + 1, block)]
+        best = min(blocks + ([self.base] if len(self.base) > 1 else []), key=statistics.fmean)
+        se = math.sqrt(statistics.variance(best) / len(best) + statistics.variance(recent) / block)
+        if statistics.fmean(recent) <= statistics.fmean(best) + SIGNIFICANCE * se:
             return False
         self.factor /= 2
         self.backoffs.append([n, self.factor])
         if not quiet:
-            print(f"zolite: the training loss climbed (steps {n - w + 1}-{n}: {statistics.fmean(recent):.4f}, "
-                  f"the first {w}: {statistics.fmean(first):.4f}); step size halved (lr x{self.factor:g})",
+            print(f"zolite: the training loss turned up (steps {n - block + 1}-{n}: {statistics.fmean(recent):.4f}, "
+                  f"lowest so far {statistics.fmean(best):.4f}); step size halved (lr x{self.factor:g})",
                   file=sys.stderr)
         return True
 
     def replay(self, losses: list[float]) -> None:
-        """Rebuild the guard's state from a resumed run's losses (it only looks at multiples of its window)."""
+        """Rebuild the guard's state from a resumed run's losses (it only looks at multiples of its block)."""
         self.factor, self.backoffs = 1.0, []
-        for n in range(self.window, len(losses) + 1, self.window):
+        for n in range(BLOCK * self.window, len(losses) + 1, BLOCK * self.window):
             self.check(losses[:n], quiet=True)
 
 
+def base_losses(pair_losses, batches: list[list], run_seed: int) -> list[float]:
+    """The unperturbed loss on a few training batches (the doubled forward at eps 0): the guard's reference."""
+    return [pair_losses(b, probe_seed(run_seed, k), 0.0)[0] for k, b in enumerate(batches)]
+
+
 def guard_window(steps: int) -> int:
-    """Windows of 2% of the run, at least 25 steps: ~50 checks a run, each over enough batches to see a climb."""
+    """Windows of 2% of the run, at least 25 steps (blocks of 8%, at least 100 steps)."""
     return max(25, steps // 50)

@@ -33,7 +33,7 @@ from .scan import choose_layers, folder_identity, scan
 from .scoring import collate, pad_token_id
 from .tasks import CustomTask, get_task, task_data
 from .optim import ESTIMATORS, OPTIMIZERS, Stepper
-from .stepsize import PROBES, LossGuard, guard_window, probe_lr
+from .stepsize import BASE_BATCHES, PROBES, LossGuard, base_losses, guard_window, probe_lr
 from .precondition import measure_scales, scale_summary
 from .zo import EPS_SCALES, TunedLayers, generation_losses
 
@@ -165,7 +165,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
         stepper.optimizer.lr = lr_choice["lr"]
         config = dataclasses.replace(config, lr=lr_choice["lr"])   # patches and trajectories record the number
         state["lr_choice"] = lr_choice
-        guard = LossGuard(guard_window(config.steps)) if uses_guard(config) else None
+        guard = LossGuard(guard_window(config.steps), lr_choice.get("base_losses", [])) if uses_guard(config) else None
         if saved is not None:
             with profiler.phase("resume"):   # the replay of a seed checkpoint
                 best, state = _resume(saved, tuned, stepper, trained_on, run_dir)
@@ -266,7 +266,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
             "base_sha256": base_sha256,
             "data": {"source": splits.source, "rows_in_file": splits.total_rows, "counts": splits.counts},
             "steps": state["step"], "kept_step": metric["kept_step"], "forward_passes": stepper.forwards,
-            "lr": {**lr_choice, "backoffs": guard.backoffs if guard else None},
+            "lr": {**{k: v for k, v in lr_choice.items() if k != "base_losses"},
+                   "backoffs": guard.backoffs if guard else None},
             "activation_scales": scale_summary(tuned.scale_tensors()) if tuned.scale_tensors() else None,
             "diverged_at_step": state.get("diverged_at"), "devices": state["devices"],
             "final": final, "val_curve": state["val"], "loss_curve": state["losses"],
@@ -554,17 +555,22 @@ def uses_guard(config: TuneConfig) -> bool:
 def choose_lr(config: TuneConfig, stepper: Stepper, train: list) -> dict:
     """{"lr", "source", "probe"}: the lr given, or for "auto" the probe's on the base weights (zolite.stepsize),
     on batches drawn apart from the run's."""
+    def batch(k: int) -> list:   # probe batches: drawn apart from the run's
+        return [train[i] for i in batches_for_step(len(train), config.batch_size, k, -1 - config.seed)]
+
     if config.lr != "auto":
-        return {"lr": float(config.lr), "source": "given", "probe": None}
+        base = base_losses(stepper.pair_losses, [batch(k) for k in range(BASE_BATCHES)], config.seed) \
+            if uses_guard(config) else []
+        stepper.forwards += 2 * len(base)
+        return {"lr": float(config.lr), "source": "given", "probe": None, "base_losses": base}
     if not auto_lr_supported(config):
         raise ZoliteError("--lr auto probes the step of ZO-SGD; with --estimator fo, --optimizer adam / sign or "
                           "--layerwise give --lr")
-    batches = [[[train[i] for i in batches_for_step(len(train), config.batch_size, 2 * k + half, -1 - config.seed)]
-                for half in (0, 1)] for k in range(PROBES)]
-    probe = probe_lr(stepper.pair_losses, batches, config.seed, config.eps)
+    probe = probe_lr(stepper.pair_losses, [(batch(2 * k), batch(2 * k + 1)) for k in range(PROBES)], config.seed,
+                     config.eps)
     stepper.forwards += probe.forwards
     lr = probe.lr * (1 - config.momentum if config.optimizer == "momentum" else 1.0)
-    return {"lr": float(f"{lr:.4g}"), "source": "probe", "probe": probe.as_dict()}
+    return {"lr": float(f"{lr:.4g}"), "source": "probe", "probe": probe.as_dict(), "base_losses": probe.base_losses}
 
 
 def _fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=None) -> TuneConfig:

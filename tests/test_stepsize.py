@@ -1,0 +1,156 @@
+"""The step size from the model: the curvature probe, the guard, and both inside a tune run."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from zolite.stepsize import KAPPA, PROBE_EPS, PROBES, LossGuard, probe_lr
+
+
+def quadratic_pair_losses(h: torch.Tensor, b: torch.Tensor, noise: float = 0.0):
+    """l(w) = 1/2 w'Hw + b'w at w = 0 + sign eps z (z seeded like zolite's), plus optional loss noise."""
+    rng = random.Random(0)
+
+    def pair_losses(examples, seed, eps):
+        z = torch.randn(h.numel(), generator=torch.Generator().manual_seed(seed % (1 << 62)), dtype=torch.float64)
+        out = []
+        for sign in (1, -1):
+            w = sign * eps * z
+            out.append(float(0.5 * (h * w * w).sum() + b @ w) + noise * rng.gauss(0, 1))
+        return out[0], out[1]
+    return pair_losses
+
+
+def test_the_probe_measures_the_trace_of_the_hessian():
+    torch.manual_seed(0)
+    h = torch.rand(500, dtype=torch.float64) * 4            # tr H = ~1000
+    b = torch.randn(500, dtype=torch.float64)
+    probe = probe_lr(quadratic_pair_losses(h, b), [([], [])] * PROBES, run_seed=0, eps=1e-3)
+    assert probe.eps == PROBE_EPS
+    assert probe.curvature == pytest.approx(h.sum().item(), rel=0.1)   # E[z'Hz] = tr H, over 24 draws
+    assert probe.lr == pytest.approx(KAPPA / probe.curvature) and probe.note == ""
+    assert probe.signal == pytest.approx((b * b).sum().item(), rel=0.5)   # both "batches" share b here
+
+
+def test_a_noisy_curvature_gives_a_smaller_step_never_a_larger_one():
+    h = torch.full((50,), 0.01, dtype=torch.float64)            # tr H = 0.5: drowned by the loss noise below
+    b = torch.zeros(50, dtype=torch.float64)
+    probe = probe_lr(quadratic_pair_losses(h, b, noise=1e-3), [([], [])] * PROBES, run_seed=0, eps=1e-3)
+    assert probe.curvature_se > probe.curvature / 3
+    assert probe.used_curvature >= 3 * probe.curvature_se and probe.lr <= KAPPA / (3 * probe.curvature_se)
+    assert "not clearly above its noise" in probe.note
+
+
+def test_the_guard_halves_the_step_when_the_loss_turns_up_and_not_on_noise():
+    rng = random.Random(1)
+    flat = [1.0 + 0.1 * rng.gauss(0, 1) for _ in range(2000)]
+    guard = LossGuard(window=25)
+    assert not any(guard.check(flat[:n], quiet=True) for n in range(1, 2001)) and guard.factor == 1.0
+
+    down_then_up = [1.0 - 0.0005 * t + 0.05 * rng.gauss(0, 1) for t in range(400)]
+    down_then_up += [0.8 + 0.002 * t + 0.05 * rng.gauss(0, 1) for t in range(400)]
+    guard = LossGuard(window=25)
+    trips = [n for n in range(1, 801) if guard.check(down_then_up[:n], quiet=True)]
+    assert trips and 400 < trips[0] <= 600 and guard.factor == 0.5 ** len(trips)
+    again = LossGuard(window=25)
+    again.replay(down_then_up)   # a resumed run rebuilds the same state from its losses
+    assert again.backoffs == guard.backoffs and again.factor == guard.factor
+
+
+def _tune(model, small_data, tmp_path, name, **options):
+    import zolite
+
+    return zolite.tune(model, "sst2", run_dir=tmp_path / name, data=small_data, layer="1", batch_size=4,
+                       progress=False, **options)
+
+
+def test_tune_probes_its_lr_and_says_so(tiny_model, small_data, tmp_path):
+    report = _tune(tiny_model, small_data, tmp_path, "auto", steps=4, eval_every=2)
+    lr = report["lr"]
+    assert lr["source"] == "probe" and lr["lr"] == pytest.approx(KAPPA / lr["probe"]["used_curvature"], rel=1e-3)
+    assert report["config"]["lr"] == lr["lr"]                      # the patch's hparams hold the number used
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["lr"] == "auto"   # the run asked for auto
+    assert report["forward_passes"] == 2 * 4 + lr["probe"]["forwards"]
+    given = _tune(tiny_model, small_data, tmp_path, "given", steps=2, eval_every=0, lr=1e-3)
+    assert given["lr"] == {"lr": 1e-3, "source": "given", "probe": None, "backoffs": []}
+
+
+@pytest.fixture
+def short_guard(monkeypatch):
+    """Guard windows of 5 steps (blocks of 20), so a test run of 80 steps is checked three times."""
+    tune_module = importlib.import_module("zolite.tune")
+    monkeypatch.setattr(tune_module, "guard_window", lambda steps: 5)
+
+
+@pytest.fixture
+def bowl_loss(monkeypatch):
+    """The tuned layer's real weights and z, under a loss whose answer is known: l(W) = 1 - exp(-||W - T||^2 / s),
+    T = the base weights plus a fixed offset (l = 0.4 at the base). Bounded, so a step too large drives it towards
+    1 instead of to inf; a forward-free, noise-free stand-in for the model's loss (a tiny random model's loss barely
+    answers its weights)."""
+    optim = importlib.import_module("zolite.optim")
+    targets = {}
+
+    def losses(model, tuned, examples, batch_of, seed, eps, objective, micro_batch=None):
+        if not targets:
+            gen = torch.Generator().manual_seed(0)
+            for i, name in enumerate(tuned.names):
+                targets[name] = tuned.master(i).double() + 0.1 * torch.randn(tuned.params[i].shape, generator=gen,
+                                                                              dtype=torch.float64)
+            targets["_scale"] = sum(float((tuned.master(i).double() - targets[n]).pow(2).sum())
+                                    for i, n in enumerate(tuned.names)) / -math.log(0.6)
+        out = []
+        for sign in (1, -1):
+            d2 = 0.0
+            for i, name in enumerate(tuned.names):
+                z, scale = tuned.z(seed, i)
+                w = tuned.master(i).double() + sign * eps * scale * z.double()
+                d2 += float((w - targets[name]).pow(2).sum())
+            out.append(1 - math.exp(-d2 / targets["_scale"]))
+        return out[0], out[1]
+    monkeypatch.setattr(optim, "micro_batched_losses", losses)
+
+
+def test_a_deliberately_large_lr_is_caught_and_the_run_does_not_diverge(tiny_model, small_data, tmp_path,
+                                                                        short_guard, bowl_loss):
+    probed = _tune(tiny_model, small_data, tmp_path, "probed", steps=1, eval_every=0)["lr"]["lr"]
+    report = _tune(tiny_model, small_data, tmp_path, "large", steps=80, eval_every=40, lr=1000 * probed)
+    backoffs = report["lr"]["backoffs"]
+    assert backoffs and backoffs[0] == [40, 0.5], "the guard did not halve the step at its first check"
+    assert report["diverged_at_step"] is None and all(math.isfinite(x) for x in report["loss_curve"])
+    unguarded = _tune(tiny_model, small_data, tmp_path, "unguarded", steps=80, eval_every=40, lr=1000 * probed,
+                      guard=False)
+    assert unguarded["lr"]["backoffs"] is None and unguarded["loss_curve"][:40] == report["loss_curve"][:40]
+
+
+def test_a_guarded_run_resumes_bit_for_bit(tiny_model, small_data, tmp_path, monkeypatch, short_guard, bowl_loss):
+    """Cut off after its first halving, a run resumes to the same patch as the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    import zolite
+
+    tune_module = importlib.import_module("zolite.tune")
+    options = dict(steps=80, eval_every=40, lr=0.5)
+    full = _tune(tiny_model, small_data, tmp_path, "full", **options)
+    assert full["lr"]["backoffs"]
+    first = full["lr"]["backoffs"][0][0]
+    real_save = tune_module._save
+
+    def save_then_stop(run_dir, tuned, stepper, best, state, trained_on):
+        real_save(run_dir, tuned, stepper, best, state, trained_on)
+        if state["step"] > first:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(tune_module, "SEED_CHECKPOINT_S", 0)   # a seed checkpoint after every step
+    monkeypatch.setattr(tune_module, "_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _tune(tiny_model, small_data, tmp_path, "cut", **options)
+    monkeypatch.setattr(tune_module, "_save", real_save)
+    resumed = zolite.tune(None, None, resume=tmp_path / "cut", progress=False)
+    assert resumed["lr"]["backoffs"] == full["lr"]["backoffs"]
+    a, b = load_file(full["patch"]), load_file(resumed["patch"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
