@@ -394,7 +394,8 @@ def patch_convert(file, to, out, model, force, device, dtype):
     import zolite
     from zolite.io import refuse_clobber
     from zolite.patch import save_patch
-    from zolite.trajectory import is_trajectory, replay
+    from zolite.apply import replay
+    from zolite.trajectory import is_trajectory
 
     p = zolite.load_patch(file)
     if not is_trajectory(p):
