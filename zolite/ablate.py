@@ -70,7 +70,7 @@ def load_plan(plan: str) -> dict:
 
 def _check_arm(plan: str, where: str, arm: dict) -> None:
     """Option names and value types of an arm (or of [defaults]), so a typo fails here in one line, not in a run."""
-    from .tune import TuneConfig
+    from .tune_setup import TuneConfig
 
     fields = {f.name: f.type for f in dataclasses.fields(TuneConfig)}
     unknown = set(arm) - set(fields) - ARM_KEYS
@@ -106,7 +106,7 @@ def _model_facts(model: str) -> dict:
     from .layers import decoder_layers
     from .loading import model_skeleton, resolve_model
     from .scan import cached_dominant_layer, folder_identity
-    from .tune import BUILTIN_DEFAULTS
+    from .tune_setup import BUILTIN_DEFAULTS
 
     path, profile = resolve_model(model)
     skeleton = model_skeleton(path)
@@ -223,7 +223,7 @@ def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed
     table_only: run nothing, tabulate the runs already finished in `out`."""
     for option, value in (("--seeds", seeds), ("--jobs", jobs), ("--steps", steps)):
         check_at_least(option, value, 1)
-    from .tune import BUILTIN_DEFAULTS, TuneConfig, check_options
+    from .tune_setup import BUILTIN_DEFAULTS, TuneConfig, check_options
 
     plan_ = load_plan(plan)
     selected = plan_["arms"]

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError
-from .patch import Patch, check_fits, fingerprint, load_patch
+from .io import refuse_clobber
+from .loading import load_model
+from .patch import Patch, check_fits, fingerprint, load_patch, save_patch
 from .trajectory import device_descriptor, device_kind, is_trajectory
 from .zo import TunedLayers
 
@@ -60,3 +62,17 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
     metadata = {k: v for k, v in patch.metadata.items() if k not in ("zolite.kind", "zolite.trajectory_steps")}
     metadata["zolite.kind"] = "dense"
     return Patch(tensors, metadata, patch.path)
+
+
+def convert_to_dense(path, out, *, model: str | None = None, force: bool = False, device=None, dtype=None) -> Patch:
+    """Replay the trajectory patch `path` on its base (`model`, else the one it names) and write the dense patch to
+    `out`; returns the trajectory patch."""
+    p = load_patch(path)
+    if not is_trajectory(p):
+        raise ZoliteError(f"{path} is already dense; a dense patch cannot be turned into seeds (tune writes the "
+                          "trajectory beside the dense patch)")
+    refuse_clobber(out, force)
+    loaded = load_model(model or p.metadata.get("zolite.model"), device=device, dtype=dtype, keep_layers=p.layers)
+    dense = replay(loaded.model, p)
+    save_patch(out, dense.tensors, dense.metadata, force=force)
+    return p

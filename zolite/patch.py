@@ -113,6 +113,17 @@ def load_patch(path) -> Patch:
     return Patch(tensors, metadata, path)
 
 
+def patch_summary(path) -> dict:
+    """What `zolite patch info` shows: kind, size, the base it fits (model, arch, layers, fingerprint), task, steps
+    and all its metadata."""
+    p = load_patch(path)
+    return {"file": str(path), "bytes": Path(path).stat().st_size, "kind": p.metadata.get("zolite.kind", "dense"),
+            "model": p.metadata.get("zolite.model"), "arch": p.metadata.get("zolite.arch"),
+            "layers": p.metadata.get("zolite.layer"), "base_sha256": p.metadata.get("zolite.base_sha256"),
+            "task": p.metadata.get("zolite.task"), "steps": p.metadata.get("zolite.steps"),
+            "tensors": len(p.tensors), "metadata": p.metadata}
+
+
 def base_tensors(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     return {name: params[name] for name in names if name in params}
