@@ -29,6 +29,7 @@ else:  # pragma: no cover
 
 from .checkpoint import CheckpointDevice
 from .errors import ZoliteError, check_at_least
+from .inputs import read_json
 from .io import config_mismatch, write_text
 from .layers import format_layers, parse_layers
 
@@ -172,7 +173,7 @@ def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: in
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         return
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file, f"give zolite ablate another --out (or move {run_dir} away)")
     config.update({k: Path(str(config[k])).name for k in ("model", "task") if k in config})
     wanted = {**{k: v for k, v in options.items() if k != "data"},
               "model": Path(str(model)).name, "task": Path(str(task)).name, "lr": lr, "seed": seed}
@@ -185,7 +186,7 @@ def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: in
 
 def _finished_report(run_dir: Path) -> dict | None:
     report_file = run_dir / "report.json"
-    return json.loads(report_file.read_text()) if report_file.is_file() else None
+    return read_json(report_file, f"delete {run_dir} to run it again") if report_file.is_file() else None
 
 
 def _row(report: dict, lr: float, seed: int) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
-import json
 import math
 import re
 import sys
@@ -16,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError, check_at_least
-from .io import config_mismatch, refuse_clobber
+from .inputs import read_json
+from .io import check_writable, config_mismatch, refuse_clobber
 from .layers import decoder_layers, format_layers
 from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, load_model, resolve_device,
                       model_skeleton, resolve_model)
@@ -120,7 +120,10 @@ def prepare_run(model, task, run_dir, out, force, resume, options):
         run_dir = Path(resume)
         if not (run_dir / "config.json").is_file():
             raise ZoliteError(f"{run_dir} is not a zolite run folder (no config.json); pass the RUN_DIR of an earlier tune")
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = read_json(run_dir / "config.json", "pass the RUN_DIR of an earlier tune, or start a new run")
+        if not isinstance(saved, dict) or set(saved) - {f.name for f in dataclasses.fields(TuneConfig)}:
+            raise ZoliteError(f"{run_dir / 'config.json'} is not the config of a tune run of this zolite version "
+                              "(unknown options); start a new run")
         given.update({k: v for k, v in (("model", model), ("task", task)) if v is not None})
         mismatch = config_mismatch(saved, given)
         if mismatch:
@@ -139,6 +142,7 @@ def prepare_run(model, task, run_dir, out, force, resume, options):
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name)
         run_dir = Path("runs") / f"{name}-{task}-L{config.layer if config.layer not in (None, 'auto') else 'dominant'}-s{config.seed}"
     run_dir = Path(run_dir)
+    check_writable(run_dir, "--run-dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise ZoliteError(f"--run-dir {run_dir} is a file; a run folder holds the run's files: choose another --run-dir")
     if run_dir.exists() and any(run_dir.iterdir()) and not force:
