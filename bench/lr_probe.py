@@ -9,7 +9,6 @@ One model load per layer (quantized modes keep only the probed layer unquantized
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -18,24 +17,28 @@ import torch
 
 
 def probe(model, task, layer, eps_scale, data, mode, dtype, batch_size, seed, eps):
-    from zolite.data import sample_splits
+    from zolite.data import batches_for_step, sample_splits
     from zolite.evaluate import encode_rows
+    from zolite.layers import decoder_layers
     from zolite.optim import Stepper
     from zolite.precondition import measure_scales, scale_summary
     from zolite.scoring import collate, pad_token_id
+    from zolite.stepsize import PROBES, probe_lr
     from zolite.tasks import get_task, task_data
-    from zolite.tune import TuneConfig, _fill_defaults, choose_lr, load_for_tuning
+    from zolite.tune_setup import TuneConfig, fill_defaults, load_for_tuning
     from zolite.zo import TunedLayers
-    from zolite.layers import decoder_layers
 
     config = TuneConfig(model=model, task=task, layer=str(layer), mode=mode, dtype=dtype, batch_size=batch_size,
                         seed=seed, eps=eps, data=data, eps_scale=eps_scale[0], lr="auto")
     loaded, indices, _, _ = load_for_tuning(config)
     task_ = get_task(task)
-    config = _fill_defaults(config, loaded, indices, len(decoder_layers(loaded.model)[1]), task_)
+    config = fill_defaults(config, loaded, indices, len(decoder_layers(loaded.model)[1]), task_)
     splits = sample_splits(task_data(task_, data), seed=0, validate=task_.validate, expand=task_.expand)
     train = encode_rows(loaded.tokenizer, task_, splits.train, config.max_length)
     pad, device = pad_token_id(loaded.tokenizer), loaded.device
+
+    def batch(k):   # as tune's probe draws them
+        return [train[i] for i in batches_for_step(len(train), config.batch_size, k, -1 - seed)]
     rows = []
     for scale in eps_scale:
         tuned = TunedLayers(loaded.model, indices, scale)
@@ -44,9 +47,9 @@ def probe(model, task, layer, eps_scale, data, mode, dtype, batch_size, seed, ep
         stepper = Stepper(loaded.model, tuned, eps=config.eps, objective="ce", seed=seed, lr=0.0,
                           collate_to_device=lambda c: collate(c, pad).to(device))
         t0 = time.perf_counter()
-        choice = choose_lr(dataclasses.replace(config, eps_scale=scale), stepper, train)
-        p = choice["probe"]
-        rows.append({"layer": layer, "eps_scale": scale, "tuned_params": tuned.numel(), "lr": choice["lr"],
+        p = probe_lr(stepper.pair_losses, [(batch(2 * k), batch(2 * k + 1)) for k in range(PROBES)], seed,
+                     config.eps).as_dict()
+        rows.append({"layer": layer, "eps_scale": scale, "tuned_params": tuned.numel(), "lr": p["lr"],
                      "curvature": p["curvature"], "curvature_se": p["curvature_se"],
                      # the slope two batches agree on, per unit curvature: how fast ZO can learn here, per step
                      "signal_per_curvature": p["signal"] / p["used_curvature"],

@@ -193,3 +193,83 @@ def test_gpu_out_of_memory_is_one_line_with_the_fix(tiny_model, small_data, tmp_
     assert_user_error(run_cli("tune", "--model", tiny_model, "--data", small_data, "--layer", "1", "--run-dir",
                               tmp_path / "run", *QUICK), "the GPU ran out of memory", "Tried to allocate 1.00 GiB",
                       "--micro-batch", "--gpu-memory")
+
+
+def _broken_copy(tiny_model, tmp_path, name: str, edit) -> str:
+    """A copy of the tiny model's folder with one file edited."""
+    import shutil
+    from pathlib import Path
+
+    folder = tmp_path / name
+    shutil.copytree(tiny_model, folder)
+    edit(Path(folder))
+    return str(folder)
+
+
+def _damage_header(folder):
+    weights = folder / "model.safetensors"
+    blob = weights.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    weights.write_bytes(blob[:8] + b"{" * n + blob[8 + n:])
+
+
+def _drop_model_type(folder):
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    del config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda f: (f / "config.json").write_text('{"model_type": "llama",'), ("config.json is not valid JSON", "line 1")),
+    (lambda f: (f / "config.json").write_text("[1, 2]"), ("config.json names no model_type",)),
+    (_drop_model_type, ("config.json names no model_type",)),
+    (lambda f: (f / "tokenizer.json").write_text('{"version": "1.0", "truncation"'), ("tokenizer.json is not valid JSON",)),
+    (lambda f: (f / "tokenizer.json").write_text("{}"), ("tokenizer.json is not a tokenizer",)),
+    (lambda f: (f / "tokenizer_config.json").write_text('{"a": '), ("tokenizer_config.json is not valid JSON",)),
+    (_damage_header, ("model.safetensors is not a readable safetensors file", "header")),
+    (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]),
+     ("model.safetensors is not a readable safetensors file",)),
+], ids=["config-not-json", "config-a-list", "config-no-model-type", "tokenizer-not-json", "tokenizer-not-a-tokenizer",
+        "tokenizer-config-not-json", "safetensors-header", "safetensors-cut-off"])
+def test_a_malformed_model_folder_is_one_line(edit, needles, tiny_model, small_data, tmp_path):
+    """config.json, the tokenizer's files and the safetensors headers are checked before transformers reads them
+    (a config.json that was not JSON gave tune a 64-line traceback)."""
+    model = _broken_copy(tiny_model, tmp_path, "model", edit)
+    assert_user_error(run_cli("tune", "--model", model, "--layer", "1", "--data", small_data, "--run-dir",
+                              tmp_path / "run", *QUICK), *needles, "download or convert the model again")
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_command_checks_a_model_folder(tiny_model, patch_file, tmp_path):
+    model = _broken_copy(tiny_model, tmp_path, "model", lambda f: (f / "config.json").write_text("{"))
+    for args in (("eval", "--model", model), ("scan", "--model", model, "--out", tmp_path / "s"),
+                 ("profile", "--model", model, "--out", tmp_path / "p"),
+                 ("apply", patch_file, "--model", model, "--prompt", "hi"),
+                 ("export", "--model", model, "--patch", patch_file, "--out", tmp_path / "e")):
+        assert_user_error(run_cli(*args), "config.json is not valid JSON")
+
+
+def test_a_malformed_run_folder_is_one_line(patch_file, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(patch_file.parent, run)
+    (run / "config.json").write_text('{"model": ')
+    assert_user_error(run_cli("tune", "--resume", run), "config.json is not valid JSON", "start a new run")
+    (run / "config.json").write_text('{"model": "m", "no_such_option": 1}')
+    assert_user_error(run_cli("tune", "--resume", run), "not the config of a tune run", "start a new run")
+
+
+def test_an_output_under_a_file_is_refused(tiny_model, patch_file, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--run-dir", afile / "run", *QUICK),
+                      f"{afile} is a file, not a folder", "--run-dir")
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--out", afile / "p.safetensors", "--run-dir",
+                              tmp_path / "r", *QUICK), f"{afile} is a file, not a folder")
+    assert_user_error(run_cli("scan", "--model", tiny_model, "--out", afile / "scan"), "is a file, not a folder", "--out")
+    assert_user_error(run_cli("export", "--patch", patch_file, "--model", tiny_model, "--out", afile / "x" / "y"),
+                      "is a file, not a folder", "--out")
+    assert afile.read_text() == "mine"

@@ -197,7 +197,7 @@ def test_gpu_cap_passes_torch_a_device_index(monkeypatch):
     of --gpu-memory failed there. Checked here with the CUDA calls replaced."""
     from types import SimpleNamespace
 
-    from zolite.tune import cap_gpu_memory
+    from zolite.tune_setup import cap_gpu_memory
 
     calls = []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -213,14 +213,14 @@ def test_on_a_gpu_a_run_that_would_not_fit_the_free_memory_is_planned(llama7b_sk
     depend on what was free); one that would not gets the largest micro-batch that fits, else offload, else is
     tried anyway. --gpu-memory plans for the budget and caps the allocator. CUDA calls replaced."""
     from zolite.profile import get_profile
-    from zolite.tune import TuneConfig, plan_for_device
+    from zolite.tune_setup import TuneConfig, plan_for_device
 
     free = {"bytes": 40 * GIB}
     caps = []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 * GIB))
-    monkeypatch.setattr(sys.modules["zolite.tune"], "cap_gpu_memory", lambda budget, device: caps.append(budget))
+    monkeypatch.setattr(sys.modules["zolite.tune_setup"], "cap_gpu_memory", lambda budget, device: caps.append(budget))
     profile = get_profile("llama2-7b")
 
     def plan(**options):

@@ -204,7 +204,8 @@ def test_relative_eps_perturbs_by_the_weights_scale():
 
 
 def test_relative_eps_run_replays_from_its_trajectory(tiny_model, small_data, tmp_path):
-    from zolite.trajectory import replay, trajectory_path
+    from zolite.apply import replay
+    from zolite.trajectory import trajectory_path
 
     report = zolite.tune(tiny_model, "sst2", data=small_data, run_dir=tmp_path / "run", layer="2", steps=5,
                          eval_every=0, batch_size=4, lr=10.0, eps=0.05, eps_scale="relative", progress=False)

@@ -78,7 +78,8 @@ def test_scan_finds_the_profile_layer_on_the_real_model(smollm2, tmp_path):
 
 
 def test_trajectory_patch_replays_bit_for_bit_on_the_real_model(smollm2, small_data, tmp_path):
-    from zolite.trajectory import replay, trajectory_path
+    from zolite.apply import replay
+    from zolite.trajectory import trajectory_path
 
     zolite.tune("smollm2-135m", "sst2", data=small_data, run_dir=tmp_path / "run", steps=4, batch_size=4,
                 eval_every=0, lr=1e-2, progress=False)

@@ -58,7 +58,7 @@ def test_accuracy_objective_is_minus_batch_accuracy(tiny_model):
 
 def test_shifted_weights_equal_explicit_perturbation_in_generation(tiny_model):
     """generation_losses runs model.generate inside tuned.shifted(): every decode step must see W + sign eps z."""
-    from zolite.predict import generate_answers
+    from zolite.generation import generate_answers
 
     loaded = zolite.load_model(tiny_model)
     tuned = TunedLayers(loaded.model, [2])

@@ -16,7 +16,8 @@ from test_errors import assert_user_error
 from zolite.errors import ZoliteError
 from zolite.patch import load_patch
 from zolite.swap import PatchSet, load_with_patches
-from zolite.trajectory import replay, trajectory_path
+from zolite.apply import replay
+from zolite.trajectory import trajectory_path
 
 PROBE = "the film was"
 

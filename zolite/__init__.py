@@ -1,9 +1,10 @@
 """zolite: zeroth-order fine-tuning of one dominant decoder layer, with tiny hot-swappable patches."""
-__version__ = "0.1.0"
+from .version import __version__
 
 from .errors import ZoliteError  # noqa: E402
 from .loading import load_model  # noqa: E402
-from .patch import apply_patch, load_patch, save_patch  # noqa: E402
+from .patch import load_patch, save_patch  # noqa: E402
+from .apply import apply_patch  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .predict import classify_file, generate  # noqa: E402
 from .tune import tune  # noqa: E402

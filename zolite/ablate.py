@@ -29,6 +29,7 @@ else:  # pragma: no cover
 
 from .checkpoint import CheckpointDevice
 from .errors import ZoliteError, check_at_least
+from .inputs import read_json
 from .io import config_mismatch, write_text
 from .layers import format_layers, parse_layers
 
@@ -70,7 +71,7 @@ def load_plan(plan: str) -> dict:
 
 def _check_arm(plan: str, where: str, arm: dict) -> None:
     """Option names and value types of an arm (or of [defaults]), so a typo fails here in one line, not in a run."""
-    from .tune import TuneConfig
+    from .tune_setup import TuneConfig
 
     fields = {f.name: f.type for f in dataclasses.fields(TuneConfig)}
     unknown = set(arm) - set(fields) - ARM_KEYS
@@ -106,7 +107,7 @@ def _model_facts(model: str) -> dict:
     from .layers import decoder_layers
     from .loading import model_skeleton, resolve_model
     from .scan import cached_dominant_layer, folder_identity
-    from .tune import BUILTIN_DEFAULTS
+    from .tune_setup import BUILTIN_DEFAULTS
 
     path, profile = resolve_model(model)
     skeleton = model_skeleton(path)
@@ -176,7 +177,7 @@ def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: in
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         return
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file, f"give zolite ablate another --out (or move {run_dir} away)")
     config.update({k: Path(str(config[k])).name for k in ("model", "task") if k in config})
     wanted = {**{k: v for k, v in options.items() if k != "data"},
               "model": Path(str(model)).name, "task": Path(str(task)).name, "lr": lr, "seed": seed}
@@ -189,7 +190,7 @@ def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: in
 
 def _finished_report(run_dir: Path) -> dict | None:
     report_file = run_dir / "report.json"
-    return json.loads(report_file.read_text()) if report_file.is_file() else None
+    return read_json(report_file, f"delete {run_dir} to run it again") if report_file.is_file() else None
 
 
 def _row(report: dict, lr: float, seed: int) -> dict:
@@ -228,7 +229,7 @@ def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed
     table_only: run nothing, tabulate the runs already finished in `out`."""
     for option, value in (("--seeds", seeds), ("--jobs", jobs), ("--steps", steps)):
         check_at_least(option, value, 1)
-    from .tune import BUILTIN_DEFAULTS, TuneConfig, check_options
+    from .tune_setup import BUILTIN_DEFAULTS, TuneConfig, check_options
 
     plan_ = load_plan(plan)
     selected = plan_["arms"]

@@ -134,7 +134,7 @@ def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, max_length:
                   batch_size: int = 32) -> dict:
     """The task's metric on `rows`: accuracy over candidates, or F1/EM of greedy answers for generation tasks."""
     if task.generative:
-        from .predict import generate_answers
+        from .generation import generate_answers
 
         predictions = generate_answers(model, tokenizer, [task.example(r).prompt for r in rows],
                                        max_new_tokens=task.max_answer_tokens, max_length=max_length,
@@ -153,7 +153,8 @@ def evaluate(model: str = "smollm2-135m", task: str = "sst2", *, patch=None, spl
     None: the patch's (its val / test rows are then rows it was not trained on), else 0."""
     from .data import sample_splits
     from .loading import load_model
-    from .patch import apply_patch, load_patch
+    from .apply import apply_patch
+    from .patch import load_patch
     from .tasks import get_task, task_data
 
     task_ = get_task(task, **task_options)

@@ -21,7 +21,8 @@ def export(model: str | None, patch, out, *, dtype: str = "float16", force: bool
     from transformers import AutoModelForCausalLM
 
     from .loading import load_model
-    from .patch import apply_patch, load_patch
+    from .apply import apply_patch
+    from .patch import load_patch
 
     out = Path(out)
     refuse_used_folder(out, force)   # a folder: config, tokenizer, shards

@@ -12,6 +12,7 @@ from .errors import ZoliteError
 
 
 def refuse_clobber(path: str | os.PathLike, force: bool) -> None:
+    check_writable(path)
     if Path(path).is_dir():
         raise ZoliteError(f"{path} is a folder; give a file path (e.g. {Path(path) / 'patch.safetensors'})")
     if Path(path).exists() and not force:
@@ -20,10 +21,22 @@ def refuse_clobber(path: str | os.PathLike, force: bool) -> None:
 
 def refuse_used_folder(path: str | os.PathLike, force: bool, option: str = "--out") -> None:
     """A folder zolite writes into: refused when it is a file, or when it holds files and force is off."""
+    check_writable(path, option)
     if Path(path).exists() and not Path(path).is_dir():
         raise ZoliteError(f"{path} is a file, and {option} names a folder to write into; choose another {option}")
     if Path(path).exists() and any(Path(path).iterdir()) and not force:
         raise ZoliteError(f"{path} already exists; pass --force to overwrite it or choose another {option}")
+
+
+def check_writable(path: str | os.PathLike, option: str | None = None) -> None:
+    """A path zolite will write (a file or a folder): refused when a file stands where one of its folders would be."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                where = f"{option} {path}" if option else str(path)
+                raise ZoliteError(f"{where}: {parent} is a file, not a folder; choose another "
+                                  f"{option or 'path'}")
+            break
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError
+from .inputs import check_model_folder
 from .io import file_stamp
 from .offload import stream_from_cpu
 from .parts import joined_file, parse_parts
@@ -56,9 +57,7 @@ def resolve_model(spec: str) -> tuple[Path, Profile | None]:
         return hub_folder(where), profile
     path = Path(spec).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ZoliteError(f"{spec} is a folder without config.json; pass a Hugging Face model folder")
-        return path, None
+        return check_model_folder(path, spec), None
     if path.is_file():
         if path.suffix != ".gguf":
             raise ZoliteError(f"{spec} is a file but not a .gguf; pass a .gguf file or a Hugging Face model folder")

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from . import __version__
+from .version import __version__
 from .errors import ZoliteError
 from .io import atomic_path, refuse_clobber
 
@@ -113,6 +113,17 @@ def load_patch(path) -> Patch:
     return Patch(tensors, metadata, path)
 
 
+def patch_summary(path) -> dict:
+    """What `zolite patch info` shows: kind, size, the base it fits (model, arch, layers, fingerprint), task, steps
+    and all its metadata."""
+    p = load_patch(path)
+    return {"file": str(path), "bytes": Path(path).stat().st_size, "kind": p.metadata.get("zolite.kind", "dense"),
+            "model": p.metadata.get("zolite.model"), "arch": p.metadata.get("zolite.arch"),
+            "layers": p.metadata.get("zolite.layer"), "base_sha256": p.metadata.get("zolite.base_sha256"),
+            "task": p.metadata.get("zolite.task"), "steps": p.metadata.get("zolite.steps"),
+            "tensors": len(p.tensors), "metadata": p.metadata}
+
+
 def base_tensors(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     return {name: params[name] for name in names if name in params}
@@ -144,21 +155,3 @@ def check_fits(model: torch.nn.Module, patch: Patch, base_sha256: str | None = N
                               f"was tuned from); load the base with --dtype float32 or float16")
         raise ZoliteError(f"{where} was tuned from another base (layer {patch.metadata['zolite.layer']} fingerprint "
                           f"differs; made for {patch.metadata.get('zolite.model', '?')}); apply it to that base model")
-
-
-@torch.no_grad()
-def apply_patch(model: torch.nn.Module, patch: Patch | str | Path, *, verify: bool = True) -> Patch:
-    """Check that `patch` fits `model`, then copy its tensors into the model's parameters in place.
-    A trajectory patch is replayed into dense weights first."""
-    from .trajectory import is_trajectory, replay
-
-    if not isinstance(patch, Patch):
-        patch = load_patch(patch)
-    if is_trajectory(patch):
-        patch = replay(model, patch)   # checks the base itself before replaying
-    elif verify:
-        check_fits(model, patch)
-    params = dict(model.named_parameters())
-    for name, t in patch.tensors.items():
-        params[name].copy_(t.to(params[name].device, params[name].dtype))
-    return patch

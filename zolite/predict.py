@@ -8,7 +8,7 @@ import torch
 from .data import iter_rows
 from .errors import ZoliteError, check_at_least
 from .evaluate import encode_rows, score_encoded
-from .tasks import Task
+from .tasks import Task, get_task
 
 
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: bool = False) -> str:
@@ -39,22 +39,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = set(configured if isinstance(configured, (list, tuple)) else [configured])
     return {i for i in ids | {tokenizer.eos_token_id} if i is not None}
-
-
-@torch.inference_mode()
-def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 50, max_length: int = 512,
-                     batch_size: int = 32) -> list[str]:
-    """Greedy answers, cut at the first new line (MeZO's answers end with one), prompts cut from the left."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, padding_side="left",
-                        truncation=True, truncation_side="left", max_length=max(1, max_length - max_new_tokens))
-        out = model.generate(**enc.to(device), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        for row in out[:, enc["input_ids"].shape[1]:]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
-    return answers
 
 
 def classify_rows(model, tokenizer, task: Task, rows: list[dict], *, max_length: int = 512,
@@ -101,3 +85,23 @@ def classify_file(model, tokenizer, task: Task, path, *, max_length: int = 512,
             chunk = []
     if chunk:
         yield from classify_rows(model, tokenizer, task, chunk, max_length=max_length, batch_size=batch_size)
+
+
+def classify_routed(model, tokenizer, patch_set, path, route_field: str = "patch") -> list[dict]:
+    """One prediction per row of `path`, each by the patch (of `patch_set`, a swap.PatchSet on `model`) its
+    `route_field` names, with the patch's task: rows grouped by patch (one swap per patch), returned in file order."""
+    groups: dict[str, list[dict]] = {}
+    for row in iter_rows(path):
+        name = row.get(route_field)
+        if name not in patch_set.names():
+            raise ZoliteError(f"{path} line {row['_line']}: {route_field}={name!r} is not one of the patches "
+                              f"({', '.join(patch_set.names())})")
+        groups.setdefault(name, []).append(row)
+    predictions = []
+    for name, rows in groups.items():
+        p = patch_set.patches[name]["patch"]
+        task = get_task(p.task, need_data=False, **p.task_options())
+        rows = [task_row(task, row, path) for row in rows]
+        patch_set.swap(name)
+        predictions += [dict(pred, patch=name) for pred in classify_rows(model, tokenizer, task, rows)]
+    return sorted(predictions, key=lambda r: r["line"])

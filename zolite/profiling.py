@@ -21,7 +21,7 @@ from .scoring import EncodedExample, collate, pad_token_id
 from .optim import Stepper
 from .plan import record_measured
 from .scan import folder_identity
-from .tune import TuneConfig, check_options, load_for_tuning
+from .tune_setup import TuneConfig, check_options, load_for_tuning
 from .zo import TunedLayers
 
 

@@ -16,8 +16,9 @@ from safetensors import safe_open
 
 from .errors import ZoliteError
 from .io import file_stamp
+from .apply import replay
 from .patch import Patch, check_fits, fingerprint, load_patch
-from .trajectory import is_trajectory, replay
+from .trajectory import is_trajectory
 
 PLACES = ("device", "pinned", "disk")
 

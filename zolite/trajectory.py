@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ZoliteError
-from .patch import Patch, check_fits, fingerprint, save_patch
+from .patch import Patch, save_patch
 
 
 SCALE = "trajectory.scale/"   # + a tensor's full name: its measured activation scale (--eps-scale activation)
@@ -54,39 +53,3 @@ def device_kind(descriptor: str | None) -> tuple[str, str] | None:
 
 def is_trajectory(patch: Patch) -> bool:
     return patch.metadata.get("zolite.kind") == "trajectory"
-
-
-@torch.no_grad()
-def replay(model: torch.nn.Module, patch: Patch) -> Patch:
-    """The dense patch a trajectory stands for, computed on `model` (its base layers are restored exactly after)."""
-    from .zo import TunedLayers
-
-    if not is_trajectory(patch):
-        raise ZoliteError(f"{patch.path} is already a dense patch")
-    hparams = patch.hparams
-    steps = int(patch.metadata["zolite.trajectory_steps"])
-    seeds = patch.tensors["trajectory.seeds"].tolist()[:steps]
-    grads = patch.tensors["trajectory.grads"].tolist()[:steps]
-    tuned = TunedLayers(model, patch.layers, hparams.get("eps_scale", "absolute"))
-    tuned.set_scales({k.removeprefix(SCALE): v for k, v in patch.tensors.items() if k.startswith(SCALE)})
-    here = device_descriptor(tuned.params[0].device, tuned.params[0].dtype)
-    trained_on = patch.metadata.get("zolite.trained_on")
-    if device_kind(trained_on) != device_kind(here):
-        raise ZoliteError(f"{patch.path} was trained on {trained_on}; its seeds give the same z only there (this "
-                          f"is {here}): use the dense patch, or make one there: zolite patch convert {patch.path} --out "
-                          f"DENSE.safetensors (on that device, --dtype {hparams.get('dtype', 'as trained')})")
-    check_fits(model, Patch(tuned.weights(), patch.metadata, patch.path))   # the base, as for a dense patch
-    saved = [p.detach().clone() for p in tuned.params]
-    try:
-        for seed, g in zip(seeds, grads):
-            tuned.sgd_update(seed, g, hparams["lr"], hparams.get("weight_decay", 0.0))
-        tensors = {k: v.detach().half().cpu() for k, v in tuned.state().items()}
-    finally:
-        for p, s in zip(tuned.params, saved):
-            p.copy_(s)
-    if fingerprint(tensors) != patch.metadata.get("zolite.dense_sha256"):
-        raise ZoliteError(f"replaying {patch.path} did not reproduce its dense patch (fingerprint differs; trained "
-                          f"on {trained_on}, replayed on {here}); use the dense patch")
-    metadata = {k: v for k, v in patch.metadata.items() if k not in ("zolite.kind", "zolite.trajectory_steps")}
-    metadata["zolite.kind"] = "dense"
-    return Patch(tensors, metadata, patch.path)

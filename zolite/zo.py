@@ -267,7 +267,7 @@ def generation_losses(model, tokenizer, tuned: TunedLayers, task, rows: list[dic
                       max_length: int) -> tuple[float, float]:
     """Minus the mean F1 of greedy answers under W + eps z and under W - eps z: a non-differentiable objective
     (MeZO, Sec. 3.3), two generations per step instead of one doubled forward."""
-    from .predict import generate_answers
+    from .generation import generate_answers
 
     prompts = [task.example(r).prompt for r in rows]
     out = []

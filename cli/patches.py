@@ -1,0 +1,97 @@
+"""`zolite patch info|convert`, `zolite export`, `zolite serve`: patch files inspected, converted, merged into their
+base, served."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .options import mode_option
+
+
+@click.group()
+def patch():
+    """Inspect and convert patch files (dense weights or a seed trajectory)."""
+
+
+@patch.command("info")
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+def patch_info(file, as_json):
+    """Metadata, size, kind and the base a patch fits."""
+    from zolite.patch import patch_summary
+
+    info = patch_summary(file)
+    meta = info["metadata"]
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo(f"{file}: {info['kind']} patch, {info['bytes']:,} bytes")
+    click.echo(f"  fits: {info['model']} ({info['arch']}), layer(s) {info['layers']} (0-based), base fingerprint "
+               f"{info['base_sha256'][:16]}...")
+    click.echo(f"  task {info['task']}, {info['steps']} steps; metric {meta.get('zolite.metric')}")
+    if info["kind"] == "trajectory":
+        click.echo(f"  {meta['zolite.trajectory_steps']} seeded steps; trained on {meta.get('zolite.trained_on')}")
+
+
+@patch.command("convert")
+@click.argument("file", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["dense"]), default="dense", show_default=True,
+              help="dense: replay a trajectory into weights. (A dense patch cannot become seeds: tune writes "
+                   "the trajectory beside it, PATCH.trajectory.safetensors.)")
+@click.option("--out", type=click.Path(), required=True)
+@click.option("--model", help="Base model.  [default: the one named in the patch]")
+@click.option("--force", is_flag=True)
+@click.option("--device")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
+def patch_convert(file, to, out, model, force, device, dtype):
+    """Replay a seed-trajectory patch into a dense one (bit for bit on the device and dtype it trained with)."""
+    from zolite.apply import convert_to_dense
+
+    p = convert_to_dense(file, out, model=model, force=force, device=device, dtype=dtype)
+    click.echo(f"{out}: dense patch replayed from {p.metadata['zolite.trajectory_steps']} steps on "
+               f"{p.metadata['zolite.trained_on']}; bit-identical to the run's dense patch (checked)")
+
+
+@click.command()
+@click.option("--model", help="Base model.  [default: the one named in the patch]")
+@click.option("--patch", "patch_file", type=click.Path(), required=True)
+@click.option("--out", type=click.Path(), required=True, help="Folder for the merged Hugging Face checkpoint.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
+@click.option("--device")
+def export(model, patch_file, out, dtype, force, device):
+    """Merge a patch into its base and write a plain HF checkpoint (verified by reloading and comparing logits)."""
+    from zolite.export import export as run_export
+
+    result = run_export(model, patch_file, out, dtype=dtype, force=force, device=device)
+    click.echo(f"{result['out']}: {', '.join(result['files'])}; reloaded logits match the patched model exactly")
+
+
+@click.command()
+@click.option("--model", help="Base model.  [default: the one named in the first patch]")
+@click.option("--patch", "patches", multiple=True, required=True, help="NAME=PATH (repeatable).")
+@click.option("--where", type=click.Choice(["device", "pinned", "disk"]), default="device", show_default=True,
+              help="Keep patches resident on the device, in pinned CPU memory, or memory-mapped from disk.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-queue", type=int, default=64, show_default=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds a request may wait.")
+@mode_option
+@click.option("--device")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
+def serve(model, patches, where, host, port, max_queue, timeout, mode, device, dtype):
+    """Serve one base with several patches: POST /v1/completions {"prompt", "max_tokens", "patch"}, GET /health."""
+    from zolite.serve import PatchServer, parse_named
+    from zolite.swap import load_with_patches
+
+    loaded, patch_set = load_with_patches(model, parse_named(list(patches)), where=where, mode=mode, device=device,
+                                          dtype=dtype)
+    server = PatchServer(loaded, patch_set, host=host, port=port, max_queue=max_queue, timeout=timeout)
+    h, p = server.address
+    click.echo(f"serving {loaded.name} with patches {', '.join(patch_set.names())} on http://{h}:{p}", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()

@@ -1,0 +1,288 @@
+"""A tune run's set-up: its options (TuneConfig) checked before anything loads, its run folder and patch path claimed,
+the profile's defaults filled in, and the model loaded in the mode (and memory plan) that fits, with the tuned
+layers chosen first so quantization leaves them alone."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ZoliteError, check_at_least
+from .inputs import read_json
+from .io import check_writable, config_mismatch, refuse_clobber
+from .layers import decoder_layers, format_layers
+from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, load_model, resolve_device,
+                      model_skeleton, resolve_model)
+from .optim import ESTIMATORS, OPTIMIZERS
+from .plan import measured_activations, parse_size, plan_memory
+from .scan import choose_layers, folder_identity, scan
+from .tasks import get_task
+from .trajectory import trajectory_path
+from .zo import EPS_SCALES
+
+OBJECTIVES = ("ce", "lm", "accuracy", "f1")
+BUILTIN_DEFAULTS = {"lr": "auto", "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
+
+
+@dataclass
+class TuneConfig:
+    """Everything that decides a run's result. None = the model profile's default."""
+    model: str = "smollm2-135m"
+    task: str = "sst2"
+    layer: str | None = None          # "12", "3,5" or "all" (0-based); None / "auto" = the dominant layer
+                                      # (this model's cached scan, else its profile, else a scan now)
+    steps: int | None = None
+    lr: float | str | None = None     # a number, or "auto": probed from the model before the run (zolite.stepsize)
+    eps: float | None = None
+    batch_size: int | None = None
+    weight_decay: float = 0.0
+    eval_every: int | None = None     # 0 = never (the patch is then the last step's weights)
+    seed: int = 0                     # step seeds (z) and batch order
+    data_seed: int = 0                # which rows go to train / val / test: fixed, so runs compare on the same rows
+    objective: str | None = None      # ce: cross-entropy over candidates; lm: -log-likelihood of the gold answer;
+                                      # accuracy / f1: minus the batch's accuracy / F1 (non-differentiable);
+                                      # None: ce, or lm for generation tasks
+    keep: str = "best"                # best: the weights of the best val step (step 0 included); last
+    max_length: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    mode: str | None = None           # fp16 (unquantized, in dtype) | int8 | nf4 | offload; None: the profile's / nf4
+                                      # on a GPU, fp16 on the CPU. The tuned layers are never quantized or offloaded
+    int8_threshold: float = INT8_THRESHOLD
+    gpu_memory: str | None = None     # a budget ("8GiB"): plan mode and micro-batch to fit it, and cap the allocator
+    micro_batch: int | None = None    # examples per forward (None: the whole batch); changes memory, not results
+    estimator: str = "spsa"           # spsa (MeZO, n_z z per step) | residual (one-point residual feedback) | fo (backprop)
+    n_z: int = 1                      # z per step (spsa): their estimates are averaged
+    optimizer: str = "sgd"            # sgd | momentum | adam (AdamW) | sign
+    momentum: float = 0.9
+    layerwise: bool = False           # per-tensor trust ratio ||W|| / ||update|| (lr becomes a relative step)
+    guard: bool = True                # halve the step when the training loss turns up (ZO with sgd / momentum)
+    eps_scale: str = "absolute"       # absolute: W + eps z; relative: tensor i gets eps * RMS(base W_i) * z;
+                                      # activation: column j of a matrix gets eps * s_j * z (zolite.precondition)
+    data: str | None = None
+    eval_test: bool = False           # also score the held-out test rows at the end
+    template: str | None = None       # custom tasks (task = a .jsonl file): see zolite/tasks/custom.py
+    candidates: str | None = None
+    label_field: str | None = None
+    answer_field: str | None = None
+
+    def task_options(self) -> dict:
+        return {k: getattr(self, k) for k in ("template", "candidates", "label_field", "answer_field")}
+
+
+def check_options(config: TuneConfig) -> None:
+    """Numbers and choices the user gave, checked before anything is loaded (None = the profile's default)."""
+    minimum = {"steps": 0, "batch_size": 1, "max_length": 2, "eval_every": 0, "lr": 0.0, "weight_decay": 0.0,
+               "micro_batch": 1, "int8_threshold": 0.0}
+    if isinstance(config.lr, str):
+        if config.lr != "auto":
+            raise ZoliteError(f"--lr must be a number or auto, got {config.lr!r}")
+        minimum.pop("lr")
+    for name, low in minimum.items():
+        check_at_least(f"--{name.replace('_', '-')}", getattr(config, name), low)
+    if not 0 <= config.momentum < 1:
+        raise ZoliteError(f"--momentum must be in [0, 1), got {config.momentum}")
+    if config.eps is not None and not (config.eps > 0 and math.isfinite(config.eps)):
+        raise ZoliteError(f"--eps must be above 0, got {config.eps}")
+    resolve_device(config.device)
+    if config.keep not in ("best", "last"):
+        raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
+    if config.micro_batch and config.batch_size and config.batch_size % config.micro_batch:
+        raise ZoliteError(f"--micro-batch {config.micro_batch} must divide --batch-size {config.batch_size}")
+    if config.eps_scale not in EPS_SCALES:
+        raise ZoliteError(f"--eps-scale must be one of {', '.join(EPS_SCALES)}, got {config.eps_scale!r}")
+    if config.estimator not in ESTIMATORS:
+        raise ZoliteError(f"unknown estimator '{config.estimator}'; choose one of {', '.join(ESTIMATORS)}")
+    if config.optimizer not in OPTIMIZERS:
+        raise ZoliteError(f"unknown optimizer '{config.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+    check_at_least("--n-z", config.n_z, 1)
+    if config.estimator == "fo" and config.objective in ("accuracy", "f1"):
+        raise ZoliteError(f"--estimator fo needs a differentiable objective (ce or lm), not {config.objective}")
+    if config.objective == "f1" and (config.estimator, config.n_z, config.optimizer, config.layerwise) != ("spsa", 1, "sgd", False):
+        raise ZoliteError("--objective f1 runs plain MeZO only (spsa, one z, sgd); drop the estimator/optimizer options")
+    if config.mode not in (None, *MODES):
+        raise ZoliteError(f"unknown mode '{config.mode}'; choose one of {', '.join(MODES)}")
+    if config.gpu_memory is not None:
+        parse_size(config.gpu_memory)
+    if config.objective not in (None, *OBJECTIVES):
+        raise ZoliteError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}")
+
+
+def prepare_run(model, task, run_dir, out, force, resume, options):
+    """The config, run folder and patch path; checks a resumed folder against the arguments given."""
+    unknown = set(options) - {f.name for f in dataclasses.fields(TuneConfig)}
+    if unknown:
+        cli_names = {"test": "eval_test", "layers": "layer"}   # the CLI's --test / --layers are these in Python
+        hints = [f"{k} (use {cli_names[k]}=)" if k in cli_names else k for k in sorted(unknown)]
+        raise TypeError(f"tune() got unknown options: {', '.join(hints)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.json").is_file():
+            raise ZoliteError(f"{run_dir} is not a zolite run folder (no config.json); pass the RUN_DIR of an earlier tune")
+        saved = read_json(run_dir / "config.json", "pass the RUN_DIR of an earlier tune, or start a new run")
+        if not isinstance(saved, dict) or set(saved) - {f.name for f in dataclasses.fields(TuneConfig)}:
+            raise ZoliteError(f"{run_dir / 'config.json'} is not the config of a tune run of this zolite version "
+                              "(unknown options); start a new run")
+        given.update({k: v for k, v in (("model", model), ("task", task)) if v is not None})
+        mismatch = config_mismatch(saved, given)
+        if mismatch:
+            key, was, value = mismatch
+            raise ZoliteError(f"{run_dir} was started with {key}={was!r}, not {value!r}; "
+                              f"drop that option to resume it, or start a new run")
+        config = TuneConfig(**saved)
+        if out is not None and Path(out).resolve() != (run_dir / "patch.safetensors").resolve():
+            _claim_patch_path(out, force)   # a file of the user's, not the run's own patch
+        out = Path(out) if out else run_dir / "patch.safetensors"
+        return config, run_dir, out
+    config = TuneConfig(model=model, task=task, **given)
+    check_options(config)
+    get_task(task, **config.task_options())  # a bad task fails before anything is loaded or written
+    if run_dir is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name)
+        run_dir = Path("runs") / f"{name}-{task}-L{config.layer if config.layer not in (None, 'auto') else 'dominant'}-s{config.seed}"
+    run_dir = Path(run_dir)
+    check_writable(run_dir, "--run-dir")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ZoliteError(f"--run-dir {run_dir} is a file; a run folder holds the run's files: choose another --run-dir")
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise ZoliteError(f"run folder {run_dir} already exists; resume it with --resume {run_dir}, "
+                          "pass --force to start it again, or choose another --run-dir")
+    out = Path(out) if out else run_dir / "patch.safetensors"
+    _claim_patch_path(out, force)
+    # (the folder itself is made when its config.json is written, after the model loaded: a failed load leaves none)
+    # --force: the old run's files go (its patch stays until the new one replaces it)
+    for stale in ("config.json", "checkpoint.safetensors", "report.json", "report.md", "memory.png"):
+        (run_dir / stale).unlink(missing_ok=True)
+    return config, run_dir, out
+
+
+def _claim_patch_path(out, force: bool) -> None:
+    """Refuse to overwrite the patch path or its trajectory without force; with force, a stale trajectory goes (it
+    must not sit beside the new patch)."""
+    refuse_clobber(out, force)
+    refuse_clobber(trajectory_path(out), force)
+    trajectory_path(out).unlink(missing_ok=True)
+
+
+def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=None) -> TuneConfig:
+    defaults = dict(BUILTIN_DEFAULTS, **(loaded.profile.defaults if loaded.profile else {}))
+    filled = {k: defaults[k] for k in BUILTIN_DEFAULTS if getattr(config, k) is None}
+    filled["layer"] = format_layers(indices, num_layers)
+    filled["dtype"] = str(loaded.dtype).removeprefix("torch.")
+    filled["device"] = str(loaded.device)
+    filled["mode"] = loaded.mode
+    filled["micro_batch"] = config.micro_batch or (plan.micro_batch if plan else None) or filled.get("batch_size", config.batch_size)
+    filled["objective"] = config.objective or ("lm" if task.generative else "ce")
+    config = dataclasses.replace(config, **filled)
+    if task.generative and config.objective in ("ce", "accuracy"):
+        raise ZoliteError(f"{task.name} is a generation task (no candidates): use --objective lm or f1")
+    if not task.generative and config.objective == "f1":
+        raise ZoliteError(f"{task.name} is scored by accuracy over candidates: use --objective ce, lm or accuracy")
+    return config
+
+
+def load_for_tuning(config: TuneConfig):
+    """The model in the run's mode with the tuned layers kept unquantized and on the GPU, the layers, where that
+    choice came from, and the memory plan when a budget was given. Layers are chosen before loading: quantized
+    modes must know which layer to leave alone."""
+    path, profile = resolve_model(config.model)
+    device = resolve_device(config.device)
+    skeleton = model_skeleton(path)
+    num_layers = len(decoder_layers(skeleton)[1])
+    # read from the model's files only when needed (a cached scan, a memory plan): it hashes the embedding
+    identity = functools.cache(lambda: folder_identity(path, skeleton))
+    indices, source = choose_layers(config.layer, num_layers, identity, profile,
+                                    lambda: scan(config.model, seeds=0, device=device, dtype=config.dtype,
+                                                 mode=config.mode))
+    if config.mode in QUANT_MODES and len(indices) == num_layers:
+        raise ZoliteError(f"--layers all tunes every layer, so nothing is left to quantize with --mode {config.mode}; "
+                          "use --mode fp16 or offload")
+    mode, plan = plan_for_device(config, device, skeleton, indices, identity, profile)
+    mode = mode or _default_mode(config, device, profile, every_layer=len(indices) == num_layers)
+    loaded = load_model(config.model, device=device, dtype=config.dtype, mode=mode, keep_layers=indices,
+                        int8_threshold=config.int8_threshold)
+    return loaded, indices, source, plan
+
+
+def _default_mode(config: TuneConfig, device: torch.device, profile, every_layer: bool) -> str:
+    """The mode of a run not planned otherwise: as given, else fp16 when every layer is tuned (nothing is left to
+    quantize), else the profile's / the device's default."""
+    return config.mode or ("fp16" if every_layer else choose_mode(None, device, profile))
+
+
+def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices, identity, profile):
+    """(mode, plan). With --gpu-memory: the fastest mode and largest micro-batch for that budget, the allocator
+    capped to it. On a GPU without it: the run as asked (its mode, the whole batch) unless by the estimate that would
+    not fit the card's free memory; then the same mode with the largest micro-batch that fits, else (no --mode given)
+    offload, else the run is tried as asked (the estimate errs high). So a run's numbers never depend on how much
+    memory happened to be free, unless it would not have fit. On the CPU: the mode as given, no plan."""
+    asked = config.gpu_memory is not None
+    if not asked and device.type != "cuda":
+        return config.mode, None
+    if asked:
+        budget = parse_size(config.gpu_memory)
+    else:   # what a scan earlier in this process left in torch's cache is free for this run too
+        gc.collect()
+        torch.cuda.empty_cache()
+        budget = free_gpu_memory(device)
+    defaults = profile.defaults if profile else {}
+    batch = config.batch_size or defaults.get("batch_size", BUILTIN_DEFAULTS["batch_size"])
+    seq_len = config.max_length or defaults.get("max_length", BUILTIN_DEFAULTS["max_length"])
+    dtype = choose_dtype(config.dtype, device, profile)
+    try:
+        measured = measured_activations(identity(), dtype, profile)
+    except ZoliteError:   # no embedding to key this machine's measurements by: the profile's, or the analytic estimate
+        measured = measured_activations(None, dtype, profile)
+
+    def plan_for(mode):
+        return plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=mode, measured=measured,
+                           micro_batch=config.micro_batch, estimator=config.estimator, optimizer=config.optimizer)
+
+    if asked:
+        plan = plan_for(config.mode)
+        on_cpu = "" if device.type == "cuda" else " (running on the CPU: its micro-batch is used, nothing is capped)"
+        print(f"zolite: memory plan: {plan.reason}{on_cpu}", file=sys.stderr)
+        if device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
+            cap_gpu_memory(budget, device)
+        return plan.mode, plan
+    default = _default_mode(config, device, profile, every_layer=len(indices) == len(decoder_layers(skeleton)[1]))
+    free = f"the GPU's free {budget / 2**30:.1f} GiB"
+    fallback = config.mode is None and default != "offload" and config.estimator != "fo"
+    for mode in [default] + (["offload"] if fallback else []):
+        try:
+            plan = plan_for(mode)
+        except ZoliteError:
+            continue
+        if plan.mode == default and plan.micro_batch == (config.micro_batch or batch):
+            return config.mode, None   # fits as asked
+        print(f"zolite: by the estimate the run would not fit {free} as asked; memory plan: {plan.reason}",
+              file=sys.stderr)
+        return plan.mode, plan
+    print(f"zolite: by the estimate nothing fits {free}; trying the run as asked (the estimate errs high; "
+          "--gpu-memory plans for a budget you give)", file=sys.stderr)
+    return config.mode, None
+
+
+def _cuda_index(device: torch.device) -> int:
+    """torch's memory calls want an index, not a bare 'cuda'."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def free_gpu_memory(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(_cuda_index(device))[0]
+
+
+def cap_gpu_memory(budget: int, device: torch.device) -> float:
+    """Cap this process's CUDA allocator at `budget` bytes on `device`; returns the fraction set."""
+    index = _cuda_index(device)
+    fraction = min(1.0, budget / torch.cuda.get_device_properties(index).total_memory)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return fraction

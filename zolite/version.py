@@ -1,0 +1,2 @@
+"""zolite's version: written into every patch (zolite.version), so it lives apart from the package's imports."""
+__version__ = "0.1.0"
