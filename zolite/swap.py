@@ -47,6 +47,7 @@ class PatchSet:
             raise ZoliteError(f"unknown place '{where}' for a patch; choose one of {', '.join(PLACES)}")
         if not isinstance(patch, Patch):
             patch = load_patch(patch)
+        kind = patch.metadata.get("zolite.kind", "dense")   # as given (a trajectory is kept replayed, dense)
         if is_trajectory(patch):
             if where == "disk":
                 raise ZoliteError(f"{patch.path} is a trajectory: keep it on the device or pinned (its replayed "
@@ -60,7 +61,8 @@ class PatchSet:
         # the base's fingerprint over the names it has: check_fits reports unknown names and shapes first
         check_fits(self.model, patch, base_sha256=self._base_fingerprint([n for n in patch.tensors if n in self.base]))
         # the entry keeps the metadata only: the tensors live where `where` says (a disk patch holds no RAM)
-        entry = {"patch": Patch({}, patch.metadata, patch.path), "where": where, "names": sorted(patch.tensors)}
+        entry = {"patch": Patch({}, patch.metadata, patch.path), "where": where, "names": sorted(patch.tensors),
+                 "kind": kind}
         if where == "device":
             entry["tensors"] = {n: torch.nn.Parameter(t.to(self.base[n].device, self.base[n].dtype), requires_grad=False)
                                 for n, t in patch.tensors.items()}

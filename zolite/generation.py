@@ -1,0 +1,135 @@
+"""Batched generation for the server: many prompts in one left-padded batch, each row with its own length limit,
+stop strings, sampling settings and random generator, streamed token by token.
+
+A row leaves the batch as soon as it ends (its end-of-sequence token, a stop string, its max_tokens, or its client
+gone): the rows still running go on without it (the KV cache keeps only their rows), so a short answer does not pay
+for a long one. A row's sampled tokens come from its own generator (seeded by the request's seed), so what a row
+draws does not depend on the other rows in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .predict import _eos_ids
+
+
+@dataclass
+class Row:
+    """One sequence to generate: one choice of one prompt."""
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0          # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None           # None: a fresh random seed
+    stop: tuple[str, ...] = ()
+    on_text: Callable[[str, str | None], None] | None = None   # (new text, finish reason or None) as it comes
+    cancelled: Callable[[], bool] = lambda: False              # checked every step: the client went away
+    ids: list[int] = field(default_factory=list)   # the tokens generated (an end-of-sequence token not kept)
+    tokens: int = 0                   # tokens generated, an end-of-sequence token included (usage counts it)
+    text: str = ""                    # the answer so far (cut before a stop string)
+    sent: int = 0                     # characters of `text` passed to on_text
+    finish_reason: str | None = None  # "stop" (end token or stop string), "length" (max_tokens), "cancelled"
+
+
+def _choose(logits: torch.Tensor, rows: list[Row], generators: list[torch.Generator | None]) -> list[int]:
+    """The next token of each row: argmax for greedy rows; for the others, a draw from the row's own generator
+    after temperature and nucleus (top_p) filtering."""
+    logits = logits.float()
+    chosen = logits.argmax(-1).tolist()
+    for i, (row, gen) in enumerate(zip(rows, generators)):
+        if gen is None:
+            continue
+        probs = torch.softmax(logits[i] / row.temperature, -1)
+        if row.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            outside = sorted_p.cumsum(-1) - sorted_p > row.top_p   # the tokens after the nucleus is full
+            probs = probs.scatter(0, order, sorted_p.masked_fill(outside, 0.0))
+        chosen[i] = int(torch.multinomial(probs, 1, generator=gen))
+    return chosen
+
+
+def _advance(row: Row, token: int, tokenizer, eos: set[int]) -> None:
+    """Add `token` to `row`, end the row if it should end, and pass on the text that is now certain."""
+    row.tokens += 1
+    if token in eos:
+        row.finish_reason = "stop"
+    else:
+        row.ids.append(token)
+        row.text = tokenizer.decode(row.ids, skip_special_tokens=True)
+        cuts = [i for i in (row.text.find(s) for s in row.stop) if i >= 0]
+        if cuts:
+            row.text, row.finish_reason = row.text[:min(cuts)], "stop"
+        elif len(row.ids) >= row.max_tokens:
+            row.finish_reason = "length"
+    if row.finish_reason is not None:
+        ready = len(row.text)
+    else:   # hold back what could still become a stop string, or is half a multi-byte character
+        ready = len(row.text) - max((len(s) - 1 for s in row.stop), default=0)
+        while ready > row.sent and row.text[ready - 1] == "\ufffd":
+            ready -= 1
+    if row.on_text is not None and (ready > row.sent or row.finish_reason is not None):
+        row.on_text(row.text[row.sent:max(ready, row.sent)], row.finish_reason)
+    row.sent = max(ready, row.sent)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _cache_argument(model) -> str:
+    """transformers renamed forward's `past_key_values` to `cache` (5.2x); older 5.x know only the first."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def generate_rows(model, tokenizer, rows: list[Row]) -> None:
+    """Generate every row in one batch (prompts padded on the left); fills each row's text and finish_reason."""
+    from transformers import DynamicCache
+
+    if not rows:
+        return
+    device = model.get_input_embeddings().weight.device
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
+    width = max(len(r.prompt_ids) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generators = [None if r.temperature == 0 else _generator(r.seed, device) for r in rows]
+    cache = DynamicCache(config=model.config)
+    cache_arg = _cache_argument(model)
+    live = list(range(len(rows)))   # the rows of `rows` still in the batch, in batch order
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
+    while True:
+        tokens = _choose(logits, [rows[i] for i in live], [generators[i] for i in live])
+        keep = []
+        for slot, (i, token) in enumerate(zip(live, tokens)):
+            row = rows[i]
+            if row.cancelled():
+                row.finish_reason = "cancelled"
+            else:
+                _advance(row, token, tokenizer, eos)
+            if row.finish_reason is None:
+                keep.append(slot)
+        if not keep:
+            return
+        if len(keep) < len(live):   # drop the finished rows from the batch and the cache
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, positions = mask[index], positions[index]
+            live, tokens = [live[s] for s in keep], [tokens[s] for s in keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
+                       position_ids=positions, use_cache=True, **{cache_arg: cache}).logits[:, -1]
