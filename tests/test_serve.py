@@ -230,25 +230,60 @@ def test_chat_refusals_and_bad_requests(served):
     assert _raw(server.url, "/v1/completions", ok)[0] == 200
 
 
-def test_concurrent_mixed_patches_batched_get_their_own_answers(served):
-    server, client, expected = served
+@pytest.mark.parametrize("mix", [True, False], ids=["patches-share-a-batch", "a-batch-per-patch"])
+def test_concurrent_mixed_patches_batched_get_their_own_answers(served, mix):
+    """Many clients at once over three patches and the base: each answer is its patch's one-at-a-time greedy answer,
+    whether the patches share one batch (RowRouter, no swap) or each patch's requests form a batch (one swap per
+    group)."""
+    shared, _, expected = served
+    server = PatchServer(shared.loaded, shared.patches, port=0, timeout=60, mix=mix).start()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     jobs = [(name, prompt) for name in (*NAMES, None) for prompt in PROMPTS] * 2
-    answers, batches, swaps = {}, server.batches, server.swaps
+    answers = {}
 
     def ask(i, name, prompt):
         answers[i] = client.completions.create(model=name or server.loaded.name, prompt=prompt, max_tokens=8,
                                                temperature=0)
 
     threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.stop()
     for i, (name, prompt) in enumerate(jobs):
         choice = answers[i].choices[0]
         assert (choice.text, choice.finish_reason) == expected[(name, prompt)], (name, prompt)
-    assert server.batches - batches < len(jobs)   # some requests shared a batch
-    assert server.swaps - swaps < len(jobs)       # one swap per patch group, not per request
+    assert server.mix == mix and server.batches < len(jobs)   # some requests shared a batch
+    assert server.swaps == 0 if mix else 0 < server.swaps < len(jobs)   # one swap per patch group, not per request
+
+
+def test_router_runs_each_row_through_its_own_patch(served):
+    """A batch mixing patches gives each row what that patch gives it alone, and leaves the base untouched."""
+    from zolite.swap import RowRouter
+
+    server, _, _ = served
+    loaded, patches, tok = server.loaded, server.patches, server.loaded.tokenizer
+    names = [None, "a", "b", "c", "a", None, "c", "b"]
+
+    def rows():
+        return [Row(tok(p)["input_ids"], 6, patch=n) for n, p in zip(names, PROMPTS * 2)]
+
+    alone = []
+    for row in rows():
+        patches.swap(row.patch)
+        generate_rows(loaded.model, tok, [row])
+        alone.append(row.text)
+    patches.reset()
+    base = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    together = rows()
+    with RowRouter(patches) as router:
+        generate_rows(loaded.model, tok, together, router)
+    assert [r.text for r in together] == alone and len(set(alone)) > 2
+    assert patches.active is None and all(torch.equal(base[k], v) for k, v in loaded.model.state_dict().items())
+    assert not any(m._forward_hooks for m in loaded.model.modules())   # the hooks are gone after the batch
 
 
 def test_one_batch_equals_rows_alone(tiny_model):

@@ -25,6 +25,7 @@ class Row:
     top_p: float = 1.0
     seed: int | None = None           # None: a fresh random seed
     stop: tuple[str, ...] = ()
+    patch: str | None = None          # with a router: the patch this row runs through
     on_text: Callable[[str, str | None], None] | None = None   # (new text, finish reason or None) as it comes
     cancelled: Callable[[], bool] = lambda: False              # checked every step: the client went away
     ids: list[int] = field(default_factory=list)   # the tokens generated (an end-of-sequence token not kept)
@@ -92,8 +93,9 @@ def _cache_argument(model) -> str:
 
 
 @torch.inference_mode()
-def generate_rows(model, tokenizer, rows: list[Row]) -> None:
-    """Generate every row in one batch (prompts padded on the left); fills each row's text and finish_reason."""
+def generate_rows(model, tokenizer, rows: list[Row], router=None) -> None:
+    """Generate every row in one batch (prompts padded on the left); fills each row's text and finish_reason.
+    router (a swap.RowRouter, entered): each row runs through its own patch (Row.patch)."""
     from transformers import DynamicCache
 
     if not rows:
@@ -109,6 +111,8 @@ def generate_rows(model, tokenizer, rows: list[Row]) -> None:
     cache = DynamicCache(config=model.config)
     cache_arg = _cache_argument(model)
     live = list(range(len(rows)))   # the rows of `rows` still in the batch, in batch order
+    if router is not None:
+        router.route([r.patch for r in rows], device)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                    logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
     while True:
@@ -129,6 +133,8 @@ def generate_rows(model, tokenizer, rows: list[Row]) -> None:
             cache.batch_select_indices(index)
             mask, positions = mask[index], positions[index]
             live, tokens = [live[s] for s in keep], [tokens[s] for s in keep]
+            if router is not None:
+                router.route([rows[i].patch for i in live], device)
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         positions = positions[:, -1:] + 1
         logits = model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .errors import ZoliteError
 from .generation import Row, generate_rows
-from .swap import PatchSet
+from .swap import PatchSet, RowRouter
 
 MAX_TOKENS_LIMIT = 512
 MAX_N = 16
@@ -141,13 +141,14 @@ class Job:
 class PatchServer:
     def __init__(self, loaded, patches: PatchSet, *, host: str = "127.0.0.1", port: int = 8000,
                  max_queue: int = 64, timeout: float = 60.0, max_batch: int = 32,
-                 max_tokens_limit: int = MAX_TOKENS_LIMIT):
+                 max_tokens_limit: int = MAX_TOKENS_LIMIT, mix: bool = True):
         if loaded.name in patches.names():
             raise ZoliteError(f"a patch is named '{loaded.name}', the base model's name; give it another NAME")
         if max_batch < 1 or max_queue < 1:
             raise ZoliteError("--max-batch and --max-queue must be at least 1")
         self.loaded, self.patches, self.timeout = loaded, patches, timeout
         self.max_batch, self.max_tokens_limit = max_batch, max_tokens_limit
+        self.mix = mix and max_batch > 1 and patches.can_route()   # patches share a batch (no swaps)
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.swaps = self.batches = self.rows = 0
         self.created = int(time.time())
@@ -199,29 +200,37 @@ class PatchServer:
                     waiting.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            groups: dict[str | None, list[Job]] = {}
+            jobs = []
             for job in waiting:
                 if job.cancelled:
                     job.finish("cancelled")
                 else:
-                    groups.setdefault(job.target, []).append(job)
-            for name in sorted(groups, key=lambda n: n != self.patches.active):   # no swap for the active group
-                self._run_group(name, groups[name])
-
-    def _run_group(self, name: str | None, jobs: list[Job]) -> None:
-        try:
-            if name != self.patches.active:
-                self.patches.swap(name)
-                self.swaps += 1
-        except Exception as e:   # this group cannot run; the server goes on
+                    jobs.append(job)
+            if self.mix:   # every patch in one batch: each row through its own patch
+                with RowRouter(self.patches) as router:
+                    self._run(jobs, router)
+                continue
+            groups: dict[str | None, list[Job]] = {}
             for job in jobs:
-                job.finish(f"patch '{name}' could not be swapped in: {e}")
-            return
+                groups.setdefault(job.target, []).append(job)
+            for name in sorted(groups, key=lambda n: n != self.patches.active):   # no swap for the active group
+                try:
+                    if name != self.patches.active:
+                        self.patches.swap(name)
+                        self.swaps += 1
+                except Exception as e:   # this group cannot run; the server goes on
+                    for job in groups[name]:
+                        job.finish(f"patch '{name}' could not be swapped in: {e}")
+                    continue
+                self._run(groups[name])
+
+    def _run(self, jobs: list[Job], router=None) -> None:
+        """The jobs' rows in batches of up to max_batch rows."""
         rows = [(job, row) for job in jobs for row in job.rows]
         for start in range(0, len(rows), self.max_batch):
             chunk = rows[start:start + self.max_batch]
             try:
-                generate_rows(self.loaded.model, self.loaded.tokenizer, [row for _, row in chunk])
+                generate_rows(self.loaded.model, self.loaded.tokenizer, [row for _, row in chunk], router)
             except Exception as e:   # these rows only
                 for job, _ in chunk:
                     job.error = job.error or f"{type(e).__name__}: {e}"
@@ -306,7 +315,7 @@ class PatchServer:
             for _ in range(n):
                 k = len(rows)   # choice k of the answer; with a seed it draws from seed + k
                 rows.append(Row(list(ids), limit, temperature=float(temperature), top_p=float(top_p),
-                                seed=None if seed is None else (seed + k) % 2 ** 63, stop=stop))
+                                seed=None if seed is None else (seed + k) % 2 ** 63, stop=stop, patch=target))
         job = Job(kind, target, rows, sum(len(ids) for ids in prompts), stream,
                   bool(options and options.get("include_usage")))
         for k, row in enumerate(rows):
@@ -420,7 +429,7 @@ def _handler(server: PatchServer):
                                         "patches": server.patches.names(), "active": server.patches.active,
                                         "queued": server.queue.qsize(), "swaps": server.swaps,
                                         "batches": server.batches, "rows": server.rows,
-                                        "max_batch": server.max_batch})
+                                        "max_batch": server.max_batch, "mix": server.mix})
             if route == "/v1/models":
                 cards = [server.model_card(None)] + [server.model_card(n) for n in server.patches.names()]
                 return self._send(200, {"object": "list", "data": cards})

@@ -144,6 +144,68 @@ class PatchSet:
         module, attr = self.owner[name]
         module._parameters[attr] = tensor
 
+    def can_route(self) -> bool:
+        """Whether a batch can mix patches (RowRouter): every patch resident on the device, and every patched tensor
+        held by a leaf module (a linear, a norm), whose rows do not mix."""
+        return bool(self.patches) and all(
+            e["where"] == "device" and not any(True for _ in self.owner[n][0].children())
+            for e in self.patches.values() for n in e["names"])
+
+
+class RowRouter:
+    """One forward, each batch row through its own patch (None: the base), with no swap.
+
+    Within `with RowRouter(patch_set) as router:` the base is active, and each module a patch covers (a linear or a
+    norm of the patched layer) runs once more on the rows of each patch, with that patch's tensors, writing over the
+    base's output for those rows. The rest of the model runs once for the whole batch. Set `router.route(names)`
+    (one name per batch row) before each forward. Needs `patch_set.can_route()`.
+    """
+
+    def __init__(self, patch_set: PatchSet):
+        if not patch_set.can_route():
+            raise ZoliteError("patches can share a batch only when every patch is resident on the device (--where "
+                              "device)")
+        self.patch_set, self.groups, self.handles = patch_set, {}, []
+
+    def __enter__(self) -> "RowRouter":
+        self.patch_set.reset()
+        modules: dict[torch.nn.Module, dict[str, str]] = {}
+        for entry in self.patch_set.patches.values():
+            for name in entry["names"]:
+                module, attr = self.patch_set.owner[name]
+                modules.setdefault(module, {})[attr] = name
+        self.handles = [m.register_forward_hook(self._hook(attrs)) for m, attrs in modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.groups = [], {}
+
+    def route(self, names: list[str | None], device) -> None:
+        """The patch of each batch row, for the next forward."""
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            if name is not None:
+                rows.setdefault(name, []).append(i)
+        self.groups = {name: torch.tensor(index, device=device) for name, index in rows.items()}
+
+    def _hook(self, attrs: dict[str, str]):
+        def hook(module, args, output):
+            for name, index in self.groups.items():
+                tensors = self.patch_set.patches[name]["tensors"]
+                mine = {attr: tensors[full] for attr, full in attrs.items() if full in tensors}
+                if not mine:
+                    continue
+                base = {attr: module._parameters[attr] for attr in mine}
+                try:
+                    module._parameters.update(mine)
+                    output[index] = type(module).forward(module, args[0][index])   # (no hooks: not this one again)
+                finally:
+                    module._parameters.update(base)
+            return output
+        return hook
+
 
 def load_with_patches(model: str | None, patches: dict[str, str], *, where: str = "device", **load_options):
     """Read the patches (a bad one fails before the model loads), load the base with their layers unquantized,
