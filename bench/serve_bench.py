@@ -29,6 +29,12 @@ import time
 from pathlib import Path
 
 NAMES = ("p0", "p1", "p2")
+WORKERS = [  # (name, batched, patches share a batch, newcomers join a running batch)
+    ("one-at-a-time", False, False, False),   # the worker before issue 27: grouped by patch, each request alone
+    ("per-patch", True, False, False),        # one batch per patch group, one swap per group
+    ("mixed", True, True, False),             # all patches in one batch (RowRouter), static
+    ("continuous", True, True, True),         # mixed, and waiting requests join between steps (the default)
+]
 
 
 def clients_run(url: str, bodies: list[dict], clients: int, queue) -> None:
@@ -71,7 +77,7 @@ def clients_run(url: str, bodies: list[dict], clients: int, queue) -> None:
 def measure(server, bodies, clients):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    swaps, batches, rows = server.swaps, server.batches, server.rows
+    swaps, batches, rows, joined = server.swaps, server.batches, server.rows, server.joined
     proc = ctx.Process(target=clients_run, args=(server.url, bodies, clients, queue))
     proc.start()
     latencies, seconds, tokens, errors = queue.get()
@@ -83,7 +89,8 @@ def measure(server, bodies, clients):
             "p50_s": round(statistics.median(lat), 3), "p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 3),
             "completion_tokens_per_s": round(sum(tokens) / seconds, 1), "swaps": server.swaps - swaps,
             "batches": server.batches - batches,
-            "rows_per_batch": round((server.rows - rows) / max(1, server.batches - batches), 2)}
+            "rows_per_batch": round((server.rows - rows) / max(1, server.batches - batches), 2),
+            "joined": server.joined - joined}
 
 
 def make_patches(loaded, layer: int, noise: float):
@@ -131,6 +138,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32, help="New tokens per request at most.  [default: 32]")
     ap.add_argument("--max-batch", type=int, default=32, help="The batched worker's rows per forward.  [default: 32]")
     ap.add_argument("--noise", type=float, default=0.05, help="Patch noise, times each tensor's RMS.  [default: 0.05]")
+    ap.add_argument("--workers", default=",".join(w[0] for w in WORKERS),
+                    help="Which workers to compare, comma-separated.  [default: all: %(default)s]")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads.  [default: torch's]")
     args = ap.parse_args()
 
@@ -153,7 +162,7 @@ def main():
     patches = make_patches(loaded, layer, args.noise)
     texts = prompts(256)
     levels = [int(c) for c in args.clients.split(",")]
-    workers = [("one at a time", 1), (f"batched (<= {args.max_batch})", args.max_batch)]
+    workers = [w for w in WORKERS if w[0] in args.workers.split(",")]
 
     def bodies(n):
         return [{"model": NAMES[i % 3], "prompt": texts[i % len(texts)], "max_tokens": args.max_tokens,
@@ -161,14 +170,17 @@ def main():
 
     rows = []
     for clients in levels:
-        for label, max_batch in workers:
-            server = PatchServer(loaded, patches, port=0, max_batch=max_batch, max_queue=1024, timeout=3600).start()
+        for label, batched, mix, continuous in workers:
+            max_batch = args.max_batch if batched else 1
+            server = PatchServer(loaded, patches, port=0, max_batch=max_batch, max_queue=1024, timeout=3600, mix=mix,
+                                 continuous=continuous).start()
             try:
                 measure(server, bodies(3), 1)   # warm-up: each patch once
                 result = measure(server, bodies(max(args.requests, clients)), clients)
             finally:
                 server.stop()
-            rows.append({"clients": clients, "worker": label, "max_batch": max_batch, **result})
+            rows.append({"clients": clients, "worker": label, "max_batch": max_batch, "mix": server.mix,
+                         "continuous": server.continuous, **result})
             print(json.dumps(rows[-1]), flush=True)
 
     device = loaded.device
@@ -207,14 +219,14 @@ def markdown(result: dict) -> str:
              "",
              f"Command: `{result['command']}`",
              "",
-             "| clients | worker | requests | req/s | p50 s | p95 s | tokens/s | swaps | rows/batch | req/s vs one at a time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    single = {r["clients"]: r["requests_per_s"] for r in result["rows"] if r["max_batch"] == 1}
+             "| clients | worker | requests | req/s | p50 s | p95 s | tokens/s | swaps | batches | rows/batch | joined | req/s vs one-at-a-time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    single = {r["clients"]: r["requests_per_s"] for r in result["rows"] if r["worker"] == "one-at-a-time"}
     for r in result["rows"]:
         gain = r["requests_per_s"] / single[r["clients"]] if r["clients"] in single else float("nan")
         lines.append(f"| {r['clients']} | {r['worker']} | {r['requests']} | {r['requests_per_s']:.2f} | "
                      f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['completion_tokens_per_s']:.1f} | {r['swaps']} | "
-                     f"{r['rows_per_batch']:.1f} | {gain:.2f}x |")
+                     f"{r['batches']} | {r['rows_per_batch']:.1f} | {r['joined']} | {gain:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

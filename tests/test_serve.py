@@ -257,6 +257,7 @@ def test_concurrent_mixed_patches_batched_get_their_own_answers(served, mix):
         choice = answers[i].choices[0]
         assert (choice.text, choice.finish_reason) == expected[(name, prompt)], (name, prompt)
     assert server.mix == mix and server.batches < len(jobs)   # some requests shared a batch
+    assert (server.joined > 0) == mix   # and, mixed, some joined a running batch between steps
     assert server.swaps == 0 if mix else 0 < server.swaps < len(jobs)   # one swap per patch group, not per request
 
 
@@ -304,6 +305,34 @@ def test_one_batch_equals_rows_alone(tiny_model):
     generate_rows(loaded.model, tok, together)
     assert [(r.text, r.finish_reason, r.tokens) for r in together] == alone
     assert [r.tokens for r in together] != [together[-1].tokens] * len(together)   # rows ended at different steps
+
+
+def test_rows_joining_a_running_batch_get_their_own_answers(tiny_model):
+    """Continuous batching: rows admitted between steps (prompts longer and shorter than the batch so far, so either
+    cache is padded) end exactly as they do alone, and so do the rows already running."""
+    loaded = zolite.load_model(tiny_model)
+    tok = loaded.tokenizer
+    prompts = ["a", "the film was dull and long", "is water wet", "x y", "a great and moving film about water"]
+
+    def rows():
+        return [Row(tok(p)["input_ids"], max_tokens=4 + 3 * (i % 3)) for i, p in enumerate(prompts * 2)]
+
+    alone = []
+    for row in rows():
+        generate_rows(loaded.model, tok, [row])
+        alone.append((row.text, row.finish_reason, row.tokens))
+    waiting = rows()
+    first, later = waiting[:2], waiting[2:]
+    asked = []
+
+    def admit(room):
+        asked.append(room)
+        joining, later[:] = later[:min(room, 2)], later[min(room, 2):]
+        return joining
+
+    generate_rows(loaded.model, tok, first, admit=admit, max_rows=4)
+    assert [(r.text, r.finish_reason, r.tokens) for r in waiting] == alone
+    assert not later and max(asked) <= 4 and len(asked) > 3
 
 
 def test_serve_cli_refuses_bad_options(tiny_model, tmp_path):

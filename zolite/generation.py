@@ -28,6 +28,7 @@ class Row:
     patch: str | None = None          # with a router: the patch this row runs through
     on_text: Callable[[str, str | None], None] | None = None   # (new text, finish reason or None) as it comes
     cancelled: Callable[[], bool] = lambda: False              # checked every step: the client went away
+    on_finish: Callable[[], None] | None = None                 # called once, when the row has ended
     ids: list[int] = field(default_factory=list)   # the tokens generated (an end-of-sequence token not kept)
     tokens: int = 0                   # tokens generated, an end-of-sequence token included (usage counts it)
     text: str = ""                    # the answer so far (cut before a stop string)
@@ -92,50 +93,103 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@torch.inference_mode()
-def generate_rows(model, tokenizer, rows: list[Row], router=None) -> None:
-    """Generate every row in one batch (prompts padded on the left); fills each row's text and finish_reason.
-    router (a swap.RowRouter, entered): each row runs through its own patch (Row.patch)."""
-    from transformers import DynamicCache
+class _Batch:
+    """The rows being generated together: their KV cache, attention mask and positions, and the logits of each row's
+    next token. Rows leave when they end; new rows can join between steps (prefilled apart, then their cache is
+    left-padded to the batch's length and stacked under it)."""
 
-    if not rows:
-        return
-    device = model.get_input_embeddings().weight.device
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
-    width = max(len(r.prompt_ids) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    generators = [None if r.temperature == 0 else _generator(r.seed, device) for r in rows]
-    cache = DynamicCache(config=model.config)
-    cache_arg = _cache_argument(model)
-    live = list(range(len(rows)))   # the rows of `rows` still in the batch, in batch order
-    if router is not None:
-        router.route([r.patch for r in rows], device)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                   logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
-    while True:
-        tokens = _choose(logits, [rows[i] for i in live], [generators[i] for i in live])
+    def __init__(self, model, tokenizer, router=None):
+        self.model, self.tokenizer, self.router = model, tokenizer, router
+        self.device = model.get_input_embeddings().weight.device
+        self.eos = _eos_ids(model, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+        self.cache_arg = _cache_argument(model)
+        self.rows: list[Row] = []
+        self.generators: list[torch.Generator | None] = []
+        self.cache = self.mask = self.positions = self.logits = None
+
+    def _forward(self, rows, ids, mask, positions, cache):
+        if self.router is not None:
+            self.router.route([r.patch for r in rows], self.device)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          logits_to_keep=1, **{self.cache_arg: cache}).logits[:, -1]
+
+    def add(self, rows: list[Row]) -> None:
+        """Prefill `rows` (padded on the left) and join them to the batch."""
+        from transformers import DynamicCache
+
+        if not rows:
+            return
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(rows, ids, mask, positions, cache)
+        generators = [None if r.temperature == 0 else _generator(r.seed, self.device) for r in rows]
+        if not self.rows:
+            self.cache, self.mask, self.positions, self.logits = cache, mask, positions[:, -1:], logits
+        else:   # stack under the running rows, both left-padded to the longer length
+            length = max(self.mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])
+                mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)])
+            self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(mask, length)])
+            self.positions = torch.cat([self.positions, positions[:, -1:]])
+            self.logits = torch.cat([self.logits, logits])
+        self.rows += rows
+        self.generators += generators
+
+    def step(self) -> None:
+        """Each row takes its next token; ended rows leave; the others run one forward (for their next logits)."""
+        tokens = _choose(self.logits, self.rows, self.generators)
         keep = []
-        for slot, (i, token) in enumerate(zip(live, tokens)):
-            row = rows[i]
+        for slot, (row, token) in enumerate(zip(self.rows, tokens)):
             if row.cancelled():
                 row.finish_reason = "cancelled"
             else:
-                _advance(row, token, tokenizer, eos)
+                _advance(row, token, self.tokenizer, self.eos)
             if row.finish_reason is None:
                 keep.append(slot)
-        if not keep:
-            return
-        if len(keep) < len(live):   # drop the finished rows from the batch and the cache
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, positions = mask[index], positions[index]
-            live, tokens = [live[s] for s in keep], [tokens[s] for s in keep]
-            if router is not None:
-                router.route([rows[i].patch for i in live], device)
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        logits = model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
-                       position_ids=positions, use_cache=True, **{cache_arg: cache}).logits[:, -1]
+            elif row.on_finish is not None:
+                row.on_finish()
+        if len(keep) < len(self.rows):   # drop the ended rows from the batch and the cache
+            self.rows = [self.rows[s] for s in keep]
+            self.generators = [self.generators[s] for s in keep]
+            if not keep:
+                return
+            index = torch.tensor(keep, device=self.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.positions = self.mask[index], self.positions[index]
+            tokens = [tokens[s] for s in keep]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        self.positions = self.positions + 1
+        self.logits = self._forward(self.rows, torch.tensor(tokens, device=self.device)[:, None], self.mask,
+                                    self.positions, self.cache)
+
+
+def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad a mask [B, T] or a cache tensor [B, H, T, D] with zeros on the left of T, up to `length`."""
+    dim = 1 if x.dim() == 2 else 2
+    if x.shape[dim] == length:
+        return x
+    shape = list(x.shape)
+    shape[dim] = length - x.shape[dim]
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+@torch.inference_mode()
+def generate_rows(model, tokenizer, rows: list[Row], router=None,
+                  admit: Callable[[int], list[Row]] | None = None, max_rows: int | None = None) -> None:
+    """Generate every row in one batch (prompts padded on the left); fills each row's text and finish_reason.
+    router (a swap.RowRouter, entered): each row runs through its own patch (Row.patch). admit(room): rows to
+    join the batch between steps (continuous batching), at most `room` of them (max_rows minus the rows running)."""
+    batch = _Batch(model, tokenizer, router)
+    batch.add(rows)
+    while batch.rows:
+        batch.step()
+        if admit is not None:
+            room = (max_rows or len(rows)) - len(batch.rows)
+            if room > 0:
+                batch.add(admit(room))

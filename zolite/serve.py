@@ -17,6 +17,7 @@ threaded server: a thread per connection waits on its request's answer (docs/ser
 """
 from __future__ import annotations
 
+import collections
 import json
 import queue
 import threading
@@ -133,15 +134,21 @@ class Job:
     cancelled: bool = False
 
     def finish(self, error: str | None = None) -> None:
+        if self.done.is_set():
+            return
         self.error = self.error or error
         self.done.set()
         self.events.put(None)
+
+    def row_ended(self) -> None:
+        if all(r.finish_reason is not None for r in self.rows):
+            self.finish()
 
 
 class PatchServer:
     def __init__(self, loaded, patches: PatchSet, *, host: str = "127.0.0.1", port: int = 8000,
                  max_queue: int = 64, timeout: float = 60.0, max_batch: int = 32,
-                 max_tokens_limit: int = MAX_TOKENS_LIMIT, mix: bool = True):
+                 max_tokens_limit: int = MAX_TOKENS_LIMIT, mix: bool = True, continuous: bool = True):
         if loaded.name in patches.names():
             raise ZoliteError(f"a patch is named '{loaded.name}', the base model's name; give it another NAME")
         if max_batch < 1 or max_queue < 1:
@@ -149,8 +156,10 @@ class PatchServer:
         self.loaded, self.patches, self.timeout = loaded, patches, timeout
         self.max_batch, self.max_tokens_limit = max_batch, max_tokens_limit
         self.mix = mix and max_batch > 1 and patches.can_route()   # patches share a batch (no swaps)
+        self.continuous = continuous and self.mix   # waiting requests join a running batch between steps
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.swaps = self.batches = self.rows = 0
+        self.pending: collections.deque[Job] = collections.deque()   # taken from the queue, not yet running
+        self.swaps = self.batches = self.rows = self.joined = 0   # joined: rows that joined a running batch
         self.created = int(time.time())
         self.context = getattr(loaded.model.config, "max_position_embeddings", None)
         self._stop = threading.Event()
@@ -188,30 +197,40 @@ class PatchServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    # --- the worker: everything waiting, grouped by patch, each group in batches ---
+    # --- the worker ---
+    def _take(self, room: int | None = None) -> list[Job]:
+        """Waiting jobs, oldest first (cancelled ones answered and skipped); with room: only while their rows fit."""
+        while True:
+            try:
+                self.pending.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        jobs, rows = [], 0
+        while self.pending and (room is None or rows + len(self.pending[0].rows) <= room):
+            job = self.pending.popleft()
+            if job.cancelled:
+                job.finish("cancelled")
+                continue
+            jobs.append(job)
+            rows += len(job.rows)
+        return jobs
+
     def _work(self) -> None:
         while not self._stop.is_set():
-            try:
-                waiting = [self.queue.get(timeout=0.1)]
-            except queue.Empty:
-                continue
-            while True:
+            if not self.pending:
                 try:
-                    waiting.append(self.queue.get_nowait())
+                    self.pending.append(self.queue.get(timeout=0.1))
                 except queue.Empty:
-                    break
-            jobs = []
-            for job in waiting:
-                if job.cancelled:
-                    job.finish("cancelled")
-                else:
-                    jobs.append(job)
-            if self.mix:   # every patch in one batch: each row through its own patch
+                    continue
+            if self.mix:   # every patch in one batch, each row through its own patch; newcomers join between steps
+                jobs = self._take(self.max_batch)
+                if not jobs and self.pending:   # a job with more rows than a batch: alone, in several batches
+                    jobs = [self.pending.popleft()]
                 with RowRouter(self.patches) as router:
-                    self._run(jobs, router)
+                    self._run(jobs, router, continuous=self.continuous)
                 continue
             groups: dict[str | None, list[Job]] = {}
-            for job in jobs:
+            for job in self._take():
                 groups.setdefault(job.target, []).append(job)
             for name in sorted(groups, key=lambda n: n != self.patches.active):   # no swap for the active group
                 try:
@@ -224,21 +243,29 @@ class PatchServer:
                     continue
                 self._run(groups[name])
 
-    def _run(self, jobs: list[Job], router=None) -> None:
-        """The jobs' rows in batches of up to max_batch rows."""
-        rows = [(job, row) for job in jobs for row in job.rows]
+    def _run(self, jobs: list[Job], router=None, continuous: bool = False) -> None:
+        """The jobs' rows in batches of up to max_batch rows; continuous: waiting jobs join the last batch as rows
+        leave it. A job is answered as soon as its last row ends."""
+        rows = [row for job in jobs for row in job.rows]
         for start in range(0, len(rows), self.max_batch):
-            chunk = rows[start:start + self.max_batch]
+            running = list(jobs)   # the jobs that may have rows in this batch (errors go to them)
+            last = start + self.max_batch >= len(rows)
+
+            def admit(room):
+                joining = self._take(room)
+                running.extend(joining)
+                self.joined += sum(len(job.rows) for job in joining)
+                return [row for job in joining for row in job.rows]
+
             try:
-                generate_rows(self.loaded.model, self.loaded.tokenizer, [row for _, row in chunk], router)
+                generate_rows(self.loaded.model, self.loaded.tokenizer, rows[start:start + self.max_batch], router,
+                              admit=admit if continuous and last else None, max_rows=self.max_batch)
             except Exception as e:   # these rows only
-                for job, _ in chunk:
-                    job.error = job.error or f"{type(e).__name__}: {e}"
+                for job in running:
+                    if not job.done.is_set():
+                        job.finish(f"{type(e).__name__}: {e}")
             self.batches += 1
-            self.rows += len(chunk)
-            for job, _ in chunk:
-                if job.error or all(r.finish_reason is not None for r in job.rows):
-                    job.finish()
+            self.rows += len(rows[start:start + self.max_batch])
 
     # --- turning a request body into a Job ---
     def resolve(self, body: dict) -> str | None:
@@ -320,6 +347,7 @@ class PatchServer:
                   bool(options and options.get("include_usage")))
         for k, row in enumerate(rows):
             row.cancelled = lambda: job.cancelled
+            row.on_finish = job.row_ended
             if stream:
                 row.on_text = lambda text, finish, k=k: job.events.put((k, text, finish))
         return job
@@ -428,8 +456,9 @@ def _handler(server: PatchServer):
                 return self._send(200, {"status": "ok", "model": server.loaded.name,
                                         "patches": server.patches.names(), "active": server.patches.active,
                                         "queued": server.queue.qsize(), "swaps": server.swaps,
-                                        "batches": server.batches, "rows": server.rows,
-                                        "max_batch": server.max_batch, "mix": server.mix})
+                                        "batches": server.batches, "rows": server.rows, "joined": server.joined,
+                                        "max_batch": server.max_batch, "mix": server.mix,
+                                        "continuous": server.continuous})
             if route == "/v1/models":
                 cards = [server.model_card(None)] + [server.model_card(n) for n in server.patches.names()]
                 return self._send(200, {"object": "list", "data": cards})

@@ -153,12 +153,13 @@ class PatchSet:
 
 
 class RowRouter:
-    """One forward, each batch row through its own patch (None: the base), with no swap.
+    """One forward, each batch row through its own patch (None: the base), with no copy.
 
-    Within `with RowRouter(patch_set) as router:` the base is active, and each module a patch covers (a linear or a
-    norm of the patched layer) runs once more on the rows of each patch, with that patch's tensors, writing over the
-    base's output for those rows. The rest of the model runs once for the whole batch. Set `router.route(names)`
-    (one name per batch row) before each forward. Needs `patch_set.can_route()`.
+    Within `with RowRouter(patch_set) as router:`, `router.route(names)` (one name per batch row, before each
+    forward) makes the most common patch of the batch active (a pointer swap), and each module a patch covers (a
+    linear or a norm of the patched layer) runs once more on the rows that want other tensors there (another
+    patch's, or the base's), writing over the output for those rows. The rest of the model runs once for the whole
+    batch. A batch of one patch costs what it costs without the router. Needs `patch_set.can_route()`.
     """
 
     def __init__(self, patch_set: PatchSet):
@@ -168,7 +169,6 @@ class RowRouter:
         self.patch_set, self.groups, self.handles = patch_set, {}, []
 
     def __enter__(self) -> "RowRouter":
-        self.patch_set.reset()
         modules: dict[torch.nn.Module, dict[str, str]] = {}
         for entry in self.patch_set.patches.values():
             for name in entry["names"]:
@@ -181,28 +181,32 @@ class RowRouter:
         for handle in self.handles:
             handle.remove()
         self.handles, self.groups = [], {}
+        self.patch_set.reset()
 
     def route(self, names: list[str | None], device) -> None:
         """The patch of each batch row, for the next forward."""
-        rows: dict[str, list[int]] = {}
+        rows: dict[str | None, list[int]] = {}
         for i, name in enumerate(names):
-            if name is not None:
-                rows.setdefault(name, []).append(i)
-        self.groups = {name: torch.tensor(index, device=device) for name, index in rows.items()}
+            rows.setdefault(name, []).append(i)
+        most = max(rows, key=lambda n: len(rows[n]))
+        self.patch_set.swap(most)
+        self.groups = {name: torch.tensor(index, device=device) for name, index in rows.items() if name != most}
 
     def _hook(self, attrs: dict[str, str]):
+        patches, base = self.patch_set.patches, self.patch_set.base
+
         def hook(module, args, output):
             for name, index in self.groups.items():
-                tensors = self.patch_set.patches[name]["tensors"]
-                mine = {attr: tensors[full] for attr, full in attrs.items() if full in tensors}
-                if not mine:
-                    continue
-                base = {attr: module._parameters[attr] for attr in mine}
+                tensors = patches[name]["tensors"] if name is not None else {}
+                wanted = {attr: tensors.get(full, base[full]) for attr, full in attrs.items()}
+                if all(module._parameters[attr] is t for attr, t in wanted.items()):
+                    continue   # these rows want what the module holds now
+                held = {attr: module._parameters[attr] for attr in wanted}
                 try:
-                    module._parameters.update(mine)
+                    module._parameters.update(wanted)
                     output[index] = type(module).forward(module, args[0][index])   # (no hooks: not this one again)
                 finally:
-                    module._parameters.update(base)
+                    module._parameters.update(held)
             return output
         return hook
 
