@@ -434,12 +434,17 @@ def export(model, patch_file, out, dtype, force, device):
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--max-queue", type=int, default=64, show_default=True, help="Requests waiting at most (503 beyond).")
 @click.option("--max-batch", type=int, default=32, show_default=True,
-              help="Rows (prompts x n) generated together for one patch; 1: one request at a time.")
+              help="Rows (prompts x n) generated together; 1: one request at a time.")
+@click.option("--batching", type=click.Choice(["continuous", "mixed", "per-patch"]), default="continuous",
+              show_default=True,
+              help="continuous: requests of every patch share a batch and join it between steps; mixed: share a "
+                   "batch, no joining; per-patch: a batch per patch, one swap per group (always so with --where "
+                   "pinned or disk).")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds a request may wait.")
 @mode_option
 @click.option("--device")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
-def serve(model, patches, where, host, port, max_queue, max_batch, timeout, mode, device, dtype):
+def serve(model, patches, where, host, port, max_queue, max_batch, batching, timeout, mode, device, dtype):
     """Serve one base with several patches, OpenAI-compatible: POST /v1/completions and /v1/chat/completions
     ("model": a patch NAME or the base), GET /v1/models, GET /health. See docs/serve.md."""
     import zolite
@@ -447,7 +452,8 @@ def serve(model, patches, where, host, port, max_queue, max_batch, timeout, mode
     check_at_least("--max-batch", max_batch, 1)
     check_at_least("--max-queue", max_queue, 1)
     server = zolite.serve(model, list(patches), where=where, host=host, port=port, max_queue=max_queue,
-                          timeout=timeout, max_batch=max_batch, mode=mode, device=device, dtype=dtype)
+                          timeout=timeout, max_batch=max_batch, batching=batching, mode=mode, device=device,
+                          dtype=dtype)
     click.echo(f"serving {server.loaded.name} with patches {', '.join(server.patches.names())} on {server.url} "
                f"(OpenAI-compatible: {server.url}/v1)", err=True)
     try:

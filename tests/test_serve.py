@@ -335,6 +335,20 @@ def test_rows_joining_a_running_batch_get_their_own_answers(tiny_model):
     assert not later and max(asked) <= 4 and len(asked) > 3
 
 
+def test_the_python_api_serves(tiny_model, tmp_path):
+    paths = make_patches(tiny_model, tmp_path)
+    server = zolite.serve(tiny_model, [f"a={paths['a']}", f"b={paths['b']}"], port=0, batching="per-patch")
+    try:
+        health = json.loads(_raw(server.url, "/health")[1])
+        assert health["patches"] == ["a", "b"] and not health["mix"] and not health["continuous"]
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert client.completions.create(model="b", prompt="x", max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        server.stop()
+    with pytest.raises(zolite.ZoliteError, match="unknown batching 'fast'"):
+        zolite.serve(tiny_model, paths, batching="fast")
+
+
 def test_serve_cli_refuses_bad_options(tiny_model, tmp_path):
     assert_user_error(run_cli("serve", "--model", tiny_model, "--patch", "a=x.safetensors", "--max-batch", "0"),
                       "--max-batch must be at least 1")

@@ -1,9 +1,10 @@
 """Batched generation for the server: many prompts in one left-padded batch, each row with its own length limit,
-stop strings, sampling settings and random generator, streamed token by token.
+stop strings, sampling settings, random generator and (with a swap.RowRouter) patch, streamed token by token.
 
 A row leaves the batch as soon as it ends (its end-of-sequence token, a stop string, its max_tokens, or its client
-gone): the rows still running go on without it (the KV cache keeps only their rows), so a short answer does not pay
-for a long one. A row's sampled tokens come from its own generator (seeded by the request's seed), so what a row
+gone): the rows still running go on without it (the KV cache keeps only their rows). New rows can join between
+steps (continuous batching): they are prefilled apart, then their cache is left-padded to the batch's length and
+stacked under it. A row's sampled tokens come from its own generator (seeded by the request's seed), so what a row
 draws does not depend on the other rows in the batch.
 """
 from __future__ import annotations

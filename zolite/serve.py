@@ -10,10 +10,13 @@ GET  /health                patches, active patch, queue length, swaps and batch
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 a bad or unsupported field (named
 in `param`), 404 an unknown model or path, 503 the queue is full, 504 no answer in time.
 
-Requests wait in a bounded queue. One worker takes everything waiting, groups it by patch (the active patch's group
-first), swaps once per group and generates each group as one left-padded batch of up to `max_batch` rows
-(zolite/generation.py); `max_batch=1` is the old one-request-at-a-time worker. HTTP is the standard library's
-threaded server: a thread per connection waits on its request's answer (docs/serve.md says why).
+Requests wait in a bounded queue; one worker generates. By default (every patch resident on the device) the
+patches share a batch: the waiting requests, whatever their patch, form one left-padded batch of up to `max_batch`
+rows, each row through its own patch (swap.RowRouter: only the patched layer's linears and norms run once more, on
+the rows of other patches), and requests that arrive meanwhile join it between steps (continuous batching). With
+`mix=False` (or patches pinned / on disk) the worker groups the waiting requests by patch, swaps once per group
+and generates each group as one batch. `max_batch=1` is the old one-request-at-a-time worker. HTTP is the standard
+library's threaded server: a thread per connection waits on its request's answer (docs/serve.md says why).
 """
 from __future__ import annotations
 
@@ -560,16 +563,24 @@ def parse_named(specs: list[str]) -> dict[str, str]:
     return named
 
 
+BATCHING = ("continuous", "mixed", "per-patch")
+
+
 def serve(model: str | None, patches: dict[str, str] | list[str], *, where: str = "device", host: str = "127.0.0.1",
-          port: int = 8000, max_queue: int = 64, timeout: float = 60.0, max_batch: int = 32, mode: str | None = None,
-          device: str | None = None, dtype: str | None = None) -> PatchServer:
+          port: int = 8000, max_queue: int = 64, timeout: float = 60.0, max_batch: int = 32,
+          batching: str = "continuous", mode: str | None = None, device: str | None = None,
+          dtype: str | None = None) -> PatchServer:
     """Load `model` with `patches` ({name: path}, or NAME=PATH strings) and serve them in background threads;
-    returns the running PatchServer (its .url; .wait() blocks, .stop() ends it)."""
+    returns the running PatchServer (its .url; .wait() blocks, .stop() ends it).
+    batching: continuous (patches share a batch, newcomers join between steps), mixed (patches share a batch, no
+    joining), per-patch (a batch per patch, one swap per group). Pinned or disk patches are always per-patch."""
     from .swap import load_with_patches
 
     named = parse_named(list(patches)) if not isinstance(patches, dict) else patches
     if max_batch < 1 or max_queue < 1:   # before the model loads
         raise ZoliteError("--max-batch and --max-queue must be at least 1")
+    if batching not in BATCHING:
+        raise ZoliteError(f"unknown batching '{batching}'; choose one of {', '.join(BATCHING)}")
     loaded, patch_set = load_with_patches(model, named, where=where, mode=mode, device=device, dtype=dtype)
     return PatchServer(loaded, patch_set, host=host, port=port, max_queue=max_queue, timeout=timeout,
-                       max_batch=max_batch).start()
+                       max_batch=max_batch, mix=batching != "per-patch", continuous=batching == "continuous").start()
