@@ -89,7 +89,7 @@ def measure(server, bodies, clients):
             "p50_s": round(statistics.median(lat), 3), "p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 3),
             "completion_tokens_per_s": round(sum(tokens) / seconds, 1), "swaps": server.swaps - swaps,
             "batches": server.batches - batches,
-            "rows_per_batch": round((server.rows - rows) / max(1, server.batches - batches), 2),
+            "rows_per_batch": round((server.rows - rows + server.joined - joined) / max(1, server.batches - batches), 2),
             "joined": server.joined - joined}
 
 
@@ -133,8 +133,8 @@ def main():
                                                             "layer, else 1]")
     ap.add_argument("--out", type=Path, required=True, help="Folder for results.json and results.md.")
     ap.add_argument("--clients", default="1,8,32", help="Concurrent client counts.  [default: 1,8,32]")
-    ap.add_argument("--requests", type=int, default=64,
-                    help="Requests per measurement (at least the client count).  [default: 64]")
+    ap.add_argument("--requests", type=int, default=128,
+                    help="Requests per measurement (at least the client count).  [default: 128]")
     ap.add_argument("--max-tokens", type=int, default=32, help="New tokens per request at most.  [default: 32]")
     ap.add_argument("--max-batch", type=int, default=32, help="The batched worker's rows per forward.  [default: 32]")
     ap.add_argument("--noise", type=float, default=0.05, help="Patch noise, times each tensor's RMS.  [default: 0.05]")
@@ -231,4 +231,8 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":   # rewrite results.md from results.json
+        path = Path(sys.argv[2])
+        path.with_name("results.md").write_text(markdown(json.loads(path.read_text())))
+    else:
+        main()

@@ -335,6 +335,30 @@ def test_rows_joining_a_running_batch_get_their_own_answers(tiny_model):
     assert not later and max(asked) <= 4 and len(asked) > 3
 
 
+def test_queue_full_and_timeout(served):
+    """With the worker held up: the request beyond --max-queue gets 503 at once, the one waiting gets 504 after
+    --timeout (and is dropped), a stream gets its 504 as an event; all in OpenAI's error shape."""
+    shared, _, _ = served
+    server = PatchServer(shared.loaded, shared.patches, port=0, timeout=1.5, max_queue=1)
+    threading.Thread(target=server.httpd.serve_forever, daemon=True).start()   # HTTP only: no worker
+    body = {"model": "a", "prompt": "x", "max_tokens": 2}
+    first = {}
+    waiter = threading.Thread(target=lambda: first.update(r=_raw(server.url, "/v1/completions", body)))
+    try:
+        waiter.start()
+        while server.waiting() == 0:
+            threading.Event().wait(0.01)
+        status, text = _raw(server.url, "/v1/completions", body)
+        assert status == 503 and json.loads(text)["error"]["code"] == "queue_full"
+        waiter.join()
+        assert first["r"][0] == 504 and json.loads(first["r"][1])["error"]["code"] == "timeout"
+        server.queue.get_nowait()   # (the worker would drop the cancelled request)
+        status, text = _raw(server.url, "/v1/completions", {**body, "stream": True})
+        assert status == 200 and '"code": "timeout"' in text and "[DONE]" not in text
+    finally:
+        server.stop()
+
+
 def test_the_python_api_serves(tiny_model, tmp_path):
     paths = make_patches(tiny_model, tmp_path)
     server = zolite.serve(tiny_model, [f"a={paths['a']}", f"b={paths['b']}"], port=0, batching="per-patch")

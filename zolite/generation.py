@@ -186,8 +186,12 @@ def generate_rows(model, tokenizer, rows: list[Row], router=None,
     """Generate every row in one batch (prompts padded on the left); fills each row's text and finish_reason.
     router (a swap.RowRouter, entered): each row runs through its own patch (Row.patch). admit(room): rows to
     join the batch between steps (continuous batching), at most `room` of them (max_rows minus the rows running)."""
+    from transformers.cache_utils import DynamicLayer
+
     batch = _Batch(model, tokenizer, router)
     batch.add(rows)
+    if batch.cache is not None and not all(type(layer) is DynamicLayer for layer in batch.cache.layers):
+        admit = None   # joining stacks full-attention caches; a sliding-window (or other) cache keeps its batch
     while batch.rows:
         batch.step()
         if admit is not None:

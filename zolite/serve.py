@@ -160,7 +160,8 @@ class PatchServer:
         self.max_batch, self.max_tokens_limit = max_batch, max_tokens_limit
         self.mix = mix and max_batch > 1 and patches.can_route()   # patches share a batch (no swaps)
         self.continuous = continuous and self.mix   # waiting requests join a running batch between steps
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self.queue: queue.Queue[Job] = queue.Queue()
         self.pending: collections.deque[Job] = collections.deque()   # taken from the queue, not yet running
         self.swaps = self.batches = self.rows = self.joined = 0   # joined: rows that joined a running batch
         self.created = int(time.time())
@@ -367,11 +368,14 @@ class PatchServer:
             raise _bad("messages", f"the chat template refused these messages: {e}") from None
         return list(ids)
 
+    def waiting(self) -> int:
+        return self.queue.qsize() + len(self.pending)
+
     def submit(self, job: Job) -> None:
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise HTTPError(503, "the queue is full; retry later", code="queue_full") from None
+        if self.waiting() >= self.max_queue:
+            raise HTTPError(503, f"{self.max_queue} requests are waiting already (--max-queue); retry later",
+                            code="queue_full")
+        self.queue.put_nowait(job)
 
     # --- answers ---
     def model_card(self, name: str | None) -> dict:
@@ -458,7 +462,7 @@ def _handler(server: PatchServer):
             if route == "/health":
                 return self._send(200, {"status": "ok", "model": server.loaded.name,
                                         "patches": server.patches.names(), "active": server.patches.active,
-                                        "queued": server.queue.qsize(), "swaps": server.swaps,
+                                        "queued": server.waiting(), "swaps": server.swaps,
                                         "batches": server.batches, "rows": server.rows, "joined": server.joined,
                                         "max_batch": server.max_batch, "mix": server.mix,
                                         "continuous": server.continuous})
