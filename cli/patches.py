@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from zolite.errors import check_at_least
+
 from .options import mode_option
 
 
@@ -71,27 +73,37 @@ def export(model, patch_file, out, dtype, force, device):
 
 @click.command()
 @click.option("--model", help="Base model.  [default: the one named in the first patch]")
-@click.option("--patch", "patches", multiple=True, required=True, help="NAME=PATH (repeatable).")
+@click.option("--patch", "patches", multiple=True, required=True,
+              help="NAME=PATH (repeatable); requests pick it with \"model\": NAME.")
 @click.option("--where", type=click.Choice(["device", "pinned", "disk"]), default="device", show_default=True,
               help="Keep patches resident on the device, in pinned CPU memory, or memory-mapped from disk.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--max-queue", type=int, default=64, show_default=True)
+@click.option("--max-queue", type=int, default=64, show_default=True, help="Requests waiting at most (503 beyond).")
+@click.option("--max-batch", type=int, default=32, show_default=True,
+              help="Rows (prompts x n) generated together; 1: one request at a time.")
+@click.option("--batching", type=click.Choice(["continuous", "mixed", "per-patch"]), default="continuous",
+              show_default=True,
+              help="continuous: requests of every patch share a batch and join it between steps; mixed: share a "
+                   "batch, no joining; per-patch: a batch per patch, one swap per group (always so with --where "
+                   "pinned or disk).")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds a request may wait.")
 @mode_option
 @click.option("--device")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
-def serve(model, patches, where, host, port, max_queue, timeout, mode, device, dtype):
-    """Serve one base with several patches: POST /v1/completions {"prompt", "max_tokens", "patch"}, GET /health."""
-    from zolite.serve import PatchServer, parse_named
-    from zolite.swap import load_with_patches
+def serve(model, patches, where, host, port, max_queue, max_batch, batching, timeout, mode, device, dtype):
+    """Serve one base with several patches, OpenAI-compatible: POST /v1/completions and /v1/chat/completions
+    ("model": a patch NAME or the base), GET /v1/models, GET /health. See docs/serve.md."""
+    import zolite
 
-    loaded, patch_set = load_with_patches(model, parse_named(list(patches)), where=where, mode=mode, device=device,
-                                          dtype=dtype)
-    server = PatchServer(loaded, patch_set, host=host, port=port, max_queue=max_queue, timeout=timeout)
-    h, p = server.address
-    click.echo(f"serving {loaded.name} with patches {', '.join(patch_set.names())} on http://{h}:{p}", err=True)
+    check_at_least("--max-batch", max_batch, 1)
+    check_at_least("--max-queue", max_queue, 1)
+    server = zolite.serve(model, list(patches), where=where, host=host, port=port, max_queue=max_queue,
+                          timeout=timeout, max_batch=max_batch, batching=batching, mode=mode, device=device,
+                          dtype=dtype)
+    click.echo(f"serving {server.loaded.name} with patches {', '.join(server.patches.names())} on {server.url} "
+               f"(OpenAI-compatible: {server.url}/v1)", err=True)
     try:
-        server.serve_forever()
+        server.wait()
     except KeyboardInterrupt:
         server.stop()

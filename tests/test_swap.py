@@ -183,7 +183,7 @@ def test_server_answers_each_request_with_its_own_patch(tiny_model, two_patches)
         answers = {}
 
         def ask(i, name, prompt):
-            answers[i] = _post(url, {"prompt": prompt, "max_tokens": 5, "patch": name})
+            answers[i] = _post(url, {"prompt": prompt, "max_tokens": 5, "patch": name, "temperature": 0})
 
         threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
         for t in threads:

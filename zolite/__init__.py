@@ -12,6 +12,8 @@ from .profiling import profile_memory  # noqa: E402
 from .ablate import ablate  # noqa: E402
 from .swap import PatchSet, load_with_patches  # noqa: E402
 from .export import export  # noqa: E402
+from .serve import serve  # noqa: E402
 
 __all__ = ["ZoliteError", "load_model", "apply_patch", "load_patch", "save_patch", "evaluate", "tune", "generate",
-           "classify_file", "profile_memory", "ablate", "PatchSet", "load_with_patches", "export", "__version__"]
+           "classify_file", "profile_memory", "ablate", "PatchSet", "load_with_patches", "export", "serve",
+           "__version__"]

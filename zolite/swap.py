@@ -48,6 +48,7 @@ class PatchSet:
             raise ZoliteError(f"unknown place '{where}' for a patch; choose one of {', '.join(PLACES)}")
         if not isinstance(patch, Patch):
             patch = load_patch(patch)
+        kind = patch.metadata.get("zolite.kind", "dense")   # as given (a trajectory is kept replayed, dense)
         if is_trajectory(patch):
             if where == "disk":
                 raise ZoliteError(f"{patch.path} is a trajectory: keep it on the device or pinned (its replayed "
@@ -61,7 +62,8 @@ class PatchSet:
         # the base's fingerprint over the names it has: check_fits reports unknown names and shapes first
         check_fits(self.model, patch, base_sha256=self._base_fingerprint([n for n in patch.tensors if n in self.base]))
         # the entry keeps the metadata only: the tensors live where `where` says (a disk patch holds no RAM)
-        entry = {"patch": Patch({}, patch.metadata, patch.path), "where": where, "names": sorted(patch.tensors)}
+        entry = {"patch": Patch({}, patch.metadata, patch.path), "where": where, "names": sorted(patch.tensors),
+                 "kind": kind}
         if where == "device":
             entry["tensors"] = {n: torch.nn.Parameter(t.to(self.base[n].device, self.base[n].dtype), requires_grad=False)
                                 for n, t in patch.tensors.items()}
@@ -142,6 +144,72 @@ class PatchSet:
     def _point(self, name: str, tensor: torch.nn.Parameter) -> None:
         module, attr = self.owner[name]
         module._parameters[attr] = tensor
+
+    def can_route(self) -> bool:
+        """Whether a batch can mix patches (RowRouter): every patch resident on the device, and every patched tensor
+        held by a leaf module (a linear, a norm), whose rows do not mix."""
+        return bool(self.patches) and all(
+            e["where"] == "device" and not any(True for _ in self.owner[n][0].children())
+            for e in self.patches.values() for n in e["names"])
+
+
+class RowRouter:
+    """One forward, each batch row through its own patch (None: the base), with no copy.
+
+    Within `with RowRouter(patch_set) as router:`, `router.route(names)` (one name per batch row, before each
+    forward) makes the most common patch of the batch active (a pointer swap), and each module a patch covers (a
+    linear or a norm of the patched layer) runs once more on the rows that want other tensors there (another
+    patch's, or the base's), writing over the output for those rows. The rest of the model runs once for the whole
+    batch. A batch of one patch costs what it costs without the router. Needs `patch_set.can_route()`.
+    """
+
+    def __init__(self, patch_set: PatchSet):
+        if not patch_set.can_route():
+            raise ZoliteError("patches can share a batch only when every patch is resident on the device (--where "
+                              "device)")
+        self.patch_set, self.groups, self.handles = patch_set, {}, []
+
+    def __enter__(self) -> "RowRouter":
+        modules: dict[torch.nn.Module, dict[str, str]] = {}
+        for entry in self.patch_set.patches.values():
+            for name in entry["names"]:
+                module, attr = self.patch_set.owner[name]
+                modules.setdefault(module, {})[attr] = name
+        self.handles = [m.register_forward_hook(self._hook(attrs)) for m, attrs in modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.groups = [], {}
+        self.patch_set.reset()
+
+    def route(self, names: list[str | None], device) -> None:
+        """The patch of each batch row, for the next forward."""
+        rows: dict[str | None, list[int]] = {}
+        for i, name in enumerate(names):
+            rows.setdefault(name, []).append(i)
+        most = max(rows, key=lambda n: len(rows[n]))
+        self.patch_set.swap(most)
+        self.groups = {name: torch.tensor(index, device=device) for name, index in rows.items() if name != most}
+
+    def _hook(self, attrs: dict[str, str]):
+        patches, base = self.patch_set.patches, self.patch_set.base
+
+        def hook(module, args, output):
+            for name, index in self.groups.items():
+                tensors = patches[name]["tensors"] if name is not None else {}
+                wanted = {attr: tensors.get(full, base[full]) for attr, full in attrs.items()}
+                if all(module._parameters[attr] is t for attr, t in wanted.items()):
+                    continue   # these rows want what the module holds now
+                held = {attr: module._parameters[attr] for attr in wanted}
+                try:
+                    module._parameters.update(wanted)
+                    output[index] = type(module).forward(module, args[0][index])   # (no hooks: not this one again)
+                finally:
+                    module._parameters.update(held)
+            return output
+        return hook
 
 
 def load_with_patches(model: str | None, patches: dict[str, str], *, where: str = "device", **load_options):
