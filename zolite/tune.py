@@ -24,7 +24,7 @@ from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
 from .io import config_mismatch, refuse_clobber, write_json
 from .layers import decoder_layers, format_layers
 from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, load_model, resolve_device,
-                      model_skeleton, resolve_model)
+                      model_skeleton, resolve_model, source_record)
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
 from .plan import measured_activations, parse_size, plan_memory
 from .patch import fingerprint, save_patch
@@ -222,6 +222,9 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                 "zolite.layer": ",".join(map(str, indices)), "zolite.base_sha256": base_sha256,
                 "zolite.task": config.task, "zolite.steps": str(state["step"]), "zolite.metric": metric,
                 "zolite.hparams": dataclasses.asdict(config)}
+            source = source_record(loaded.path)
+            if source:   # the GGUF file the base was read from: `export --format gguf` refuses it once it changed
+                patch_metadata["zolite.source_sha256"] = source["sha256"]
             if isinstance(task_, CustomTask):   # its template, so the patch applies without the task's files
                 patch_metadata["zolite.task_spec"] = {k: v for k, v in task_.spec.to_dict().items() if k != "data"}
             save_patch(out, tuned.state(), patch_metadata, force=True)
