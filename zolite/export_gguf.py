@@ -385,8 +385,6 @@ def _verify(path: Path, plan: Plan, encoded: dict[str, Encoded], source: Path | 
     result["logit_scale"] = max(x.abs().max().item() for x in patched)
     if source is None:
         result["tokenizer_match"] = _tokenizer_matches(path, tokenizer, prompts)
-    del back, params
-    gc.collect()
     return result
 
 
