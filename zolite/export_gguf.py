@@ -512,3 +512,36 @@ def _pre_tokenizer(steps: list[dict]) -> str | None:
             if GGUF_PRE_TOKENIZER_SPLITS.get(name) == regex:
                 return name
     return None
+
+
+# --- llama.cpp, when it is installed ---
+
+def llama_cpp_check(path, model: str, patch, prompt: str, max_tokens: int = 16) -> dict | None:
+    """Run the GGUF at `path` through llama.cpp (llama-cpp-python; None when it is not installed): its next-token
+    logits on the patched model's token ids for `prompt` against the patched model's (transformers, as `zolite apply`
+    loads `model` + `patch`), and a greedy completion with its speed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from .loading import load_model
+    from .patch import apply_patch
+
+    loaded = load_model(model, device="cpu", dtype="float32", mode="fp16")
+    apply_patch(loaded.model, patch)
+    ids = loaded.tokenizer(prompt)["input_ids"]
+    expected = _logits(loaded.model, [torch.tensor([ids])])[0]
+    del loaded
+    gc.collect()
+    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    llm.reset()
+    started = time.monotonic()
+    out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
+    seconds = time.monotonic() - started
+    llm.close() if hasattr(llm, "close") else None
+    return {"max_logit_diff": (got - expected).abs().max().item(),
+            "top1_agreement": round(float((got.argmax(-1) == expected.argmax(-1)).float().mean()), 4),
+            "tokens": len(ids), "completion": out["choices"][0]["text"],
+            "tokens_per_s": out["usage"]["completion_tokens"] / seconds}
