@@ -41,7 +41,7 @@ def main():
     args = ap.parse_args()
 
     rows = []
-    with tempfile.TemporaryDirectory(prefix="export-gguf-", dir=args.out.parent if args.out.parent.exists() else None) as tmp:
+    with tempfile.TemporaryDirectory(prefix="export-gguf-") as tmp:
         for quant in args.quants.split(","):
             path = Path(tmp) / f"{args.name}-{quant}.gguf"
             t0 = time.monotonic()

@@ -184,7 +184,7 @@ def export_gguf(model: str | None, patch, out, *, quant: str = "f16", force: boo
     spec = model or p.metadata["zolite.model"]
     source = gguf_source(spec)
     notes = []
-    source_sha256 = _check_source(source, p, spec, model, notes) if source is not None else None
+    source_sha256 = _check_source(source, p, model, notes) if source is not None else None
     loaded = load_model(spec, device="cpu", dtype="float32", mode="fp16")
     dense = apply_patch(loaded.model, p)   # refuses a patch made for another base
     if source is not None:
@@ -226,7 +226,7 @@ def export_gguf(model: str | None, patch, out, *, quant: str = "f16", force: boo
             "verify": verified, "notes": notes, "seconds": round(time.monotonic() - started, 1)}
 
 
-def _check_source(source: Path, p, spec: str, model: str | None, notes: list) -> str:
+def _check_source(source: Path, p, model: str | None, notes: list) -> str:
     """The source GGUF's SHA-256, refused when the patch recorded another one."""
     if not source.is_file():
         raise ZoliteError(f"the base's GGUF file {source} is missing; restore it or pass --model")
