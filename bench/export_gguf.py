@@ -117,8 +117,10 @@ def write_markdown(out: Path) -> None:
                              f"{row['copied']} | {v['max_logit_diff']:.3g} | {v['encoding_logit_diff']:.3g} | "
                              f"{v['top1_agreement']:.1%} of {v['tokens']} | {cpp} |")
             else:
-                lines.append(f"| {row['kind']} | {mib(row['bytes'])} | {ratio} | {row['seconds']} | | "
-                             f"{row['max_logit_diff']:.3g} (exact reload) | | | |")
+                diff = "" if row["max_logit_diff"] is None else f"{row['max_logit_diff']:.3g} (exact reload)"
+                lines.append(f"| {row['kind']} | {mib(row['bytes'])} | {ratio} | {row['seconds'] or ''} | | {diff} | | | |")
+        if r.get("incomplete"):
+            lines += ["", f"Incomplete: {r['incomplete']}."]
         lines.append("")
     (out / "results.md").write_text("\n".join(lines))
 
