@@ -59,16 +59,40 @@ def patch_convert(file, to, out, model, force, device, dtype):
 @click.command()
 @click.option("--model", help="Base model.  [default: the one named in the patch]")
 @click.option("--patch", "patch_file", type=click.Path(), required=True)
-@click.option("--out", type=click.Path(), required=True, help="Folder for the merged Hugging Face checkpoint.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16", show_default=True)
-@click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
+@click.option("--out", type=click.Path(), required=True,
+              help="Folder for the merged Hugging Face checkpoint (--format hf), or the .gguf file (--format gguf).")
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
+              help="hf: merged checkpoint folder; gguf: one file for llama.cpp / Ollama (a GGUF base keeps every "
+                   "untouched tensor as it was).")
+@click.option("--quant", help="--format gguf: the tuned tensors' type (f16, q8_0, ...; the whole model's for a Hugging "
+                              "Face base).  [default: f16]")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16", show_default=True,
+              help="--format hf: the checkpoint's dtype.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--device")
-def export(model, patch_file, out, dtype, force, device):
-    """Merge a patch into its base and write a plain HF checkpoint (verified by reloading and comparing logits)."""
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def export(model, patch_file, out, fmt, quant, dtype, force, device, as_json):
+    """Merge a patch into its base and write a HF checkpoint or a GGUF file (verified by reloading it and comparing
+    logits with the patched model)."""
     from zolite.export import export as run_export
 
-    result = run_export(model, patch_file, out, dtype=dtype, force=force, device=device)
-    click.echo(f"{result['out']}: {', '.join(result['files'])}; reloaded logits match the patched model exactly")
+    result = run_export(model, patch_file, out, format=fmt, dtype=dtype, quant=quant, force=force, device=device)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    elif fmt == "hf":
+        click.echo(f"{result['out']}: {', '.join(result['files'])}; reloaded logits match the patched model exactly")
+    else:
+        mib, v = (lambda n: f"{n / 2**20:.1f} MiB"), result["verify"]
+        size = f"{mib(result['bytes'])}" + (f" (source {mib(result['source_bytes'])})" if result["source_bytes"] else "")
+        kept = f", {result['copied']} copied byte for byte" if result["source_kind"] == "gguf" else ""
+        types = ", ".join(f"{n} {t}" for t, n in result["encoded_types"].items())
+        click.echo(f"{result['out']}: {size}; {result['encoded']} tensors written ({types}){kept}")
+        click.echo(f"verified: reloads through transformers, written tensors read back exactly; max |logit diff| vs the "
+                   f"patched model {v['max_logit_diff']:.3g} (the tuned layer's {result['quant']} encoding: "
+                   f"{v['encoding_logit_diff']:.3g}), top-1 agreement {v['top1_agreement']:.1%} over {v['tokens']} "
+                   f"tokens of {v['prompts']} prompts")
+        for note in result["notes"]:
+            click.echo(f"note: {note}", err=True)
 
 
 @click.command()

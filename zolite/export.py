@@ -1,6 +1,7 @@
 """`zolite export`: the base with a patch merged in, as a plain Hugging Face checkpoint (safetensors shards,
-config, tokenizer) that transformers, vLLM or llama.cpp's converter load like any other model. Verified by
-loading it back and comparing logits with the patched model."""
+config, tokenizer) that transformers, vLLM or llama.cpp's converter load like any other model, or (format "gguf",
+zolite.export_gguf) as one GGUF file for llama.cpp and Ollama. Verified by loading it back and comparing logits with
+the patched model."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,22 @@ from .io import refuse_used_folder, umask
 PROBE = "The quick brown fox jumps over the lazy dog. It was"
 
 
-def export(model: str | None, patch, out, *, dtype: str = "float16", force: bool = False, device=None) -> dict:
+def export(model: str | None, patch, out, *, format: str = "hf", dtype: str = "float16", quant: str | None = None,
+           force: bool = False, device=None) -> dict:
+    """Write the patched model to `out`: format "hf", a merged checkpoint folder in `dtype`; format "gguf", one GGUF
+    file (zolite.export_gguf; `quant`, default f16, is the tuned layer's encoding). Both atomic and verified."""
+    if format == "gguf":
+        from .export_gguf import export_gguf
+
+        return export_gguf(model, patch, out, quant=quant or "f16", force=force)
+    if format != "hf":
+        raise ZoliteError(f"unknown export format '{format}'; choose hf or gguf")
+    if quant is not None:
+        raise ZoliteError("--quant is for --format gguf; a Hugging Face checkpoint takes --dtype")
+    return _export_hf(model, patch, out, dtype=dtype, force=force, device=device)
+
+
+def _export_hf(model: str | None, patch, out, *, dtype: str, force: bool, device) -> dict:
     """Write the merged checkpoint to `out` (atomically: a temporary folder renamed at the end)."""
     from transformers import AutoModelForCausalLM
 

@@ -2,6 +2,7 @@
 the check that a run folder holds the run asked for."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -40,11 +41,11 @@ def check_writable(path: str | os.PathLike, option: str | None = None) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
+    """Yield a temporary path beside `path` (ending in `suffix`); on success it replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -61,6 +62,14 @@ def file_stamp(path: str | os.PathLike) -> list[int]:
     """Size, modification time and inode: a file replaced or rewritten since it was stamped differs."""
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def umask() -> int:

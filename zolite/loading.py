@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib.util
 import json
 import logging
@@ -17,7 +16,7 @@ import torch
 
 from .errors import ZoliteError
 from .inputs import check_model_folder
-from .io import file_stamp
+from .io import file_sha256, file_stamp
 from .offload import stream_from_cpu
 from .parts import joined_file, parse_parts
 from .profile import Profile, find_profile, get_profile, profile_names
@@ -68,6 +67,28 @@ def resolve_model(spec: str) -> tuple[Path, Profile | None]:
                       "a local folder, a .gguf file or a hub id (org/name)")
 
 
+def gguf_source(spec: str) -> Path | None:
+    """The .gguf file the model `spec` is read from (a profile's package file, a .gguf path, a folder zolite converted
+    from one), or None when it does not come from a GGUF (a Hugging Face folder or hub id)."""
+    profile = find_profile(spec)
+    path = Path(spec).expanduser()
+    if profile is not None and profile.source.startswith("package:"):
+        return _package_file(profile.source.partition(":")[2], profile)
+    if profile is None and path.is_file() and path.suffix == ".gguf":
+        return path.resolve()
+    folder = path if profile is None and path.is_dir() else resolve_model(spec)[0]   # any other source kind that
+    record = source_record(folder)                                                    # converts a GGUF records it
+    return Path(record["gguf"]) if record else None
+
+
+def source_record(folder: Path) -> dict | None:
+    """{"gguf": path, "sha256": ..., "stamp": ...} of a folder convert_gguf_cached made, else None."""
+    try:
+        return json.loads((Path(folder) / "zolite_source.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _package_file(where: str, profile: Profile) -> Path:
     module, _, filename = where.partition("/")
     spec = importlib.util.find_spec(module)  # find, don't import: the package's own imports are not needed
@@ -105,7 +126,7 @@ def convert_gguf_cached(gguf: Path) -> Path:
     if (out / "config.json").is_file():
         if _made_from(out, gguf):
             return out
-        out = out.with_name(f"{out.name}-{_sha256(gguf)[:12]}")   # another file of the same name and size
+        out = out.with_name(f"{out.name}-{file_sha256(gguf)[:12]}")   # another file of the same name and size
         if (out / "config.json").is_file():
             return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,15 +169,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     dst.tie_weights()
     dst.to(torch.float16).save_pretrained(out)
     tok.save_pretrained(out)
-    _record_source(out, gguf, _sha256(gguf))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    _record_source(out, gguf, file_sha256(gguf))
 
 
 def _record_source(out: Path, gguf: Path, sha256: str) -> None:
@@ -173,7 +186,7 @@ def _made_from(out: Path, gguf: Path) -> bool:
         return False
     if source.get("stamp") == file_stamp(gguf):
         return True
-    if source.get("sha256") != _sha256(gguf):
+    if source.get("sha256") != file_sha256(gguf):
         return False
     _record_source(out, gguf, source["sha256"])
     return True

@@ -21,7 +21,7 @@ from .errors import ZoliteError
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
 from .io import write_json
 from .layers import decoder_layers, format_layers
-from .loading import LoadedModel, resolve_device
+from .loading import LoadedModel, resolve_device, source_record
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
 from .optim import Stepper
 from .precondition import measure_scales, scale_summary
@@ -302,6 +302,9 @@ def write_patch(run: Run, out: Path, state: dict, metric: dict) -> None:
         "zolite.layer": ",".join(map(str, run.indices)), "zolite.base_sha256": run.base_sha256,
         "zolite.task": config.task, "zolite.steps": str(state["step"]), "zolite.metric": metric,
         "zolite.hparams": dataclasses.asdict(config)}
+    source = source_record(run.loaded.path)
+    if source:   # the GGUF file the base was read from: `export --format gguf` refuses it once it changed
+        patch_metadata["zolite.source_sha256"] = source["sha256"]
     if isinstance(run.task, CustomTask):   # its template, so the patch applies without the task's files
         patch_metadata["zolite.task_spec"] = {k: v for k, v in run.task.spec.to_dict().items() if k != "data"}
     save_patch(out, tuned.state(), patch_metadata, force=True)
