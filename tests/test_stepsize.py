@@ -75,9 +75,9 @@ def test_tune_probes_its_lr_and_says_so(tiny_model, small_data, tmp_path):
     assert lr["source"] == "probe" and lr["lr"] == pytest.approx(KAPPA / lr["probe"]["used_curvature"], rel=1e-3)
     assert report["config"]["lr"] == lr["lr"]                      # the patch's hparams hold the number used
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["lr"] == "auto"   # the run asked for auto
-    assert report["forward_passes"] == 2 * 4 + lr["probe"]["forwards"]
+    assert report["forward_passes"] == 2 * 4 and lr["forwards"] == lr["probe"]["forwards"] == 6 * PROBES
     given = _tune(tiny_model, small_data, tmp_path, "given", steps=2, eval_every=0, lr=1e-3)
-    assert given["lr"] == {"lr": 1e-3, "source": "given", "probe": None, "backoffs": []}
+    assert given["lr"] == {"lr": 1e-3, "source": "given", "probe": None, "backoffs": [], "forwards": 16}
 
 
 @pytest.fixture

@@ -180,7 +180,8 @@ def test_drop_tunes_on_the_hand_written_fixture_with_the_f1_objective(tiny_model
     import zolite
 
     report = zolite.tune(tiny_model, "drop", data=str(DROP_FIXTURE), run_dir=tmp_path / "drop", layer="1", steps=2,
-                         eval_every=1, batch_size=2, objective="f1", eps=1e-1, progress=False, eval_test=True)
+                         eval_every=1, batch_size=2, objective="f1", eps=1e-1, lr=1e-6, progress=False,
+                         eval_test=True)
     assert report["config"]["objective"] == "f1" and report["final"]["test"]["metric"] == "f1"
     assert all(-1.0 <= x <= 0.0 for x in report["loss_curve"]) and len(report["loss_curve"]) == 2
     assert report["final"]["test"]["n"] == 4

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import __version__
+from .version import __version__
 from .errors import ZoliteError
 from .io import atomic_path, file_sha256, refuse_clobber
 
@@ -174,7 +174,8 @@ def export_gguf(model: str | None, patch, out, *, quant: str = "f16", force: boo
                 prompts: tuple[str, ...] = PROBES) -> dict:
     """Write the patched model to `out` as one GGUF file (atomically, verified first; see the module's docstring)."""
     from .loading import gguf_source, load_model
-    from .patch import apply_patch, load_patch
+    from .apply import apply_patch
+    from .patch import load_patch
 
     started = time.monotonic()
     out = Path(out)
@@ -525,7 +526,7 @@ def llama_cpp_check(path, model: str, patch, prompt: str, max_tokens: int = 16) 
     except ImportError:
         return None
     from .loading import load_model
-    from .patch import apply_patch
+    from .apply import apply_patch
 
     loaded = load_model(model, device="cpu", dtype="float32", mode="fp16")
     apply_patch(loaded.model, patch)

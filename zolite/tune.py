@@ -111,6 +111,7 @@ class Run:
     load_s: float
     stepper: Stepper
     trained_on: str               # the device descriptor: where the step seeds draw these z
+    lr_source: str                # where a numeric lr came from: "given" (--lr) or "profile"
     lr_choice: dict | None = None  # the lr used and how it was chosen (given, or the probe's): set by start()
     guard: LossGuard | None = None
 
@@ -138,6 +139,8 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float) -> Run:
     net, tokenizer = loaded.model, loaded.tokenizer
     _, layers = decoder_layers(net)
     task_ = get_task(config.task, **config.task_options())
+    lr_source = "profile" if config.lr is None and "lr" in (loaded.profile.defaults if loaded.profile else {}) \
+        else "given"
     config = fill_defaults(config, loaded, indices, len(layers), task_, plan)
     if (loaded.mode == "int8" and config.estimator != "fo" and config.eps_scale == "absolute"
             and config.eps < INT8_MIN_EPS):
@@ -168,7 +171,7 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float) -> Run:
         stepper.pair_losses = lambda rows, seed, eps=None: generation_losses(
             net, tokenizer, tuned, task_, rows, seed, config.eps if eps is None else eps, config.max_length)
     return Run(config, loaded, indices, layer_source, plan, len(layers), task_, splits, train, val, tuned, static,
-               base_sha256, load_s, stepper, device_descriptor(device, loaded.dtype))
+               base_sha256, load_s, stepper, device_descriptor(device, loaded.dtype), lr_source)
 
 
 def start(run: Run, run_dir: Path, resume, profiler) -> tuple[dict, dict | None, dict | None]:
@@ -216,7 +219,8 @@ def choose_step(run: Run, saved, profiler) -> None:
 def auto_lr_supported(config: TuneConfig) -> bool:
     """The probe measures the step of ZO-SGD (momentum: scaled by 1 - beta); Adam, sign and the trust ratio take
     steps of their own size, and backprop has no probe."""
-    return config.estimator != "fo" and config.optimizer in ("sgd", "momentum") and not config.layerwise
+    return (config.estimator != "fo" and config.optimizer in ("sgd", "momentum") and not config.layerwise
+            and config.objective in ("ce", "lm"))
 
 
 def uses_guard(config: TuneConfig) -> bool:
@@ -235,16 +239,16 @@ def choose_lr(run: Run) -> dict:
     if config.lr != "auto":
         base = base_losses(stepper.pair_losses, [batch(k) for k in range(BASE_BATCHES)], config.seed) \
             if uses_guard(config) else []
-        stepper.forwards += 2 * len(base)
-        return {"lr": float(config.lr), "source": "given", "probe": None, "base_losses": base}
+        return {"lr": float(config.lr), "source": run.lr_source, "probe": None, "base_losses": base,
+                "forwards": 2 * len(base)}
     if not auto_lr_supported(config):
-        raise ZoliteError("--lr auto probes the step of ZO-SGD; with --estimator fo, --optimizer adam / sign or "
-                          "--layerwise give --lr")
+        raise ZoliteError("--lr auto measures the curvature of a differentiable loss under ZO-SGD; with --estimator "
+                          "fo, --optimizer adam / sign, --layerwise or --objective accuracy / f1 give --lr")
     probe = probe_lr(stepper.pair_losses, [(batch(2 * k), batch(2 * k + 1)) for k in range(PROBES)], config.seed,
                      config.eps)
-    stepper.forwards += probe.forwards
     lr = probe.lr * (1 - config.momentum if config.optimizer == "momentum" else 1.0)
-    return {"lr": float(f"{lr:.4g}"), "source": "probe", "probe": probe.as_dict(), "base_losses": probe.base_losses}
+    return {"lr": float(f"{lr:.4g}"), "source": "probe", "probe": probe.as_dict(), "base_losses": probe.base_losses,
+            "forwards": probe.forwards}
 
 
 def train_step(run: Run, state: dict) -> None:
