@@ -6,10 +6,12 @@ massive activations a few channels carry thousands of times the energy of the re
 perturbation z that treats every weight alike must use a step small enough for those few columns: the rest barely
 move. Scaling column j of z by
 
-    s_j = (e_j + mean_k e_k)^(-1/2),  normalised so that the tensor's s has RMS 1,
+    s_j = (e_j + median_k e_k)^(-1/2),  normalised so that the tensor's s has RMS 1,
 
-evens the curvature along the perturbation out without amplifying any column by more than ~1.4x the mean (the
-damping, mean_k e_k, keeps silent channels from being blown up). The update follows the same scaled z, so the step
+evens the curvature along the perturbation out without amplifying any column by more than 1.4x a channel of median
+energy (the damping keeps silent channels from being blown up). The damping is the median, not the mean: a few
+massive channels raise the mean so far that every other channel gets nearly the same scale (the first H200 runs
+damped by the mean). The update follows the same scaled z, so the step
 is preconditioned SGD with P = diag(s^2). Vectors (norms, biases) keep scale 1.
 
 Measured once, on training batches, before the run; the scales travel in checkpoints and trajectories.
@@ -59,10 +61,10 @@ def input_energies(model, tuned: TunedLayers, sequences: list[list[int]], batch_
 
 
 def activation_scales(energies: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """s_j = (e_j + mean e)^(-1/2), RMS 1 per tensor, shaped [1, in] to broadcast over the matrix's rows."""
+    """s_j = (e_j + median e)^(-1/2), RMS 1 per tensor, shaped [1, in] to broadcast over the matrix's rows."""
     scales = {}
     for name, e in energies.items():
-        s = (e + e.mean()).rsqrt()
+        s = (e + e.quantile(0.5)).rsqrt()
         s = s / s.pow(2).mean().sqrt()
         scales[name] = s.unsqueeze(0)
     return scales
