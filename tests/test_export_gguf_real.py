@@ -30,6 +30,9 @@ def smollm2_patch(small_data, tmp_path_factory):
 
 
 def _check_real_export(patch: Path, out: Path, quant: str, tolerance: float) -> dict:
+    """`tolerance`: the largest logit difference from the patched model. The file itself must read back as zolite
+    encoded it (as_stored, within float noise); what the encoding loses is the type's own (Q8_0 on SmolLM2's layer 11
+    alone, unpatched: 0.44-0.65 max |logit diff| at a logit scale of 41, top-1 unchanged)."""
     summary = zolite.export(None, patch, out, format="gguf", quant=quant)
     src, new = gguf.GGUFReader(summary["source"]), gguf.GGUFReader(out)
     layer = f"blk.{summary['layers'][0]}."
@@ -40,13 +43,14 @@ def _check_real_export(patch: Path, out: Path, quant: str, tolerance: float) -> 
             assert by_name[t.name].tensor_type == t.tensor_type and (by_name[t.name].data == t.data).all(), t.name
     v = summary["verify"]
     assert v["untouched_identical"] == len(src.tensors) - summary["encoded"] and summary["notes"] == []
+    assert v["max_logit_diff_as_stored"] < 0.1, v
     assert v["max_logit_diff"] < tolerance and v["top1_agreement"] >= 0.95, v
     return summary
 
 
 def test_smollm2_export_keeps_the_q4_1_file(smollm2_patch, tmp_path):
     f16 = _check_real_export(smollm2_patch, tmp_path / "f16.gguf", "f16", 0.1)
-    q8 = _check_real_export(smollm2_patch, tmp_path / "q8.gguf", "q8_0", 0.2)
+    q8 = _check_real_export(smollm2_patch, tmp_path / "q8.gguf", "q8_0", 1.0)
     # layer 11's 7 matrices (3.5 M weights) go from Q4_1 (0.625 bytes a weight) to F16 (2) or Q8_0 (1.0625)
     assert f16["encoded"] == 9 and f16["bytes"] - f16["source_bytes"] == pytest.approx(3_538_944 * 1.375, rel=0.01)
     assert q8["bytes"] < f16["bytes"]
