@@ -2,6 +2,8 @@
 # Issue 22's dev round on the GPU machine (seed 0, chosen on val), after `source bench/device_env.sh`, from /root/src.
 #   bash bench/real_scale_dev.sh smollm2        # SmolLM2: probed lr vs the hand-picked 3e-4, activation-scaled z
 #   bash bench/real_scale_dev.sh qwen           # Qwen2.5-Coder-1.5B (nf4): scan, noise and lr probes, the dev plan
+#   bash bench/real_scale_dev.sh smollm2-boolq  # round 3, SmolLM2 BoolQ: longer, larger batch, eps 0.1 (plan in bench/plans)
+#   bash bench/real_scale_dev.sh qwen-round3    # round 3, Qwen nf4: final probe rule + guard, eps, layer, references
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
 #                                               # name them: pkill -f would match the call's shell)
@@ -26,6 +28,14 @@ qwen)
   for t in sst2 boolq rte; do
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_dev.toml --seeds 1 \
       --steps 1000 --jobs 4 --data /root/data --out $R/qwen2/$t --quiet > $R/qwen2-$t.log 2>&1 < /dev/null &
+  done ;;
+smollm2-boolq)
+  setsid nohup zolite ablate --model smollm2-135m --task boolq --plan bench/plans/smollm2_boolq.toml --seeds 1 \
+    --steps 1000 --jobs 4 --data /root/data --out $R/smollm2-r3/boolq --quiet > $R/smollm2-r3-boolq.log 2>&1 < /dev/null & ;;
+qwen-round3)
+  for t in sst2 boolq rte; do
+    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_round3.toml --seeds 1 \
+      --steps 2000 --jobs 6 --data /root/data --out $R/qwen3/$t --quiet > $R/qwen3-$t.log 2>&1 < /dev/null &
   done ;;
 stop)
   pkill -f "zolite ablate"; pkill -f "multiprocessing.spawn"; sleep 4
