@@ -66,6 +66,33 @@ def test_llama_cpp_runs_the_smollm2_export(smollm2_patch, tmp_path):
     assert check["top1_agreement"] >= 0.8 and check["completion"].strip(), check
 
 
+@pytest.mark.llamacpp
+def test_llama_cpp_library_runs_the_smollm2_exports(smollm2_patch, tmp_path):
+    """The same through llama.cpp's prebuilt CPU library (bench/llama_cpp_check.py says how to get it): set
+    ZOLITE_LLAMA_CPP_LIB to its path. The export must differ from transformers by no more than the untouched source
+    does (llama.cpp's own arithmetic), with margin."""
+    lib_path = os.environ.get("ZOLITE_LLAMA_CPP_LIB")
+    if not lib_path or not Path(lib_path).is_file():
+        pytest.skip("set ZOLITE_LLAMA_CPP_LIB to llama.cpp's CPU module (see bench/llama_cpp_check.py) to run this")
+    import sys
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from llama_cpp_check import LlamaCpp, compare, load_lib, transformers_side
+    from zolite.loading import gguf_source
+
+    lib, ffi = load_lib(Path(lib_path))
+    rows = {}
+    for name, gguf, patch in (("source", gguf_source("smollm2-135m"), None),
+                              ("export", tmp_path / "f16.gguf", smollm2_patch)):
+        if patch is not None:
+            zolite.export(None, patch, gguf, format="gguf")
+        tokenizer, expected = transformers_side("smollm2-135m", patch, 8)
+        llm = LlamaCpp(lib, ffi, gguf)
+        rows[name] = compare(llm, tokenizer, expected, 8)
+        llm.close()
+    assert rows["export"]["max_logit_diff"] < 1.5 * rows["source"]["max_logit_diff"] + 0.5, rows
+    assert rows["export"]["top1_agreement"] >= 0.85 and all(c["llama_cpp"] for c in rows["export"]["completions"])
+
+
 @pytest.mark.qwen
 def test_qwen2_export_keeps_the_q4_k_m_file(small_data, tmp_path):
     path = os.environ.get("ZOLITE_QWEN_GGUF")
