@@ -115,7 +115,7 @@ def test_a_killed_process_stops_the_run_in_one_line_and_it_resumes_in_one_proces
                                                                                     tmp_path):
     """SIGKILL one of two processes after a checkpoint: the run stops with one line (no traceback) and a non-zero
     exit; resumed by one process, it ends bit for bit as an uninterrupted one-process run."""
-    options = ["--layer", "1", "--steps", "300", "--eval-every", "10", "--batch-size", "4", "--lr", "1e-2", "--quiet"]
+    options = ["--layer", "1", "--steps", "100", "--eval-every", "10", "--batch-size", "4", "--lr", "1e-2", "--quiet"]
     killed = tmp_path / "killed"
     launcher = subprocess.Popen(zolite_cmd("tune", "--model", sharp_tiny_model, "--data", small_data, "--run-dir",
                                            killed, "--nproc", 2, *options),
@@ -132,7 +132,7 @@ def test_a_killed_process_stops_the_run_in_one_line_and_it_resumes_in_one_proces
     assert len(lines) == 1 and lines[0].startswith("error: ") and "resume it with" in lines[0], err
     assert not (killed / "patch.safetensors").exists()
 
-    whole = zolite.tune(sharp_tiny_model, "sst2", data=small_data, run_dir=tmp_path / "whole", layer="1", steps=300,
+    whole = zolite.tune(sharp_tiny_model, "sst2", data=small_data, run_dir=tmp_path / "whole", layer="1", steps=100,
                         eval_every=10, batch_size=4, lr=1e-2, micro_batch=2, progress=False)
     resumed = zolite.tune(sharp_tiny_model, "sst2", resume=killed, progress=False)
     assert sha(resumed["patch"]) == sha(whole["patch"]) and resumed["loss_curve"] == whole["loss_curve"]

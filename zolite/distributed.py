@@ -196,6 +196,9 @@ def quiet_unless_main(world: World):
 
 
 # --- launching N processes on this machine ---
+PEER_LOST_EXIT = 3   # a launched process that lost another exits with this, silently: the launcher says which died
+
+
 def launch(nproc: int, function, *args, **kwargs):
     """Run function(*args, **kwargs) in `nproc` processes started by torch's elastic launcher (as torchrun
     --standalone --nproc-per-node N would), each with torchrun's environment; returns rank 0's result. A failed
@@ -206,27 +209,58 @@ def launch(nproc: int, function, *args, **kwargs):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)   # its banners are not for users
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):   # their banners are not for users
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
                           start_method="spawn")
-    try:
-        results = elastic_launch(config, _worker)(function, args, kwargs)
-    except ChildFailedError as e:
-        if any(f.exitcode == 2 for f in e.failures.values()):
-            raise Quiet("a worker's error (printed above)") from None   # it printed its own line
-        rank, failure = e.get_first_failure()
-        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-               else f"exited with code {failure.exitcode}")
-        raise ZoliteError(f"process {rank} of {nproc} {how}; {RESUME_HINT}") from None
+    with _worker_environment(nproc):
+        try:
+            results = elastic_launch(config, _worker)(function, args, kwargs)
+        except ChildFailedError as e:
+            if any(f.exitcode == 2 for f in e.failures.values()):
+                raise Quiet("a worker's error (printed above)") from None   # it printed its own line
+            # the root cause: not a process that lost another, nor one the launcher stopped (SIGTERM)
+            causes = {r: f for r, f in e.failures.items() if f.exitcode not in (PEER_LOST_EXIT, -signal.SIGTERM)}
+            rank, failure = min((causes or e.failures).items(), key=lambda item: item[1].timestamp)
+            how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+                   else "lost another process" if failure.exitcode == PEER_LOST_EXIT
+                   else f"exited with code {failure.exitcode}")
+            raise ZoliteError(f"process {rank} of {nproc} {how}; {RESUME_HINT}") from None
     return results[0]
 
 
+@contextlib.contextmanager
+def _worker_environment(nproc: int):
+    """What the workers inherit: CPU threads shared out (as torchrun does: N processes each spinning every core's
+    OpenMP threads slow a CPU run down tens of times), progress bars off if they are off here, and no warning from
+    multiprocessing's resource tracker about what a killed worker left behind."""
+    changes = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc)),
+               "PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"),
+                                                         "ignore::UserWarning:multiprocessing.resource_tracker"]))}
+    bars = sys.modules.get("transformers.utils.logging")
+    if bars is not None and not bars.is_progress_bar_enabled():
+        changes["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    before = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _worker(function, args, kwargs):
-    """One process of launch(): a ZoliteError is one line on stderr (exit 2), as the CLI prints it."""
+    """One process of launch(): a ZoliteError is one line on stderr (exit 2), as the CLI prints it; a process that
+    lost another exits quietly (the launcher names the one that died)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)   # stopped with the launcher, without a traceback
     try:
         return function(*args, **kwargs)
+    except PeerLost:
+        sys.exit(PEER_LOST_EXIT)
     except ZoliteError as e:
         if not getattr(e, "quiet", False):
             print(f"error: {e}", file=sys.stderr, flush=True)
