@@ -79,6 +79,27 @@ def test_shards_cover_the_batch_in_order_and_sums_do_not_depend_on_the_split():
     assert whole == [(by_rank[1] + by_rank[0]) / 8]
 
 
+class Recording(World):
+    """A rank whose all_reduce is done by hand: it records what it would send and returns it unsummed."""
+    def sum(self, values):
+        self.sent = list(values)
+        return list(values)
+
+
+def test_uneven_slices_are_weighted_by_their_rows():
+    """3 ranks over a batch of 8: slices of 3, 3 and 2 rows; the summed (l+ sums, l- sums, rows) give the batch's
+    mean loss (within float rounding: the micro-batches differ from one process's)."""
+    values = torch.rand(8, 2, generator=torch.Generator().manual_seed(1)).tolist()
+    chunk_means = lambda chunk: torch.tensor([values[i] for i in chunk]).mean(0).tolist()   # noqa: E731
+    ranks = [Recording(rank, 3) for rank in range(3)]
+    for world in ranks:
+        weighted_mean(list(range(8)), 2, chunk_means, world)
+    assert [w.sent[-1] for w in ranks] == [3, 3, 2]
+    totals = [sum(w.sent[k] for w in ranks) for k in range(3)]
+    assert [t / totals[2] for t in totals[:2]] == pytest.approx(weighted_mean(list(range(8)), 8, chunk_means), rel=1e-6)
+
+
+@pytest.mark.distributed
 def test_two_processes_write_the_one_process_patch(sharp_tiny_model, odd_data, one_process, tmp_path):
     """Bit for bit: the same patch, trajectory, losses, probed lr and val curve; val (19 rows) and test scores
     gathered over the two processes' slices count every row once."""
@@ -111,6 +132,7 @@ def _workers(launcher: subprocess.Popen) -> list:
     return sorted(workers, key=lambda c: (c.create_time(), c.pid))
 
 
+@pytest.mark.distributed
 def test_a_killed_process_stops_the_run_in_one_line_and_it_resumes_in_one_process(sharp_tiny_model, small_data,
                                                                                     tmp_path):
     """SIGKILL one of two processes after a checkpoint: the run stops with one line (no traceback) and a non-zero
@@ -139,6 +161,7 @@ def test_a_killed_process_stops_the_run_in_one_line_and_it_resumes_in_one_proces
     assert resumed["distributed"]["world_sizes"] == [2, 1]
 
 
+@pytest.mark.distributed
 def test_two_machines_on_loopback(sharp_tiny_model, odd_data, one_process, tmp_path):
     """Two torchrun agents, one process each, meeting through the c10d rendezvous on 127.0.0.1: as two machines
     would. The patch is the one-process run's."""

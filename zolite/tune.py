@@ -1,8 +1,9 @@
 """`zolite tune`: MeZO on one decoder layer (or all of them), read top to bottom.
 
 set up (model, task data, tuned layers) -> loop (ZO step, log, eval, checkpoint) -> patch + report.
-`tune()` is the loop; each phase it calls is a function below it. The run's options and the model's loading in the
-mode that fits are in tune_setup.py.
+`tune_loop()` is the loop; each phase it calls is a function below it. `tune()` runs it in this process, or in each
+process of a data-parallel run (zolite/distributed.py: each takes a slice of every step's batch). The run's options
+and the model's loading in the mode that fits are in tune_setup.py.
 """
 from __future__ import annotations
 
@@ -70,12 +71,13 @@ def _tune(world: World, model, task, run_dir, out, force, resume, progress, opti
     config, run_dir, out = world.share(lambda: prepare_run(model, task, run_dir, out, force, resume, options))
     config = dataclasses.replace(config, device=local_device(config.device, world))   # GPU LOCAL_RANK
     try:
-        return _run(world, config, run_dir, out, resume, progress)
+        return tune_loop(world, config, run_dir, out, resume, progress)
     except PeerLost as e:   # the line names this run's folder
         raise PeerLost(str(e).replace("RUN_DIR", str(run_dir))) from None
 
 
-def _run(world: World, config: TuneConfig, run_dir: Path, out: Path, resume, progress: bool) -> dict:
+def tune_loop(world: World, config: TuneConfig, run_dir: Path, out: Path, resume, progress: bool) -> dict | None:
+    """Set up, loop, patch and report, in this process (rank 0 writes; the others return None)."""
     t_start = time.perf_counter()
     with MemoryProfiler(resolve_device(config.device)) as profiler:
         # --- set up: model, layers, data, the stepper; then resume (a seed checkpoint replays its updates) or
