@@ -30,6 +30,19 @@ REFERENCE = dict(layer="1", steps=6, eval_every=3, batch_size=4, lr="auto", eval
                  progress=False)
 
 
+# Bit for bit needs the same kernels: on the CPU the same thread count (a reduction split over 2 threads rounds
+# differently from one over 1). Every process here, and the one-process references, run on one thread.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -60,9 +73,14 @@ def odd_data(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def one_process(sharp_tiny_model, odd_data, tmp_path_factory) -> dict:
-    """The one-process run with the same global batch, in micro-batches of one process's slice."""
-    return zolite.tune(sharp_tiny_model, "sst2", data=odd_data, run_dir=tmp_path_factory.mktemp("one") / "run",
-                       **REFERENCE)
+    """The one-process run with the same global batch, in micro-batches of one process's slice (on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return zolite.tune(sharp_tiny_model, "sst2", data=odd_data, run_dir=tmp_path_factory.mktemp("one") / "run",
+                           **REFERENCE)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_shards_cover_the_batch_in_order_and_sums_do_not_depend_on_the_split():
@@ -105,7 +123,8 @@ def test_two_processes_write_the_one_process_patch(sharp_tiny_model, odd_data, o
     gathered over the two processes' slices count every row once."""
     run = tmp_path / "two"
     done = subprocess.run(zolite_cmd("tune", "--model", sharp_tiny_model, "--data", odd_data, "--run-dir", run,
-                                     "--nproc", 2, *COMMON), capture_output=True, text=True, timeout=300)
+                                     "--nproc", 2, *COMMON), capture_output=True, text=True, timeout=300,
+                          env=ONE_THREAD)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("patch: ") == 1   # rank 0 alone prints
     report = json.loads((run / "report.json").read_text())
@@ -134,14 +153,14 @@ def _workers(launcher: subprocess.Popen) -> list:
 
 @pytest.mark.distributed
 def test_a_killed_process_stops_the_run_in_one_line_and_it_resumes_in_one_process(sharp_tiny_model, small_data,
-                                                                                    tmp_path):
+                                                                                    tmp_path, one_thread):
     """SIGKILL one of two processes after a checkpoint: the run stops with one line (no traceback) and a non-zero
     exit; resumed by one process, it ends bit for bit as an uninterrupted one-process run."""
     options = ["--layer", "1", "--steps", "100", "--eval-every", "10", "--batch-size", "4", "--lr", "1e-2", "--quiet"]
     killed = tmp_path / "killed"
     launcher = subprocess.Popen(zolite_cmd("tune", "--model", sharp_tiny_model, "--data", small_data, "--run-dir",
                                            killed, "--nproc", 2, *options),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
     deadline = time.time() + 120
     while not (killed / "checkpoint.safetensors").exists() and time.time() < deadline and launcher.poll() is None:
         time.sleep(0.02)
@@ -171,7 +190,8 @@ def test_two_machines_on_loopback(sharp_tiny_model, odd_data, one_process, tmp_p
                                str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
                                endpoint, "--rdzv-id", "zolite-test", "-m", "zolite.cli", "tune", "--model",
                                sharp_tiny_model, "--data", odd_data, "--run-dir", str(run), *COMMON],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+             for node in (0, 1)]
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert sum(out.count("patch: ") for out, _ in outputs) == 1   # rank 0 alone prints
