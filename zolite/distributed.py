@@ -145,8 +145,10 @@ class World:
                            f"{RESUME_HINT}") from None
 
     def leave(self) -> None:
-        if self.size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if self.size > 1:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 def in_worker() -> bool:
@@ -171,7 +173,13 @@ def join() -> World:
         except (RuntimeError, ValueError) as e:
             raise ZoliteError(f"rank {rank} of {size} could not join the run's process group "
                               f"({str(e).strip().splitlines()[0][:200]})") from None
-    return World(rank, size, local_rank, backend)
+    world = World(rank, size, local_rank, backend)
+
+    def stopped(signum, frame):   # torchrun stops the others when a process fails: one line, not a silent death
+        raise PeerLost(f"{world.describe()}: stopped by the launcher (SIGTERM: another process of this run failed); "
+                       f"{RESUME_HINT}")
+    signal.signal(signal.SIGTERM, stopped)
+    return world
 
 
 def local_device(device: str | None, world: World) -> str | None:
