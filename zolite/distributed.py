@@ -17,6 +17,7 @@ import datetime
 import os
 import signal
 import sys
+import threading
 
 import torch
 
@@ -146,7 +147,8 @@ class World:
 
     def leave(self) -> None:
         if self.size > 1:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
@@ -178,7 +180,8 @@ def join() -> World:
     def stopped(signum, frame):   # torchrun stops the others when a process fails: one line, not a silent death
         raise PeerLost(f"{world.describe()}: stopped by the launcher (SIGTERM: another process of this run failed); "
                        f"{RESUME_HINT}")
-    signal.signal(signal.SIGTERM, stopped)
+    if threading.current_thread() is threading.main_thread():   # (signals can only be handled there)
+        signal.signal(signal.SIGTERM, stopped)
     return world
 
 
