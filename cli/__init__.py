@@ -22,7 +22,8 @@ class ZoliteGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ZoliteError as e:
-            click.echo(f"error: {e}", err=True)
+            if not getattr(e, "quiet", False):   # (quiet: one process of a distributed run; rank 0 says it)
+                click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except Exception as e:
             torch = sys.modules.get("torch")   # not imported at the top: `zolite --help` stays quick

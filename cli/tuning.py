@@ -61,10 +61,13 @@ from .options import LR, custom_task_options, mode_option
 @click.option("--out", type=click.Path(), help="Patch path. Default: RUN_DIR/patch.safetensors.")
 @click.option("--resume", type=click.Path(), help="Continue the run in this folder from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run folder or patch.")
+@click.option("--nproc", type=int, help="Processes on this machine (one per GPU), each taking a slice of every step's "
+              "batch; they exchange only the losses (docs/guide.md, several GPUs). Several machines: torchrun.  "
+              "[default: 1]")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def tune(ctx, model, task, run_dir, out, resume, force, as_json, quiet, **options):
+def tune(ctx, model, task, run_dir, out, resume, force, nproc, as_json, quiet, **options):
     """Tune one decoder layer with MeZO and write a patch."""
     import zolite
 
@@ -73,7 +76,9 @@ def tune(ctx, model, task, run_dir, out, resume, force, as_json, quiet, **option
         model = model if given("model") else None
         task = task if given("task") else None
     report = zolite.tune(model, task, run_dir=run_dir, out=out, force=force, resume=resume,
-                         progress=not quiet, **options)
+                         progress=not quiet, nproc=nproc, **options)
+    if report is None:   # one of torchrun's processes other than rank 0, which prints the run's summary
+        return
     summary = {k: report[k] for k in ("patch", "run_dir", "layers", "steps", "kept_step", "tuned_params", "lr", "timing",
                                       "memory")}
     summary["metric"] = (report["final"]["val"] or {}).get("metric")

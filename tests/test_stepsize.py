@@ -96,7 +96,7 @@ def bowl_loss(monkeypatch):
     optim = importlib.import_module("zolite.optim")
     targets = {}
 
-    def losses(model, tuned, examples, batch_of, seed, eps, objective, micro_batch=None):
+    def losses(model, tuned, examples, batch_of, seed, eps, objective, micro_batch=None, world=None):
         if not targets:
             gen = torch.Generator().manual_seed(0)
             for i, name in enumerate(tuned.names):

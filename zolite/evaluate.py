@@ -94,9 +94,15 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def accuracy_report(scores: torch.Tensor, accepted: list[tuple[int, ...]], per_class: bool = True) -> dict:
-    """Accuracy (the best candidate is an accepted one) with a 95% Wilson interval and per-class counts."""
-    pred = scores.argmax(-1).tolist()
+def predictions(model, tokenizer, encoded: list[EncodedExample], batch_size: int = 32) -> list[int]:
+    """The best-scoring candidate of each example."""
+    return score_encoded(model, tokenizer, encoded, batch_size).argmax(-1).tolist() if encoded else []
+
+
+def accuracy_report(scores, accepted: list[tuple[int, ...]], per_class: bool = True) -> dict:
+    """Accuracy (the best candidate is an accepted one) with a 95% Wilson interval and per-class counts. scores:
+    candidate scores [N, C], or the predicted candidate of each row (a distributed run gathers those)."""
+    pred = scores.argmax(-1).tolist() if isinstance(scores, torch.Tensor) else list(scores)
     n = len(accepted)
     hits = [p in ok for p, ok in zip(pred, accepted)]
     correct = sum(hits)
@@ -131,18 +137,22 @@ def generation_report(task: Task, predictions: list[str], golds: list[list]) -> 
 
 
 def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, max_length: int = 512,
-                  batch_size: int = 32) -> dict:
-    """The task's metric on `rows`: accuracy over candidates, or F1/EM of greedy answers for generation tasks."""
+                  batch_size: int = 32, world=None) -> dict:
+    """The task's metric on `rows`: accuracy over candidates, or F1/EM of greedy answers for generation tasks.
+    world (a distributed run's): each rank scores its slice of the rows, their predictions are gathered."""
+    from .distributed import World
+
+    world = world or World()
+    mine = world.shard(rows)
     if task.generative:
         from .generation import generate_answers
 
-        predictions = generate_answers(model, tokenizer, [task.example(r).prompt for r in rows],
-                                       max_new_tokens=task.max_answer_tokens, max_length=max_length,
-                                       batch_size=batch_size)
-        return generation_report(task, predictions, [task.golds(r) for r in rows])
-    encoded = encode_rows(tokenizer, task, rows, max_length)
-    scores = score_encoded(model, tokenizer, encoded, batch_size)
-    return accuracy_report(scores, [e.accepted for e in encoded], task.per_class)
+        answers = generate_answers(model, tokenizer, [task.example(r).prompt for r in mine],
+                                   max_new_tokens=task.max_answer_tokens, max_length=max_length,
+                                   batch_size=batch_size) if mine else []
+        return generation_report(task, world.gather(answers), [task.golds(r) for r in rows])
+    predicted = world.gather(predictions(model, tokenizer, encode_rows(tokenizer, task, mine, max_length), batch_size))
+    return accuracy_report(predicted, [task.example(r).correct() for r in rows], task.per_class)
 
 
 def evaluate(model: str = "smollm2-135m", task: str = "sst2", *, patch=None, split: str = "test",

@@ -118,25 +118,32 @@ def fo_gradients(model, tuned: TunedLayers, loss_fn) -> tuple[float, list[torch.
     return loss.item(), [g.float() for g in grads]
 
 
-def _weighted(examples, micro_batch, loss_of_chunk):
-    """The batch's loss(es) as the size-weighted mean over micro-batches."""
-    size = micro_batch or len(examples)
+def weighted_mean(examples, micro_batch, loss_of_chunk, world=None):
+    """The batch's loss(es) as the size-weighted mean over micro-batches and ranks: this rank's slice of the batch
+    (all of it in one process) in micro-batches, each loss times its rows summed in float64, then one sum over the
+    ranks of (sums, rows). With micro-batches of a rank's slice, a one-process run and an N-rank one add the same
+    float64 terms: the same bits (sums of a few float32-valued terms are exact in float64, so order does not matter)."""
+    mine = world.shard(examples) if world is not None else examples
+    size = micro_batch or len(mine)
     total = None
-    for start in range(0, len(examples), size):
-        chunk = examples[start:start + size]
+    for start in range(0, len(mine), size):
+        chunk = mine[start:start + size]
         value = [v * len(chunk) for v in loss_of_chunk(chunk)]
         total = value if total is None else [a + b for a, b in zip(total, value)]
+    if world is not None and world.size > 1:
+        *total, rows = world.sum([*total, len(mine)])
+        return [t / rows for t in total]
     return [t / len(examples) for t in total]
 
 
-def micro_batched_losses(model, tuned: TunedLayers, examples, batch_of, seed, eps, objective, micro_batch=None
-                         ) -> tuple[float, float]:
-    """l+ and l- of the batch as the size-weighted mean over micro-batches (ZO losses are means over examples).
-    batch_of: encoded examples -> a Batch on the model's device."""
+def micro_batched_losses(model, tuned: TunedLayers, examples, batch_of, seed, eps, objective, micro_batch=None,
+                         world=None) -> tuple[float, float]:
+    """l+ and l- of the batch as the size-weighted mean over micro-batches (and ranks: `world`; ZO losses are means
+    over examples). batch_of: encoded examples -> a Batch on the model's device."""
     from .zo import spsa_losses
 
-    plus, minus = _weighted(examples, micro_batch, lambda chunk: spsa_losses(
-        model, tuned, batch_of(chunk), seed, eps, objective))
+    plus, minus = weighted_mean(examples, micro_batch, lambda chunk: spsa_losses(
+        model, tuned, batch_of(chunk), seed, eps, objective), world)
     return plus, minus
 
 
@@ -148,13 +155,14 @@ class Stepper:
 
     def __init__(self, model, tuned: TunedLayers, *, estimator: str = "spsa", n_z: int = 1, eps: float = 1e-3,
                  objective: str = "ce", micro_batch: int | None = None, seed: int = 0, phase=None,
-                 collate_to_device=None, **optimizer_options):
+                 collate_to_device=None, world=None, **optimizer_options):
         if estimator not in ESTIMATORS:
             raise ZoliteError(f"unknown estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}")
         check_at_least("--n-z", n_z, 1)
         self.model, self.tuned, self.estimator, self.n_z, self.eps = model, tuned, estimator, n_z, eps
         self.objective, self.micro_batch, self.seed = objective, micro_batch, seed
         self.batch_of = collate_to_device
+        self.world = world              # a distributed run's World: each rank takes its slice, the losses are summed
         self.optimizer = Optimizer(tuned, **optimizer_options)
         self.previous_loss = None      # residual feedback: l(W_{t-1} + eps z_{t-1})
         # ZO: each step's (seeds, projected gradients), or None for a step without an update (residual's first):
@@ -170,7 +178,7 @@ class Stepper:
     def pair_losses(self, examples, seed: int, eps: float | None = None) -> tuple[float, float]:
         """l(W + eps z) and l(W - eps z); eps None: the stepper's."""
         return micro_batched_losses(self.model, self.tuned, examples, self.batch_of, seed,
-                                    self.eps if eps is None else eps, self.objective, self.micro_batch)
+                                    self.eps if eps is None else eps, self.objective, self.micro_batch, world=self.world)
 
     def _scores_loss(self, batch):
         from .scoring import candidate_scores, last_hidden, losses
@@ -182,14 +190,14 @@ class Stepper:
         def one(chunk):
             with torch.inference_mode(), self.tuned.shifted(seed, self.eps, +1):
                 return [self._scores_loss(self.batch_of(chunk)).item()]
-        return _weighted(examples, self.micro_batch, one)[0]
+        return weighted_mean(examples, self.micro_batch, one, self.world)[0]
 
     def loss_and_grads(self, examples) -> tuple[float, list[torch.Tensor]]:
         def one(chunk):
             batch = self.batch_of(chunk)
             loss, grads = fo_gradients(self.model, self.tuned, lambda: self._scores_loss(batch))
             return [loss, *grads]
-        loss, *grads = _weighted(examples, self.micro_batch, one)
+        loss, *grads = weighted_mean(examples, self.micro_batch, one)
         return loss, grads
 
     # --- the step ---

@@ -1,8 +1,9 @@
 """`zolite tune`: MeZO on one decoder layer (or all of them), read top to bottom.
 
 set up (model, task data, tuned layers) -> loop (ZO step, log, eval, checkpoint) -> patch + report.
-`tune()` is the loop; each phase it calls is a function below it. The run's options and the model's loading in the
-mode that fits are in tune_setup.py.
+`tune_loop()` is the loop; each phase it calls is a function below it. `tune()` runs it in this process, or in each
+process of a data-parallel run (zolite/distributed.py: each takes a slice of every step's batch). The run's options
+and the model's loading in the mode that fits are in tune_setup.py.
 """
 from __future__ import annotations
 
@@ -17,20 +18,21 @@ import torch
 
 from .checkpoint import CheckpointDevice, load_checkpoint, save_checkpoint
 from .data import Splits, batches_for_step, sample_splits
-from .errors import ZoliteError
-from .evaluate import accuracy_report, encode_rows, evaluate_rows, score_encoded
+from .distributed import PeerLost, World, in_worker, join, launch, local_device, quiet_unless_main
+from .errors import ZoliteError, check_at_least
+from .evaluate import accuracy_report, encode_rows, evaluate_rows, predictions
 from .io import write_json
 from .layers import decoder_layers, format_layers
 from .loading import LoadedModel, resolve_device, source_record
 from .memory import MemoryProfiler, weight_breakdown, write_memory_report
-from .optim import Stepper
+from .optim import Stepper, weighted_mean
 from .precondition import measure_scales, scale_summary
 from .patch import fingerprint, save_patch
 from .scoring import collate, pad_token_id
 from .stepsize import BASE_BATCHES, PROBES, LossGuard, base_losses, guard_window, probe_lr
 from .tasks import CustomTask, Task, get_task, task_data
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
-from .tune_setup import TuneConfig, fill_defaults, load_for_tuning, prepare_run
+from .tune_setup import TuneConfig, check_world, fill_defaults, load_for_tuning, prepare_run
 from .zo import TunedLayers, generation_losses
 
 SEED_CHECKPOINT_S = 60   # a seed checkpoint is kilobytes: ZO runs also write one this often between evals
@@ -41,14 +43,47 @@ INT8_MIN_EPS = 1e-2
 
 
 def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=None, force: bool = False,
-         resume=None, progress: bool = True, **options) -> dict:
-    """Tune and write a patch; returns the run's summary (also in RUN_DIR/report.json)."""
-    config, run_dir, out = prepare_run(model, task, run_dir, out, force, resume, options)
+         resume=None, progress: bool = True, nproc: int | None = None, **options) -> dict:
+    """Tune and write a patch; returns the run's summary (also in RUN_DIR/report.json; None in the processes of a
+    distributed run other than rank 0).
+
+    nproc: start that many processes on this machine (torch's elastic launcher), each taking a slice of every
+    step's batch. Under torchrun the processes are torchrun's (zolite.distributed)."""
+    if nproc is not None:
+        check_at_least("--nproc", nproc, 1)
+        if nproc > 1 and not in_worker():
+            check_world(nproc, options.get("estimator"), options.get("batch_size"))
+            return launch(nproc, tune, model, task, run_dir=run_dir, out=out, force=force, resume=resume,
+                          progress=progress, **options)
+    world = join()
+    if nproc is not None and nproc != world.size:
+        raise ZoliteError(f"--nproc {nproc} inside a run of {world.size} processes (torchrun starts them): drop --nproc")
+    try:
+        with quiet_unless_main(world):
+            return _tune(world, model, task, run_dir, out, force, resume, progress and world.main, options)
+    finally:
+        world.leave()
+
+
+def _tune(world: World, model, task, run_dir, out, force, resume, progress, options) -> dict:
+    """tune() in one process of the run (the only one, or one of torchrun's)."""
+    # rank 0 checks the options and claims the run folder; every rank gets its answer
+    config, run_dir, out = world.share(lambda: prepare_run(model, task, run_dir, out, force, resume, options))
+    config = dataclasses.replace(config, device=local_device(config.device, world))   # GPU LOCAL_RANK
+    try:
+        return tune_loop(world, config, run_dir, out, resume, progress)
+    except PeerLost as e:   # the line names this run's folder
+        raise PeerLost(str(e).replace("RUN_DIR", str(run_dir))) from None
+
+
+def tune_loop(world: World, config: TuneConfig, run_dir: Path, out: Path, resume, progress: bool) -> dict | None:
+    """Set up, loop, patch and report, in this process (rank 0 writes; the others return None)."""
     t_start = time.perf_counter()
     with MemoryProfiler(resolve_device(config.device)) as profiler:
         # --- set up: model, layers, data, the stepper; then resume (a seed checkpoint replays its updates) or
         # score the base weights on val ---
-        run = set_up(config, run_dir, profiler, t_start)
+        run = world.agree(lambda: set_up(config, run_dir, profiler, t_start, world))
+        world.check_same("the device that draws z, the base layers' fingerprint", (run.trained_on, run.base_sha256))
         config = run.config
         state, best, start_weights = start(run, run_dir, resume, profiler)
         bar = _progress_bar(state["step"], config.steps, progress)
@@ -67,16 +102,16 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                 if config.eval_every and (state["step"] % config.eval_every == 0 or state["step"] == config.steps):
                     if run.val:
                         best = check_val(run, state, best, profiler)
-                    _save(run_dir, run.tuned, run.stepper, best, state, run.trained_on)
+                    checkpoint(run, run_dir, best, state)
                     last_save = time.monotonic()
                 elif run.stepper.updates is not None and time.monotonic() - last_save >= SEED_CHECKPOINT_S:
-                    _save(run_dir, run.tuned, run.stepper, best, state, run.trained_on)   # a cut-off run loses about a minute
+                    checkpoint(run, run_dir, best, state)   # a cut-off run loses about a minute
                     last_save = time.monotonic()
                 bar.update(1)
                 bar.set_postfix_str(_postfix(state, profiler))
             bar.close()
         # the loop's end (before the patch's weights are chosen): a run cut off while writing its patch resumes here
-        _save(run_dir, run.tuned, run.stepper, best, state, run.trained_on)
+        checkpoint(run, run_dir, best, state)
 
         # --- the patch: best (or last) weights, rounded to fp16 first so the final score is the patch's ---
         kept_step = keep_weights(run, state, best, start_weights)
@@ -86,6 +121,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
                 final["test"] = run.score(run.splits.test)
         metric = {"name": run.task.metric, "val": final["val"]["score"] if final["val"] else None,
                   "kept_step": kept_step}
+        if not run.world.main:   # rank 0 writes the patch and the report
+            return None
         with profiler.phase("patch write"):
             write_patch(run, out, state, metric)
         return write_report(run, run_dir, out, state, final, metric, profiler, t_start)
@@ -112,8 +149,11 @@ class Run:
     stepper: Stepper
     trained_on: str               # the device descriptor: where the step seeds draw these z
     lr_source: str                # where a numeric lr came from: "given" (--lr) or "profile"
+    world: World                  # this process's place in the run (world size 1: the only one)
     lr_choice: dict | None = None  # the lr used and how it was chosen (given, or the probe's): set by start()
     guard: LossGuard | None = None
+    exchange: list = dataclasses.field(default_factory=lambda: [0, 0, 0])   # this process's steps, the bytes and
+                                                                            # all_reduces they sent
 
     @property
     def eval_batch(self) -> int:
@@ -121,27 +161,32 @@ class Run:
         return 2 * (self.config.micro_batch or self.config.batch_size)
 
     def score(self, rows: list[dict]) -> dict:
+        """The task's metric on rows; each rank scores its slice, the predictions are gathered."""
         return evaluate_rows(self.loaded.model, self.loaded.tokenizer, self.task, rows,
-                             max_length=self.config.max_length, batch_size=self.eval_batch)
+                             max_length=self.config.max_length, batch_size=self.eval_batch, world=self.world)
 
     def val_score(self) -> float:
         if self.task.generative:
             return self.score(self.splits.val)["score"]
-        scores = score_encoded(self.loaded.model, self.loaded.tokenizer, self.val, self.eval_batch)   # encoded once
-        return accuracy_report(scores, [e.accepted for e in self.val])["score"]
+        predicted = self.world.gather(predictions(self.loaded.model, self.loaded.tokenizer,   # encoded once
+                                                  self.world.shard(self.val), self.eval_batch))
+        return accuracy_report(predicted, [e.accepted for e in self.val])["score"]
 
 
-def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float) -> Run:
+def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float, world: World | None = None) -> Run:
     """Load the model, fill in the profile's defaults, sample and encode the task's rows, take the tuned layers'
-    fingerprint; write the run's config.json; build the stepper."""
+    fingerprint; write the run's config.json (rank 0); build the stepper."""
+    world = world or World()
     with profiler.phase("load"):
-        loaded, indices, layer_source, plan = load_for_tuning(config)
+        loaded, indices, layer_source, plan = load_for_tuning(config, world.size)
+    world.device = loaded.device   # the losses are summed there (NCCL on CUDA)
     net, tokenizer = loaded.model, loaded.tokenizer
     _, layers = decoder_layers(net)
     task_ = get_task(config.task, **config.task_options())
     lr_source = "profile" if config.lr is None and "lr" in (loaded.profile.defaults if loaded.profile else {}) \
         else "given"
-    config = fill_defaults(config, loaded, indices, len(layers), task_, plan)
+    config = fill_defaults(config, loaded, indices, len(layers), task_, plan, world.size)
+    check_world(world.size, config.estimator, config.batch_size)
     if (loaded.mode == "int8" and config.estimator != "fo" and config.eps_scale == "absolute"
             and config.eps < INT8_MIN_EPS):
         print(f"zolite: warning: int8 rounds each layer's inputs to 8 bits, and at eps {config.eps:g} that "
@@ -159,35 +204,40 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float) -> Run:
     static = weight_breakdown(net, tuned)
     base_sha256 = fingerprint(tuned.weights())
     load_s = time.perf_counter() - t_start
-    write_json(run_dir / "config.json", dataclasses.asdict(config))
+    if world.main:
+        write_json(run_dir / "config.json", dataclasses.asdict(config))
 
     pad, device = pad_token_id(tokenizer), loaded.device
     stepper = Stepper(net, tuned, estimator=config.estimator, n_z=config.n_z, eps=config.eps,
                       objective=config.objective, micro_batch=config.micro_batch, seed=config.seed,
                       phase=profiler.phase, collate_to_device=lambda c: collate(c, pad).to(device),
                       name=config.optimizer, lr=0.0, weight_decay=config.weight_decay,   # lr: set by start()
-                      momentum=config.momentum, layerwise=config.layerwise)
+                      momentum=config.momentum, layerwise=config.layerwise, world=world)
     if config.objective == "f1":   # greedy answers under +eps and -eps, scored like the eval: raw rows go in
-        stepper.pair_losses = lambda rows, seed, eps=None: generation_losses(
-            net, tokenizer, tuned, task_, rows, seed, config.eps if eps is None else eps, config.max_length)
+        stepper.pair_losses = lambda rows, seed, eps=None: tuple(weighted_mean(rows, None, lambda chunk: generation_losses(
+            net, tokenizer, tuned, task_, chunk, seed, config.eps if eps is None else eps, config.max_length), world))
     return Run(config, loaded, indices, layer_source, plan, len(layers), task_, splits, train, val, tuned, static,
-               base_sha256, load_s, stepper, device_descriptor(device, loaded.dtype), lr_source)
+               base_sha256, load_s, stepper, device_descriptor(device, loaded.dtype), lr_source, world)
 
 
 def start(run: Run, run_dir: Path, resume, profiler) -> tuple[dict, dict | None, dict | None]:
     """The loop's state, the best weights so far and the weights a diverged run without val falls back to: from the
     run folder's checkpoint when resuming (a seed checkpoint replays its updates), else step 0's, the base weights
     scored on val. Measures what the base decides (activation scales, the probed lr) or reads it back."""
+    world = run.world
     state = {"step": 0, "losses": [], "val": [], "best_step": None, "best_metric": None, "train_s": 0.0,
-             "devices": [run.trained_on]}
+             "devices": [run.trained_on], "world_sizes": [world.size]}
     best = None
     # a finite fallback if the run diverges: the best-val copy, else (no val) the base weights, step 0
     start_weights = None if run.config.eval_every and run.val else _cpu_copy(run.tuned.state())
-    saved = load_checkpoint(run_dir) if resume else None
+    saved = world.share(lambda: load_checkpoint(run_dir)) if resume else None   # rank 0 reads it, every rank replays
     choose_step(run, saved, profiler)
     if saved is not None:
         with profiler.phase("resume"):   # the replay of a seed checkpoint
-            best, state = _resume(saved, run.tuned, run.stepper, run.trained_on, run_dir)
+            best, state = world.agree(lambda: _resume(saved, run.tuned, run.stepper, run.trained_on, run_dir))
+        sizes = state.setdefault("world_sizes", [1])   # (a checkpoint of an older zolite has none: one process)
+        if sizes[-1] != world.size:
+            sizes.append(world.size)
         if run.guard is not None:
             run.guard.replay(state["losses"])
             run.stepper.lr_factor = run.guard.factor
@@ -256,8 +306,9 @@ def train_step(run: Run, state: dict) -> None:
     time go into the loop's state."""
     config = run.config
     step = state["step"]
-    t0 = time.perf_counter()
-    rows = batches_for_step(len(run.train), config.batch_size, step, config.seed)
+    t0, sent, reduces = time.perf_counter(), run.world.exchanged, run.world.reduces
+    rows = batches_for_step(len(run.train), config.batch_size, step, config.seed)   # the global batch: each rank
+                                                                                    # takes its slice of it
     if config.objective == "f1":
         examples = [run.splits.train[i] for i in rows]
     else:
@@ -266,6 +317,8 @@ def train_step(run: Run, state: dict) -> None:
     state["losses"].append(run.stepper.step(step, examples))
     state["step"] = step + 1
     state["train_s"] += time.perf_counter() - t0
+    run.exchange = [run.exchange[0] + 1, run.exchange[1] + run.world.exchanged - sent,
+                    run.exchange[2] + run.world.reduces - reduces]
     if run.guard is not None and run.guard.check(state["losses"]):
         run.stepper.lr_factor = run.guard.factor
 
@@ -341,6 +394,7 @@ def write_report(run: Run, run_dir: Path, out: Path, state: dict, final: dict, m
                "backoffs": run.guard.backoffs if run.guard else None},
         "activation_scales": scale_summary(run.tuned.scale_tensors()) if run.tuned.scale_tensors() else None,
         "diverged_at_step": state.get("diverged_at"), "devices": state["devices"],
+        "distributed": _exchange_report(run, state),
         "final": final, "val_curve": state["val"], "loss_curve": state["losses"],
         "timing": {"load_s": round(run.load_s, 2), "train_s": round(state["train_s"], 2),
                    "step_ms": round(step_ms, 2),
@@ -355,6 +409,21 @@ def write_report(run: Run, run_dir: Path, out: Path, state: dict, final: dict, m
                f"{step_ms:.1f} ms/step; val {metric['val']}; patch {out}.")
     write_memory_report(memory_profile, run_dir, title, summary)
     return report
+
+
+def _exchange_report(run: Run, state: dict) -> dict:
+    """The run's processes and what one step exchanged: the payload of its all_reduces (float64 sums of l+, l- and
+    rows; one per z), measured over this process's steps."""
+    steps, sent, reduces = run.exchange
+    return {"world_size": run.world.size, "world_sizes": state.get("world_sizes", [run.world.size]),
+            "backend": run.world.backend, "bytes_per_step": sent / steps if steps else 0,
+            "all_reduces_per_step": reduces / steps if steps else 0}
+
+
+def checkpoint(run: Run, run_dir: Path, best, state: dict) -> None:
+    """Rank 0 writes the run's checkpoint (every rank holds the same weights and state)."""
+    if run.world.main:
+        _save(run_dir, run.tuned, run.stepper, best, state, run.trained_on)
 
 
 def _model_reference(model: str) -> str:

@@ -115,6 +115,19 @@ def check_options(config: TuneConfig) -> None:
         raise ZoliteError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}")
 
 
+def check_world(world_size: int, estimator: str | None, batch_size: int | None) -> None:
+    """What a run of several processes needs: ZO (backprop would exchange gradients) and at least a row per process
+    in each step's batch (batch_size None: not known yet)."""
+    if world_size == 1:
+        return
+    if estimator == "fo":
+        raise ZoliteError("--estimator fo would exchange gradients between the processes; run backprop in one "
+                          "process (drop --nproc / torchrun)")
+    if batch_size is not None and batch_size < world_size:
+        raise ZoliteError(f"{world_size} processes each take a slice of a step's batch, but --batch-size is "
+                          f"{batch_size}; raise --batch-size to at least {world_size} or lower --nproc")
+
+
 def prepare_run(model, task, run_dir, out, force, resume, options):
     """The config, run folder and patch path; checks a resumed folder against the arguments given."""
     unknown = set(options) - {f.name for f in dataclasses.fields(TuneConfig)}
@@ -172,14 +185,18 @@ def _claim_patch_path(out, force: bool) -> None:
     trajectory_path(out).unlink(missing_ok=True)
 
 
-def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=None) -> TuneConfig:
+def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=None, world_size: int = 1) -> TuneConfig:
+    """The profile's defaults for what was not given, and what the load decided. With several processes the
+    micro-batch defaults to a process's slice of the batch (so a one-process run resumed from it evaluates the same
+    micro-batches)."""
     defaults = dict(BUILTIN_DEFAULTS, **(loaded.profile.defaults if loaded.profile else {}))
     filled = {k: defaults[k] for k in BUILTIN_DEFAULTS if getattr(config, k) is None}
     filled["layer"] = format_layers(indices, num_layers)
     filled["dtype"] = str(loaded.dtype).removeprefix("torch.")
     filled["device"] = str(loaded.device)
     filled["mode"] = loaded.mode
-    filled["micro_batch"] = config.micro_batch or (plan.micro_batch if plan else None) or filled.get("batch_size", config.batch_size)
+    filled["micro_batch"] = config.micro_batch or (plan.micro_batch if plan else None) or \
+        -(-filled.get("batch_size", config.batch_size) // world_size)
     filled["objective"] = config.objective or ("lm" if task.generative else "ce")
     config = dataclasses.replace(config, **filled)
     if task.generative and config.objective in ("ce", "accuracy"):
@@ -189,10 +206,10 @@ def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=No
     return config
 
 
-def load_for_tuning(config: TuneConfig):
+def load_for_tuning(config: TuneConfig, world_size: int = 1):
     """The model in the run's mode with the tuned layers kept unquantized and on the GPU, the layers, where that
-    choice came from, and the memory plan when a budget was given. Layers are chosen before loading: quantized
-    modes must know which layer to leave alone."""
+    choice came from, and the memory plan when a budget was given (for one process's slice of the batch). Layers are
+    chosen before loading: quantized modes must know which layer to leave alone."""
     path, profile = resolve_model(config.model)
     device = resolve_device(config.device)
     skeleton = model_skeleton(path)
@@ -205,7 +222,7 @@ def load_for_tuning(config: TuneConfig):
     if config.mode in QUANT_MODES and len(indices) == num_layers:
         raise ZoliteError(f"--layers all tunes every layer, so nothing is left to quantize with --mode {config.mode}; "
                           "use --mode fp16 or offload")
-    mode, plan = plan_for_device(config, device, skeleton, indices, identity, profile)
+    mode, plan = plan_for_device(config, device, skeleton, indices, identity, profile, world_size)
     mode = mode or _default_mode(config, device, profile, every_layer=len(indices) == num_layers)
     loaded = load_model(config.model, device=device, dtype=config.dtype, mode=mode, keep_layers=indices,
                         int8_threshold=config.int8_threshold)
@@ -218,7 +235,8 @@ def _default_mode(config: TuneConfig, device: torch.device, profile, every_layer
     return config.mode or ("fp16" if every_layer else choose_mode(None, device, profile))
 
 
-def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices, identity, profile):
+def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices, identity, profile,
+                    world_size: int = 1):
     """(mode, plan). With --gpu-memory: the fastest mode and largest micro-batch for that budget, the allocator
     capped to it. On a GPU without it: the run as asked (its mode, the whole batch) unless by the estimate that would
     not fit the card's free memory; then the same mode with the largest micro-batch that fits, else (no --mode given)
@@ -234,8 +252,9 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
         torch.cuda.empty_cache()
         budget = free_gpu_memory(device)
     defaults = profile.defaults if profile else {}
-    batch = config.batch_size or defaults.get("batch_size", BUILTIN_DEFAULTS["batch_size"])
+    batch = -(-(config.batch_size or defaults.get("batch_size", BUILTIN_DEFAULTS["batch_size"])) // world_size)
     seq_len = config.max_length or defaults.get("max_length", BUILTIN_DEFAULTS["max_length"])
+    micro = min(config.micro_batch, batch) if config.micro_batch else None   # (a micro-batch over a slice: the slice)
     dtype = choose_dtype(config.dtype, device, profile)
     try:
         measured = measured_activations(identity(), dtype, profile)
@@ -244,7 +263,7 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
 
     def plan_for(mode):
         return plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=mode, measured=measured,
-                           micro_batch=config.micro_batch, estimator=config.estimator, optimizer=config.optimizer)
+                           micro_batch=micro, estimator=config.estimator, optimizer=config.optimizer)
 
     if asked:
         plan = plan_for(config.mode)
@@ -261,7 +280,7 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
             plan = plan_for(mode)
         except ZoliteError:
             continue
-        if plan.mode == default and plan.micro_batch == (config.micro_batch or batch):
+        if plan.mode == default and plan.micro_batch == (micro or batch):
             return config.mode, None   # fits as asked
         print(f"zolite: by the estimate the run would not fit {free} as asked; memory plan: {plan.reason}",
               file=sys.stderr)
