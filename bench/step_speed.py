@@ -3,13 +3,15 @@
     python bench/step_speed.py --out OUT                         # every config, on the GPU
     python bench/step_speed.py --out OUT --configs smollm2-L11,smollm2-all --steps 300
     python bench/step_speed.py --out OUT --device cpu --configs smollm2-L11 --steps 3 --warmup 1   # CPU smoke
-    python bench/step_speed.py ... --compare-with DIR            # also DIR's zolite step (another checkout's
-                                                                 # zolite package, in a subprocess): before / after
+    python bench/step_speed.py ... --baseline DIR                # also the step of DIR/zolite (another version,
+                                                                 # imported beside this one): before / after
 
 For each config, in one process, on the same model and the same batch (step 0's rows of the run seed 0):
 - `zolite`: tune's step, `zolite.tune.train_step` on a Stepper built as tune builds it, its phases measured by a
   MemoryProfiler as in `zolite tune` (each phase synchronises the GPU to time itself and sample memory);
 - `zolite-bare`: the same step without the profiler's phases (the step's own cost);
+- `base`, `base-bare`: the same two for the zolite package in --baseline DIR (imported as `zolite_baseline`, its
+  own TunedLayers, Stepper and train_step on the same model), in the same rounds;
 - `eager`: MeZO written plainly here: one generator per step, z drawn in the weight's dtype tensor by tensor,
   W += eps z in place, forward, W -= 2 eps z, forward, W += eps z, W -= lr g z (the same tuned tensors);
 - `floor-2x`: two plain forwards of the batch; `floor-2b`: one forward of the batch doubled (zolite's form: the
@@ -56,7 +58,7 @@ CONFIGS = {
     "llama7b-L1-nf4": dict(model="llama7b-random", layer="1", mode="nf4", random_len=256),
 }
 DEFAULT_CONFIGS = "smollm2-L11,smollm2-all,smollm2-L11-f16,smollm2-all-f16,qwen-L1-nf4,qwen-L1-fp16,llama7b-L1-nf4"
-METHODS = ("zolite", "zolite-bare", "eager", "floor-2x", "floor-2b")
+METHODS = ("zolite", "base", "zolite-bare", "base-bare", "eager", "floor-2x", "floor-2b")   # one round's order
 LR = 1e-7   # small, so many timed steps leave the weights (and so the forwards' cost) as they were
 
 
@@ -128,7 +130,7 @@ def eager_mezo(model, params: list[torch.Tensor], batch, loss_of, eps: float, lr
     return step
 
 
-def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...]) -> dict:
+def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], baseline=None) -> dict:
     from zolite.memory import MemoryProfiler
     from zolite.optim import Stepper
     from zolite.scoring import candidate_scores, collate, last_hidden, losses, pad_token_id
@@ -175,31 +177,21 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...]) ->
 
     profiler_cm = MemoryProfiler(device)
     profiler = profiler_cm.__enter__()
-    steppers = {}
-    for name, phase in (("zolite", profiler.phase), ("zolite-bare", None)):
-        stepper = Stepper(net, tuned, eps=args.eps, objective="ce", micro_batch=micro, seed=0, phase=phase,
-                          collate_to_device=lambda c: collate(c, pad).to(device), lr=LR)
-        run = SimpleNamespace(config=SimpleNamespace(batch_size=args.batch_size, objective="ce", seed=0),
-                              train=examples, splits=None, stepper=stepper, guard=None)
-        state = {"step": 0, "losses": [], "tokens": 0, "train_s": 0.0}
-        steppers[name] = (run, state)
-
-    def zolite_step(name):
-        run, state = steppers[name]
-
-        def step(_n):
-            with profiler.phase("train") if name == "zolite" else contextlib.nullcontext():   # as tune's loop
-                train_step(run, state)
-        return step
+    versions = {"zolite": (Stepper, train_step, tuned)}
+    if baseline is not None:   # its own tuned layers (hooks, residuals) on the same parameters
+        versions["base"] = (baseline.optim.Stepper, baseline.tune.train_step, baseline.zo.TunedLayers(net, indices))
+    fns = {}
+    for version, (stepper_class, train_step_of, tuned_of) in versions.items():
+        for name, phase in ((version, profiler.phase), (f"{version}-bare", None)):
+            stepper = stepper_class(net, tuned_of, eps=args.eps, objective="ce", micro_batch=micro, seed=0,
+                                    phase=phase, collate_to_device=lambda c: collate(c, pad).to(device), lr=LR)
+            run = SimpleNamespace(config=SimpleNamespace(batch_size=args.batch_size, objective="ce", seed=0),
+                                  train=examples, splits=None, stepper=stepper, guard=None)
+            fns[name] = _tune_step(train_step_of, run, profiler if phase else None)
 
     saved = [p.detach().clone() for p in tuned.params]   # eager perturbs in place: its weights go back after it
-    eager = eager_mezo(net, [p.detach() for p in tuned.params], batch, loss_of, args.eps, LR)
-
-    def eager_step(n):
-        eager(n)
-
-    fns = {"zolite": zolite_step("zolite"), "zolite-bare": zolite_step("zolite-bare"), "eager": eager_step,
-           "floor-2x": floor_2x, "floor-2b": floor_2b}
+    fns.update({"eager": eager_mezo(net, [p.detach() for p in tuned.params], batch, loss_of, args.eps, LR),
+                "floor-2x": floor_2x, "floor-2b": floor_2b})
     wall = {m: [0.0, 0] for m in methods}
     per_step = {m: [] for m in methods}
     n = 0
@@ -238,14 +230,24 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...]) ->
            "ms_median_synced": {m: round(1000 * statistics.median(v), 3) for m, v in per_step.items() if v}}
     if device.type == "cuda":
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    del steppers, tuned, net, loaded
+    del fns, versions, tuned, net, loaded
     return out
+
+
+def _tune_step(train_step, run, profiler):
+    """One step of tune's loop: train_step inside the profiler's "train" phase (none: bare)."""
+    state = {"step": 0, "losses": [], "tokens": 0, "train_s": 0.0}
+
+    def step(_n):
+        with profiler.phase("train") if profiler else contextlib.nullcontext():
+            train_step(run, state)
+    return step
 
 
 def ratios(row: dict) -> dict:
     ms = row["ms"]
     out = {}
-    for step in (k for k in ms if k.startswith("zolite")):
+    for step in (k for k in ms if k.startswith(("zolite", "base"))):
         for ref in ("eager", "floor-2x", "floor-2b"):
             if ms.get(ref):
                 out[f"{step}/{ref}"] = round(ms[step] / ms[ref], 3)
@@ -263,8 +265,9 @@ def table(results: dict) -> str:
         lines += ["**CPU smoke run**: these numbers check that the script works and compare code on the CPU; they "
                   "are not GPU figures.", ""]
     lines += ["ms per step (wall time of consecutive steps, device synchronised at both ends, pooled over rounds). "
-              "`zolite`: tune's train_step with its memory phases; `zolite-bare`: without them; `eager`: plain "
-              "in-place MeZO; `floor-2x`: two forwards of the batch; `floor-2b`: one forward of the doubled batch.", "",
+              "`zolite`: tune's train_step with its memory phases; `zolite-bare`: without them; `base` / `base-bare`: "
+              f"the same for the zolite in {results['settings'].get('baseline')}; `eager`: plain in-place MeZO; "
+              "`floor-2x`: two forwards of the batch; `floor-2b`: one forward of the doubled batch.", "",
               "| config | model | layers | mode | dtype | batch x len | step | ms/step | / eager | / floor-2x | / floor-2b |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in results["configs"].items():
@@ -281,21 +284,21 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_with(source: Path, name: str, args) -> dict:
-    """The zolite step of another checkout's zolite package on the same config, in a subprocess."""
-    out = args.out / f"compare-{name}.json"
-    cmd = [sys.executable, __file__, "--out", str(args.out / "compare"), "--configs", name, "--device", args.device,
-           "--only", "zolite,zolite-bare", "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--rounds", str(args.rounds), "--step-samples", str(args.step_samples), "--batch-size", str(args.batch_size),
-           "--eps", str(args.eps), "--model-dir", str(args.model_dir), "--json-out", str(out),
-           *(["--data", args.data] if args.data else [])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
-    row = json.loads(out.read_text())
-    return {"source": str(source), "zolite": row["env"]["zolite"], "commit": row["env"].get("zolite_commit"),
-            "ms": row["configs"][name]["ms"]}
+def load_baseline(source: Path):
+    """DIR/zolite imported as the package `zolite_baseline` (zolite's modules import each other relatively), so two
+    versions of the step run in one process on one model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zolite_baseline", source / "zolite" / "__init__.py",
+                                                  submodule_search_locations=[str(source / "zolite")])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["zolite_baseline"] = package
+    spec.loader.exec_module(package)
+    import importlib
+
+    return SimpleNamespace(zo=importlib.import_module("zolite_baseline.zo"),
+                           optim=importlib.import_module("zolite_baseline.optim"),
+                           tune=importlib.import_module("zolite_baseline.tune"), source=str(source))
 
 
 def main():
@@ -313,39 +316,32 @@ def main():
     ap.add_argument("--model-dir", type=Path, default=Path("/root/llama7b-random"),
                     help="where the Llama-2-7B-shaped model is built (once)")
     ap.add_argument("--only", default=",".join(METHODS), help="methods to time (default: all)")
-    ap.add_argument("--compare-with", type=Path, action="append", default=[],
-                    help="a source tree holding another zolite package: its step is timed too (repeatable)")
-    ap.add_argument("--json-out", type=Path, help="also write the results here (used by --compare-with)")
+    ap.add_argument("--baseline", type=Path,
+                    help="a source tree holding another zolite package (DIR/zolite): its step is timed too")
     args = ap.parse_args()
     device = torch.device(args.device)
-    methods = tuple(m for m in METHODS if m in args.only.split(","))
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    methods = tuple(m for m in METHODS if m in args.only.split(",") and (baseline or not m.startswith("base")))
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"argv": shlex.join(sys.argv), "env": environment(device),
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                            if k not in ("out", "json_out", "compare_with")} | {"lr": LR},
+                            if k != "out"} | {"lr": LR},
                "configs": {}}
 
     def save():
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
         (args.out / "results.md").write_text(table(results))
-        if args.json_out:
-            args.json_out.write_text(json.dumps(results, indent=1))
 
     for name in args.configs.split(","):
         spec = CONFIGS[name]
         print(f"{name}: {spec}", flush=True)
         try:
-            row = measure(spec, args, device, methods)
+            row = measure(spec, args, device, methods, baseline)
         except Exception as e:   # noqa: BLE001  (a failed config is recorded; the others still run)
             row = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if "error" not in row:
-            for source in args.compare_with:
-                other = compare_with(source, name, args)
-                row.setdefault("compared", []).append(other)
-                for m, v in other.get("ms", {}).items():
-                    row["ms"][f"{m}@{source.name}"] = v
             row["ratios"] = ratios(row)
         results["configs"][name] = row
         print(json.dumps(row), flush=True)
