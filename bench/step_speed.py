@@ -32,7 +32,6 @@ Writes OUT/results.json and OUT/results.md (rewritten after each config).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -56,7 +55,14 @@ CONFIGS = {
     "qwen-L1-nf4": dict(model="qwen2.5-coder-1.5b", layer="1", mode="nf4", task="boolq"),
     "qwen-L1-fp16": dict(model="qwen2.5-coder-1.5b", layer="1", mode="fp16", task="boolq"),
     "llama7b-L1-nf4": dict(model="llama7b-random", layer="1", mode="nf4", random_len=256),
+    # SmolLM2's depth at a width where arithmetic costs nothing: on the CPU, a stand-in for the GPU's launch-bound
+    # regime (the step's Python and per-kernel overhead); random weights and tokens, built into --model-dir's sibling
+    "launch-L11": dict(model="launch-random", layer="11", mode="fp16", random_len=32),
+    "launch-all": dict(model="launch-random", layer="all", mode="fp16", random_len=32),
 }
+RANDOM_SHAPES = {"llama7b-random": "7b",
+                 "launch-random": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=30,
+                                       num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)}
 DEFAULT_CONFIGS = "smollm2-L11,smollm2-all,smollm2-L11-f16,smollm2-all-f16,qwen-L1-nf4,qwen-L1-fp16,llama7b-L1-nf4"
 METHODS = ("zolite", "base", "zolite-bare", "base-bare", "eager", "floor-2x", "floor-2b")   # one round's order
 LR = 1e-7   # small, so many timed steps leave the weights (and so the forwards' cost) as they were
@@ -139,12 +145,17 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
     from zolite.zo import TunedLayers
 
     model = spec["model"]
-    if model == "llama7b-random":
+    if model in RANDOM_SHAPES:   # random weights from a config, built once (bench/memory_modes.py's builder)
         sys.path.insert(0, str(BENCH))
-        from memory_modes import build_model
+        from memory_modes import SHAPES, build_model
 
-        build_model(args.model_dir, "7b")
-        model = str(args.model_dir)
+        shape = RANDOM_SHAPES[model]
+        if isinstance(shape, dict):
+            SHAPES[model] = shape
+            shape = model
+        folder = args.model_dir if model == "llama7b-random" else args.model_dir.with_name(model)
+        build_model(folder, shape)
+        model = str(folder)
     config = TuneConfig(model=model, layer=spec["layer"], mode=spec["mode"] if device.type == "cuda" else None,
                         dtype=spec.get("dtype") if device.type == "cuda" else None, device=str(device),
                         batch_size=args.batch_size, eps=args.eps)
@@ -187,7 +198,7 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
                                     phase=phase, collate_to_device=lambda c: collate(c, pad).to(device), lr=LR)
             run = SimpleNamespace(config=SimpleNamespace(batch_size=args.batch_size, objective="ce", seed=0),
                                   train=examples, splits=None, stepper=stepper, guard=None)
-            fns[name] = _tune_step(train_step_of, run, profiler if phase else None)
+            fns[name] = _tune_step(train_step_of, run)
 
     saved = [p.detach().clone() for p in tuned.params]   # eager perturbs in place: its weights go back after it
     fns.update({"eager": eager_mezo(net, [p.detach() for p in tuned.params], batch, loss_of, args.eps, LR),
@@ -196,6 +207,8 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
     per_step = {m: [] for m in methods}
     n = 0
     try:
+        train_phase = profiler.phase("train")   # tune's loop runs in it; the step's own phases nest inside
+        train_phase.__enter__()
         for _ in range(args.rounds):
             for m in methods:
                 for _ in range(args.warmup):
@@ -220,6 +233,7 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
                     with torch.no_grad():
                         for p, s in zip(tuned.params, saved):
                             p.copy_(s)
+        train_phase.__exit__(None, None, None)
     finally:
         profiler_cm.__exit__(None, None, None)
     out = {"model": spec["model"], "layers": spec["layer"], "mode": loaded.mode,
@@ -234,14 +248,10 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
     return out
 
 
-def _tune_step(train_step, run, profiler):
-    """One step of tune's loop: train_step inside the profiler's "train" phase (none: bare)."""
+def _tune_step(train_step, run):
+    """One step of tune's loop (which runs inside the profiler's "train" phase, as the timing loop here does)."""
     state = {"step": 0, "losses": [], "tokens": 0, "train_s": 0.0}
-
-    def step(_n):
-        with profiler.phase("train") if profiler else contextlib.nullcontext():
-            train_step(run, state)
-    return step
+    return lambda _n: train_step(run, state)
 
 
 def ratios(row: dict) -> dict:

@@ -291,10 +291,10 @@ class TunedLayers:
         linear = type(module) is torch.nn.Linear
 
         def run(x, *args, **kwargs):
-            if x.dim() < 2 or x.shape[0] != state["rows"]:
-                raise ZoliteError(f"{type(module).__name__} of a tuned layer got rows {tuple(x.shape)}, not the "
-                                  f"doubled batch's {state['rows']}: this architecture needs TunedLayers.fused = "
-                                  "False")
+            if x.dim() < 3 or x.shape[0] != state["rows"]:   # [rows, tokens, ...]: not, e.g., routed tokens
+                raise ZoliteError(f"{type(module).__name__} of a tuned layer got an input of shape {tuple(x.shape)}, "
+                                  f"not [{state['rows']}, tokens, ...] (the doubled batch): this architecture needs "
+                                  "TunedLayers.fused = False")
             offsets = {i: self._offset(seed, i, eps) for i, _ in entries}
             if linear:
                 pair = {}
