@@ -32,6 +32,7 @@ Writes OUT/results.json and OUT/results.md (rewritten after each config).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -186,6 +187,7 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
         hidden = last_hidden(net, ids_2b)
         losses(candidate_scores(net, doubled, hidden), doubled, "ce").tolist()
 
+    paths = same_step_check(net, tuned, batch, args.eps)
     profiler_cm = MemoryProfiler(device)
     profiler = profiler_cm.__enter__()
     versions = {"zolite": (Stepper, train_step, tuned)}
@@ -204,6 +206,7 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
     fns.update({"eager": eager_mezo(net, [p.detach() for p in tuned.params], batch, loss_of, args.eps, LR),
                 "floor-2x": floor_2x, "floor-2b": floor_2b})
     wall = {m: [0.0, 0] for m in methods}
+    host = {m: 0.0 for m in methods}   # this process's CPU time: on a shared CPU, less moved by other processes
     per_step = {m: [] for m in methods}
     n = 0
     try:
@@ -215,13 +218,14 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
                     fns[m](n)
                     n += 1
                 sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(args.steps):
                     fns[m](n)
                     n += 1
                 sync(device)
                 wall[m][0] += time.perf_counter() - t0
                 wall[m][1] += args.steps
+                host[m] += time.process_time() - c0
                 for _ in range(args.step_samples):   # synchronised each step: a per-step spread
                     sync(device)
                     t1 = time.perf_counter()
@@ -241,10 +245,30 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
            "batch": args.batch_size, "micro_batch": micro, "seq_len": int(batch.input_ids.shape[1]),
            "tuned_params": tuned.numel(), "load_s": round(load_s, 1), "steps": wall[methods[0]][1],
            "ms": {m: round(1000 * w / k, 3) for m, (w, k) in wall.items()},
-           "ms_median_synced": {m: round(1000 * statistics.median(v), 3) for m, v in per_step.items() if v}}
+           "ms_median_synced": {m: round(1000 * statistics.median(v), 3) for m, v in per_step.items() if v},
+           "host_cpu_ms": {m: round(1000 * host[m] / wall[m][1], 3) for m in methods}}
+    if paths:
+        out["fused_vs_per_half"] = paths
     if device.type == "cuda":
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     del fns, versions, tuned, net, loaded
+    return out
+
+
+def same_step_check(net, tuned, batch, eps: float) -> dict | None:
+    """l+ and l- of one z from the fused doubled forward (the default for small layers) and from the per-half path,
+    on this device: they differ only by the forward's rounding (batched vs separate matmuls)."""
+    from zolite.zo import spsa_losses
+
+    if not getattr(tuned, "fused", False):   # zolite before issue 23, or a layer too large for the fused path
+        return None
+    out = {}
+    for fused in (True, False):
+        tuned.fused = fused
+        out["fused" if fused else "per_half"] = spsa_losses(net, tuned, batch, 1, eps, "ce")
+    tuned.fused = True
+    out["max_abs_diff"] = max(abs(a - b) for a, b in zip(out["fused"], out["per_half"]))
+    out["slope_fused"], out["slope_per_half"] = ((p - m) / (2 * eps) for p, m in (out["fused"], out["per_half"]))
     return out
 
 
@@ -290,7 +314,22 @@ def table(results: dict) -> str:
             cells = [f"{r.get(f'{m}/{ref}', ''):}" if f"{m}/{ref}" in r else "" for ref in ("eager", "floor-2x", "floor-2b")]
             lines.append(f"| {name} | {row['model']} | {row['layers']} | {row['mode']} | {row['dtype']} | "
                          f"{row['batch']} x {row['seq_len']} | {m} | {v:.2f} | {' | '.join(cells)} |")
-    lines += ["", "Per-step medians (synchronised every step) are in results.json (`ms_median_synced`)."]
+    checks = [(name, row["fused_vs_per_half"]) for name, row in results["configs"].items() if row.get("fused_vs_per_half")]
+    if checks:
+        lines += ["", "The fused doubled forward against the per-half one, one z (seed 1), same batch: l+ and l- differ "
+                  "by the forward's rounding only.", ""]
+        lines += [f"- {name}: max |l(fused) - l(per-half)| {c['max_abs_diff']:.3g}; slope (l+ - l-) / 2eps "
+                  f"{c['slope_fused']:.6g} fused, {c['slope_per_half']:.6g} per half" for name, c in checks]
+    if "gpu" not in env:
+        lines += ["", "The same steps in this process's CPU time (ms/step; less moved than wall time by other processes "
+                  "on a shared CPU):", "", "| config | " + " | ".join(METHODS) + " |",
+                  "|---|" + "---|" * len(METHODS)]
+        for name, row in results["configs"].items():
+            if "host_cpu_ms" in row:
+                lines.append(f"| {name} | " + " | ".join(f"{row['host_cpu_ms'][m]:.1f}" if m in row["host_cpu_ms"]
+                                                         else "" for m in METHODS) + " |")
+    lines += ["", "Per-step medians (synchronised every step) are in results.json (`ms_median_synced`); host CPU "
+              "time per step in `host_cpu_ms`."]
     return "\n".join(lines) + "\n"
 
 
@@ -349,6 +388,7 @@ def main():
             row = measure(spec, args, device, methods, baseline)
         except Exception as e:   # noqa: BLE001  (a failed config is recorded; the others still run)
             row = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+        gc.collect()   # the config's model goes before the next one loads
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if "error" not in row:

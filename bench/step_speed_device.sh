@@ -17,7 +17,7 @@ start)
   BASE=""
   [ -d /root/zolite-base/zolite ] && BASE="--baseline /root/zolite-base"
   cd /root/src || exit 1
-  setsid nohup bash -c "python bench/step_speed.py --out $R/small --data /root/data $BASE \
+  setsid nohup bash -c "python bench/step_speed.py --out $R/small --data /root/data --steps 30 $BASE \
       --configs smollm2-L11,smollm2-all,smollm2-L11-f16,smollm2-all-f16,qwen-L1-nf4,qwen-L1-fp16; \
     python bench/step_speed.py --out $R/7b --configs llama7b-L1-nf4 --steps 20 --rounds 2 --warmup 3 $BASE" \
     > $R/run.log 2>&1 < /dev/null &
