@@ -302,7 +302,8 @@ def table(results: dict) -> str:
               "`zolite`: tune's train_step with its memory phases; `zolite-bare`: without them; `base` / `base-bare`: "
               f"the same for the zolite in {results['settings'].get('baseline')}; `eager`: plain in-place MeZO; "
               "`floor-2x`: two forwards of the batch; `floor-2b`: one forward of the doubled batch.", "",
-              "| config | model | layers | mode | dtype | batch x len | step | ms/step | / eager | / floor-2x | / floor-2b |",
+              "| config | model | layers | mode | dtype | batch x len | step | ms/step | / eager | / floor-2x "
+              "| / floor-2b |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in results["configs"].items():
         if "error" in row:
@@ -311,18 +312,19 @@ def table(results: dict) -> str:
         ms = row["ms"]
         for m, v in ms.items():
             r = row["ratios"]
-            cells = [f"{r.get(f'{m}/{ref}', ''):}" if f"{m}/{ref}" in r else "" for ref in ("eager", "floor-2x", "floor-2b")]
+            cells = [f"{r[f'{m}/{ref}']}" if f"{m}/{ref}" in r else "" for ref in ("eager", "floor-2x", "floor-2b")]
             lines.append(f"| {name} | {row['model']} | {row['layers']} | {row['mode']} | {row['dtype']} | "
                          f"{row['batch']} x {row['seq_len']} | {m} | {v:.2f} | {' | '.join(cells)} |")
-    checks = [(name, row["fused_vs_per_half"]) for name, row in results["configs"].items() if row.get("fused_vs_per_half")]
+    checks = [(name, row["fused_vs_per_half"]) for name, row in results["configs"].items()
+              if row.get("fused_vs_per_half")]
     if checks:
-        lines += ["", "The fused doubled forward against the per-half one, one z (seed 1), same batch: l+ and l- differ "
-                  "by the forward's rounding only.", ""]
+        lines += ["", "The fused doubled forward against the per-half one, one z (seed 1), same batch: l+ and l- "
+                  "differ by the forward's rounding only.", ""]
         lines += [f"- {name}: max |l(fused) - l(per-half)| {c['max_abs_diff']:.3g}; slope (l+ - l-) / 2eps "
                   f"{c['slope_fused']:.6g} fused, {c['slope_per_half']:.6g} per half" for name, c in checks]
     if "gpu" not in env:
-        lines += ["", "The same steps in this process's CPU time (ms/step; less moved than wall time by other processes "
-                  "on a shared CPU):", "", "| config | " + " | ".join(METHODS) + " |",
+        lines += ["", "The same steps in this process's CPU time (ms/step; less moved than wall time by other "
+                  "processes on a shared CPU):", "", "| config | " + " | ".join(METHODS) + " |",
                   "|---|" + "---|" * len(METHODS)]
         for name, row in results["configs"].items():
             if "host_cpu_ms" in row:

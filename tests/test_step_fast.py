@@ -140,6 +140,57 @@ def test_update_is_unchanged(tiny_model):
             assert torch.equal(tuned.master(i), expected[i]), (dtype, tuned.names[i])
 
 
+def _reference_collate(encoded, pad_id):
+    """collate as zolite wrote it before issue 23 (row by row), the layout the faster one must keep."""
+    n_cand = max(len(e.answers) for e in encoded)
+    seq_index, rows, positions, targets, owners = {}, [], [], [], []
+    for ei, e in enumerate(encoded):
+        for ci, (seq, ans) in enumerate(zip(e.sequences, e.answers)):
+            s = seq_index.setdefault(seq, len(seq_index))
+            for k, tok in enumerate(ans):
+                rows.append(s)
+                positions.append(len(seq) - len(ans) + k)
+                targets.append(tok)
+                owners.append(ei * n_cand + ci)
+    input_ids = torch.full((len(seq_index), max(len(s) for s in seq_index)), pad_id, dtype=torch.long)
+    for seq, s in seq_index.items():
+        input_ids[s, :len(seq)] = torch.tensor(seq)
+    accepted = torch.zeros(len(encoded), n_cand, dtype=torch.bool)
+    for ei, e in enumerate(encoded):
+        accepted[ei, list(e.accepted)] = True
+    return input_ids, torch.tensor(rows), torch.tensor(positions), torch.tensor(targets), torch.tensor(owners), accepted
+
+
+def test_collate_and_batch_order_are_unchanged(tiny_model):
+    """The step's host-side pieces made faster keep their output: collate's tensors, and each step's rows."""
+    import random
+
+    from zolite.data import batches_for_step
+
+    from zolite.scoring import EncodedExample
+
+    loaded = zolite.load_model(tiny_model)
+    uneven = [EncodedExample(sequences=((5, 6, 7, 8), (5, 6, 9, 10, 11), (5, 6, 12)),
+                             answers=((7, 8), (9, 10, 11), (12,)), label=1, accepted=(1, 2), context=(5, 6)),
+              EncodedExample(sequences=((3, 4), (3, 5)), answers=((4,), (5,)), label=0, accepted=(0,), context=(3,))]
+    for task, n in (("sst2", 16), ("boolq", 16), (None, 0)):
+        encoded = uneven if task is None else encode_rows(
+            loaded.tokenizer, get_task(task), [r for r, _ in zip(iter_rows(bundled_file(task)), range(n))], 512)
+        batch = collate(encoded, 7)
+        for got, want in zip((batch.input_ids, batch.rows, batch.positions, batch.targets, batch.owners,
+                              batch.accepted), _reference_collate(encoded, 7)):
+            assert got.dtype == want.dtype and torch.equal(got, want), task
+    for n_rows, size, seed in ((40, 16, 0), (7, 16, -3), (1000, 16, 5)):
+        for step in range(12):
+            want, start = [], step * size
+            while len(want) < size:
+                epoch, offset = divmod(start + len(want), n_rows)
+                order = list(range(n_rows))
+                random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
+                want.extend(order[offset:offset + size - len(want)])
+            assert batches_for_step(n_rows, size, step, seed) == want
+
+
 def test_scoring_in_length_buckets_equals_unbucketed(tiny_model):
     """Val scoring sorts rows by length and pads each batch to its own longest row: the scores (and so accuracy)
     equal scoring every row alone and scoring all rows in one batch padded to the longest."""
