@@ -4,6 +4,7 @@ Only the sampled rows are ever held in memory: the file is read twice as a strea
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import json
@@ -214,7 +215,13 @@ def batches_for_step(n_rows: int, batch_size: int, step: int, seed: int) -> list
     out = []
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n_rows)
-        order = list(range(n_rows))
-        random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
-        out.extend(order[offset:offset + batch_size - len(out)])
+        out.extend(_epoch_order(n_rows, seed, epoch)[offset:offset + batch_size - len(out)])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """An epoch's seeded permutation of the rows, shuffled once per epoch rather than once per step."""
+    order = list(range(n_rows))
+    random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
+    return tuple(order)

@@ -86,15 +86,11 @@ def collate(encoded: list[EncodedExample], pad_id: int) -> Batch:
                 positions.append(first + k)
                 targets.append(tok)
                 owners.append(ei * n_cand + ci)
-    longest = max(len(s) for s in seq_index)
-    input_ids = torch.full((len(seq_index), longest), pad_id, dtype=torch.long)
-    for seq, s in seq_index.items():
-        input_ids[s, :len(seq)] = torch.tensor(seq)
+    longest = max(len(s) for s in seq_index)   # one tensor from padded lists (a step's host time counts)
+    input_ids = torch.tensor([[*seq, *[pad_id] * (longest - len(seq))] for seq in seq_index], dtype=torch.long)
     owners_t = torch.tensor(owners)
     counts = torch.bincount(owners_t, minlength=len(encoded) * n_cand)
-    accepted = torch.zeros(len(encoded), n_cand, dtype=torch.bool)
-    for ei, e in enumerate(encoded):
-        accepted[ei, list(e.accepted)] = True
+    accepted = torch.tensor([[c in e.accepted for c in range(n_cand)] for e in encoded], dtype=torch.bool)
     return Batch(input_ids, torch.tensor(rows), torch.tensor(positions), torch.tensor(targets), owners_t,
                  counts, torch.tensor([e.label for e in encoded]), accepted, n_cand)
 

@@ -5,7 +5,10 @@
   copy just before its forward and dropped right after, so restoring is exact and memory grows by one
   module's tensor at a time.
 - The layers before the first tuned layer run once; from there the batch is doubled, the first half
-  seeing +eps and the second -eps, so l+ and l- come from one forward.
+  seeing +eps and the second -eps, so l+ and l- come from one forward. Layers whose tensors are all small (the
+  launch-bound case: SmolLM2, Qwen-1.5B) run once on the doubled batch: each tuned module draws its z once and
+  applies W + eps z to the first half and W - eps z to the second (a Linear as one batched matmul). Larger layers
+  (a 7B's) run twice, once per half, each module building one perturbed weight at a time (the least memory).
 - Many tiny steps are not lost to fp16/bf16 rounding: an fp32 layer is its own master; a half-precision layer keeps
   beside it a residual of the same dtype holding what rounding dropped (Kahan-style compensation), for half the
   memory of an fp32 master copy (0.38 instead of 0.75 GiB for a 7B layer). fp16 weight + residual carry about 22
@@ -13,6 +16,7 @@
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -28,8 +32,21 @@ def tensor_seed(step_seed: int, index: int) -> int:
     return (step_seed * _MIX + index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
+_generators = threading.local()
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """This thread's generator on `device`, made once: manual_seed resets its whole state (CPU: the mt19937 state and
+    the cached normal sample; CUDA: Philox seed and offset), so reseeding it draws what a new generator would."""
+    gens = _generators.__dict__.setdefault("by_device", {})
+    key = (device.type, device.index)
+    if key not in gens:
+        gens[key] = torch.Generator(device=device)
+    return gens[key]
+
+
 def sample_z(step_seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
-    gen = torch.Generator(device=like.device).manual_seed(tensor_seed(step_seed, index))
+    gen = _generator(like.device).manual_seed(tensor_seed(step_seed, index))
     return torch.randn(like.shape, generator=gen, device=like.device, dtype=torch.float32)
 
 
@@ -42,6 +59,10 @@ def step_seed(run_seed: int, step: int) -> int:
 # weights from ~1e-4 to ~1e4, so it keeps 11 significant bits.
 RESIDUAL_SCALE = 4096.0
 UPDATE_CHUNK = 1 << 22   # elements of a half-precision tensor updated at a time (16 MiB of fp32)
+# A layer whose tensors are all below this many elements runs once on the doubled batch (module by module: z drawn
+# once, W + eps z and W - eps z side by side); a larger one (a 7B's 4096 x 4096 and up) runs once per half, one
+# perturbed weight alive at a time, as the memory plans assume.
+FUSED_MAX_NUMEL = 1 << 24
 
 
 class TunedLayers:
@@ -67,6 +88,10 @@ class TunedLayers:
         self.residuals = [None if p.dtype == torch.float32 else torch.zeros_like(p) for p in self.params]
         self.eps_scale = eps_scale
         self.scales: list = [1.0] * len(self.params)   # a float per tensor, or a tensor broadcast over it
+        # one forward of the doubled batch through the tuned layers (see perturbed): small tensors, and modules whose
+        # input rows are the batch's (Linear, norms)
+        self.fused = (max((p.numel() for p in self.params), default=0) < FUSED_MAX_NUMEL
+                      and all(_row_wise(module) for module, _ in self.owner))
         if eps_scale == "relative":
             rms = [p.detach().float().pow(2).mean().sqrt().item() for p in self.params]
             self.scales = [r if r > 0 else 1.0 for r in rms]
@@ -211,6 +236,93 @@ class TunedLayers:
     @contextmanager
     def perturbed(self, seed: int, eps: float):
         """Within this block a forward of batch B returns 2B rows: [W + eps z | W - eps z]."""
+        if not self.fused:
+            with self._perturbed_per_half(seed, eps):
+                yield
+            return
+        state = {"doubled": False, "rows": None}
+        saved_forwards = []
+        for layer in self.layers:
+            saved_forwards.append((layer, layer.__dict__.get("forward")))
+            layer.forward = _doubled_forward(layer.forward, state)
+        by_module: dict[int, tuple] = {}
+        for i, (module, attr) in enumerate(self.owner):
+            by_module.setdefault(id(module), (module, []))[1].append((i, attr))
+        for module, entries in by_module.values():
+            saved_forwards.append((module, module.__dict__.get("forward")))
+            module.forward = self._pair_forward(module, entries, seed, eps, state)
+        try:
+            yield
+        finally:
+            for module, forward in saved_forwards:
+                if forward is None:
+                    del module.forward
+                else:
+                    module.forward = forward
+            for (module, attr), p in zip(self.owner, self.params):
+                module._parameters[attr] = p
+
+    def _offset(self, seed: int, i: int, eps: float) -> torch.Tensor:
+        """eps * z_i (times tensor i's scale), fp32, in z's buffer: W +- this is tensor i perturbed."""
+        z, scale = self.z(seed, i)
+        return z.mul_(eps * scale)
+
+    def _perturbed_weight(self, i: int, offset: torch.Tensor, sign: int, out: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+        """W_i + sign * offset in W_i's dtype, into `out` (a new tensor if None): for each element
+        (offset + W) or (W - offset), plus residual / RESIDUAL_SCALE, in fp32, rounded once to the dtype: the bits
+        the per-half path computes as (sign * offset + W) + residual (W - offset = -offset + W exactly)."""
+        p, r = self.params[i].detach(), self.residuals[i]
+        if out is None:
+            out = torch.empty_like(p)
+        if r is None:   # fp32
+            return torch.add(offset, p, out=out) if sign > 0 else torch.sub(p, offset, out=out)
+        flat = (p.reshape(-1), r.reshape(-1), offset.reshape(-1), out.view(-1))
+        for start in range(0, p.numel(), UPDATE_CHUNK):   # one fp32 chunk alive at a time
+            w, res, off, o = (t[start:start + UPDATE_CHUNK] for t in flat)
+            value = torch.add(off, w) if sign > 0 else torch.sub(w, off)
+            o.copy_(value.add_(res, alpha=1 / RESIDUAL_SCALE))
+        return out
+
+    def _pair_forward(self, module, entries, seed: int, eps: float, state: dict):
+        """module's forward on the doubled batch: rows [0, B) see W + eps z, rows [B, 2B) W - eps z, z drawn once.
+        A Linear runs as one batched matmul over the two weights; another module (a norm) runs once per half."""
+        forward = module.forward
+        linear = type(module) is torch.nn.Linear
+
+        def run(x, *args, **kwargs):
+            if x.dim() < 3 or x.shape[0] != state["rows"]:   # [rows, tokens, ...]: not, e.g., routed tokens
+                raise ZoliteError(f"{type(module).__name__} of a tuned layer got an input of shape {tuple(x.shape)}, "
+                                  f"not [{state['rows']}, tokens, ...] (the doubled batch): this architecture needs "
+                                  "TunedLayers.fused = False")
+            offsets = {i: self._offset(seed, i, eps) for i, _ in entries}
+            if linear:
+                pair = {}
+                for i, attr in entries:   # [W + eps z, W - eps z], one buffer
+                    p = self.params[i]
+                    pair[attr] = torch.empty((2, *p.shape), dtype=p.dtype, device=p.device)
+                    for k, sign in enumerate((1, -1)):
+                        self._perturbed_weight(i, offsets[i], sign, out=pair[attr][k])
+                del offsets
+                x2 = x.reshape(2, -1, x.shape[-1])
+                weight = pair["weight"].transpose(1, 2)
+                out = (torch.baddbmm(pair["bias"].unsqueeze(1), x2, weight) if "bias" in pair
+                       else torch.bmm(x2, weight))
+                return out.reshape(*x.shape[:-1], out.shape[-1])
+            half = x.shape[0] // 2
+            outs = []
+            for k, sign in enumerate((1, -1)):
+                for i, attr in entries:
+                    module._parameters[attr] = self._perturbed_weight(i, offsets[i], sign)
+                outs.append(forward(x[k * half:(k + 1) * half], *args, **kwargs))
+            for i, attr in entries:
+                module._parameters[attr] = self.params[i]
+            return torch.cat(outs)
+        return run
+
+    @contextmanager
+    def _perturbed_per_half(self, seed: int, eps: float):
+        """perturbed() for large layers: each tuned layer runs twice, on the +eps half then the -eps half."""
         state = {"sign": 0, "doubled": False}
         saved_forwards = []
         for layer in self.layers:
@@ -231,6 +343,23 @@ class TunedLayers:
         """Within this block every forward (generation included) sees W + sign * eps * z."""
         with self._swapped(seed, eps, {"sign": sign}):
             yield
+
+
+def _row_wise(module) -> bool:
+    """A module whose input's first dimension is the batch's rows, run as is on half of them: a plain Linear (no
+    subclass: quantized or expert linears route rows otherwise) or a norm."""
+    return type(module) is torch.nn.Linear or "Norm" in type(module).__name__
+
+
+def _doubled_forward(forward, state):
+    """The tuned layer on the doubled batch (the first tuned layer doubles it: the layers before it ran on B rows)."""
+    def run(hidden, *args, **kwargs):
+        if not state["doubled"]:
+            hidden = torch.cat([hidden, hidden])
+            state["doubled"] = True
+        state["rows"] = hidden.shape[0]
+        return forward(hidden, *args, **kwargs)
+    return run
 
 
 def _doubling_forward(forward, state):
