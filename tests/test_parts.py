@@ -86,8 +86,13 @@ def test_the_qwen_profile_lists_its_packages():
     assert profile.source == "parts" and profile.dominant_layer == 1
 
 
-def test_the_cli_names_the_missing_packages_in_one_line():
+def test_the_cli_names_the_missing_packages_in_one_line(tmp_path, monkeypatch):
     from conftest import run_cli
+
+    # as on a machine without the packages, whatever this one has installed or cached
+    monkeypatch.setenv("ZOLITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("zolite.parts.part_path", lambda parts, n: None)
+    monkeypatch.chdir(tmp_path)   # the default run folder (runs/...) must not land in the checkout
 
     result = run_cli("tune", "--model", "qwen2.5-coder-1.5b", "--task", "sst2", "--layer", "1", "--device", "cpu")
     assert result.exit_code == 2
