@@ -9,11 +9,15 @@
 #       smollm2-135m        <- /root/zolite-model/SmolLM2-135M-Instruct.Q4_1.gguf (.device/model-parts, 2 calls)
 #       qwen2.5-coder-1.5b  <- /root/qm/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf (.device/qwen-parts, 22 calls:
 #                              bench/qwen_bringup.md), linked into zolite's cache of joined part files
-# Carry: .device/bnb-0.50.2-cu130-site.tgz, .device/whl, .device/data (task data, copied to /root/data).
+# Carry: .device/bnb-0.50.2-cu130-site.tgz, .device/whl, .device/data (task data, copied to /root/data), and
+# .device/res when runs are to be resumed.
 mkdir -p /tmp/site /root/data
 [ -d /tmp/site/bitsandbytes ] || tar xzf .device/bnb-0.50.2-cu130-site.tgz -C /tmp/site
 [ -d /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .device/whl/*.whl
 [ -d .device/data ] && cp -r .device/data/. /root/data/
+# an earlier session's results (reports, seed checkpoints: `real_scale_dev.sh collect`'s res.tgz unpacked into
+# .device/res) so the same verbs resume the runs it cut off; files already here are kept
+[ -d .device/res ] && mkdir -p /root/res && cp -rn .device/res/. /root/res/
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} ZOLITE_CACHE=/root/zolite-cache PYTHONUNBUFFERED=1 \
        TRANSFORMERS_VERBOSITY=error OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 if [ ! -d /root/src/zolite ]; then
