@@ -201,13 +201,18 @@ class TunedLayers:
             value.add_(zs, alpha=step)
             self._set(weights, residuals, value)
 
+    def _by_module(self) -> dict[int, tuple]:
+        """id(module) -> (module, [(tensor index, attribute name), ...]): the tuned tensors each module owns."""
+        by_module: dict[int, tuple] = {}
+        for i, (module, attr) in enumerate(self.owner):
+            by_module.setdefault(id(module), (module, []))[1].append((i, attr))
+        return by_module
+
     @contextmanager
     def _swapped(self, seed: int, eps: float, state: dict):
         """Hooks giving each tuned module W + state['sign'] * eps * z for the length of its forward."""
         handles = []
-        by_module: dict[int, tuple] = {}
-        for i, (module, attr) in enumerate(self.owner):
-            by_module.setdefault(id(module), (module, []))[1].append((i, attr))
+        by_module = self._by_module()
 
         def swap_in(module, _args, _entries):
             for i, attr in _entries:   # W + sign * eps * z, built in z's buffer: one fp32 temporary per tensor
@@ -245,20 +250,14 @@ class TunedLayers:
         for layer in self.layers:
             saved_forwards.append((layer, layer.__dict__.get("forward")))
             layer.forward = _doubled_forward(layer.forward, state)
-        by_module: dict[int, tuple] = {}
-        for i, (module, attr) in enumerate(self.owner):
-            by_module.setdefault(id(module), (module, []))[1].append((i, attr))
+        by_module = self._by_module()
         for module, entries in by_module.values():
             saved_forwards.append((module, module.__dict__.get("forward")))
             module.forward = self._pair_forward(module, entries, seed, eps, state)
         try:
             yield
         finally:
-            for module, forward in saved_forwards:
-                if forward is None:
-                    del module.forward
-                else:
-                    module.forward = forward
+            _restore_forwards(saved_forwards)
             for (module, attr), p in zip(self.owner, self.params):
                 module._parameters[attr] = p
 
@@ -332,17 +331,22 @@ class TunedLayers:
             with self._swapped(seed, eps, state):
                 yield
         finally:
-            for layer, forward in saved_forwards:
-                if forward is None:
-                    del layer.forward
-                else:
-                    layer.forward = forward
+            _restore_forwards(saved_forwards)
 
     @contextmanager
     def shifted(self, seed: int, eps: float, sign: int):
         """Within this block every forward (generation included) sees W + sign * eps * z."""
         with self._swapped(seed, eps, {"sign": sign}):
             yield
+
+
+def _restore_forwards(saved: list) -> None:
+    """Undo wrapped forwards: drop the instance's own, or put back the one it had."""
+    for module, forward in saved:
+        if forward is None:
+            del module.forward
+        else:
+            module.forward = forward
 
 
 def _row_wise(module) -> bool:
