@@ -1,6 +1,6 @@
 """Data-parallel tune over torch.distributed on the CPU (gloo), tiny model: two processes write the one-process patch
 bit for bit, eval counts are gathered, a killed process stops the run with one line and the run resumes with another
-world size, and two "machines" (two torchrun agents, c10d rendezvous on 127.0.0.1) give the same patch."""
+world size (either way), and two "machines" (two torchrun agents, c10d rendezvous on 127.0.0.1) give the same patch."""
 from __future__ import annotations
 
 import gzip
@@ -151,19 +151,40 @@ def _workers(launcher: subprocess.Popen) -> list:
     return sorted(workers, key=lambda c: (c.create_time(), c.pid))
 
 
+# a run long enough to be cut off after its first checkpoint
+LONG = ["--layer", "1", "--steps", "100", "--eval-every", "10", "--batch-size", "4", "--lr", "1e-2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sharp_tiny_model, small_data, tmp_path_factory) -> dict:
+    """LONG in one process, on one thread, in micro-batches of one of two processes' slices."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return zolite.tune(sharp_tiny_model, "sst2", data=small_data, run_dir=tmp_path_factory.mktemp("whole") / "run",
+                           layer="1", steps=100, eval_every=10, batch_size=4, lr=1e-2, micro_batch=2, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _wait_for_checkpoint(run: Path, process: subprocess.Popen) -> None:
+    deadline = time.time() + 120
+    while not (run / "checkpoint.safetensors").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+
+
 @pytest.mark.distributed
 def test_a_killed_process_stops_the_run_in_one_line_and_it_resumes_in_one_process(sharp_tiny_model, small_data,
-                                                                                    tmp_path, one_thread):
+                                                                                    uninterrupted, tmp_path,
+                                                                                    one_thread):
     """SIGKILL one of two processes after a checkpoint: the run stops with one line (no traceback) and a non-zero
     exit; resumed by one process, it ends bit for bit as an uninterrupted one-process run."""
-    options = ["--layer", "1", "--steps", "100", "--eval-every", "10", "--batch-size", "4", "--lr", "1e-2", "--quiet"]
+    options = LONG
     killed = tmp_path / "killed"
     launcher = subprocess.Popen(zolite_cmd("tune", "--model", sharp_tiny_model, "--data", small_data, "--run-dir",
                                            killed, "--nproc", 2, *options),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
-    deadline = time.time() + 120
-    while not (killed / "checkpoint.safetensors").exists() and time.time() < deadline and launcher.poll() is None:
-        time.sleep(0.02)
+    _wait_for_checkpoint(killed, launcher)
     workers = _workers(launcher)
     assert len(workers) == 2, "the run finished or failed before it could be killed"
     os.kill(workers[1].pid, signal.SIGKILL)
@@ -173,11 +194,31 @@ def test_a_killed_process_stops_the_run_in_one_line_and_it_resumes_in_one_proces
     assert len(lines) == 1 and lines[0].startswith("error: ") and "resume it with" in lines[0], err
     assert not (killed / "patch.safetensors").exists()
 
-    whole = zolite.tune(sharp_tiny_model, "sst2", data=small_data, run_dir=tmp_path / "whole", layer="1", steps=100,
-                        eval_every=10, batch_size=4, lr=1e-2, micro_batch=2, progress=False)
     resumed = zolite.tune(sharp_tiny_model, "sst2", resume=killed, progress=False)
-    assert sha(resumed["patch"]) == sha(whole["patch"]) and resumed["loss_curve"] == whole["loss_curve"]
+    assert sha(resumed["patch"]) == sha(uninterrupted["patch"])
+    assert resumed["loss_curve"] == uninterrupted["loss_curve"]
     assert resumed["distributed"]["world_sizes"] == [2, 1]
+
+
+@pytest.mark.distributed
+def test_a_one_process_run_resumes_in_two(sharp_tiny_model, small_data, uninterrupted, tmp_path):
+    """The other way round: a one-process run cut off after a checkpoint goes on in two processes, bit for bit."""
+    cut = tmp_path / "cut"
+    alone = subprocess.Popen(zolite_cmd("tune", "--model", sharp_tiny_model, "--data", small_data, "--run-dir", cut,
+                                        "--micro-batch", 2, *LONG),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
+    _wait_for_checkpoint(cut, alone)
+    assert alone.poll() is None, "the run finished or failed before it could be cut off"
+    alone.kill()
+    alone.wait(timeout=60)
+    assert not (cut / "patch.safetensors").exists()
+    done = subprocess.run(zolite_cmd("tune", "--resume", cut, "--nproc", 2, "--quiet"), capture_output=True,
+                          text=True, timeout=300, env=ONE_THREAD)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((cut / "report.json").read_text())
+    assert sha(cut / "patch.safetensors") == sha(uninterrupted["patch"])
+    assert report["loss_curve"] == uninterrupted["loss_curve"]
+    assert report["distributed"]["world_sizes"] == [1, 2]
 
 
 @pytest.mark.distributed
