@@ -247,3 +247,26 @@ def test_bad_process_counts_are_one_line_errors(tiny_model, small_data, tmp_path
     assert_user_error(run_cli(*base, "--nproc", "3", "--batch-size", "2"), "raise --batch-size to at least 3")
     assert_user_error(run_cli(*base, "--nproc", "2", "--estimator", "fo"), "would exchange gradients")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.distributed
+def test_two_processes_tune_with_the_f1_objective(tiny_model, tmp_path, one_thread):
+    """The non-differentiable objective: each process generates answers for its slice under W + eps z and W - eps z,
+    and the F1 losses go through the same weighted sum; val / test F1 gathered. The one-process run's patch."""
+    from test_tasks import DROP_FIXTURE
+
+    one = zolite.tune(tiny_model, "drop", data=str(DROP_FIXTURE), run_dir=tmp_path / "one", layer="1", steps=2,
+                      eval_every=1, batch_size=2, objective="f1", eps=1e-1, lr=1e-6, eval_test=True, micro_batch=1,
+                      progress=False)
+    done = subprocess.run(zolite_cmd("tune", "--model", tiny_model, "--task", "drop", "--data", DROP_FIXTURE,
+                                     "--run-dir", tmp_path / "two", "--layer", 1, "--steps", 2, "--eval-every", 1,
+                                     "--batch-size", 2, "--objective", "f1", "--eps", 1e-1, "--lr", 1e-6, "--test",
+                                     "--nproc", 2, "--quiet"),
+                          capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert sha(tmp_path / "two" / "patch.safetensors") == sha(one["patch"])
+    assert report["loss_curve"] == one["loss_curve"]
+    for split in ("val", "test"):
+        assert report["final"][split]["n"] == one["final"][split]["n"]
+        assert report["final"][split]["f1"] == one["final"][split]["f1"]
