@@ -1,6 +1,7 @@
 """Fixtures: a tiny random Llama (with a BPE tokenizer trained here) saved as a local HF folder, and small data."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -16,6 +17,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(2)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@contextlib.contextmanager
+def one_cpu_thread():
+    """torch on one CPU thread for the block: runs compared bit for bit with processes that each use one thread
+    (a reduction split over 2 threads rounds differently from one over 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_shape(vocab: int, hidden: int, layers: int) -> dict:

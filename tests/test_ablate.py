@@ -8,10 +8,9 @@ import queue
 import sys
 
 import pytest
-import torch
 
 import zolite
-from conftest import run_cli
+from conftest import one_cpu_thread, run_cli
 from test_errors import assert_user_error
 from zolite.ablate import arm_options, load_plan
 from zolite.errors import ZoliteError
@@ -132,12 +131,8 @@ def test_parallel_jobs_give_the_sequential_results(tiny_model, small_data, tmp_p
                   arms="mezo,last-layer-residual")
     # the workers run on one thread each (3 jobs on 2 cores); so does the reference: a thread count changes how
     # some CPU kernels split their sums, and the losses' last bits with it (seen with transformers 5.25)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_cpu_thread():
         one = zolite.ablate(tiny_model, "sst2", out=tmp_path / "one", **common)
-    finally:
-        torch.set_num_threads(threads)
     r = run_cli("ablate", "--model", tiny_model, "--task", "sst2", "--plan", plan, "--seeds", 2, "--steps", 4,
                 "--data", small_data, "--batch-size", 4, "--eval-every", 2, "--arms", "mezo,last-layer-residual",
                 "--out", tmp_path / "two", "--jobs", 3)

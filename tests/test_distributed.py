@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import zolite
-from conftest import run_cli
+from conftest import one_cpu_thread, run_cli
 from test_errors import assert_user_error
 from zolite.distributed import World
 from zolite.optim import weighted_mean
@@ -37,10 +37,8 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_cpu_thread():
+        yield
 
 
 def sha(path) -> str:
@@ -74,13 +72,9 @@ def odd_data(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def one_process(sharp_tiny_model, odd_data, tmp_path_factory) -> dict:
     """The one-process run with the same global batch, in micro-batches of one process's slice (on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_cpu_thread():
         return zolite.tune(sharp_tiny_model, "sst2", data=odd_data, run_dir=tmp_path_factory.mktemp("one") / "run",
                            **REFERENCE)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_shards_cover_the_batch_in_order_and_sums_do_not_depend_on_the_split():
@@ -158,13 +152,9 @@ LONG = ["--layer", "1", "--steps", "100", "--eval-every", "10", "--batch-size", 
 @pytest.fixture(scope="module")
 def uninterrupted(sharp_tiny_model, small_data, tmp_path_factory) -> dict:
     """LONG in one process, on one thread, in micro-batches of one of two processes' slices."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_cpu_thread():
         return zolite.tune(sharp_tiny_model, "sst2", data=small_data, run_dir=tmp_path_factory.mktemp("whole") / "run",
                            layer="1", steps=100, eval_every=10, batch_size=4, lr=1e-2, micro_batch=2, progress=False)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _wait_for_checkpoint(run: Path, process: subprocess.Popen) -> None:
