@@ -140,6 +140,9 @@ def main():
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
+    for path in (args.lib, args.patch, *args.export):
+        if not path.is_file():
+            raise SystemExit(f"error: {path} is not a file (see this script's docstring for how to get the library)")
     lib, ffi = load_lib(args.lib)
     spec = load_patch(args.patch).metadata["zolite.model"]
     source = gguf_source(spec)
