@@ -31,6 +31,9 @@ from .options import LR, custom_task_options, mode_option
               help="spsa: MeZO's two-point estimate; residual: one-point residual feedback (one forward per step); "
                    "fo: backprop into the tuned layers (the first-order baseline).  [default: spsa]")
 @click.option("--n-z", type=int, help="Perturbations per step (spsa), averaged.  [default: 1]")
+@click.option("--params", help="Perturb and update only the tuned layers' tensors whose name holds one of these "
+                                "comma-separated parts, e.g. v_proj,o_proj,down_proj (fewer weights: less ZO noise "
+                                "per step).  [default: all]")
 @click.option("--eps-scale", type=click.Choice(["absolute", "relative", "activation"]),
               help="absolute: W + eps z, z ~ N(0, 1) per weight; relative: each tensor's eps times the RMS of its "
                    "base weights; activation: each matrix column's z scaled down by its input channel's energy, "

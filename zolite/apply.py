@@ -40,7 +40,7 @@ def replay(model: torch.nn.Module, patch: Patch) -> Patch:
     steps = int(patch.metadata["zolite.trajectory_steps"])
     seeds = patch.tensors["trajectory.seeds"].tolist()[:steps]
     grads = patch.tensors["trajectory.grads"].tolist()[:steps]
-    tuned = TunedLayers(model, patch.layers, hparams.get("eps_scale", "absolute"))
+    tuned = TunedLayers(model, patch.layers, hparams.get("eps_scale", "absolute"), hparams.get("params"))
     tuned.set_scales({k.removeprefix(SCALE): v for k, v in patch.tensors.items() if k.startswith(SCALE)})
     here = device_descriptor(tuned.params[0].device, tuned.params[0].dtype)
     trained_on = patch.metadata.get("zolite.trained_on")

@@ -200,7 +200,7 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float, world: W
     with profiler.phase("data"):
         train = encode_rows(tokenizer, task_, splits.train, config.max_length)
         val = encode_rows(tokenizer, task_, splits.val, config.max_length)
-    tuned = TunedLayers(net, indices, config.eps_scale)
+    tuned = TunedLayers(net, indices, config.eps_scale, config.params)
     static = weight_breakdown(net, tuned)
     base_sha256 = fingerprint(tuned.weights())
     load_s = time.perf_counter() - t_start

@@ -65,11 +65,19 @@ UPDATE_CHUNK = 1 << 22   # elements of a half-precision tensor updated at a time
 FUSED_MAX_NUMEL = 1 << 24
 
 
+def parse_params(params: str | None) -> list[str]:
+    """--params' comma-separated name parts (empty: every tensor of the tuned layers)."""
+    return [w.strip() for w in (params or "").split(",") if w.strip()]
+
+
 class TunedLayers:
     """The tuned decoder layers: their parameters by full name, and a compensation residual for half-precision ones."""
 
-    def __init__(self, model: torch.nn.Module, indices: list[int], eps_scale: str = "absolute"):
-        """eps_scale: 'absolute' (z ~ N(0, 1) per weight, times eps), 'relative' (tensor i is perturbed by
+    def __init__(self, model: torch.nn.Module, indices: list[int], eps_scale: str = "absolute",
+                 params: str | None = None):
+        """params: comma-separated parts of tensor names (e.g. "v_proj,down_proj"): only the layers' tensors whose
+        name contains one are perturbed and updated (fewer weights, less ZO noise per step); None = all.
+        eps_scale: 'absolute' (z ~ N(0, 1) per weight, times eps), 'relative' (tensor i is perturbed by
         eps * s_i * z with s_i = the RMS of its weights when this object is made, i.e. of the base; the update
         follows the same s_i * z, a diagonal preconditioning) or 'activation' (a matrix's column j is perturbed by
         eps * s_j * z, s_j from the energy of its input channel j: zolite.precondition; set by set_scales)."""
@@ -79,12 +87,22 @@ class TunedLayers:
         self.indices = list(indices)
         self.layers = [layers[i] for i in self.indices]
         self.names, self.params, self.owner = [], [], []   # owner: (module, attribute) holding the tensor
+        wanted = parse_params(params)
+        seen = []
         for i, layer in zip(self.indices, self.layers):
             for mod_name, module in layer.named_modules():
                 for attr, p in module.named_parameters(recurse=False):
-                    self.names.append(".".join(filter(None, (prefix, str(i), mod_name, attr))))
+                    local = ".".join(filter(None, (mod_name, attr)))
+                    seen.append(local)
+                    if wanted and not any(w in local for w in wanted):
+                        continue
+                    self.names.append(".".join(filter(None, (prefix, str(i), local))))
                     self.params.append(p)
                     self.owner.append((module, attr))
+        for w in wanted:
+            if not any(w in local for local in seen):
+                raise ZoliteError(f"--params: '{w}' is in no tensor name of the tuned layers; they are: "
+                                  f"{', '.join(dict.fromkeys(seen))}")
         self.residuals = [None if p.dtype == torch.float32 else torch.zeros_like(p) for p in self.params]
         self.eps_scale = eps_scale
         self.scales: list = [1.0] * len(self.params)   # a float per tensor, or a tensor broadcast over it

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device session's GPU work, run unattended in the background (setsid) while the device calls only bring model
+# parts and keep the machine warm (bench/DEVICE.md). After `source bench/device_env.sh`, from the checkout's root:
+#   bash bench/device_session.sh smollm2   # once SmolLM2 is there: its step-speed (issue 23) and serving (issue 27)
+#                                          # benchmarks, alone on the GPU while the Qwen parts come
+#   bash bench/device_session.sh qwen      # once Qwen is there: waits for the SmolLM2 benchmarks, then Qwen's (nf4
+#                                          # and fp16 steps, nf4 serving), then issue 22's dev runs in the background
+#   bash bench/device_session.sh collect OUT   # everything so far -> OUT/res.tgz (real_scale_dev.sh collect)
+# Timings come first and alone; each benchmark is capped (timeout) so the training runs always start.
+set -u
+R=/root/res
+mkdir -p $R
+if [ -d .device/zolite-base/zolite ] && [ ! -d /root/zolite-base/zolite ]; then cp -r .device/zolite-base /root/zolite-base; fi
+BASE=""
+[ -d /root/zolite-base/zolite ] && BASE="--baseline /root/zolite-base"
+case $1 in
+smollm2)
+  cd /root/src || exit 1
+  setsid nohup bash -c "
+    timeout 420 python bench/step_speed.py --out $R/step_speed/small --data /root/data --steps 30 $BASE \
+      --configs smollm2-L11,smollm2-all,smollm2-L11-f16,smollm2-all-f16
+    timeout 300 python bench/serve_bench.py --model smollm2-135m --device cuda --mode fp16 --requests 96 \
+      --out $R/serve_gpu_smollm2
+    touch $R/smollm2-bench.done" > $R/smollm2-bench.log 2>&1 < /dev/null &
+  echo "started: $R/smollm2-bench.log" ;;
+qwen)
+  cd /root/src || exit 1
+  setsid nohup bash -c "
+    while [ ! -f $R/smollm2-bench.done ]; do sleep 2; done
+    timeout 420 python bench/step_speed.py --out $R/step_speed/qwen --data /root/data --steps 30 $BASE \
+      --configs qwen-L1-nf4,qwen-L1-fp16
+    timeout 300 python bench/serve_bench.py --model qwen2.5-coder-1.5b --layer 1 --device cuda --mode nf4 \
+      --requests 64 --out $R/serve_gpu_qwen
+    bash bench/real_scale_dev.sh qwen-round3
+    bash bench/real_scale_dev.sh smollm2-boolq" > $R/qwen-bench.log 2>&1 < /dev/null &
+  echo "started: $R/qwen-bench.log" ;;
+collect)
+  tail -n 3 $R/*.log 2>/dev/null | cut -c1-300
+  bash "$(dirname "$0")/real_scale_dev.sh" collect "$2" ;;
+*)
+  echo "usage: $0 smollm2 | qwen | collect OUT" >&2; exit 2 ;;
+esac

@@ -1,0 +1,54 @@
+"""--params: only some of the tuned layer's tensors are perturbed and updated; the patch holds those, replays and
+resumes exactly (test_tune's resume test), and a part that names no tensor is a one-line error."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zolite
+from conftest import run_cli
+from zolite.apply import apply_patch
+from zolite.patch import load_patch
+from zolite.trajectory import trajectory_path
+from zolite.zo import TunedLayers
+
+SUBSET = "v_proj,down_proj"
+
+
+def test_only_the_named_tensors_are_tuned(tiny_model, small_data, tmp_path):
+    report = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "run", data=small_data, layer="1", steps=4,
+                         eval_every=2, batch_size=4, lr=1e-2, params=SUBSET, keep="last", progress=False)
+    dense = load_patch(report["patch"])
+    assert sorted(dense.tensors) == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    base = zolite.load_model(tiny_model, device="cpu").model.state_dict()
+    for name, value in dense.tensors.items():
+        assert not torch.equal(value, base[name].half()), name          # the step moved both
+    # the seed trajectory draws z for the same two tensors: replayed, it rebuilds the dense patch
+    a, b = zolite.load_model(tiny_model, device="cpu"), zolite.load_model(tiny_model, device="cpu")
+    apply_patch(a.model, dense)
+    apply_patch(b.model, load_patch(trajectory_path(report["patch"])))
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_tuned_layers_keep_the_order_of_the_full_layer(tiny_model):
+    model = zolite.load_model(tiny_model, device="cpu").model
+    full, part = TunedLayers(model, [1]), TunedLayers(model, [1], params="down_proj, v_proj")
+    assert part.names == [n for n in full.names if "down_proj" in n or "v_proj" in n]
+    assert part.numel() < full.numel()
+
+
+def test_a_part_that_names_no_tensor_is_one_line(tiny_model, small_data, tmp_path):
+    result = run_cli("tune", "--model", tiny_model, "--data", small_data, "--layer", "1", "--params", "v_proj,qkv",
+                     "--steps", "2", "--eval-every", "0", "--batch-size", "2", "--quiet", "--run-dir", tmp_path / "r")
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert message.startswith("error: ") and len(message.splitlines()) == 1 and "Traceback" not in message
+    assert "'qkv' is in no tensor name" in message and "self_attn.v_proj.weight" in message
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("params", ["", " , "])
+def test_an_empty_selection_means_the_whole_layer(tiny_model, params):
+    model = zolite.load_model(tiny_model, device="cpu").model
+    assert TunedLayers(model, [1], params=params).names == TunedLayers(model, [1]).names
