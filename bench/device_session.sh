@@ -19,7 +19,7 @@ smollm2)
   setsid nohup bash -c "
     timeout 420 python bench/step_speed.py --out $R/step_speed/small --data /root/data --steps 30 $BASE \
       --configs smollm2-L11,smollm2-all,smollm2-L11-f16,smollm2-all-f16
-    timeout 300 python bench/serve_bench.py --model smollm2-135m --device cuda --mode fp16 --requests 96 \
+    timeout 300 python bench/serve_bench.py --model smollm2-135m --device cuda --mode fp16 --requests 64 \
       --out $R/serve_gpu_smollm2
     touch $R/smollm2-bench.done" > $R/smollm2-bench.log 2>&1 < /dev/null &
   echo "started: $R/smollm2-bench.log" ;;
@@ -30,7 +30,7 @@ qwen)
     timeout 420 python bench/step_speed.py --out $R/step_speed/qwen --data /root/data --steps 30 $BASE \
       --configs qwen-L1-nf4,qwen-L1-fp16
     timeout 300 python bench/serve_bench.py --model qwen2.5-coder-1.5b --layer 1 --device cuda --mode nf4 \
-      --requests 64 --out $R/serve_gpu_qwen
+      --requests 48 --out $R/serve_gpu_qwen
     bash bench/real_scale_dev.sh qwen-round3
     bash bench/real_scale_dev.sh smollm2-boolq" > $R/qwen-bench.log 2>&1 < /dev/null &
   echo "started: $R/qwen-bench.log" ;;
