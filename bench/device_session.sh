@@ -28,7 +28,7 @@ qwen)
   setsid nohup bash -c "
     while [ ! -f $R/smollm2-bench.done ]; do sleep 2; done
     timeout 420 python bench/step_speed.py --out $R/step_speed/qwen --data /root/data --steps 30 $BASE \
-      --configs qwen-L1-nf4,qwen-L1-fp16
+      --configs ${SPEED_CONFIGS:-qwen-L1-nf4,qwen-L1-fp16}
     timeout 300 python bench/serve_bench.py --model qwen2.5-coder-1.5b --layer 1 --device cuda --mode nf4 \
       --requests 48 --out $R/serve_gpu_qwen
     bash bench/real_scale_dev.sh qwen-round3

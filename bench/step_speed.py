@@ -138,6 +138,7 @@ def eager_mezo(model, params: list[torch.Tensor], batch, loss_of, eps: float, lr
 
 
 def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], baseline=None) -> dict:
+    from zolite.distributed import World
     from zolite.memory import MemoryProfiler
     from zolite.optim import Stepper
     from zolite.scoring import candidate_scores, collate, last_hidden, losses, pad_token_id
@@ -199,7 +200,8 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
             stepper = stepper_class(net, tuned_of, eps=args.eps, objective="ce", micro_batch=micro, seed=0,
                                     phase=phase, collate_to_device=lambda c: collate(c, pad).to(device), lr=LR)
             run = SimpleNamespace(config=SimpleNamespace(batch_size=args.batch_size, objective="ce", seed=0),
-                                  train=examples, splits=None, stepper=stepper, guard=None)
+                                  train=examples, splits=None, stepper=stepper, guard=None,
+                                  world=World(), exchange=[0, 0, 0])   # one process: tune's loop counts nothing
             fns[name] = _tune_step(train_step_of, run)
 
     saved = [p.detach().clone() for p in tuned.params]   # eager perturbs in place: its weights go back after it
