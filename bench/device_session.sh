@@ -27,7 +27,7 @@ qwen)
   cd /root/src || exit 1
   setsid nohup bash -c "
     while [ ! -f $R/smollm2-bench.done ]; do sleep 2; done
-    timeout 420 python bench/step_speed.py --out $R/step_speed/qwen --data /root/data --steps 30 $BASE \
+    timeout 600 python bench/step_speed.py --out $R/step_speed/gpu --data /root/data --steps 30 $BASE \
       --configs ${SPEED_CONFIGS:-qwen-L1-nf4,qwen-L1-fp16}
     timeout 300 python bench/serve_bench.py --model qwen2.5-coder-1.5b --layer 1 --device cuda --mode nf4 \
       --requests 48 --out $R/serve_gpu_qwen
