@@ -5,6 +5,9 @@
 #                                          # benchmarks, alone on the GPU while the Qwen parts come
 #   bash bench/device_session.sh qwen      # once Qwen is there: waits for the SmolLM2 benchmarks, then Qwen's (nf4
 #                                          # and fp16 steps, nf4 serving), then issue 22's dev runs in the background
+#   bash bench/device_session.sh train     # issue 22's dev runs only (Qwen round 3, SmolLM2 BoolQ), in the background
+#   bash bench/device_session.sh serve-qwen OUT   # stop the training runs (their seed checkpoints resume them next
+#                                          # session), Qwen nf4 serving alone on the GPU (5.5 min cap), collect
 #   bash bench/device_session.sh collect OUT   # everything so far -> OUT/res.tgz (real_scale_dev.sh collect)
 # Timings come first and alone; each benchmark is capped (timeout) so the training runs always start.
 set -u
@@ -34,9 +37,21 @@ qwen)
     bash bench/real_scale_dev.sh qwen-round3
     bash bench/real_scale_dev.sh smollm2-boolq" > $R/qwen-bench.log 2>&1 < /dev/null &
   echo "started: $R/qwen-bench.log" ;;
+train)
+  cd /root/src || exit 1
+  bash bench/real_scale_dev.sh qwen-round3
+  bash bench/real_scale_dev.sh smollm2-boolq
+  echo "started: $R/qwen3-*.log, $R/smollm2-r3-boolq.log" ;;
+serve-qwen)
+  here=$(pwd)
+  cd /root/src || exit 1
+  bash bench/real_scale_dev.sh stop
+  timeout 330 python bench/serve_bench.py --model qwen2.5-coder-1.5b --layer 1 --device cuda --mode nf4 \
+    --requests 32 --out $R/serve_gpu_qwen > $R/serve-qwen.log 2>&1
+  cd "$here" && bash bench/real_scale_dev.sh collect "$2" ;;
 collect)
   tail -n 3 $R/*.log 2>/dev/null | cut -c1-300
   bash "$(dirname "$0")/real_scale_dev.sh" collect "$2" ;;
 *)
-  echo "usage: $0 smollm2 | qwen | collect OUT" >&2; exit 2 ;;
+  echo "usage: $0 smollm2 | qwen | train | serve-qwen OUT | collect OUT" >&2; exit 2 ;;
 esac
