@@ -32,22 +32,16 @@ def group_of(name: str) -> str:
 
 
 def measure(model, task, layer, data, mode, dtype, batch_size, batches, seed):
-    from zolite.data import batches_for_step, sample_splits
-    from zolite.evaluate import encode_rows
-    from zolite.layers import decoder_layers
     from zolite.optim import fo_gradients
     from zolite.scoring import candidate_scores, collate, last_hidden, losses, pad_token_id
-    from zolite.tasks import get_task, task_data
-    from zolite.tune_setup import TuneConfig, fill_defaults, load_for_tuning
+    from train_rows import load_with_train_rows
+    from zolite.data import batches_for_step
+    from zolite.tune_setup import TuneConfig
     from zolite.zo import TunedLayers
 
     config = TuneConfig(model=model, task=task, layer=str(layer), mode=mode, dtype=dtype, batch_size=batch_size,
                         seed=seed, data=data, lr="auto")
-    loaded, indices, _, _ = load_for_tuning(config)
-    task_ = get_task(task)
-    config = fill_defaults(config, loaded, indices, len(decoder_layers(loaded.model)[1]), task_)
-    splits = sample_splits(task_data(task_, data), seed=0, validate=task_.validate, expand=task_.expand)
-    train = encode_rows(loaded.tokenizer, task_, splits.train, config.max_length)
+    loaded, indices, config, train = load_with_train_rows(config)
     pad, device = pad_token_id(loaded.tokenizer), loaded.device
     tuned = TunedLayers(loaded.model, indices)
 

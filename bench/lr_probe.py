@@ -17,24 +17,18 @@ import torch
 
 
 def probe(model, task, layer, eps_scale, data, mode, dtype, batch_size, seed, eps):
-    from zolite.data import batches_for_step, sample_splits
-    from zolite.evaluate import encode_rows
-    from zolite.layers import decoder_layers
     from zolite.optim import Stepper
     from zolite.precondition import measure_scales, scale_summary
     from zolite.scoring import collate, pad_token_id
     from zolite.stepsize import PROBES, probe_lr
-    from zolite.tasks import get_task, task_data
-    from zolite.tune_setup import TuneConfig, fill_defaults, load_for_tuning
+    from train_rows import load_with_train_rows
+    from zolite.data import batches_for_step
+    from zolite.tune_setup import TuneConfig
     from zolite.zo import TunedLayers
 
     config = TuneConfig(model=model, task=task, layer=str(layer), mode=mode, dtype=dtype, batch_size=batch_size,
                         seed=seed, eps=eps, data=data, eps_scale=eps_scale[0], lr="auto")
-    loaded, indices, _, _ = load_for_tuning(config)
-    task_ = get_task(task)
-    config = fill_defaults(config, loaded, indices, len(decoder_layers(loaded.model)[1]), task_)
-    splits = sample_splits(task_data(task_, data), seed=0, validate=task_.validate, expand=task_.expand)
-    train = encode_rows(loaded.tokenizer, task_, splits.train, config.max_length)
+    loaded, indices, config, train = load_with_train_rows(config)
     pad, device = pad_token_id(loaded.tokenizer), loaded.device
 
     def batch(k):   # as tune's probe draws them

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -33,3 +35,14 @@ def test_serve_bench_answers_every_request(tiny_model, tmp_path):
         (1, "one-at-a-time"), (1, "continuous"), (2, "one-at-a-time"), (2, "continuous")]
     assert all(r["requests"] == 4 and r["requests_per_s"] > 0 for r in rows)
     assert rows[1]["swaps"] == 0 and rows[0]["swaps"] == 4   # continuous mixes patches in a batch; the old worker swaps
+
+
+def test_grad_energy_splits_the_layer_gradient_into_groups(tiny_model, small_data, tmp_path):
+    out = tmp_path / "energy.json"
+    _run(BENCH / "grad_energy.py", "--model", tiny_model, "--task", "sst2", "--layer", "1", "--data", small_data,
+         "--batches", "2", "--batch-size", "4", "--out", out)
+    result = json.loads(out.read_text())
+    groups = result["groups"]
+    assert groups["layer"]["numel"] == sum(t["numel"] for t in result["tensors"])
+    assert sum(g["share_of_energy"] for name, g in groups.items() if name != "layer") == pytest.approx(1.0)
+    assert groups["layer"]["zo_rate_vs_layer"] == pytest.approx(1.0)
