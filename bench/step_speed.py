@@ -60,6 +60,7 @@ CONFIGS = {
     # regime (the step's Python and per-kernel overhead); random weights and tokens, built into --model-dir's sibling
     "launch-L11": dict(model="launch-random", layer="11", mode="fp16", random_len=32),
     "launch-all": dict(model="launch-random", layer="all", mode="fp16", random_len=32),
+    "launch-all-f16": dict(model="launch-random", layer="all", mode="fp16", dtype="float16", random_len=32),
 }
 RANDOM_SHAPES = {"llama7b-random": "7b",
                  "launch-random": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=30,
@@ -159,7 +160,7 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
         build_model(folder, shape)
         model = str(folder)
     config = TuneConfig(model=model, layer=spec["layer"], mode=spec["mode"] if device.type == "cuda" else None,
-                        dtype=spec.get("dtype") if device.type == "cuda" else None, device=str(device),
+                        dtype=spec.get("dtype") if device.type == "cuda" or spec.get("random_len") else None, device=str(device),
                         batch_size=args.batch_size, eps=args.eps)
     t0 = time.perf_counter()
     loaded, indices, _, plan = load_for_tuning(config)

@@ -46,3 +46,11 @@ def test_grad_energy_splits_the_layer_gradient_into_groups(tiny_model, small_dat
     assert groups["layer"]["numel"] == sum(t["numel"] for t in result["tensors"])
     assert sum(g["share_of_energy"] for name, g in groups.items() if name != "layer") == pytest.approx(1.0)
     assert groups["layer"]["zo_rate_vs_layer"] == pytest.approx(1.0)
+
+
+def test_step_ops_counts_each_dtype():
+    result = subprocess.run([sys.executable, str(BENCH / "step_ops.py"), "--layers", "2"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| float")]
+    assert [r[0].strip() for r in rows] == ["float32", "float16"] and all(int(r[3]) > 0 for r in rows)

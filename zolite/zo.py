@@ -207,11 +207,7 @@ class TunedLayers:
 
     def _update_half(self, p: torch.Tensor, r: torch.Tensor, z: torch.Tensor, decay: float | None, step: float):
         """p + r/RESIDUAL_SCALE (fp32) <- that * decay + step * z, rounded back into p and r, chunk by chunk."""
-        if p.is_contiguous() and r.is_contiguous():
-            flat = p.view(-1), r.view(-1), z.view(-1)
-            parts = [[t[i:i + UPDATE_CHUNK] for t in flat] for i in range(0, p.numel(), UPDATE_CHUNK)]
-        else:
-            parts = [[p, r, z]]
+        parts = _chunks(p, r, z) if p.is_contiguous() and r.is_contiguous() else [(p, r, z)]
         for weights, residuals, zs in parts:
             value = weights.float().add_(residuals, alpha=1 / RESIDUAL_SCALE)
             if decay is not None:
@@ -291,12 +287,10 @@ class TunedLayers:
         the per-half path computes as (sign * offset + W) + residual (W - offset = -offset + W exactly)."""
         p, r = self.params[i].detach(), self.residuals[i]
         if out is None:
-            out = torch.empty_like(p)
+            out = torch.empty(p.shape, dtype=p.dtype, device=p.device)   # contiguous: _chunks writes through views
         if r is None:   # fp32
             return torch.add(offset, p, out=out) if sign > 0 else torch.sub(p, offset, out=out)
-        flat = (p.reshape(-1), r.reshape(-1), offset.reshape(-1), out.view(-1))
-        for start in range(0, p.numel(), UPDATE_CHUNK):   # one fp32 chunk alive at a time
-            w, res, off, o = (t[start:start + UPDATE_CHUNK] for t in flat)
+        for w, res, off, o in _chunks(p, r, offset, out):   # one fp32 chunk alive at a time
             value = torch.add(off, w) if sign > 0 else torch.sub(w, off)
             o.copy_(value.add_(res, alpha=1 / RESIDUAL_SCALE))
         return out
@@ -356,6 +350,15 @@ class TunedLayers:
         """Within this block every forward (generation included) sees W + sign * eps * z."""
         with self._swapped(seed, eps, {"sign": sign}):
             yield
+
+
+def _chunks(*tensors: torch.Tensor):
+    """The same UPDATE_CHUNK-element slices of equally sized tensors (elementwise work on them gives the same bits
+    as on the whole); a tensor that fits one chunk is passed whole: no views to make, the step's host work is less."""
+    if tensors[0].numel() <= UPDATE_CHUNK:
+        return [tensors]
+    flat = [t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in tensors]   # outputs are contiguous
+    return [[t[i:i + UPDATE_CHUNK] for t in flat] for i in range(0, tensors[0].numel(), UPDATE_CHUNK)]
 
 
 def _restore_forwards(saved: list) -> None:
