@@ -31,12 +31,15 @@ qwen)
   done ;;
 smollm2-boolq)
   setsid nohup zolite ablate --model smollm2-135m --task boolq --plan bench/plans/smollm2_boolq.toml --seeds 1 \
-    --steps 1000 --jobs 4 --data /root/data --out $R/smollm2-r3/boolq --quiet > $R/smollm2-r3-boolq.log 2>&1 < /dev/null & ;;
+    --steps 1000 --jobs 5 --data /root/data --out $R/smollm2-r3/boolq --quiet > $R/smollm2-r3-boolq.log 2>&1 < /dev/null & ;;
 qwen-round3)
   for t in sst2 boolq rte; do
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_round3.toml --seeds 1 \
       --steps 2000 --jobs 6 --data /root/data --out $R/qwen3/$t --quiet > $R/qwen3-$t.log 2>&1 < /dev/null &
-  done ;;
+  done
+  setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task sst2 --plan bench/plans/real_scale_round3_sst2.toml \
+    --seeds 1 --steps 2000 --jobs 1 --data /root/data --out $R/qwen3/sst2-normbias --quiet \
+    > $R/qwen3-sst2-normbias.log 2>&1 < /dev/null & ;;
 stop)
   pkill -f "zolite ablate"; pkill -f "multiprocessing.spawn"; sleep 4
   pkill -9 -f "zolite ablate"; pkill -9 -f "multiprocessing.spawn"; true ;;
