@@ -43,6 +43,7 @@ train)
   bash bench/real_scale_dev.sh smollm2-boolq
   echo "started: $R/qwen3-*.log, $R/smollm2-r3-boolq.log" ;;
 serve-qwen)
+  [ $# -ge 2 ] || { echo "usage: $0 serve-qwen OUT" >&2; exit 2; }
   here=$(pwd)
   cd /root/src || exit 1
   bash bench/real_scale_dev.sh stop

@@ -52,3 +52,37 @@ def test_a_part_that_names_no_tensor_is_one_line(tiny_model, small_data, tmp_pat
 def test_an_empty_selection_means_the_whole_layer(tiny_model, params):
     model = zolite.load_model(tiny_model, device="cpu").model
     assert TunedLayers(model, [1], params=params).names == TunedLayers(model, [1]).names
+
+
+@pytest.mark.parametrize("params", ["bias", "proj.weight", "norm,bias", "v_proj"])
+def test_a_linear_with_a_bias_left_out_keeps_it_in_the_doubled_forward(tiny_qwen2, params):
+    """Qwen2's q/k/v have biases: with only a Linear's bias (or only its weight) tuned, the one doubled forward uses
+    the base's other tensor for both halves, as the per-half path does."""
+    from test_step_fast import _batch
+    from zolite.zo import spsa_losses
+
+    loaded = zolite.load_model(tiny_qwen2, device="cpu")
+    batch = _batch(loaded)
+    tuned = TunedLayers(loaded.model, [1], params=params)
+    assert tuned.fused
+    fused = spsa_losses(loaded.model, tuned, batch, seed=3, eps=1e-2, objective="ce")
+    tuned.fused = False
+    per_half = spsa_losses(loaded.model, tuned, batch, seed=3, eps=1e-2, objective="ce")
+    assert fused[0] != fused[1]
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(per_half), rtol=1e-5, atol=1e-5)
+
+
+def test_a_qwen2_run_on_norms_and_biases_alone(tiny_qwen2, small_data, tmp_path):
+    report = zolite.tune(tiny_qwen2, "sst2", run_dir=tmp_path / "run", data=small_data, layer="1", steps=2,
+                         eval_every=0, batch_size=4, lr=1e-2, params="norm,bias", progress=False)
+    assert sorted(load_patch(report["patch"]).tensors) == [
+        "model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight",
+        "model.layers.1.self_attn.k_proj.bias", "model.layers.1.self_attn.q_proj.bias",
+        "model.layers.1.self_attn.v_proj.bias"]
+
+
+def test_a_resume_may_space_the_parts_differently(tiny_model, small_data, tmp_path):
+    common = dict(data=small_data, layer="1", steps=2, eval_every=0, batch_size=2, lr=1e-2, progress=False)
+    zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "r", params="v_proj,down_proj", **common)
+    config = zolite.tune(tiny_model, "sst2", resume=tmp_path / "r", params=" v_proj , down_proj", progress=False)
+    assert config["config"]["params"] == "v_proj,down_proj"

@@ -25,7 +25,7 @@ from .plan import measured_activations, parse_size, plan_memory
 from .scan import choose_layers, folder_identity, scan
 from .tasks import get_task
 from .trajectory import trajectory_path
-from .zo import EPS_SCALES
+from .zo import EPS_SCALES, parse_params
 
 OBJECTIVES = ("ce", "lm", "accuracy", "f1")
 BUILTIN_DEFAULTS = {"lr": "auto", "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
@@ -137,6 +137,10 @@ def prepare_run(model, task, run_dir, out, force, resume, options):
         hints = [f"{k} (use {cli_names[k]}=)" if k in cli_names else k for k in sorted(unknown)]
         raise TypeError(f"tune() got unknown options: {', '.join(hints)}")
     given = {k: v for k, v in options.items() if v is not None}
+    if "params" in given:   # one spelling, so a resume given "v_proj, o_proj" matches a run of "v_proj,o_proj"
+        given["params"] = ",".join(parse_params(given["params"]))
+        if not given["params"]:
+            del given["params"]
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.json").is_file():

@@ -207,8 +207,7 @@ class TunedLayers:
 
     def _update_half(self, p: torch.Tensor, r: torch.Tensor, z: torch.Tensor, decay: float | None, step: float):
         """p + r/RESIDUAL_SCALE (fp32) <- that * decay + step * z, rounded back into p and r, chunk by chunk."""
-        parts = _chunks(p, r, z) if p.is_contiguous() and r.is_contiguous() else [(p, r, z)]
-        for weights, residuals, zs in parts:
+        for weights, residuals, zs in _chunks(p, r, z):
             value = weights.float().add_(residuals, alpha=1 / RESIDUAL_SCALE)
             if decay is not None:
                 value.mul_(decay)
@@ -315,6 +314,10 @@ class TunedLayers:
                     for k, sign in enumerate((1, -1)):
                         self._perturbed_weight(i, offsets[i], sign, out=pair[attr][k])
                 del offsets
+                for attr in ("weight", "bias"):   # a tensor left out by --params: the base's, for both halves
+                    base = getattr(module, attr)
+                    if attr not in pair and base is not None:
+                        pair[attr] = base.detach().expand(2, *base.shape)
                 x2 = x.reshape(2, -1, x.shape[-1])
                 weight = pair["weight"].transpose(1, 2)
                 out = (torch.baddbmm(pair["bias"].unsqueeze(1), x2, weight) if "bias" in pair
@@ -354,10 +357,11 @@ class TunedLayers:
 
 def _chunks(*tensors: torch.Tensor):
     """The same UPDATE_CHUNK-element slices of equally sized tensors (elementwise work on them gives the same bits
-    as on the whole); a tensor that fits one chunk is passed whole: no views to make, the step's host work is less."""
-    if tensors[0].numel() <= UPDATE_CHUNK:
+    as on the whole, and the slices are views, so writes land in the tensors); tensors that fit one chunk, or are not
+    all contiguous, are passed whole: no views to make, the step's host work is less."""
+    if tensors[0].numel() <= UPDATE_CHUNK or not all(t.is_contiguous() for t in tensors):
         return [tensors]
-    flat = [t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in tensors]   # outputs are contiguous
+    flat = [t.view(-1) for t in tensors]
     return [[t[i:i + UPDATE_CHUNK] for t in flat] for i in range(0, tensors[0].numel(), UPDATE_CHUNK)]
 
 
