@@ -30,9 +30,12 @@ qwen)
       --steps 1000 --jobs 4 --data /root/data --out $R/qwen2/$t --quiet > $R/qwen2-$t.log 2>&1 < /dev/null &
   done ;;
 smollm2-boolq)
+  python3 -c "from zolite.loading import resolve_model; print(resolve_model('smollm2-135m')[0])"
   setsid nohup zolite ablate --model smollm2-135m --task boolq --plan bench/plans/smollm2_boolq.toml --seeds 1 \
     --steps 1000 --jobs 5 --data /root/data --out $R/smollm2-r3/boolq --quiet > $R/smollm2-r3-boolq.log 2>&1 < /dev/null & ;;
 qwen-round3)
+  # join (SHA-256) and convert the GGUF once, before the runs start side by side (each would do it, racing)
+  python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
   for t in sst2 boolq rte; do
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_round3.toml --seeds 1 \
       --steps 2000 --jobs 6 --data /root/data --out $R/qwen3/$t --quiet > $R/qwen3-$t.log 2>&1 < /dev/null &
