@@ -58,18 +58,10 @@ def test_an_empty_selection_means_the_whole_layer(tiny_model, params):
 def test_a_linear_with_a_bias_left_out_keeps_it_in_the_doubled_forward(tiny_qwen2, params):
     """Qwen2's q/k/v have biases: with only a Linear's bias (or only its weight) tuned, the one doubled forward uses
     the base's other tensor for both halves, as the per-half path does."""
-    from test_step_fast import _batch
-    from zolite.zo import spsa_losses
+    from test_step_fast import _batch, assert_fused_equals_per_half
 
     loaded = zolite.load_model(tiny_qwen2, device="cpu")
-    batch = _batch(loaded)
-    tuned = TunedLayers(loaded.model, [1], params=params)
-    assert tuned.fused
-    fused = spsa_losses(loaded.model, tuned, batch, seed=3, eps=1e-2, objective="ce")
-    tuned.fused = False
-    per_half = spsa_losses(loaded.model, tuned, batch, seed=3, eps=1e-2, objective="ce")
-    assert fused[0] != fused[1]
-    torch.testing.assert_close(torch.tensor(fused), torch.tensor(per_half), rtol=1e-5, atol=1e-5)
+    assert_fused_equals_per_half(loaded.model, TunedLayers(loaded.model, [1], params=params), _batch(loaded))
 
 
 def test_a_qwen2_run_on_norms_and_biases_alone(tiny_qwen2, small_data, tmp_path):
