@@ -32,7 +32,7 @@ qwen)
 smollm2-boolq)
   python3 -c "from zolite.loading import resolve_model; print(resolve_model('smollm2-135m')[0])"
   setsid nohup zolite ablate --model smollm2-135m --task boolq --plan bench/plans/smollm2_boolq.toml --seeds 1 \
-    --steps 1000 --jobs 5 --data /root/data --out $R/smollm2-r3/boolq --quiet > $R/smollm2-r3-boolq.log 2>&1 < /dev/null & ;;
+    --steps 1000 --jobs 4 --data /root/data --out $R/smollm2-r3/boolq --quiet > $R/smollm2-r3-boolq.log 2>&1 < /dev/null & ;;
 qwen-round3)
   # join (SHA-256) and convert the GGUF once, before the runs start side by side (each would do it, racing)
   python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
