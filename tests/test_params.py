@@ -78,3 +78,14 @@ def test_a_resume_may_space_the_parts_differently(tiny_model, small_data, tmp_pa
     zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "r", params="v_proj,down_proj", **common)
     config = zolite.tune(tiny_model, "sst2", resume=tmp_path / "r", params=" v_proj , down_proj", progress=False)
     assert config["config"]["params"] == "v_proj,down_proj"
+
+
+def test_a_bad_part_fails_before_the_weights_load(tiny_model, small_data, tmp_path, monkeypatch):
+    import zolite.tune_setup as tune_setup
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(tune_setup, "load_model", no_loading)
+    with pytest.raises(zolite.ZoliteError, match="'qkv' is in no tensor name"):
+        zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "r", data=small_data, layer="1", steps=1, params="qkv",
+                    progress=False)

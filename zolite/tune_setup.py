@@ -25,7 +25,7 @@ from .plan import measured_activations, parse_size, plan_memory
 from .scan import choose_layers, folder_identity, scan
 from .tasks import get_task
 from .trajectory import trajectory_path
-from .zo import EPS_SCALES, parse_params
+from .zo import EPS_SCALES, parse_params, selected_tensors
 
 OBJECTIVES = ("ce", "lm", "accuracy", "f1")
 BUILTIN_DEFAULTS = {"lr": "auto", "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
@@ -224,6 +224,7 @@ def load_for_tuning(config: TuneConfig, world_size: int = 1):
     indices, source = choose_layers(config.layer, num_layers, identity, profile,
                                     lambda: scan(config.model, seeds=0, device=device, dtype=config.dtype,
                                                  mode=config.mode))
+    selected_tensors(skeleton, indices, config.params)   # a bad --params fails before the weights load
     if config.mode in QUANT_MODES and len(indices) == num_layers:
         raise ZoliteError(f"--layers all tunes every layer, so nothing is left to quantize with --mode {config.mode}; "
                           "use --mode fp16 or offload")

@@ -70,6 +70,27 @@ def parse_params(params: str | None) -> list[str]:
     return [w.strip() for w in (params or "").split(",") if w.strip()]
 
 
+def selected_tensors(model: torch.nn.Module, indices: list[int], params: str | None = None) -> list[tuple]:
+    """(full name, parameter, owning module, attribute) of the layers' tensors that --params selects, in the layers'
+    order (the order z is drawn in). A part that names no tensor is an error listing the names (checked on the
+    model's skeleton before any weight is loaded, and again here)."""
+    prefix, layers = decoder_layers(model)
+    wanted = parse_params(params)
+    chosen, seen = [], []
+    for i in indices:
+        for mod_name, module in layers[i].named_modules():
+            for attr, p in module.named_parameters(recurse=False):
+                local = ".".join(filter(None, (mod_name, attr)))
+                seen.append(local)
+                if not wanted or any(w in local for w in wanted):
+                    chosen.append((".".join(filter(None, (prefix, str(i), local))), p, module, attr))
+    for w in wanted:
+        if not any(w in local for local in seen):
+            raise ZoliteError(f"--params: '{w}' is in no tensor name of the tuned layers; they are: "
+                              f"{', '.join(dict.fromkeys(seen))}")
+    return chosen
+
+
 class TunedLayers:
     """The tuned decoder layers: their parameters by full name, and a compensation residual for half-precision ones."""
 
@@ -83,26 +104,13 @@ class TunedLayers:
         eps * s_j * z, s_j from the energy of its input channel j: zolite.precondition; set by set_scales)."""
         if eps_scale not in EPS_SCALES:
             raise ZoliteError(f"unknown eps scale '{eps_scale}'; choose one of {', '.join(EPS_SCALES)}")
-        prefix, layers = decoder_layers(model)
         self.indices = list(indices)
-        self.layers = [layers[i] for i in self.indices]
+        self.layers = [decoder_layers(model)[1][i] for i in self.indices]
         self.names, self.params, self.owner = [], [], []   # owner: (module, attribute) holding the tensor
-        wanted = parse_params(params)
-        seen = []
-        for i, layer in zip(self.indices, self.layers):
-            for mod_name, module in layer.named_modules():
-                for attr, p in module.named_parameters(recurse=False):
-                    local = ".".join(filter(None, (mod_name, attr)))
-                    seen.append(local)
-                    if wanted and not any(w in local for w in wanted):
-                        continue
-                    self.names.append(".".join(filter(None, (prefix, str(i), local))))
-                    self.params.append(p)
-                    self.owner.append((module, attr))
-        for w in wanted:
-            if not any(w in local for local in seen):
-                raise ZoliteError(f"--params: '{w}' is in no tensor name of the tuned layers; they are: "
-                                  f"{', '.join(dict.fromkeys(seen))}")
+        for name, p, module, attr in selected_tensors(model, self.indices, params):
+            self.names.append(name)
+            self.params.append(p)
+            self.owner.append((module, attr))
         self.residuals = [None if p.dtype == torch.float32 else torch.zeros_like(p) for p in self.params]
         self.eps_scale = eps_scale
         self.scales: list = [1.0] * len(self.params)   # a float per tensor, or a tensor broadcast over it
