@@ -12,9 +12,11 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def _run(*args):
+def _run(*args) -> str:
+    """Run a bench script; its stdout."""
     result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
 
 
 def test_step_speed_times_every_method(tmp_path):
@@ -49,8 +51,5 @@ def test_grad_energy_splits_the_layer_gradient_into_groups(tiny_model, small_dat
 
 
 def test_step_ops_counts_each_dtype():
-    result = subprocess.run([sys.executable, str(BENCH / "step_ops.py"), "--layers", "2"], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| float")]
+    rows = [line.split("|")[1:-1] for line in _run(BENCH / "step_ops.py").splitlines() if line.startswith("| float")]
     assert [r[0].strip() for r in rows] == ["float32", "float16"] and all(int(r[3]) > 0 for r in rows)

@@ -105,7 +105,8 @@ class TunedLayers:
         if eps_scale not in EPS_SCALES:
             raise ZoliteError(f"unknown eps scale '{eps_scale}'; choose one of {', '.join(EPS_SCALES)}")
         self.indices = list(indices)
-        self.layers = [decoder_layers(model)[1][i] for i in self.indices]
+        layers = decoder_layers(model)[1]
+        self.layers = [layers[i] for i in self.indices]
         self.names, self.params, self.owner = [], [], []   # owner: (module, attribute) holding the tensor
         for name, p, module, attr in selected_tensors(model, self.indices, params):
             self.names.append(name)
