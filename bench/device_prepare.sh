@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Here, in the checkout's root, once a session: everything the GPU machine's calls carry, in .device/ (git-ignored).
 # bench/DEVICE.md lists the calls that follow. ~1 min (the Qwen packages are downloaded once into .device/).
-#   bash bench/device_prepare.sh [RES_TGZ]   # RES_TGZ: an earlier session's `real_scale_dev.sh collect` archive,
-#                                            # unpacked into .device/res so its cut-off runs resume
+#   bash bench/device_prepare.sh [RES]   # RES: an earlier session's `real_scale_dev.sh collect` archive (res.tgz) or
+#                                        # its unpacked tree (bench/results/*/res), copied into .device/res so its
+#                                        # cut-off runs resume
 set -euo pipefail
 SHARED=${SHARED:-../shared}
 grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo /.device/ >> .git/info/exclude
@@ -18,7 +19,8 @@ SMOL=$(python3 -c "import importlib.util, pathlib; print(pathlib.Path(importlib.
 # the step-speed baseline: zolite before issue 23's changes, timed beside the current step
 [ -d .device/zolite-base/zolite ] || { mkdir -p .device/zolite-base && git archive 4b3a7fd zolite | tar -x -C .device/zolite-base; }
 if [ $# -ge 1 ]; then
-  mkdir -p .device/res && tar xzf "$1" -C .device/res --strip-components=2 root/res
+  mkdir -p .device/res
+  if [ -d "$1" ]; then cp -r "$1"/. .device/res/; else tar xzf "$1" -C .device/res --strip-components=2 root/res; fi
 fi
 echo "checkout without .device: $(du -sh --exclude=.git --exclude=.device . | cut -f1) (must stay under ~12 MiB)"
 du -sh .device/* | sort -h | tail -4
