@@ -334,3 +334,19 @@ def test_plan_errors(tiny_model, tmp_path):
     empty.write_text('[[arm]]\nname = "x"\nlr = []\n')
     assert_user_error(run_cli("ablate", "--model", tiny_model, "--plan", empty, "--steps", "2"),
                       "arm x: its lr / lr_scale list is empty")
+
+
+def test_a_run_whose_eps_came_from_its_load_mode_is_read_back(tiny_model, small_data, tmp_path):
+    """Without eps in the plan or the profile, tune picks it from the load mode (1e-2 for a quantized base on a GPU):
+    such a run folder is this plan's run, not another one's."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text('name = "p"\n[[arm]]\nname = "mezo"\nlayer = 1\nlr = 1e-3\n')
+    options = dict(plan=str(plan), seeds=1, steps=2, out=tmp_path / "out", data=small_data, batch_size=4,
+                   eval_every=0, progress=False)
+    first = zolite.ablate(tiny_model, "sst2", **options)
+    config_file = tmp_path / "out" / "mezo" / "lr0.001-s0" / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config["eps"] == 1e-3   # the CPU loads unquantized
+    config_file.write_text(json.dumps({**config, "eps": 1e-2}))   # as an nf4 run on a GPU writes it
+    again = zolite.ablate(tiny_model, "sst2", **options)
+    assert again["arms"][0]["runs"] == first["arms"][0]["runs"]

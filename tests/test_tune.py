@@ -366,3 +366,25 @@ def test_a_failed_run_leaves_no_folder_and_force_clears_the_old_report(tiny_mode
     with pytest.raises(ZoliteError, match="out of range"):   # --force, then the run fails: no stale report left
         zolite.tune(tiny_model, "sst2", run_dir=run, force=True, **{**options, "layer": "99"})
     assert not any((run / name).exists() for name in ("report.md", "report.json", "config.json"))
+
+
+@pytest.mark.parametrize("mode, profile_eps, given, expected", [
+    ("nf4", None, None, 1e-2),     # a quantized base: its rounding outweighs the +-eps difference at 1e-3
+    ("int8", None, None, 1e-2),
+    ("fp16", None, None, 1e-3),    # unquantized: MeZO's eps
+    ("offload", None, None, 1e-3),
+    ("nf4", 1e-3, None, 1e-3),     # the profile's measured eps wins
+    ("nf4", None, 5e-3, 5e-3),     # and the user's over both
+])
+def test_eps_default_follows_the_base_quantization(mode, profile_eps, given, expected):
+    from types import SimpleNamespace
+
+    from zolite.profile import Profile
+    from zolite.tasks import get_task
+    from zolite.tune_setup import TuneConfig, fill_defaults
+
+    profile = Profile(name="p", description="", source="hub:x/y", arch="llama", num_layers=2,
+                      defaults={} if profile_eps is None else {"eps": profile_eps})
+    loaded = SimpleNamespace(profile=profile, dtype=torch.float16, device=torch.device("cpu"), mode=mode)
+    config = fill_defaults(TuneConfig(eps=given), loaded, [1], 2, get_task("sst2"))
+    assert config.eps == expected

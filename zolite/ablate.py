@@ -116,6 +116,8 @@ def _model_facts(model: str) -> dict:
     if dominant is None and profile is not None:
         dominant = profile.dominant_layer
     defaults = {**BUILTIN_DEFAULTS, **(profile.defaults if profile else {})}
+    if "eps" not in (profile.defaults if profile else {}):
+        defaults.pop("eps")   # tune's choice depends on the load mode (QUANTIZED_EPS)
     return {"num_layers": num_layers, "dominant": dominant, "lr": defaults["lr"], "steps": defaults["steps"],
             "defaults": defaults}
 
@@ -251,7 +253,8 @@ def ablate(model: str = "smollm2-135m", task: str = "sst2", *, plan: str = "seed
             check_options(TuneConfig(model=model, task=task, lr=lr, **options))
         entries.append({"name": arm["name"], "options": options, "lr_grid": grid, "picked_lr": None, "runs": []})
     # what a run folder must hold: the options given, and tune's defaults for the rest (a run made with another
-    # --batch-size must not be read back as this one); device-chosen ones (mode, dtype, micro-batch) only if given
+    # --batch-size must not be read back as this one); device-chosen ones (mode, dtype, micro-batch, and eps without
+    # a profile's) only if given
     run_defaults = {**{f.name: f.default for f in dataclasses.fields(TuneConfig)
                        if f.default is not None and f.name not in ("model", "task", "seed")},
                     **{k: v for k, v in facts["defaults"].items() if k in BUILTIN_DEFAULTS}}

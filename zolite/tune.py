@@ -32,14 +32,11 @@ from .scoring import collate, pad_token_id
 from .stepsize import BASE_BATCHES, PROBES, LossGuard, base_losses, guard_window, probe_lr
 from .tasks import CustomTask, Task, get_task, task_data
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
-from .tune_setup import TuneConfig, check_world, fill_defaults, load_for_tuning, prepare_run
+from .tune_setup import QUANTIZED_EPS, TuneConfig, check_world, fill_defaults, load_for_tuning, prepare_run
 from .zo import TunedLayers, generation_losses
 
 SEED_CHECKPOINT_S = 60   # a seed checkpoint is kilobytes: ZO runs also write one this often between evals
 
-# With LLM.int8 the two-point estimate tracks the unquantized one from this eps up (correlation 0.92 at 1e-2,
-# 0.11 at 1e-3, over 32 z draws on SmolLM2, CPU backend: bench/results/quant_noise).
-INT8_MIN_EPS = 1e-2
 
 
 def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=None, force: bool = False,
@@ -188,10 +185,10 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float, world: W
     config = fill_defaults(config, loaded, indices, len(layers), task_, plan, world.size)
     check_world(world.size, config.estimator, config.batch_size)
     if (loaded.mode == "int8" and config.estimator != "fo" and config.eps_scale == "absolute"
-            and config.eps < INT8_MIN_EPS):
+            and config.eps < QUANTIZED_EPS):
         print(f"zolite: warning: int8 rounds each layer's inputs to 8 bits, and at eps {config.eps:g} that "
               "rounding outweighs the +eps/-eps loss difference (bench/results/quant_noise); "
-              f"use --mode nf4, or --eps {INT8_MIN_EPS:g}", file=sys.stderr)
+              f"use --mode nf4, or --eps {QUANTIZED_EPS:g}", file=sys.stderr)
     splits = sample_splits(task_data(task_, config.data), seed=config.data_seed,
                            validate=task_.validate,
                            expand=task_.expand)

@@ -29,6 +29,11 @@ from .zo import EPS_SCALES, parse_params, selected_tensors
 
 OBJECTIVES = ("ce", "lm", "accuracy", "f1")
 BUILTIN_DEFAULTS = {"lr": "auto", "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
+# eps when the base is quantized (nf4 / int8) and neither the user nor the profile gives one: a quantized base's
+# rounding outweighs the +eps/-eps loss difference at MeZO's 1e-3. The projected gradient's correlation with an
+# fp32 model's, 1e-3 -> 1e-2: nf4 0.77 -> 0.93 (Qwen2.5-Coder-1.5B, bench/results/real_scale_dev/noise_qwen), int8
+# 0.11 -> 0.92 (SmolLM2, bench/results/quant_noise).
+QUANTIZED_EPS = 1e-2
 
 
 @dataclass
@@ -196,6 +201,9 @@ def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=No
     micro-batches)."""
     defaults = dict(BUILTIN_DEFAULTS, **(loaded.profile.defaults if loaded.profile else {}))
     filled = {k: defaults[k] for k in BUILTIN_DEFAULTS if getattr(config, k) is None}
+    if "eps" in filled and "eps" not in (loaded.profile.defaults if loaded.profile else {}) \
+            and loaded.mode in QUANT_MODES:
+        filled["eps"] = QUANTIZED_EPS
     filled["layer"] = format_layers(indices, num_layers)
     filled["dtype"] = str(loaded.dtype).removeprefix("torch.")
     filled["device"] = str(loaded.device)
