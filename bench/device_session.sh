@@ -7,7 +7,8 @@
 #                                          # and fp16 steps, nf4 serving), then issue 22's dev runs in the background
 #   bash bench/device_session.sh train     # issue 22's dev runs only (Qwen round 3, SmolLM2 BoolQ), in the background
 #   bash bench/device_session.sh serve-qwen OUT   # stop the training runs (their seed checkpoints resume them next
-#                                          # session), Qwen nf4 serving alone on the GPU (5.5 min cap), collect
+#                                          # session), Qwen nf4 serving alone on the GPU (5.5 min cap), collect;
+#                                          # sources device_env.sh itself (a call's shell starts without its exports)
 #   bash bench/device_session.sh collect OUT   # everything so far -> OUT/res.tgz (real_scale_dev.sh collect)
 # Timings come first and alone; each benchmark is capped (timeout) so the training runs always start.
 set -u
@@ -45,10 +46,13 @@ train)
 serve-qwen)
   [ $# -ge 2 ] || { echo "usage: $0 serve-qwen OUT" >&2; exit 2; }
   here=$(pwd)
+  source bench/device_env.sh > /dev/null
   cd /root/src || exit 1
   bash bench/real_scale_dev.sh stop
+  # the cells the 2026-12-06 run did not reach, the largest first (results.json is rewritten after each cell)
   timeout 330 python bench/serve_bench.py --model qwen2.5-coder-1.5b --layer 1 --device cuda --mode nf4 \
-    --requests 32 --out $R/serve_gpu_qwen > $R/serve-qwen.log 2>&1
+    --requests 32 --clients 32,8 --workers one-at-a-time,mixed,continuous --out $R/serve_gpu_qwen \
+    > $R/serve-qwen.log 2>&1
   cd "$here" && bash bench/real_scale_dev.sh collect "$2" ;;
 collect)
   tail -n 3 $R/*.log 2>/dev/null | cut -c1-300

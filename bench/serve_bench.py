@@ -168,6 +168,20 @@ def main():
         return [{"model": NAMES[i % 3], "prompt": texts[i % len(texts)], "max_tokens": args.max_tokens,
                  "temperature": 0} for i in range(n)]
 
+    def save(rows) -> dict:
+        device = loaded.device
+        env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+               "device_type": device.type, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+               "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
+               "transformers": transformers.__version__, "model": args.model, "mode": loaded.mode,
+               "dtype": str(loaded.dtype).removeprefix("torch."), "layer": layer}
+        command = "python bench/serve_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        result = {"command": command, "env": env, "max_tokens": args.max_tokens, "requests": args.requests,
+                  "rows": rows}
+        (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "results.md").write_text(markdown(result))
+        return result
+
     rows = []
     for clients in levels:
         for label, batched, mix, continuous in workers:
@@ -182,18 +196,8 @@ def main():
             rows.append({"clients": clients, "worker": label, "max_batch": max_batch, "mix": server.mix,
                          "continuous": server.continuous, **result})
             print(json.dumps(rows[-1]), flush=True)
+            result = save(rows)   # after every cell: a run cut off (device time) keeps what it measured
 
-    device = loaded.device
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-           "device_type": device.type, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-           "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "model": args.model, "mode": loaded.mode,
-           "dtype": str(loaded.dtype).removeprefix("torch."), "layer": layer}
-    command = "python bench/serve_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    result = {"command": command, "env": env, "max_tokens": args.max_tokens, "requests": args.requests,
-              "rows": rows}
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "results.md").write_text(markdown(result))
     print(markdown(result))
 
 
