@@ -4,6 +4,8 @@
 #   bash bench/real_scale_dev.sh qwen           # Qwen2.5-Coder-1.5B (nf4): scan, noise and lr probes, the dev plan
 #   bash bench/real_scale_dev.sh smollm2-boolq  # round 3, SmolLM2 BoolQ: longer, larger batch, eps 0.1 (plan in bench/plans)
 #   bash bench/real_scale_dev.sh qwen-round3    # round 3, Qwen nf4: final probe rule + guard, eps, layer, references
+#   bash bench/real_scale_dev.sh final [TASK..] # issue 22's evidence: zero-shot test, then the final plan, 3 seeds
+#                                               # (default tasks: sst2 rte)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
 #                                               # name them: pkill -f would match the call's shell)
@@ -43,6 +45,20 @@ qwen-round3)
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task sst2 --plan bench/plans/real_scale_round3_sst2.toml \
     --seeds 1 --steps 2000 --jobs 1 --data /root/data --out $R/qwen3/sst2-normbias --quiet \
     > $R/qwen3-sst2-normbias.log 2>&1 < /dev/null & ;;
+final)
+  # issue 22's evidence (bench/plans/real_scale_final.toml), 3 seeds, on the tasks given (default sst2 rte; boolq
+  # costs ~5x a step), 7 runs at a time per task; beside them, zero-shot on test (nf4 and fp16)
+  shift
+  python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
+  tasks=${*:-sst2 rte}
+  mkdir -p $R/final
+  setsid nohup bash -c "for t in $tasks; do for m in nf4 fp16; do f=$R/final/zero-shot-\$t-\$m.json; [ -f \$f ] ||
+    { zolite eval --model qwen2.5-coder-1.5b --task \$t --split test --mode \$m --data /root/data --json \
+      > \$f.part && mv \$f.part \$f; }; done; done" > $R/final-zero-shot.log 2>&1 < /dev/null &
+  for t in $tasks; do
+    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
+      --seeds 3 --jobs 7 --data /root/data --out $R/final/$t --quiet > $R/final-$t.log 2>&1 < /dev/null &
+  done ;;
 stop)
   pkill -f "zolite ablate"; pkill -f "multiprocessing.spawn"; sleep 4
   pkill -9 -f "zolite ablate"; pkill -9 -f "multiprocessing.spawn"; true ;;
