@@ -47,7 +47,8 @@ qwen-round3)
     > $R/qwen3-sst2-normbias.log 2>&1 < /dev/null & ;;
 final)
   # issue 22's evidence (bench/plans/real_scale_final.toml), 3 seeds, on the tasks given (default sst2 rte; boolq
-  # costs ~5x a step), 7 runs at a time per task; beside them, zero-shot on test (nf4 and fp16)
+  # costs ~5x a step), 7 runs at a time per task (~65 GiB of GPU memory for two tasks); beside them, zero-shot on
+  # test (nf4 and fp16)
   shift
   python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
   tasks=${*:-sst2 rte}
@@ -55,9 +56,15 @@ final)
   setsid nohup bash -c "for t in $tasks; do for m in nf4 fp16; do f=$R/final/zero-shot-\$t-\$m.json; [ -f \$f ] ||
     { zolite eval --model qwen2.5-coder-1.5b --task \$t --split test --mode \$m --data /root/data --json \
       > \$f.part && mv \$f.part \$f; }; done; done" > $R/final-zero-shot.log 2>&1 < /dev/null &
+  # backprop in its own process, started at once: its dense checkpoints are not collected, so a cut-off backprop run
+  # starts over next session; the ZO arms' seed checkpoints resume (zolite ablate --table-only tabulates them all)
   for t in $tasks; do
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
-      --seeds 3 --jobs 7 --data /root/data --out $R/final/$t --quiet > $R/final-$t.log 2>&1 < /dev/null &
+      --arms backprop --seeds 3 --jobs 3 --data /root/data --out $R/final/$t --quiet \
+      > $R/final-$t-backprop.log 2>&1 < /dev/null &
+    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
+      --arms zolite,mezo,mezo-full,zolite-fp16 --seeds 3 --jobs 4 --data /root/data --out $R/final/$t --quiet \
+      > $R/final-$t.log 2>&1 < /dev/null &
   done ;;
 stop)
   pkill -f "zolite ablate"; pkill -f "multiprocessing.spawn"; sleep 4
