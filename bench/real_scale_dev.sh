@@ -65,7 +65,12 @@ final)
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
       --arms zolite,mezo,mezo-full,zolite-fp16 --seeds 3 --jobs 4 --data /root/data --out $R/final/$t --quiet \
       > $R/final-$t.log 2>&1 < /dev/null &
-  done ;;
+  done
+  case " $tasks " in *" sst2 "*)   # the layer controls, one seed (the dominant layer's runs are the plan's `zolite`)
+    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task sst2 --plan bench/plans/real_scale_layers.toml \
+      --seeds 1 --jobs 3 --data /root/data --out $R/final/sst2-layers --quiet > $R/final-sst2-layers.log 2>&1 \
+      < /dev/null & ;;
+  esac ;;
 stop)
   pkill -f "zolite ablate"; pkill -f "multiprocessing.spawn"; sleep 4
   pkill -9 -f "zolite ablate"; pkill -9 -f "multiprocessing.spawn"; true ;;
