@@ -47,7 +47,7 @@ qwen-round3)
     > $R/qwen3-sst2-normbias.log 2>&1 < /dev/null & ;;
 final)
   # issue 22's evidence (bench/plans/real_scale_final.toml), 3 seeds, on the tasks given (default sst2 rte; boolq
-  # costs ~5x a step), 7 runs at a time per task (~65 GiB of GPU memory for two tasks); beside them, zero-shot on
+  # costs ~5x a step), 7 runs at a time per task and 4 candidates on SST-2 (~70 GiB of GPU memory); beside them, zero-shot on
   # test (nf4 and fp16)
   shift
   python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
@@ -66,10 +66,10 @@ final)
       --arms zolite,mezo,mezo-full,zolite-fp16 --seeds 3 --jobs 4 --data /root/data --out $R/final/$t --quiet \
       > $R/final-$t.log 2>&1 < /dev/null &
   done
-  case " $tasks " in *" sst2 "*)   # the layer controls, one seed (the dominant layer's runs are the plan's `zolite`)
-    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task sst2 --plan bench/plans/real_scale_layers.toml \
-      --seeds 1 --jobs 3 --data /root/data --out $R/final/sst2-layers --quiet > $R/final-sst2-layers.log 2>&1 \
-      < /dev/null & ;;
+  case " $tasks " in *" sst2 "*)   # the dev candidates, one seed (the dominant layer's run is the plan's `zolite`)
+    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task sst2 --plan bench/plans/real_scale_candidates.toml \
+      --seeds 1 --jobs 4 --data /root/data --out $R/final/sst2-candidates --quiet \
+      > $R/final-sst2-candidates.log 2>&1 < /dev/null & ;;
   esac ;;
 stop)
   pkill -f "zolite ablate"; pkill -f "multiprocessing.spawn"; sleep 4

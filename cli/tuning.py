@@ -34,10 +34,11 @@ from .options import LR, custom_task_options, mode_option
 @click.option("--params", help="Perturb and update only the tuned layers' tensors whose name holds one of these "
                                 "comma-separated parts, e.g. v_proj,o_proj,down_proj (fewer weights: less ZO noise "
                                 "per step).  [default: all]")
-@click.option("--eps-scale", type=click.Choice(["absolute", "relative", "activation"]),
+@click.option("--eps-scale", type=click.Choice(["absolute", "relative", "activation", "sparse"]),
               help="absolute: W + eps z, z ~ N(0, 1) per weight; relative: each tensor's eps times the RMS of its "
                    "base weights; activation: each matrix column's z scaled down by its input channel's energy, "
-                   "measured on training batches (the update follows the same scaling).  [default: absolute]")
+                   "measured on training batches; sparse: z only on each tensor's quarter of smallest base weights "
+                   "(Sparse MeZO). The update follows the same scaling.  [default: absolute]")
 @click.option("--optimizer", type=click.Choice(["sgd", "momentum", "adam", "sign"]), help="[default: sgd]")
 @click.option("--momentum", type=float, help="Momentum of --optimizer momentum.  [default: 0.9]")
 @click.option("--layerwise/--no-layerwise", default=None,

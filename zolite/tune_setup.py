@@ -71,7 +71,8 @@ class TuneConfig:
     guard: bool = True                # halve the step when the training loss turns up (ZO with sgd / momentum)
     params: str | None = None         # "v_proj,down_proj": only the tuned layers' tensors whose name holds one
     eps_scale: str = "absolute"       # absolute: W + eps z; relative: tensor i gets eps * RMS(base W_i) * z;
-                                      # activation: column j of a matrix gets eps * s_j * z (zolite.precondition)
+                                      # activation: column j of a matrix gets eps * s_j * z (zolite.precondition);
+                                      # sparse: z only on each tensor's smallest quarter of base weights
     data: str | None = None
     eval_test: bool = False           # also score the held-out test rows at the end
     template: str | None = None       # custom tasks (task = a .jsonl file): see zolite/tasks/custom.py

@@ -25,7 +25,10 @@ from .errors import ZoliteError
 from .layers import decoder_layers
 
 _MIX = 0x9E3779B97F4A7C15
-EPS_SCALES = ("absolute", "relative", "activation")
+EPS_SCALES = ("absolute", "relative", "activation", "sparse")
+# --eps-scale sparse (Sparse MeZO, Liu et al. 2024): z only on this fraction of each tensor's weights, those smallest
+# in magnitude in the base (a ZO estimate's error hurts large weights more than small ones, their Sec. 3)
+SPARSE_FRACTION = 0.25
 
 
 def tensor_seed(step_seed: int, index: int) -> int:
@@ -100,8 +103,10 @@ class TunedLayers:
         name contains one are perturbed and updated (fewer weights, less ZO noise per step); None = all.
         eps_scale: 'absolute' (z ~ N(0, 1) per weight, times eps), 'relative' (tensor i is perturbed by
         eps * s_i * z with s_i = the RMS of its weights when this object is made, i.e. of the base; the update
-        follows the same s_i * z, a diagonal preconditioning) or 'activation' (a matrix's column j is perturbed by
-        eps * s_j * z, s_j from the energy of its input channel j: zolite.precondition; set by set_scales)."""
+        follows the same s_i * z, a diagonal preconditioning), 'activation' (a matrix's column j is perturbed by
+        eps * s_j * z, s_j from the energy of its input channel j: zolite.precondition; set by set_scales) or
+        'sparse' (z is zero but on each tensor's SPARSE_FRACTION smallest-magnitude base weights: Sparse MeZO).
+        Scales derived from the base (relative, sparse) are made here, from the weights as loaded."""
         if eps_scale not in EPS_SCALES:
             raise ZoliteError(f"unknown eps scale '{eps_scale}'; choose one of {', '.join(EPS_SCALES)}")
         self.indices = list(indices)
@@ -122,6 +127,8 @@ class TunedLayers:
         if eps_scale == "relative":
             rms = [p.detach().float().pow(2).mean().sqrt().item() for p in self.params]
             self.scales = [r if r > 0 else 1.0 for r in rms]
+        elif eps_scale == "sparse":
+            self.scales = [small_weights(p) for p in self.params]
 
     def set_scales(self, scales: dict[str, torch.Tensor]) -> None:
         """Per-tensor scale tensors by full name (fp32, broadcastable to the tensor); the others stay 1."""
@@ -130,7 +137,10 @@ class TunedLayers:
                 self.scales[i] = scales[name].to(p.device, torch.float32)
 
     def scale_tensors(self) -> dict[str, torch.Tensor]:
-        """The scale tensors by full name (for checkpoints and trajectories: they are measured, not derived)."""
+        """The measured scale tensors by full name (activation: for checkpoints and trajectories); sparse masks are
+        derived from the base again, like relative scales."""
+        if self.eps_scale != "activation":
+            return {}
         return {n: s for n, s in zip(self.names, self.scales) if isinstance(s, torch.Tensor)}
 
     def z(self, seed: int, i: int) -> tuple[torch.Tensor, float]:
@@ -362,6 +372,15 @@ class TunedLayers:
         """Within this block every forward (generation included) sees W + sign * eps * z."""
         with self._swapped(seed, eps, {"sign": sign}):
             yield
+
+
+def small_weights(p: torch.Tensor, fraction: float = SPARSE_FRACTION) -> torch.Tensor:
+    """Mask (bool, p's shape and device) of the weights at or below the `fraction` quantile of |p| (kthvalue: quantile
+    refuses tensors over 16M elements)."""
+    magnitude = p.detach().abs().float().flatten()
+    k = max(1, round(fraction * magnitude.numel()))
+    threshold = magnitude.kthvalue(k).values
+    return p.detach().abs().float() <= threshold
 
 
 def _chunks(*tensors: torch.Tensor):
