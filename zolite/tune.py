@@ -38,7 +38,6 @@ from .zo import TunedLayers, generation_losses
 SEED_CHECKPOINT_S = 60   # a seed checkpoint is kilobytes: ZO runs also write one this often between evals
 
 
-
 def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=None, force: bool = False,
          resume=None, progress: bool = True, nproc: int | None = None, **options) -> dict:
     """Tune and write a patch; returns the run's summary (also in RUN_DIR/report.json; None in the processes of a

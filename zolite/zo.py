@@ -27,7 +27,7 @@ from .layers import decoder_layers
 _MIX = 0x9E3779B97F4A7C15
 EPS_SCALES = ("absolute", "relative", "activation", "sparse")
 # --eps-scale sparse (Sparse MeZO, Liu et al. 2024): z only on this fraction of each tensor's weights, those smallest
-# in magnitude in the base (a ZO estimate's error hurts large weights more than small ones, their Sec. 3)
+# in magnitude in the base (the paper finds a ZO estimate's error hurts large weights more than small ones)
 SPARSE_FRACTION = 0.25
 
 
