@@ -1,6 +1,8 @@
 """One row per run folder under a results tree, finished or cut off: what it ran, the lr and how it was chosen, the
 guard's backoffs, the val curve, the best val and (finished runs) the test score. Reads each run's config.json and
 either its report.json (finished) or its seed checkpoint's state (cut off, e.g. by the end of a device session).
+Then one row per arm (the folder above the run folders): test mean ± std over its finished seeds, peak GPU memory,
+wall time; and the zero-shot scores (`zolite eval --json` outputs named zero-shot-TASK-MODE.json) found in the tree.
 
     python bench/runs_table.py RESULTS_DIR [--json RUNS.json] [--md RUNS.md]
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -68,6 +71,28 @@ def markdown(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def arm_markdown(rows: list[dict], root: Path) -> str:
+    """Finished seeds grouped by arm folder (TASK/ARM/lr...-sN)."""
+    arms: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("status") == "done":
+            arms.setdefault(str(Path(r["run"]).parent), []).append(r)
+    lines = ["| arm | seeds done | test (mean ± std) | val (mean) | lr (mean) | peak GPU GiB | train s (mean) |",
+             "|---|---|---|---|---|---|---|"]
+    for arm, runs in sorted(arms.items()):
+        tests = [r["test"] for r in runs if r["test"] is not None]
+        spread = f" ± {statistics.stdev(tests):.3f}" if len(tests) > 1 else ""
+        test = f"{statistics.fmean(tests):.3f}{spread}" if tests else "-"
+        peak = max((r["peak_gib"] or 0) for r in runs)
+        lines.append(f"| {arm} | {len(runs)} | {test} | {statistics.fmean(r['best_val'] for r in runs):.3f} | "
+                     f"{statistics.fmean(r['lr'] for r in runs):.3g} | {peak:.2f} | "
+                     f"{statistics.fmean(r['train_s'] for r in runs):.0f} |")
+    for f in sorted(root.rglob("zero-shot-*.json")):
+        score = json.loads(f.read_text())["zero_shot"]
+        lines.append(f"| {f.stem} | | {score['score']:.3f} (n = {score['n']}) | | | | |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path)
@@ -77,7 +102,7 @@ def main() -> None:
     rows = [run_row(c.parent, args.root) for c in sorted(args.root.rglob("config.json"))]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
-    table = markdown(rows)
+    table = markdown(rows) + "\n" + arm_markdown(rows, args.root)
     if args.md:
         args.md.write_text(table)
     else:

@@ -53,3 +53,28 @@ def test_grad_energy_splits_the_layer_gradient_into_groups(tiny_model, small_dat
 def test_step_ops_counts_each_dtype():
     rows = [line.split("|")[1:-1] for line in _run(BENCH / "step_ops.py").splitlines() if line.startswith("| float")]
     assert [r[0].strip() for r in rows] == ["float32", "float16"] and all(int(r[3]) > 0 for r in rows)
+
+
+def test_runs_table_reads_finished_and_cut_off_runs(tiny_model, small_data, tmp_path, monkeypatch):
+    """The device sessions' runs come home finished (report.json) or cut off (a seed checkpoint): both get a row,
+    finished seeds an arm's test mean."""
+    import zolite
+    from test_tune import Interrupted, _cut_off_after
+
+    common = dict(data=small_data, layer="1", steps=4, eval_every=2, batch_size=4, lr="auto", eval_test=True,
+                  progress=False)
+    for seed in (0, 1):
+        zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "sst2" / "mezo" / f"lrauto-s{seed}", seed=seed, **common)
+    with monkeypatch.context() as m:
+        _cut_off_after(m, 2)
+        with pytest.raises(Interrupted):
+            zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "sst2" / "cut" / "lrauto-s0", **common)
+    (tmp_path / "zero-shot-sst2-fp16.json").write_text(json.dumps({"zero_shot": {"score": 0.5, "n": 40}}))
+    _run(BENCH / "runs_table.py", tmp_path, "--json", tmp_path / "runs.json", "--md", tmp_path / "runs.md")
+    rows = {r["run"]: r for r in json.loads((tmp_path / "runs.json").read_text())}
+    assert rows["sst2/cut/lrauto-s0"]["status"] == "cut off" and rows["sst2/cut/lrauto-s0"]["steps"] == 2
+    assert rows["sst2/mezo/lrauto-s1"]["status"] == "done" and rows["sst2/mezo/lrauto-s1"]["test"] is not None
+    assert rows["sst2/cut/lrauto-s0"]["lr"] == rows["sst2/mezo/lrauto-s0"]["lr"]   # the same probe, seed 0
+    table = (tmp_path / "runs.md").read_text()
+    tests = [rows[f"sst2/mezo/lrauto-s{s}"]["test"] for s in (0, 1)]
+    assert f"| sst2/mezo | 2 | {sum(tests) / 2:.3f} ± " in table and "| zero-shot-sst2-fp16 | | 0.500 (n = 40)" in table
