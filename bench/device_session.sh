@@ -51,7 +51,7 @@ serve-qwen)
   bash bench/real_scale_dev.sh stop
   # the cells the 2026-12-06 run did not reach, the largest first (results.json is rewritten after each cell)
   timeout 330 python bench/serve_bench.py --model qwen2.5-coder-1.5b --layer 1 --device cuda --mode nf4 \
-    --requests 32 --clients 32,8 --workers one-at-a-time,mixed,continuous --out $R/serve_gpu_qwen \
+    --requests 32 --clients 32,8 --workers one-at-a-time,mixed,continuous --out $R/serve_gpu_qwen_rest \
     > $R/serve-qwen.log 2>&1
   cd "$here" && bash bench/real_scale_dev.sh collect "$2" ;;
 collect)

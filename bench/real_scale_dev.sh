@@ -4,7 +4,7 @@
 #   bash bench/real_scale_dev.sh qwen           # Qwen2.5-Coder-1.5B (nf4): scan, noise and lr probes, the dev plan
 #   bash bench/real_scale_dev.sh smollm2-boolq  # round 3, SmolLM2 BoolQ: longer, larger batch, eps 0.1 (plan in bench/plans)
 #   bash bench/real_scale_dev.sh qwen-round3    # round 3, Qwen nf4: final probe rule + guard, eps, layer, references
-#   bash bench/real_scale_dev.sh final [TASK..] # issue 22's evidence: zero-shot test, then the final plan, 3 seeds
+#   bash bench/real_scale_dev.sh final [TASK..] # issue 22's evidence: the final plan, 3 seeds, and zero-shot test
 #                                               # (default tasks: sst2 rte)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
@@ -47,8 +47,8 @@ qwen-round3)
     > $R/qwen3-sst2-normbias.log 2>&1 < /dev/null & ;;
 final)
   # issue 22's evidence (bench/plans/real_scale_final.toml), 3 seeds, on the tasks given (default sst2 rte; boolq
-  # costs ~5x a step), 7 runs at a time per task and 4 candidates on SST-2 (~70 GiB of GPU memory); beside them, zero-shot on
-  # test (nf4 and fp16)
+  # costs ~5x a step), 7 runs at a time per task and 4 candidates on SST-2 (~70 GiB of GPU memory); beside them,
+  # zero-shot on test (nf4: every layer quantized, as a user's plain nf4 model; the runs keep their layer in fp16)
   shift
   python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
   tasks=${*:-sst2 rte}
@@ -72,8 +72,8 @@ final)
       > $R/final-sst2-candidates.log 2>&1 < /dev/null & ;;
   esac ;;
 stop)
-  pkill -f "zolite ablate"; pkill -f "multiprocessing.spawn"; sleep 4
-  pkill -9 -f "zolite ablate"; pkill -9 -f "multiprocessing.spawn"; true ;;
+  pkill -f "zolite ablate"; pkill -f "zolite eval"; pkill -f "multiprocessing.spawn"; sleep 4
+  pkill -9 -f "zolite ablate"; pkill -9 -f "zolite eval"; pkill -9 -f "multiprocessing.spawn"; true ;;
 collect)
   out=$2
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > $R/nvidia-smi.txt

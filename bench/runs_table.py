@@ -72,11 +72,12 @@ def markdown(rows: list[dict]) -> str:
 
 
 def arm_markdown(rows: list[dict], root: Path) -> str:
-    """Finished seeds grouped by arm folder (TASK/ARM/lr...-sN)."""
+    """Finished seeds grouped by arm folder and lr (run folders TASK/ARM/lrLR-sSEED; an lr grid's values apart)."""
     arms: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("status") == "done":
-            arms.setdefault(str(Path(r["run"]).parent), []).append(r)
+            run = Path(r["run"])
+            arms.setdefault(f"{run.parent} {run.name.rpartition('-s')[0]}", []).append(r)
     lines = ["| arm | seeds done | test (mean ± std) | val (mean) | lr (mean) | peak GPU GiB | train s (mean) |",
              "|---|---|---|---|---|---|---|"]
     for arm, runs in sorted(arms.items()):

@@ -163,6 +163,10 @@ def main():
     texts = prompts(256)
     levels = [int(c) for c in args.clients.split(",")]
     workers = [w for w in WORKERS if w[0] in args.workers.split(",")]
+    unknown = set(args.workers.split(",")) - {w[0] for w in WORKERS}
+    if unknown or not workers:
+        sys.exit(f"error: unknown worker(s) {', '.join(sorted(unknown)) or '(none given)'}; "
+                 f"choose from {', '.join(w[0] for w in WORKERS)}")
 
     def bodies(n):
         return [{"model": NAMES[i % 3], "prompt": texts[i % len(texts)], "max_tokens": args.max_tokens,

@@ -24,7 +24,8 @@ from .options import LR, custom_task_options, mode_option
               "(docs/guide.md, step size).  [default: the profile's, else auto]")
 @click.option("--guard/--no-guard", default=None,
               help="Halve the step when the training loss turns up (ZO-SGD / momentum).  [default: on]")
-@click.option("--eps", type=float, help="Perturbation scale (absolute). Default: the profile's.")
+@click.option("--eps", type=float, help="Perturbation scale (absolute). Default: the profile's, else 1e-2 on a "
+                                        "quantized base (nf4, int8) and 1e-3 (MeZO's) on an unquantized one.")
 @click.option("--batch-size", type=int, help="Examples per step. Default: the profile's.")
 @click.option("--weight-decay", type=float, help="MeZO weight decay on matrices.  [default: 0]")
 @click.option("--estimator", type=click.Choice(["spsa", "residual", "fo"]),

@@ -338,7 +338,7 @@ def test_plan_errors(tiny_model, tmp_path):
 
 def test_a_run_whose_eps_came_from_its_load_mode_is_read_back(tiny_model, small_data, tmp_path):
     """Without eps in the plan or the profile, tune picks it from the load mode (1e-2 for a quantized base on a GPU):
-    such a run folder is this plan's run, not another one's."""
+    such a run folder is this plan's run, not another one's; an unquantized run at that eps is another run."""
     plan = tmp_path / "plan.toml"
     plan.write_text('name = "p"\n[[arm]]\nname = "mezo"\nlayer = 1\nlr = 1e-3\n')
     options = dict(plan=str(plan), seeds=1, steps=2, out=tmp_path / "out", data=small_data, batch_size=4,
@@ -347,6 +347,21 @@ def test_a_run_whose_eps_came_from_its_load_mode_is_read_back(tiny_model, small_
     config_file = tmp_path / "out" / "mezo" / "lr0.001-s0" / "config.json"
     config = json.loads(config_file.read_text())
     assert config["eps"] == 1e-3   # the CPU loads unquantized
-    config_file.write_text(json.dumps({**config, "eps": 1e-2}))   # as an nf4 run on a GPU writes it
+    config_file.write_text(json.dumps({**config, "eps": 1e-2, "mode": "nf4"}))   # as an nf4 run on a GPU writes it
     again = zolite.ablate(tiny_model, "sst2", **options)
     assert again["arms"][0]["runs"] == first["arms"][0]["runs"]
+    config_file.write_text(json.dumps({**config, "eps": 1e-2}))   # unquantized at 1e-2: another run
+    with pytest.raises(ZoliteError, match="eps = 0.01, not 0.001"):
+        zolite.ablate(tiny_model, "sst2", **options)
+
+
+def test_an_arm_that_cannot_load_fails_before_any_run(tiny_model, small_data, tmp_path):
+    """Every layer tuned leaves nothing to quantize: an arm asking for that in nf4 fails the plan up front, not after
+    the other arms' runs (a whole device session's worth) have started."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text('name = "p"\n[defaults]\nmode = "nf4"\n[[arm]]\nname = "layer"\nlayer = 1\nlr = 1e-3\n'
+                    '[[arm]]\nname = "full"\nlayer = "all"\nlr = 1e-3\n')
+    with pytest.raises(ZoliteError, match="nothing is left to quantize with --mode nf4"):
+        zolite.ablate(tiny_model, "sst2", plan=str(plan), seeds=1, steps=2, out=tmp_path / "out", data=small_data,
+                      progress=False)
+    assert not (tmp_path / "out").exists()

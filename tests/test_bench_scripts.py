@@ -77,4 +77,4 @@ def test_runs_table_reads_finished_and_cut_off_runs(tiny_model, small_data, tmp_
     assert rows["sst2/cut/lrauto-s0"]["lr"] == rows["sst2/mezo/lrauto-s0"]["lr"]   # the same probe, seed 0
     table = (tmp_path / "runs.md").read_text()
     tests = [rows[f"sst2/mezo/lrauto-s{s}"]["test"] for s in (0, 1)]
-    assert f"| sst2/mezo | 2 | {sum(tests) / 2:.3f} ± " in table and "| zero-shot-sst2-fp16 | | 0.500 (n = 40)" in table
+    assert f"| sst2/mezo lrauto | 2 | {sum(tests) / 2:.3f} ± " in table and "| zero-shot-sst2-fp16 | | 0.500 (n = 40)" in table

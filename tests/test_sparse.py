@@ -55,3 +55,12 @@ def test_a_sparse_run_replays_from_its_trajectory(tiny_model, small_data, tmp_pa
     apply_patch(b.model, seeds)
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_weight_decay_with_sparse_is_refused(tiny_model, small_data, tmp_path):
+    from conftest import run_cli
+    from test_errors import assert_user_error
+
+    assert_user_error(run_cli("tune", "--model", tiny_model, "--task", "sst2", "--layer", "1", "--data", small_data,
+                              "--eps-scale", "sparse", "--weight-decay", "0.1", "--steps", "1",
+                              "--run-dir", tmp_path / "run"), "--weight-decay", "--eps-scale sparse")

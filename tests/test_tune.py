@@ -369,15 +369,17 @@ def test_a_failed_run_leaves_no_folder_and_force_clears_the_old_report(tiny_mode
     assert not any((run / name).exists() for name in ("report.md", "report.json", "config.json"))
 
 
-@pytest.mark.parametrize("mode, profile_eps, given, expected", [
-    ("nf4", None, None, 1e-2),     # a quantized base: its rounding outweighs the +-eps difference at 1e-3
-    ("int8", None, None, 1e-2),
-    ("fp16", None, None, 1e-3),    # unquantized: MeZO's eps
-    ("offload", None, None, 1e-3),
-    ("nf4", 1e-3, None, 1e-3),     # the profile's measured eps wins
-    ("nf4", None, 5e-3, 5e-3),     # and the user's over both
+@pytest.mark.parametrize("mode, eps_scale, profile_eps, given, expected", [
+    ("nf4", "absolute", None, None, 1e-2),     # a quantized base: its rounding outweighs the +-eps difference at 1e-3
+    ("int8", "absolute", None, None, 1e-2),
+    ("nf4", "sparse", None, None, 1e-2),
+    ("nf4", "relative", None, None, 1e-3),     # eps in units of each tensor's RMS: MeZO's
+    ("fp16", "absolute", None, None, 1e-3),    # unquantized: MeZO's eps
+    ("offload", "absolute", None, None, 1e-3),
+    ("nf4", "absolute", 1e-3, None, 1e-3),     # the profile's measured eps wins
+    ("nf4", "absolute", None, 5e-3, 5e-3),     # and the user's over both
 ])
-def test_eps_default_follows_the_base_quantization(mode, profile_eps, given, expected):
+def test_eps_default_follows_the_base_quantization(mode, eps_scale, profile_eps, given, expected):
     from types import SimpleNamespace
 
     from zolite.profile import Profile
@@ -387,5 +389,5 @@ def test_eps_default_follows_the_base_quantization(mode, profile_eps, given, exp
     profile = Profile(name="p", description="", source="hub:x/y", arch="llama", num_layers=2,
                       defaults={} if profile_eps is None else {"eps": profile_eps})
     loaded = SimpleNamespace(profile=profile, dtype=torch.float16, device=torch.device("cpu"), mode=mode)
-    config = fill_defaults(TuneConfig(eps=given), loaded, [1], 2, get_task("sst2"))
+    config = fill_defaults(TuneConfig(eps=given, eps_scale=eps_scale), loaded, [1], 2, get_task("sst2"))
     assert config.eps == expected

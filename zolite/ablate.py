@@ -117,7 +117,7 @@ def _model_facts(model: str) -> dict:
         dominant = profile.dominant_layer
     defaults = {**BUILTIN_DEFAULTS, **(profile.defaults if profile else {})}
     if "eps" not in (profile.defaults if profile else {}):
-        defaults.pop("eps")   # tune's choice depends on the load mode (QUANTIZED_EPS)
+        defaults.pop("eps")   # tune's choice depends on the load mode (default_eps; _check_folder)
     return {"num_layers": num_layers, "dominant": dominant, "lr": defaults["lr"], "steps": defaults["steps"],
             "defaults": defaults}
 
@@ -176,6 +176,8 @@ def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: in
     """Refuse a run folder that holds another run (other task, lr, seed or option): it would be read back, resumed
     or overwritten as this one. Paths are not compared (`data`; of a model folder or task file only the name): the
     same files may sit elsewhere on another machine."""
+    from .tune_setup import default_eps
+
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         return
@@ -183,6 +185,8 @@ def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: in
     config.update({k: Path(str(config[k])).name for k in ("model", "task") if k in config})
     wanted = {**{k: v for k, v in options.items() if k != "data"},
               "model": Path(str(model)).name, "task": Path(str(task)).name, "lr": lr, "seed": seed}
+    if "eps" not in wanted and "mode" in config:   # left to tune, which picks it by the load mode
+        wanted["eps"] = default_eps(config["mode"], wanted.get("eps_scale", "absolute"))
     mismatch = config_mismatch(config, wanted)
     if mismatch:
         key, was, want = mismatch

@@ -34,6 +34,8 @@ BUILTIN_DEFAULTS = {"lr": "auto", "eps": 1e-3, "batch_size": 16, "steps": 1000, 
 # fp32 model's, 1e-3 -> 1e-2: nf4 0.77 -> 0.93 (Qwen2.5-Coder-1.5B, bench/results/real_scale_dev/noise_qwen), int8
 # 0.11 -> 0.92 (SmolLM2, bench/results/quant_noise).
 QUANTIZED_EPS = 1e-2
+_EVERY_LAYER_UNQUANTIZED = ("--layers all tunes every layer, so nothing is left to quantize with --mode {mode}; "
+                            "use --mode fp16 or offload")
 
 
 @dataclass
@@ -116,6 +118,11 @@ def check_options(config: TuneConfig) -> None:
         raise ZoliteError("--objective f1 runs plain MeZO only (spsa, one z, sgd); drop the estimator/optimizer options")
     if config.mode not in (None, *MODES):
         raise ZoliteError(f"unknown mode '{config.mode}'; choose one of {', '.join(MODES)}")
+    if config.mode in QUANT_MODES and str(config.layer).strip().lower() == "all":
+        raise ZoliteError(_EVERY_LAYER_UNQUANTIZED.format(mode=config.mode))
+    if config.eps_scale == "sparse" and config.weight_decay:
+        raise ZoliteError("--weight-decay would also shrink the weights --eps-scale sparse leaves untouched; "
+                          "drop one of the two")
     if config.gpu_memory is not None:
         parse_size(config.gpu_memory)
     if config.objective not in (None, *OBJECTIVES):
@@ -196,15 +203,22 @@ def _claim_patch_path(out, force: bool) -> None:
     trajectory_path(out).unlink(missing_ok=True)
 
 
+def default_eps(mode: str, eps_scale: str) -> float:
+    """eps for a model whose profile gives none: QUANTIZED_EPS on a quantized base, unless eps is relative to each
+    tensor's RMS (--eps-scale relative: another unit); else MeZO's."""
+    if mode in QUANT_MODES and eps_scale != "relative":
+        return QUANTIZED_EPS
+    return BUILTIN_DEFAULTS["eps"]
+
+
 def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=None, world_size: int = 1) -> TuneConfig:
     """The profile's defaults for what was not given, and what the load decided. With several processes the
     micro-batch defaults to a process's slice of the batch (so a one-process run resumed from it evaluates the same
     micro-batches)."""
     defaults = dict(BUILTIN_DEFAULTS, **(loaded.profile.defaults if loaded.profile else {}))
     filled = {k: defaults[k] for k in BUILTIN_DEFAULTS if getattr(config, k) is None}
-    if "eps" in filled and "eps" not in (loaded.profile.defaults if loaded.profile else {}) \
-            and loaded.mode in QUANT_MODES:
-        filled["eps"] = QUANTIZED_EPS
+    if "eps" in filled and "eps" not in (loaded.profile.defaults if loaded.profile else {}):
+        filled["eps"] = default_eps(loaded.mode, config.eps_scale)
     filled["layer"] = format_layers(indices, num_layers)
     filled["dtype"] = str(loaded.dtype).removeprefix("torch.")
     filled["device"] = str(loaded.device)
@@ -234,9 +248,8 @@ def load_for_tuning(config: TuneConfig, world_size: int = 1):
                                     lambda: scan(config.model, seeds=0, device=device, dtype=config.dtype,
                                                  mode=config.mode))
     selected_tensors(skeleton, indices, config.params)   # a bad --params fails before the weights load
-    if config.mode in QUANT_MODES and len(indices) == num_layers:
-        raise ZoliteError(f"--layers all tunes every layer, so nothing is left to quantize with --mode {config.mode}; "
-                          "use --mode fp16 or offload")
+    if config.mode in QUANT_MODES and len(indices) == num_layers:   # every layer named one by one
+        raise ZoliteError(_EVERY_LAYER_UNQUANTIZED.format(mode=config.mode))
     mode, plan = plan_for_device(config, device, skeleton, indices, identity, profile, world_size)
     mode = mode or _default_mode(config, device, profile, every_layer=len(indices) == num_layers)
     loaded = load_model(config.model, device=device, dtype=config.dtype, mode=mode, keep_layers=indices,

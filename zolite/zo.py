@@ -375,8 +375,9 @@ class TunedLayers:
 
 
 def small_weights(p: torch.Tensor, fraction: float = SPARSE_FRACTION) -> torch.Tensor:
-    """Mask (bool, p's shape and device) of the weights at or below the `fraction` quantile of |p| (kthvalue: quantile
-    refuses tensors over 16M elements)."""
+    """Mask (bool, p's shape and device) of the weights at or below the `fraction` quantile of |p|: at least that
+    fraction, more where magnitudes tie at the threshold (a norm still at its initial ones: all of it). kthvalue:
+    quantile refuses tensors over 16M elements."""
     magnitude = p.detach().abs().float().flatten()
     k = max(1, round(fraction * magnitude.numel()))
     threshold = magnitude.kthvalue(k).values
