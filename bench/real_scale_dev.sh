@@ -78,6 +78,7 @@ stop)
 collect)
   out=$2
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > $R/nvidia-smi.txt
+  uptime >> $R/nvidia-smi.txt   # the load average: are the runs bound by the host's cores together?
   # everything but weights: reports, tables, logs, seed checkpoints (kilobytes; dense ones are skipped)
   find $R -name '*.safetensors' -size +16M | sed 's|^/||' > /tmp/big.txt
   tar czf $out/res.tgz -X /tmp/big.txt --exclude='patch.safetensors' -C / root/res
