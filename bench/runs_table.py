@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 
 from zolite.checkpoint import load_checkpoint  # noqa: E402
 from zolite.stepsize import LossGuard, guard_window  # noqa: E402
+from zolite.tune import uses_guard  # noqa: E402
+from zolite.tune_setup import TuneConfig  # noqa: E402
 
 
 def run_row(run_dir: Path, root: Path) -> dict | None:
@@ -44,7 +46,7 @@ def run_row(run_dir: Path, root: Path) -> dict | None:
     state = saved[2]
     choice = state.get("lr_choice") or {}
     guard = None
-    if config["guard"] and config["estimator"] != "fo" and config["optimizer"] in ("sgd", "momentum"):
+    if uses_guard(TuneConfig(**config)):
         guard = LossGuard(guard_window(config["steps"]), choice.get("base_losses", []))
         guard.replay(state["losses"])
     row.update(status="cut off", steps=state["step"], lr=choice.get("lr", config["lr"]),

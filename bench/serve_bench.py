@@ -162,8 +162,9 @@ def main():
     patches = make_patches(loaded, layer, args.noise)
     texts = prompts(256)
     levels = [int(c) for c in args.clients.split(",")]
-    workers = [w for w in WORKERS if w[0] in args.workers.split(",")]
-    unknown = set(args.workers.split(",")) - {w[0] for w in WORKERS}
+    names = args.workers.split(",")
+    workers = [w for w in WORKERS if w[0] in names]
+    unknown = set(names) - {w[0] for w in WORKERS}
     if unknown or not workers:
         sys.exit(f"error: unknown worker(s) {', '.join(sorted(unknown)) or '(none given)'}; "
                  f"choose from {', '.join(w[0] for w in WORKERS)}")
@@ -200,9 +201,9 @@ def main():
             rows.append({"clients": clients, "worker": label, "max_batch": max_batch, "mix": server.mix,
                          "continuous": server.continuous, **result})
             print(json.dumps(rows[-1]), flush=True)
-            result = save(rows)   # after every cell: a run cut off (device time) keeps what it measured
+            saved = save(rows)   # after every cell: a run cut off (device time) keeps what it measured
 
-    print(markdown(result))
+    print(markdown(saved))
 
 
 def _cpu_name() -> str:

@@ -23,9 +23,14 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
                       f"supported layouts: {', '.join(LAYER_PATHS)}")
 
 
+def is_every_layer(spec) -> bool:
+    """--layer all (any case or spacing)."""
+    return isinstance(spec, str) and spec.strip().lower() == "all"
+
+
 def parse_layers(spec: str | int, num_layers: int) -> list[int]:
     """'12' -> [12]; 'all' -> every layer; '3,5' -> [3, 5]."""
-    if isinstance(spec, str) and spec.strip().lower() == "all":
+    if is_every_layer(spec):
         return list(range(num_layers))
     try:
         indices = [int(spec)] if isinstance(spec, int) else [int(s) for s in str(spec).split(",")]

@@ -17,7 +17,7 @@ import torch
 from .errors import ZoliteError, check_at_least
 from .inputs import read_json
 from .io import check_writable, config_mismatch, refuse_clobber
-from .layers import decoder_layers, format_layers
+from .layers import decoder_layers, format_layers, is_every_layer
 from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, load_model, resolve_device,
                       model_skeleton, resolve_model)
 from .optim import ESTIMATORS, OPTIMIZERS
@@ -118,7 +118,7 @@ def check_options(config: TuneConfig) -> None:
         raise ZoliteError("--objective f1 runs plain MeZO only (spsa, one z, sgd); drop the estimator/optimizer options")
     if config.mode not in (None, *MODES):
         raise ZoliteError(f"unknown mode '{config.mode}'; choose one of {', '.join(MODES)}")
-    if config.mode in QUANT_MODES and str(config.layer).strip().lower() == "all":
+    if config.mode in QUANT_MODES and is_every_layer(config.layer):
         raise ZoliteError(_EVERY_LAYER_UNQUANTIZED.format(mode=config.mode))
     if config.eps_scale == "sparse" and config.weight_decay:
         raise ZoliteError("--weight-decay would also shrink the weights --eps-scale sparse leaves untouched; "

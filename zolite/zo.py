@@ -378,10 +378,9 @@ def small_weights(p: torch.Tensor, fraction: float = SPARSE_FRACTION) -> torch.T
     """Mask (bool, p's shape and device) of the weights at or below the `fraction` quantile of |p|: at least that
     fraction, more where magnitudes tie at the threshold (a norm still at its initial ones: all of it). kthvalue:
     quantile refuses tensors over 16M elements."""
-    magnitude = p.detach().abs().float().flatten()
+    magnitude = p.detach().abs().float()
     k = max(1, round(fraction * magnitude.numel()))
-    threshold = magnitude.kthvalue(k).values
-    return p.detach().abs().float() <= threshold
+    return magnitude <= magnitude.flatten().kthvalue(k).values
 
 
 def _chunks(*tensors: torch.Tensor):
