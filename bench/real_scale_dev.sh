@@ -5,7 +5,9 @@
 #   bash bench/real_scale_dev.sh smollm2-boolq  # round 3, SmolLM2 BoolQ: longer, larger batch, eps 0.1 (plan in bench/plans)
 #   bash bench/real_scale_dev.sh qwen-round3    # round 3, Qwen nf4: final probe rule + guard, eps, layer, references
 #   bash bench/real_scale_dev.sh final [TASK..] # issue 22's evidence: the final plan, 3 seeds, and zero-shot test
-#                                               # (default tasks: sst2 rte)
+#                                               # (default tasks: sst2 rte), and the leading candidates, 3 seeds
+#   bash bench/real_scale_dev.sh final-recipe TASK..  # zero-shot and the plan's `zolite` arm only, 3 seeds (BoolQ:
+#                                               # ~5x a step, so the target's own runs first)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
 #                                               # name them: pkill -f would match the call's shell)
@@ -45,31 +47,40 @@ qwen-round3)
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task sst2 --plan bench/plans/real_scale_round3_sst2.toml \
     --seeds 1 --steps 2000 --jobs 1 --data /root/data --out $R/qwen3/sst2-normbias --quiet \
     > $R/qwen3-sst2-normbias.log 2>&1 < /dev/null & ;;
-final)
+final|final-recipe)
   # issue 22's evidence (bench/plans/real_scale_final.toml), 3 seeds, on the tasks given (default sst2 rte; boolq
-  # costs ~5x a step), 8 runs at a time per task (~60 GiB of GPU memory for two); beside them,
-  # zero-shot on test (nf4: every layer quantized, as a user's plain nf4 model; the runs keep their layer in fp16)
-  shift
+  # costs ~5x a step); beside them, zero-shot on test (nf4: every layer quantized, as a user's plain nf4 model; the
+  # runs keep their layer in fp16)
+  verb=$1; shift
   python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
   tasks=${*:-sst2 rte}
   mkdir -p $R/final
-  setsid nohup bash -c "for t in $tasks; do for m in nf4 fp16; do f=$R/final/zero-shot-\$t-\$m.json; [ -f \$f ] ||
-    { zolite eval --model qwen2.5-coder-1.5b --task \$t --split test --mode \$m --data /root/data --json \
-      > \$f.part && mv \$f.part \$f; }; done; done" > $R/final-zero-shot.log 2>&1 < /dev/null &
-  # backprop in its own process, started at once: its dense checkpoints are not collected, so a cut-off backprop run
-  # starts over next session; the ZO arms' seed checkpoints resume (zolite ablate --table-only tabulates them all)
+  # zero-shot: tried again every 30 s while the GPU is full (RTE's fp16 scoring ran out of memory beside 16 runs)
+  setsid nohup bash -c "for t in $tasks; do for m in nf4 fp16; do f=$R/final/zero-shot-\$t-\$m.json
+    for try in 1 2 3 4 5 6 7 8 9 10; do [ -f \$f ] && break
+      zolite eval --model qwen2.5-coder-1.5b --task \$t --split test --mode \$m --data /root/data --json \
+        > \$f.part && mv \$f.part \$f || sleep 30; done; done; done" > $R/final-zero-shot-${tasks// /-}.log 2>&1 \
+    < /dev/null &
   for t in $tasks; do
+    if [ $verb = final-recipe ]; then
+      setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
+        --arms zolite --seeds 3 --jobs 3 --data /root/data --out $R/final/$t --quiet \
+        > $R/final-$t.log 2>&1 < /dev/null &
+      continue
+    fi
+    # backprop in its own process, started at once: its dense checkpoints are not collected, so a cut-off backprop
+    # run starts over next session; the ZO arms' seed checkpoints resume (zolite ablate --table-only tabulates them)
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
       --arms backprop --seeds 3 --jobs 3 --data /root/data --out $R/final/$t --quiet \
       > $R/final-$t-backprop.log 2>&1 < /dev/null &
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
       --arms zolite,mezo,mezo-full,zolite-fp16 --seeds 3 --jobs 3 --data /root/data --out $R/final/$t --quiet \
       > $R/final-$t.log 2>&1 < /dev/null &
-    # the dev candidates, one seed (the dominant layer's run is the plan's `zolite`): every one on SST-2; on RTE,
-    # where layer 1 did not learn in round 3, layer 4 and Sparse MeZO
-    arms=$([ $t = sst2 ] && echo layer4,layer14,layer27,sparse || echo layer4,sparse)
+    # the candidates that led the dev round (bench/results/real_scale_final_h100, seed 0 on val), now 3 seeds:
+    # SST-2 layer 27 and Sparse MeZO; RTE layer 4 (layer 1 did not learn RTE). Seed 0's runs resume.
+    arms=$([ $t = sst2 ] && echo layer27,sparse || echo layer4)
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_candidates.toml \
-      --arms $arms --seeds 1 --jobs 2 --data /root/data --out $R/final/$t-candidates --quiet \
+      --arms $arms --seeds 3 --jobs 2 --data /root/data --out $R/final/$t-candidates --quiet \
       > $R/final-$t-candidates.log 2>&1 < /dev/null &
   done ;;
 stop)
