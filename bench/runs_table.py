@@ -47,7 +47,7 @@ def run_row(run_dir: Path, root: Path) -> dict | None:
     choice = state.get("lr_choice") or {}
     guard = None
     if uses_guard(TuneConfig(**config)):
-        guard = LossGuard(guard_window(config["steps"]), choice.get("base_losses", []))
+        guard = LossGuard(guard_window(config["steps"]), choice.get("base_losses", []), state.get("guard_returns", False))
         guard.replay(state["losses"])
     row.update(status="cut off", steps=state["step"], lr=choice.get("lr", config["lr"]),
                lr_source=choice.get("source", "given"), probe_note=(choice.get("probe") or {}).get("note"),

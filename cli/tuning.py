@@ -23,7 +23,8 @@ from .options import LR, custom_task_options, mode_option
 @click.option("--lr", type=LR, help="Step size, or auto: probed from the model's curvature before the run "
               "(docs/guide.md, step size).  [default: the profile's, else auto]")
 @click.option("--guard/--no-guard", default=None,
-              help="Halve the step when the training loss turns up (ZO-SGD / momentum).  [default: on]")
+              help="Halve the step when the training loss turns up (ZO-SGD / momentum), and in plain MeZO go back "
+                   "to the weights of the lowest loss so far.  [default: on]")
 @click.option("--eps", type=float, help="Perturbation scale (absolute). Default: the profile's, else 1e-2 on a "
                                         "quantized base (nf4, int8) and 1e-3 (MeZO's) on an unquantized one.")
 @click.option("--batch-size", type=int, help="Examples per step. Default: the profile's.")
@@ -99,6 +100,8 @@ def tune(ctx, model, task, run_dir, out, resume, force, nproc, as_json, quiet, *
         how = {"probe": "probed from the model's curvature", "profile": "the model profile's"}.get(lr["source"],
                                                                                                   "as given")
         halved = f"; halved at steps {', '.join(str(b[0]) for b in lr['backoffs'])}" if lr.get("backoffs") else ""
+        if lr.get("returned"):
+            halved += ", each time back to the weights of the lowest loss so far"
         click.echo(f"lr: {lr['lr']:.3g} ({how}{halved})")
         for part in ("val", "test"):
             if report["final"].get(part):

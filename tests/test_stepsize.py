@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from zolite.stepsize import KAPPA, PROBE_EPS, PROBES, LossGuard, probe_lr
+from zolite.stepsize import KAPPA, PROBE_EPS, PROBES, LossGuard, effective_updates, probe_lr
 
 
 def quadratic_pair_losses(h: torch.Tensor, b: torch.Tensor, noise: float = 0.0):
@@ -62,6 +62,32 @@ def test_the_guard_halves_the_step_when_the_loss_turns_up_and_not_on_noise():
     assert again.backoffs == guard.backoffs and again.factor == guard.factor
 
 
+def test_the_guard_goes_back_to_the_weights_of_the_lowest_block():
+    """With returns (plain MeZO): a copy at each block that is the lowest so far; with a halving, back to it."""
+    rng = random.Random(2)
+    down_then_up = [1.0 - 0.0005 * t + 0.02 * rng.gauss(0, 1) for t in range(400)]
+    down_then_up += [0.8 + 0.002 * t + 0.02 * rng.gauss(0, 1) for t in range(400)]
+    guard = LossGuard(window=25, base=[1.0 + 0.02 * rng.gauss(0, 1) for _ in range(8)], returns=True)
+    said = {n: guard.check(down_then_up[:n], quiet=True) for n in range(1, 801)}
+    said = {n: a for n, a in said.items() if a}
+    first = min(n for n, a in said.items() if a == "return")
+    assert said[100] == said[200] == said[300] == said[400] == "snapshot"   # each block lower than the last
+    assert guard.returned[0] == [first, 400] and guard.backoffs[0][0] == first   # back to the lowest block's end
+    assert all(a == "return" for n, a in said.items() if n > 400)   # the loss only climbs after step 400
+    again = LossGuard(window=25, base=guard.base, returns=True)
+    again.replay(down_then_up)
+    assert (again.snapshots, again.returned, again.backoffs) == (guard.snapshots, guard.returned, guard.backoffs)
+    assert [again.action_at(n) for n in range(801)] == [said.get(n) for n in range(801)]
+
+
+def test_the_updates_a_return_undid_are_left_out():
+    assert effective_updates(10, []) == list(range(10))
+    assert effective_updates(10, [[6, 4]]) == [0, 1, 2, 3, 6, 7, 8, 9]          # 4 and 5 were undone at step 6
+    assert effective_updates(10, [[6, 4], [9, 6]]) == [0, 1, 2, 3, 9]            # step 6's weights were step 4's
+    assert effective_updates(5, [[6, 4]]) == [0, 1, 2, 3, 4]                     # before the return: all of them
+    assert effective_updates(3, [[2, 0]]) == [2]
+
+
 def _tune(model, small_data, tmp_path, name, **options):
     import zolite
 
@@ -77,7 +103,8 @@ def test_tune_probes_its_lr_and_says_so(tiny_model, small_data, tmp_path):
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["lr"] == "auto"   # the run asked for auto
     assert report["forward_passes"] == 2 * 4 and lr["forwards"] == lr["probe"]["forwards"] == 6 * PROBES
     given = _tune(tiny_model, small_data, tmp_path, "given", steps=2, eval_every=0, lr=1e-3)
-    assert given["lr"] == {"lr": 1e-3, "source": "given", "probe": None, "backoffs": [], "forwards": 16}
+    assert given["lr"] == {"lr": 1e-3, "source": "given", "probe": None, "backoffs": [], "returned": [],
+                           "forwards": 16}
 
 
 @pytest.fixture
@@ -137,7 +164,7 @@ def test_a_guarded_run_resumes_bit_for_bit(tiny_model, small_data, tmp_path, mon
     tune_module = importlib.import_module("zolite.tune")
     options = dict(steps=80, eval_every=40, lr=0.5)
     full = _tune(tiny_model, small_data, tmp_path, "full", **options)
-    assert full["lr"]["backoffs"]
+    assert full["lr"]["backoffs"] and full["lr"]["returned"]   # it halved and went back to kept weights
     first = full["lr"]["backoffs"][0][0]
     real_save = tune_module._save
 
@@ -151,6 +178,60 @@ def test_a_guarded_run_resumes_bit_for_bit(tiny_model, small_data, tmp_path, mon
         _tune(tiny_model, small_data, tmp_path, "cut", **options)
     monkeypatch.setattr(tune_module, "_save", real_save)
     resumed = zolite.tune(None, None, resume=tmp_path / "cut", progress=False)
-    assert resumed["lr"]["backoffs"] == full["lr"]["backoffs"]
+    assert resumed["lr"]["backoffs"] == full["lr"]["backoffs"] and resumed["lr"]["returned"] == full["lr"]["returned"]
     a, b = load_file(full["patch"]), load_file(resumed["patch"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_that_went_back_replays_from_its_trajectory(tiny_model, small_data, tmp_path, short_guard, bowl_loss):
+    """The weights after a return are the kept ones: the seed trajectory leaves the undone updates out and still
+    rebuilds the dense patch bit for bit (replay checks the fingerprint)."""
+    import zolite
+    from zolite.apply import replay
+    from zolite.trajectory import trajectory_path
+
+    report = _tune(tiny_model, small_data, tmp_path, "back", steps=80, eval_every=0, lr=0.5)
+    returned = report["lr"]["returned"]
+    assert returned and report["kept_step"] == 80
+    seeds = zolite.load_patch(trajectory_path(report["patch"]))
+    undone = returned[0][0] - returned[0][1]
+    assert int(seeds.metadata["zolite.trajectory_steps"]) <= 80 - undone
+    dense = zolite.load_patch(report["patch"])
+    replayed = replay(zolite.load_model(tiny_model).model, seeds)
+    assert all(torch.equal(replayed.tensors[k], dense.tensors[k]) for k in dense.tensors)
+
+
+def test_an_older_run_whose_guard_only_halved_resumes_that_way(tiny_model, small_data, tmp_path, monkeypatch,
+                                                                short_guard, bowl_loss):
+    """A checkpoint of a zolite from before the guard went back (no "guard_returns" in its state) whose guard had
+    halved goes on halving only, bit for bit."""
+    from safetensors.torch import load_file
+
+    import zolite
+
+    tune_module = importlib.import_module("zolite.tune")
+    real_save = tune_module._save
+
+    def save_as_before(run_dir, tuned, stepper, best, state, trained_on):
+        real_save(run_dir, tuned, stepper, best, {k: v for k, v in state.items() if k != "guard_returns"}, trained_on)
+    monkeypatch.setattr(tune_module, "guard_returns", lambda run: False)   # the older zolite
+    monkeypatch.setattr(tune_module, "_save", save_as_before)
+    options = dict(steps=80, eval_every=40, lr=0.5)
+    old = _tune(tiny_model, small_data, tmp_path, "old", **options)
+    assert old["lr"]["backoffs"] and old["lr"]["returned"] is None
+    first = old["lr"]["backoffs"][0][0]
+
+    def save_then_stop(*args):
+        save_as_before(*args)
+        if args[4]["step"] > first:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(tune_module, "SEED_CHECKPOINT_S", 0)
+    monkeypatch.setattr(tune_module, "_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _tune(tiny_model, small_data, tmp_path, "cut", **options)
+    monkeypatch.setattr(tune_module, "_save", real_save)
+    monkeypatch.setattr(tune_module, "guard_returns", lambda run: run.stepper.plain())   # this zolite again
+    resumed = zolite.tune(None, None, resume=tmp_path / "cut", progress=False)
+    assert resumed["lr"]["backoffs"] == old["lr"]["backoffs"] and resumed["lr"]["returned"] is None
+    a, b = load_file(old["patch"]), load_file(resumed["patch"])
     assert all(torch.equal(a[k], b[k]) for k in a)

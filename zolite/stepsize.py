@@ -26,6 +26,12 @@ is above the lowest earlier block's, or the base's loss on a few training batche
 a step too large from the start lifts every block), by more than `SIGNIFICANCE` standard errors, the step is
 halved. Each halving multiplies the slopes the run records, so a resumed run or a trajectory
 replays the same updates bit for bit.
+
+Halving stops a drift; it does not undo it. On Qwen2.5-1.5B (bench/results/real_scale_final_h100) SST-2 on layer 14
+reached val 0.806, then its loss climbed from 0.51 to 0.95 and stayed there through six halvings (val 0.640 at the
+end). So in plain MeZO runs the guard also returns: it keeps a copy of the weights at the end of the lowest block so
+far (the base's weights before any block), and with each halving puts them back. The returns are decided by the
+losses alone, so a resumed run replays them too.
 """
 from __future__ import annotations
 
@@ -113,43 +119,88 @@ def _se(values: list[float]) -> float:
 
 @dataclass
 class LossGuard:
-    """Halve the step when the training loss turns up (see the module's docstring). factor: the current multiplier
-    of the lr; backoffs: [step, factor] each time it changed."""
+    """Halve the step when the training loss turns up, and with `returns` go back to the weights of the lowest block
+    (see the module's docstring). factor: the current multiplier of the lr; backoffs: [step, factor] each time it
+    changed; kept: the step whose weights the copy holds; snapshots: the steps a copy was taken at; returned:
+    [step, kept step] each time the weights went back."""
     window: int
     base: list = field(default_factory=list)   # the base's loss on a few training batches (a reference block)
+    returns: bool = False
     factor: float = 1.0
     backoffs: list = field(default_factory=list)
+    kept: int = 0
+    snapshots: list = field(default_factory=list)
+    returned: list = field(default_factory=list)
 
-    def check(self, losses: list[float], quiet: bool = False) -> bool:
-        """Called after each step with every loss so far; True when it just halved the step."""
+    def check(self, losses: list[float], quiet: bool = False) -> str | None:
+        """Called after each step with every loss so far. "halve": the step was just halved; "return": halved, and
+        the weights go back to step `kept`'s; "snapshot": this step's weights are the ones to go back to from now on
+        (returns only); None: nothing to do."""
         n, block = len(losses), BLOCK * self.window
-        if n < 2 * block or n % block or len(self.backoffs) >= MAX_BACKOFFS:
-            return False
-        if self.backoffs and n - self.backoffs[-1][0] < block:   # the last block must be all at the current step
-            return False
+        if n < block or n % block:
+            return None
         recent = losses[n - block:]
         if not all(math.isfinite(v) for v in recent):
-            return False   # divergence is the loop's to handle
+            return None   # divergence is the loop's to handle
         # the lowest earlier block (blocks do not overlap: the minimum of many overlapping ones sits far below the
         # mean of a flat, noisy loss, and the guard would halve on noise)
         blocks = [losses[end - block:end] for end in range(block, n - block + 1, block)]
-        best = min(blocks + ([self.base] if len(self.base) > 1 else []), key=statistics.fmean)
-        se = math.sqrt(statistics.variance(best) / len(best) + statistics.variance(recent) / block)
-        if statistics.fmean(recent) <= statistics.fmean(best) + SIGNIFICANCE * se:
+        best = min(blocks + ([self.base] if len(self.base) > 1 else []), key=statistics.fmean, default=None)
+        if self._turned_up(n, recent, best):
+            self.factor /= 2
+            self.backoffs.append([n, self.factor])
+            went_back = self.returns
+            if went_back:
+                self.returned.append([n, self.kept])
+            if not quiet:
+                back = f" and the weights went back to step {self.kept}'s" if went_back else ""
+                print(f"zolite: the training loss turned up (steps {n - block + 1}-{n}: {statistics.fmean(recent):.4f}, "
+                      f"lowest so far {statistics.fmean(best):.4f}); step size halved (lr x{self.factor:g}){back}",
+                      file=sys.stderr)
+            if went_back:
+                self.kept = n   # the weights now are the kept ones
+                return "return"
+            return "halve"
+        if self.returns and (best is None or statistics.fmean(recent) < statistics.fmean(best)):
+            self.kept = n
+            self.snapshots.append(n)
+            return "snapshot"
+        return None
+
+    def _turned_up(self, n: int, recent: list[float], best: list[float] | None) -> bool:
+        block = BLOCK * self.window
+        if best is None or n < 2 * block or len(self.backoffs) >= MAX_BACKOFFS:
             return False
-        self.factor /= 2
-        self.backoffs.append([n, self.factor])
-        if not quiet:
-            print(f"zolite: the training loss turned up (steps {n - block + 1}-{n}: {statistics.fmean(recent):.4f}, "
-                  f"lowest so far {statistics.fmean(best):.4f}); step size halved (lr x{self.factor:g})",
-                  file=sys.stderr)
-        return True
+        if self.backoffs and n - self.backoffs[-1][0] < block:   # the last block must be all at the current step
+            return False
+        se = math.sqrt(statistics.variance(best) / len(best) + statistics.variance(recent) / block)
+        return statistics.fmean(recent) > statistics.fmean(best) + SIGNIFICANCE * se
 
     def replay(self, losses: list[float]) -> None:
         """Rebuild the guard's state from a resumed run's losses (it only looks at multiples of its block)."""
-        self.factor, self.backoffs = 1.0, []
+        self.factor, self.backoffs, self.kept, self.snapshots, self.returned = 1.0, [], 0, [], []
         for n in range(BLOCK * self.window, len(losses) + 1, BLOCK * self.window):
             self.check(losses[:n], quiet=True)
+
+    def action_at(self, step: int) -> str | None:
+        """What check() said at `step` (after replay): the weights' part of it, for replaying the updates."""
+        if any(n == step for n, _ in self.returned):
+            return "return"
+        return "snapshot" if step in self.snapshots else None
+
+
+def effective_updates(steps: int, returned: list) -> list[int]:
+    """Indices of the updates the weights at `steps` are made of, after the guard's returns ([step, kept step]):
+    a return to step k drops the updates made since k (the path to k is a prefix of the current one, since the
+    guard only keeps weights of the current path)."""
+    back = {n: k for n, k in returned}
+    path, length_at = [], {0: 0}
+    for t in range(steps):
+        path.append(t)
+        if t + 1 in back:
+            path = path[:length_at[back[t + 1]]]
+        length_at[t + 1] = len(path)
+    return path
 
 
 def base_losses(pair_losses, batches: list[list], run_seed: int) -> list[float]:

@@ -29,7 +29,7 @@ from .optim import Stepper, weighted_mean
 from .precondition import measure_scales, scale_summary
 from .patch import fingerprint, save_patch
 from .scoring import collate, pad_token_id
-from .stepsize import BASE_BATCHES, PROBES, LossGuard, base_losses, guard_window, probe_lr
+from .stepsize import BASE_BATCHES, PROBES, LossGuard, base_losses, effective_updates, guard_window, probe_lr
 from .tasks import CustomTask, Task, get_task, task_data
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
 from .tune_setup import QUANTIZED_EPS, TuneConfig, check_world, fill_defaults, load_for_tuning, prepare_run
@@ -148,6 +148,7 @@ class Run:
     world: World                  # this process's place in the run (world size 1: the only one)
     lr_choice: dict | None = None  # the lr used and how it was chosen (given, or the probe's): set by start()
     guard: LossGuard | None = None
+    kept_weights: dict | None = None   # the guard's copy of the weights to go back to (plain MeZO runs: see stepsize)
     exchange: list = dataclasses.field(default_factory=lambda: [0, 0, 0])   # this process's steps, the bytes and
                                                                             # all_reduces they sent
 
@@ -228,15 +229,25 @@ def start(run: Run, run_dir: Path, resume, profiler) -> tuple[dict, dict | None,
     start_weights = None if run.config.eval_every and run.val else _cpu_copy(run.tuned.state())
     saved = world.share(lambda: load_checkpoint(run_dir)) if resume else None   # rank 0 reads it, every rank replays
     choose_step(run, saved, profiler)
+    if run.guard is not None:
+        # the guard goes back to kept weights in plain MeZO runs
+        run.guard.returns = guard_returns(run) if saved is None else saved[2].get("guard_returns", guard_returns(run))
+        if saved is not None:
+            run.guard.replay(saved[2]["losses"])
+            if "guard_returns" not in saved[2] and run.guard.backoffs:   # an older zolite's run whose guard halved
+                run.guard.returns = False                                 # (and only halved): it goes on that way
+                run.guard.replay(saved[2]["losses"])
+            run.stepper.lr_factor = run.guard.factor
+            saved[2]["guard_returns"] = run.guard.returns
+        state["guard_returns"] = run.guard.returns
+        if run.guard.returns:
+            run.kept_weights = _cpu_copy(run.tuned.exact_state())   # the base's, until a block's loss is lower
     if saved is not None:
         with profiler.phase("resume"):   # the replay of a seed checkpoint
-            best, state = world.agree(lambda: _resume(saved, run.tuned, run.stepper, run.trained_on, run_dir))
+            best, state = world.agree(lambda: _resume(saved, run, run_dir))
         sizes = state.setdefault("world_sizes", [1])   # (a checkpoint of an older zolite has none: one process)
         if sizes[-1] != world.size:
             sizes.append(world.size)
-        if run.guard is not None:
-            run.guard.replay(state["losses"])
-            run.stepper.lr_factor = run.guard.factor
     elif run.config.eval_every and run.val:
         with profiler.phase("eval"):
             state["val"].append([0, run.val_score()])
@@ -315,8 +326,25 @@ def train_step(run: Run, state: dict) -> None:
     state["train_s"] += time.perf_counter() - t0
     run.exchange = [run.exchange[0] + 1, run.exchange[1] + run.world.exchanged - sent,
                     run.exchange[2] + run.world.reduces - reduces]
-    if run.guard is not None and run.guard.check(state["losses"]):
+    if run.guard is not None:
+        follow_guard(run, run.guard.check(state["losses"]))
+
+
+def guard_returns(run: Run) -> bool:
+    """Whether the guard goes back to kept weights: in plain MeZO, whose weights are all there is to put back (an
+    optimiser's buffers would have to go back too)."""
+    return run.stepper.plain()
+
+
+def follow_guard(run: Run, action: str | None) -> None:
+    """Do what the guard said after a step (stepsize.LossGuard.check): a smaller step, the weights back to the kept
+    ones, or a copy of these as the kept ones."""
+    if action in ("halve", "return"):
         run.stepper.lr_factor = run.guard.factor
+    if action == "return":
+        run.tuned.load(run.kept_weights)
+    elif action == "snapshot":
+        run.kept_weights = _cpu_copy(run.tuned.exact_state())
 
 
 def check_val(run: Run, state: dict, best: dict | None, profiler) -> dict | None:
@@ -362,7 +390,9 @@ def write_patch(run: Run, out: Path, state: dict, metric: dict) -> None:
         patch_metadata["zolite.task_spec"] = {k: v for k, v in run.task.spec.to_dict().items() if k != "data"}
     save_patch(out, tuned.state(), patch_metadata, force=True)
     if run.stepper.plain() and run.stepper.updates is not None:   # seeds: kilobytes
-        trajectory = [(u[0][0], u[1][0]) for u in run.stepper.updates[:metric["kept_step"]]]
+        returned = run.guard.returned if run.guard else []   # the updates a return to kept weights undid: left out
+        updates = run.stepper.updates
+        trajectory = [(updates[i][0][0], updates[i][1][0]) for i in effective_updates(metric["kept_step"], returned)]
         save_trajectory(trajectory_path(out), trajectory, {
             **patch_metadata, "zolite.dense_sha256": fingerprint(tuned.state()),
             "zolite.trained_on": run.trained_on}, force=True, scales=tuned.scale_tensors())   # checked up front
@@ -387,7 +417,8 @@ def write_report(run: Run, run_dir: Path, out: Path, state: dict, final: dict, m
         "data": {"source": run.splits.source, "rows_in_file": run.splits.total_rows, "counts": run.splits.counts},
         "steps": state["step"], "kept_step": metric["kept_step"], "forward_passes": run.stepper.forwards,
         "lr": {**{k: v for k, v in run.lr_choice.items() if k != "base_losses"},
-               "backoffs": run.guard.backoffs if run.guard else None},
+               "backoffs": run.guard.backoffs if run.guard else None,
+               "returned": run.guard.returned if run.guard and run.guard.returns else None},
         "activation_scales": scale_summary(run.tuned.scale_tensors()) if run.tuned.scale_tensors() else None,
         "diverged_at_step": state.get("diverged_at"), "devices": state["devices"],
         "distributed": _exchange_report(run, state),
@@ -448,9 +479,11 @@ def _saved_scales(saved) -> dict:
     return {k.removesuffix("#scale"): v for k, v in saved[0].items() if k.endswith("#scale")} if saved else {}
 
 
-def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | None, dict]:
+def _resume(saved, run: Run, run_dir) -> tuple[dict | None, dict]:
     """Put the checkpoint's weights and optimiser state back; returns (best weights, the loop's state, its devices
-    with this one added: a run resumed on another GPU model has its later losses from that GPU)."""
+    with this one added: a run resumed on another GPU model has its later losses from that GPU). The guard's state
+    is already replayed from the losses: its returns and kept weights are replayed with the updates."""
+    tuned, stepper, trained_on = run.tuned, run.stepper, run.trained_on
     masters, best, state = saved
     devices = state.setdefault("devices", [state["trained_on"]] if state.get("trained_on") else [])
     if trained_on not in devices:
@@ -471,11 +504,13 @@ def _resume(saved, tuned, stepper, trained_on: str, run_dir) -> tuple[dict | Non
         raise mismatch
     best = {}
 
-    def keep_best(step: int) -> None:
+    def after_step(step: int) -> None:
+        if run.guard is not None:
+            follow_guard(run, run.guard.action_at(step))
         if step == state["best_step"]:
             best.update(_cpu_copy(tuned.state()))
-    keep_best(0)
-    stepper.replay(updates, keep_best)
+    after_step(0)
+    stepper.replay(updates, after_step)
     # another GPU model (or torch) may draw the same z or not: the replayed weights' digest decides
     if fingerprint(tuned.exact_state(), as_stored=True) != state.pop("replay_sha256", None):
         raise mismatch

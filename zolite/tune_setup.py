@@ -71,6 +71,7 @@ class TuneConfig:
     momentum: float = 0.9
     layerwise: bool = False           # per-tensor trust ratio ||W|| / ||update|| (lr becomes a relative step)
     guard: bool = True                # halve the step when the training loss turns up (ZO with sgd / momentum)
+                                      # and, in plain MeZO, go back to the lowest loss's weights
     params: str | None = None         # "v_proj,down_proj": only the tuned layers' tensors whose name holds one
     eps_scale: str = "absolute"       # absolute: W + eps z; relative: tensor i gets eps * RMS(base W_i) * z;
                                       # activation: column j of a matrix gets eps * s_j * z (zolite.precondition);
