@@ -33,6 +33,7 @@ def run_row(run_dir: Path, root: Path) -> dict | None:
         lr = report["lr"]
         row.update(status="done", steps=report["steps"], lr=lr["lr"], lr_source=lr["source"],
                    probe_note=(lr.get("probe") or {}).get("note"), backoffs=lr.get("backoffs"),
+                   returned=lr.get("returned"),
                    val_curve=report["val_curve"], best_val=report["final"]["val"]["score"],
                    kept_step=report["kept_step"], test=(report["final"].get("test") or {}).get("score"),
                    train_s=report["timing"]["train_s"], peak_gib=report["memory"].get("gpu_allocated_peak_gib"))
@@ -51,7 +52,8 @@ def run_row(run_dir: Path, root: Path) -> dict | None:
         guard.replay(state["losses"])
     row.update(status="cut off", steps=state["step"], lr=choice.get("lr", config["lr"]),
                lr_source=choice.get("source", "given"), probe_note=(choice.get("probe") or {}).get("note"),
-               backoffs=guard.backoffs if guard else None, val_curve=state["val"], best_val=state["best_metric"],
+               backoffs=guard.backoffs if guard else None, returned=guard.returned if guard and guard.returns else None,
+               val_curve=state["val"], best_val=state["best_metric"],
                kept_step=state["best_step"], test=None, train_s=state.get("train_s"), peak_gib=None)
     return row
 
@@ -66,7 +68,9 @@ def markdown(rows: list[dict]) -> str:
             continue
         curve = r["val_curve"]
         lr = f"{r['lr']:.3g} ({r['lr_source']})" if isinstance(r["lr"], float) else str(r["lr"])
-        backoffs = ", ".join(f"x{f:g} at {s}" for s, f in r["backoffs"] or []) or "-"
+        back = dict(r.get("returned") or [])   # step -> the step whose weights the guard went back to
+        backoffs = ", ".join(f"x{f:g} at {s}" + (f" (back to {back[s]})" if s in back else "")
+                             for s, f in r["backoffs"] or []) or "-"
         test = f"{r['test']:.3f}" if r["test"] is not None else "-"
         lines.append(f"| {r['run']} | {lr} | {r['steps']} / {r['steps_planned']} ({r['status']}) | {backoffs} | "
                      f"{curve[0][1]:.3f} -> {r['best_val']:.3f} ({r['kept_step']}) -> {curve[-1][1]:.3f} | {test} |")

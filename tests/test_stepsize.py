@@ -235,3 +235,64 @@ def test_an_older_run_whose_guard_only_halved_resumes_that_way(tiny_model, small
     assert resumed["lr"]["backoffs"] == old["lr"]["backoffs"] and resumed["lr"]["returned"] is None
     a, b = load_file(old["patch"]), load_file(resumed["patch"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def scheduled_loss(monkeypatch, bowl_loss):
+    """The bowl loss plus an offset per block of 20 steps (keyed on the step's z seed), so the guard (short_guard:
+    blocks of 20) takes copies and goes back at known steps, twice to the same weights."""
+    optim = importlib.import_module("zolite.optim")
+    inner = optim.micro_batched_losses
+    step_of = {optim.z_seed(0, t, 0): t for t in range(200)}
+    offsets = [-0.01, -0.02, 0.05, -0.03, 0.05, 0.05, -0.04, 0.06]
+
+    def losses(model, tuned, examples, batch_of, seed, eps, objective, micro_batch=None, world=None):
+        plus, minus = inner(model, tuned, examples, batch_of, seed, eps, objective, micro_batch, world)
+        t = step_of.get(seed)
+        offset = 0.0 if t is None else offsets[t // 20]
+        return plus + offset, minus + offset
+    monkeypatch.setattr(optim, "micro_batched_losses", losses)
+
+
+def test_chained_returns_resume_and_replay_bit_for_bit(tiny_model, small_data, tmp_path, monkeypatch, short_guard,
+                                                      scheduled_loss):
+    """Returns after returns, the best val step inside an undone stretch, cut-offs between a copy and a return and
+    at a return: each resumes to the uninterrupted run's patch and trajectory."""
+    import zolite
+    from zolite.apply import replay
+    from zolite.trajectory import trajectory_path
+
+    tune_module = importlib.import_module("zolite.tune")
+    real_check_val = tune_module.check_val
+
+    def check_val(run, state, best, profiler):   # val peaks at step 50 (later undone) and 90
+        run.val_score = lambda: {50: 0.9, 90: 0.95}.get(state["step"], 0.5)
+        return real_check_val(run, state, best, profiler)
+    monkeypatch.setattr(tune_module, "check_val", check_val)
+    options = dict(steps=160, eval_every=10, lr=0.01, keep="best")
+    full = _tune(tiny_model, small_data, tmp_path, "full", **options)
+    returned = full["lr"]["returned"]
+    assert len(returned) >= 3 and len({k for _, k in returned}) < len(returned), returned   # back to one copy twice
+    assert full["kept_step"] == 90 and any(k < 50 < n for n, k in returned)   # val's best was later undone once
+    dense, seeds = zolite.load_patch(full["patch"]), zolite.load_patch(trajectory_path(full["patch"]))
+    replayed = replay(zolite.load_model(tiny_model).model, seeds)
+    assert all(torch.equal(replayed.tensors[k], dense.tensors[k]) for k in dense.tensors)
+
+    real_save = tune_module._save
+    first_return = returned[0][0]
+    for cut in (first_return - 1, first_return, returned[1][0] + 1):
+        def save_then_stop(run_dir, tuned, stepper, best, state, trained_on, cut=cut):
+            real_save(run_dir, tuned, stepper, best, state, trained_on)
+            if state["step"] == cut:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(tune_module, "SEED_CHECKPOINT_S", 0)
+        monkeypatch.setattr(tune_module, "_save", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            _tune(tiny_model, small_data, tmp_path, f"cut{cut}", **options)
+        monkeypatch.setattr(tune_module, "_save", real_save)
+        resumed = zolite.tune(None, None, resume=tmp_path / f"cut{cut}", progress=False)
+        assert resumed["lr"] == full["lr"] and resumed["kept_step"] == full["kept_step"], cut
+        assert (trajectory_path(resumed["patch"]).read_bytes() == trajectory_path(full["patch"]).read_bytes()
+                and zolite.load_patch(resumed["patch"]).tensors.keys() == dense.tensors.keys())
+        again = zolite.load_patch(resumed["patch"])
+        assert all(torch.equal(again.tensors[k], dense.tensors[k]) for k in dense.tensors), cut

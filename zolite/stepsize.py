@@ -157,11 +157,9 @@ class LossGuard:
                 print(f"zolite: the training loss turned up (steps {n - block + 1}-{n}: {statistics.fmean(recent):.4f}, "
                       f"lowest so far {statistics.fmean(best):.4f}); step size halved (lr x{self.factor:g}){back}",
                       file=sys.stderr)
-            if went_back:
-                self.kept = n   # the weights now are the kept ones
-                return "return"
-            return "halve"
-        if self.returns and (best is None or statistics.fmean(recent) < statistics.fmean(best)):
+            return "return" if went_back else "halve"
+        if (self.returns and len(self.backoffs) < MAX_BACKOFFS   # (after the last halving nothing goes back)
+                and (best is None or statistics.fmean(recent) < statistics.fmean(best))):
             self.kept = n
             self.snapshots.append(n)
             return "snapshot"
@@ -192,7 +190,7 @@ class LossGuard:
 def effective_updates(steps: int, returned: list) -> list[int]:
     """Indices of the updates the weights at `steps` are made of, after the guard's returns ([step, kept step]):
     a return to step k drops the updates made since k (the path to k is a prefix of the current one, since the
-    guard only keeps weights of the current path)."""
+    guard only keeps weights of the current path; a return to weights a return brought back counts as either step)."""
     back = {n: k for n, k in returned}
     path, length_at = [], {0: 0}
     for t in range(steps):

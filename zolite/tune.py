@@ -231,14 +231,18 @@ def start(run: Run, run_dir: Path, resume, profiler) -> tuple[dict, dict | None,
     choose_step(run, saved, profiler)
     if run.guard is not None:
         # the guard goes back to kept weights in plain MeZO runs
-        run.guard.returns = guard_returns(run) if saved is None else saved[2].get("guard_returns", guard_returns(run))
+        run.guard.returns = guard_returns(run)
         if saved is not None:
+            # an older zolite's run (no "guard_returns") goes on returning only if its guard never halved, and only
+            # from a seed checkpoint (a dense one's replay cannot rebuild the kept weights)
+            older = "guard_returns" not in saved[2]
+            run.guard.returns = saved[2].get("guard_returns", run.guard.returns and saved[2].get("updates") is not None)
             run.guard.replay(saved[2]["losses"])
-            if "guard_returns" not in saved[2] and run.guard.backoffs:   # an older zolite's run whose guard halved
-                run.guard.returns = False                                 # (and only halved): it goes on that way
+            if older and run.guard.backoffs and run.guard.returns:   # it halved (and only halved): it goes on so
+                run.guard.returns = False
                 run.guard.replay(saved[2]["losses"])
             run.stepper.lr_factor = run.guard.factor
-            saved[2]["guard_returns"] = run.guard.returns
+            saved[2]["guard_returns"] = run.guard.returns   # (state is the checkpoint's from here on)
         state["guard_returns"] = run.guard.returns
         if run.guard.returns:
             run.kept_weights = _cpu_copy(run.tuned.exact_state())   # the base's, until a block's loss is lower
@@ -505,7 +509,7 @@ def _resume(saved, run: Run, run_dir) -> tuple[dict | None, dict]:
     best = {}
 
     def after_step(step: int) -> None:
-        if run.guard is not None:
+        if run.guard is not None:   # (its lr factor is the replayed guard's last one already; the updates carry theirs)
             follow_guard(run, run.guard.action_at(step))
         if step == state["best_step"]:
             best.update(_cpu_copy(tuned.state()))
