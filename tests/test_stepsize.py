@@ -63,7 +63,8 @@ def test_the_guard_halves_the_step_when_the_loss_turns_up_and_not_on_noise():
 
 
 def test_the_guard_goes_back_to_the_weights_of_the_lowest_block():
-    """With returns (plain MeZO): a copy at each block that is the lowest so far; with a halving, back to it."""
+    """With returns (plain MeZO): the weights the lowest block so far started from are kept; with a halving, back
+    to them."""
     rng = random.Random(2)
     down_then_up = [1.0 - 0.0005 * t + 0.02 * rng.gauss(0, 1) for t in range(400)]
     down_then_up += [0.8 + 0.002 * t + 0.02 * rng.gauss(0, 1) for t in range(400)]
@@ -72,7 +73,7 @@ def test_the_guard_goes_back_to_the_weights_of_the_lowest_block():
     said = {n: a for n, a in said.items() if a}
     first = min(n for n, a in said.items() if a == "return")
     assert said[100] == said[200] == said[300] == said[400] == "snapshot"   # each block lower than the last
-    assert guard.returned[0] == [first, 400] and guard.backoffs[0][0] == first   # back to the lowest block's end
+    assert guard.returned[0] == [first, 300] and guard.backoffs[0][0] == first   # back to the lowest block's start
     assert all(a == "return" for n, a in said.items() if n > 400)   # the loss only climbs after step 400
     again = LossGuard(window=25, base=guard.base, returns=True)
     again.replay(down_then_up)

@@ -29,8 +29,10 @@ replays the same updates bit for bit.
 
 Halving stops a drift; it does not undo it. On Qwen2.5-1.5B (bench/results/real_scale_final_h100) SST-2 on layer 14
 reached val 0.806, then its loss climbed from 0.51 to 0.95 and stayed there through six halvings (val 0.640 at the
-end). So in plain MeZO runs the guard also returns: it keeps a copy of the weights at the end of the lowest block so
-far (the base's weights before any block), and with each halving puts them back. The returns are decided by the
+end). So in plain MeZO runs the guard also returns: it keeps a copy of the weights at the start of the lowest block so
+far (the weights that block's loss was measured from; the base's before any block is lower), and with each halving
+puts them back. (The copy at a block's end was tried first: at 10x SmolLM2's step the first block's loss was
+the lowest, but its last weights were already wrecked.) The returns are decided by the
 losses alone, so a resumed run replays them too.
 """
 from __future__ import annotations
@@ -119,10 +121,11 @@ def _se(values: list[float]) -> float:
 
 @dataclass
 class LossGuard:
-    """Halve the step when the training loss turns up, and with `returns` go back to the weights of the lowest block
-    (see the module's docstring). factor: the current multiplier of the lr; backoffs: [step, factor] each time it
-    changed; kept: the step whose weights the copy holds; snapshots: the steps a copy was taken at; returned:
-    [step, kept step] each time the weights went back."""
+    """Halve the step when the training loss turns up, and with `returns` go back to the weights the lowest block
+    started from (see the module's docstring). factor: the current multiplier of the lr; backoffs: [step, factor]
+    each time it changed; kept: the step whose weights are kept; snapshots: the steps at which the block just ended
+    became the lowest (its start's weights are kept from then on); returned: [step, kept step] each time the weights
+    went back."""
     window: int
     base: list = field(default_factory=list)   # the base's loss on a few training batches (a reference block)
     returns: bool = False
@@ -134,8 +137,8 @@ class LossGuard:
 
     def check(self, losses: list[float], quiet: bool = False) -> str | None:
         """Called after each step with every loss so far. "halve": the step was just halved; "return": halved, and
-        the weights go back to step `kept`'s; "snapshot": this step's weights are the ones to go back to from now on
-        (returns only); None: nothing to do."""
+        the weights go back to step `kept`'s; "snapshot": the weights this block started from (copied by the caller
+        at each copy_at step) are the ones to go back to from now on (returns only); None: nothing to do."""
         n, block = len(losses), BLOCK * self.window
         if n < block or n % block:
             return None
@@ -160,7 +163,7 @@ class LossGuard:
             return "return" if went_back else "halve"
         if (self.returns and len(self.backoffs) < MAX_BACKOFFS   # (after the last halving nothing goes back)
                 and (best is None or statistics.fmean(recent) < statistics.fmean(best))):
-            self.kept = n
+            self.kept = n - block
             self.snapshots.append(n)
             return "snapshot"
         return None
@@ -179,6 +182,13 @@ class LossGuard:
         self.factor, self.backoffs, self.kept, self.snapshots, self.returned = 1.0, [], 0, [], []
         for n in range(BLOCK * self.window, len(losses) + 1, BLOCK * self.window):
             self.check(losses[:n], quiet=True)
+
+    def copy_at(self, step: int) -> bool:
+        """Whether the weights at `step` start a block the guard may keep: the caller copies them (returns only).
+        Decided by the backoffs up to `step`, so a replayed guard answers as the live one did."""
+        block = BLOCK * self.window
+        return (self.returns and step % block == 0
+                and sum(1 for n, _ in self.backoffs if n <= step) < MAX_BACKOFFS)
 
     def action_at(self, step: int) -> str | None:
         """What check() said at `step` (after replay): the weights' part of it, for replaying the updates."""

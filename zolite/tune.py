@@ -149,6 +149,7 @@ class Run:
     lr_choice: dict | None = None  # the lr used and how it was chosen (given, or the probe's): set by start()
     guard: LossGuard | None = None
     kept_weights: dict | None = None   # the guard's copy of the weights to go back to (plain MeZO runs: see stepsize)
+    block_start: dict | None = None    # and of the weights the current block started from
     exchange: list = dataclasses.field(default_factory=lambda: [0, 0, 0])   # this process's steps, the bytes and
                                                                             # all_reduces they sent
 
@@ -244,8 +245,8 @@ def start(run: Run, run_dir: Path, resume, profiler) -> tuple[dict, dict | None,
             run.stepper.lr_factor = run.guard.factor
             saved[2]["guard_returns"] = run.guard.returns   # (state is the checkpoint's from here on)
         state["guard_returns"] = run.guard.returns
-        if run.guard.returns:
-            run.kept_weights = _cpu_copy(run.tuned.exact_state())   # the base's, until a block's loss is lower
+        if run.guard.returns:   # the base's weights, until a block's loss is lower
+            run.kept_weights = run.block_start = _cpu_copy(run.tuned.exact_state())
     if saved is not None:
         with profiler.phase("resume"):   # the replay of a seed checkpoint
             best, state = world.agree(lambda: _resume(saved, run, run_dir))
@@ -331,7 +332,7 @@ def train_step(run: Run, state: dict) -> None:
     run.exchange = [run.exchange[0] + 1, run.exchange[1] + run.world.exchanged - sent,
                     run.exchange[2] + run.world.reduces - reduces]
     if run.guard is not None:
-        follow_guard(run, run.guard.check(state["losses"]))
+        follow_guard(run, run.guard.check(state["losses"]), state["step"])
 
 
 def guard_returns(run: Run) -> bool:
@@ -340,15 +341,17 @@ def guard_returns(run: Run) -> bool:
     return run.stepper.plain()
 
 
-def follow_guard(run: Run, action: str | None) -> None:
-    """Do what the guard said after a step (stepsize.LossGuard.check): a smaller step, the weights back to the kept
-    ones, or a copy of these as the kept ones."""
+def follow_guard(run: Run, action: str | None, step: int) -> None:
+    """Do what the guard said after `step` (stepsize.LossGuard.check): a smaller step, the weights back to the kept
+    ones, or the block's starting weights as the kept ones; then copy the weights if a block starts here."""
     if action in ("halve", "return"):
         run.stepper.lr_factor = run.guard.factor
     if action == "return":
         run.tuned.load(run.kept_weights)
     elif action == "snapshot":
-        run.kept_weights = _cpu_copy(run.tuned.exact_state())
+        run.kept_weights = run.block_start
+    if step and run.guard.copy_at(step):
+        run.block_start = _cpu_copy(run.tuned.exact_state())
 
 
 def check_val(run: Run, state: dict, best: dict | None, profiler) -> dict | None:
@@ -510,7 +513,7 @@ def _resume(saved, run: Run, run_dir) -> tuple[dict | None, dict]:
 
     def after_step(step: int) -> None:
         if run.guard is not None:   # (its lr factor is the replayed guard's last one already; the updates carry theirs)
-            follow_guard(run, run.guard.action_at(step))
+            follow_guard(run, run.guard.action_at(step), step)
         if step == state["best_step"]:
             best.update(_cpu_copy(tuned.state()))
     after_step(0)
