@@ -101,7 +101,7 @@ def tune(ctx, model, task, run_dir, out, resume, force, nproc, as_json, quiet, *
                                                                                                   "as given")
         halved = f"; halved at steps {', '.join(str(b[0]) for b in lr['backoffs'])}" if lr.get("backoffs") else ""
         if lr.get("returned"):
-            halved += "; each time the weights went back to those of the lowest loss so far"
+            halved += "; each time the weights went back to where the lowest-loss block started"
         click.echo(f"lr: {lr['lr']:.3g} ({how}{halved})")
         for part in ("val", "test"):
             if report["final"].get(part):
