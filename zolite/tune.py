@@ -231,21 +231,11 @@ def start(run: Run, run_dir: Path, resume, profiler) -> tuple[dict, dict | None,
     saved = world.share(lambda: load_checkpoint(run_dir)) if resume else None   # rank 0 reads it, every rank replays
     choose_step(run, saved, profiler)
     if run.guard is not None:
-        # the guard goes back to kept weights in plain MeZO runs
-        run.guard.returns = guard_returns(run)
+        run.guard.returns = guard_returns(run) if saved is None else _resumed_guard_returns(run, saved[2])
         if saved is not None:
-            # an older zolite's run (no "guard_returns") goes on returning only if its guard never halved, and only
-            # from a seed checkpoint (a dense one's replay cannot rebuild the kept weights)
-            older = "guard_returns" not in saved[2]
-            run.guard.returns = saved[2].get("guard_returns", run.guard.returns and saved[2].get("updates") is not None)
             run.guard.replay(saved[2]["losses"])
-            if older and run.guard.backoffs and run.guard.returns:   # it halved (and only halved): it goes on so
-                run.guard.returns = False
-                run.guard.replay(saved[2]["losses"])
             run.stepper.lr_factor = run.guard.factor
-            saved[2]["guard_returns"] = run.guard.returns   # (state is the checkpoint's from here on)
-        state["guard_returns"] = run.guard.returns
-        if run.guard.returns:   # the base's weights, until a block's loss is lower
+        if run.guard.returns:   # the base's weights (before a seed checkpoint's replay), until a block's loss is lower
             run.kept_weights = run.block_start = _cpu_copy(run.tuned.exact_state())
     if saved is not None:
         with profiler.phase("resume"):   # the replay of a seed checkpoint
@@ -260,7 +250,22 @@ def start(run: Run, run_dir: Path, resume, profiler) -> tuple[dict, dict | None,
         best = _cpu_copy(run.tuned.state())
     state.setdefault("tokens", 0)   # (a checkpoint of an older zolite has none)
     state["lr_choice"] = run.lr_choice
+    if run.guard is not None:
+        state["guard_returns"] = run.guard.returns
     return state, best, start_weights
+
+
+def _resumed_guard_returns(run: Run, saved_state: dict) -> bool:
+    """Whether a resumed run's guard goes back: as its checkpoint says; an older zolite's run (which says nothing)
+    only from a seed checkpoint (a dense one's replay cannot rebuild the kept weights) and only if its guard, which
+    only halved, never did (then nothing it did differs)."""
+    if "guard_returns" in saved_state:
+        return saved_state["guard_returns"]
+    if saved_state.get("updates") is None or not guard_returns(run):
+        return False
+    halving_only = LossGuard(run.guard.window, run.guard.base)
+    halving_only.replay(saved_state["losses"])
+    return not halving_only.backoffs
 
 
 def choose_step(run: Run, saved, profiler) -> None:
