@@ -6,8 +6,8 @@
 #   bash bench/real_scale_dev.sh qwen-round3    # round 3, Qwen nf4: final probe rule + guard, eps, layer, references
 #   bash bench/real_scale_dev.sh final [TASK..] # issue 22's evidence: the final plan, 3 seeds, and zero-shot test
 #                                               # (default tasks: sst2 rte), and the leading candidates, 3 seeds
-#   bash bench/real_scale_dev.sh final-recipe TASK..  # zero-shot and the plan's `zolite` arm only, 3 seeds (BoolQ:
-#                                               # ~5x a step, so the target's own runs first)
+#   bash bench/real_scale_dev.sh final-recipe TASK..  # zero-shot, the plan's `zolite` arm and the candidate layers
+#                                               # only, 3 seeds (BoolQ: ~5x a step, so the target's own runs first)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
 #                                               # name them: pkill -f would match the call's shell)
@@ -62,6 +62,12 @@ final|final-recipe)
         > \$f.part && mv \$f.part \$f || sleep 30; done; done; done" > $R/final-zero-shot-${tasks// /-}.log 2>&1 \
     < /dev/null &
   for t in $tasks; do
+    # the candidate layers (bench/plans/real_scale_candidates.toml), 3 seeds: SST-2's dev leaders (layer 27 won at 3
+    # seeds), RTE's leader layer 4 and SST-2's layer 27, BoolQ's layer 27. Finished runs are read back.
+    arms=$(case $t in sst2) echo layer27,sparse ;; rte) echo layer4,layer27 ;; *) echo layer27 ;; esac)
+    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_candidates.toml \
+      --arms $arms --seeds 3 --jobs 2 --data /root/data --out $R/final/$t-candidates --quiet \
+      > $R/final-$t-candidates.log 2>&1 < /dev/null &
     if [ $verb = final-recipe ]; then
       setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
         --arms zolite --seeds 3 --jobs 3 --data /root/data --out $R/final/$t --quiet \
@@ -76,12 +82,6 @@ final|final-recipe)
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
       --arms zolite,mezo,mezo-full,zolite-fp16 --seeds 3 --jobs 3 --data /root/data --out $R/final/$t --quiet \
       > $R/final-$t.log 2>&1 < /dev/null &
-    # the candidates that led the dev round (bench/results/real_scale_final_h100, seed 0 on val), now 3 seeds:
-    # SST-2 layer 27 and Sparse MeZO; RTE layer 4 (layer 1 did not learn RTE). Seed 0's runs resume.
-    arms=$([ $t = sst2 ] && echo layer27,sparse || echo layer4)
-    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_candidates.toml \
-      --arms $arms --seeds 3 --jobs 2 --data /root/data --out $R/final/$t-candidates --quiet \
-      > $R/final-$t-candidates.log 2>&1 < /dev/null &
   done ;;
 stop)
   pkill -f "zolite ablate"; pkill -f "zolite eval"; pkill -f "multiprocessing.spawn"; sleep 4

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
 from zolite.checkpoint import load_checkpoint  # noqa: E402
-from zolite.stepsize import LossGuard, guard_window  # noqa: E402
+from zolite.stepsize import new_guard  # noqa: E402
 from zolite.tune import uses_guard  # noqa: E402
 from zolite.tune_setup import TuneConfig  # noqa: E402
 
@@ -48,7 +48,7 @@ def run_row(run_dir: Path, root: Path) -> dict | None:
     choice = state.get("lr_choice") or {}
     guard = None
     if uses_guard(TuneConfig(**config)):
-        guard = LossGuard(guard_window(config["steps"]), choice.get("base_losses", []), state.get("guard_returns", False))
+        guard = new_guard(config["steps"], choice, state.get("guard_returns", False))
         guard.replay(state["losses"])
     row.update(status="cut off", steps=state["step"], lr=choice.get("lr", config["lr"]),
                lr_source=choice.get("source", "given"), probe_note=(choice.get("probe") or {}).get("note"),

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from zolite.checkpoint import load_checkpoint
+from zolite.stepsize import PROBES
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -90,3 +93,14 @@ def test_guard_return_runs_both_guards(tiny_model, small_data, tmp_path):
     assert back["returned"] is not None and halve["returned"] is None   # the second run's guard only halves
     table = (tmp_path / "results.md").read_text()
     assert "| return |" in table and "| halve |" in table
+
+
+def test_guard_variants_l0_changes_only_the_reference(tiny_model, small_data, tmp_path):
+    _run(BENCH / "guard_return_cpu.py", "--out", tmp_path, "--variants", "return,l0", "--", "--model", tiny_model,
+         "--task", "sst2", "--layer", "1", "--data", small_data, "--steps", "20", "--eval-every", "10",
+         "--batch-size", "4", "--eps", "1e-2", "--device", "cpu")
+    choice = {v: load_checkpoint(tmp_path / v)[2]["lr_choice"] for v in ("return", "l0")}
+    assert choice["return"]["lr"] == choice["l0"]["lr"]                # the same probe
+    ours, l0 = choice["return"]["guard_reference"], choice["l0"]["guard_reference"]
+    assert len(ours) == len(l0) == PROBES and ours != l0
+    assert "| l0 |" in (tmp_path / "results.md").read_text()

@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from zolite.stepsize import KAPPA, PROBE_EPS, PROBES, LossGuard, effective_updates, probe_lr
+from zolite.stepsize import (KAPPA, PROBE_EPS, PROBES, LossGuard, effective_updates, guard_reference, probe_lr,
+                             probe_seed)
 
 
 def quadratic_pair_losses(h: torch.Tensor, b: torch.Tensor, noise: float = 0.0):
@@ -46,6 +47,30 @@ def test_a_noisy_curvature_gives_a_smaller_step_never_a_larger_one():
     assert "not clearly above its noise" in probe.note
 
 
+def test_the_guards_reference_is_the_runs_loss_not_the_unperturbed_one():
+    """Each step's loss is the mean of l+ and l-, which sits eps^2 c / 2 above the unperturbed l0 (0.07 on Qwen2.5's
+    RTE at eps 1e-2). Against l0, a run that has not moved looks worse than the base in every block; against the
+    run's own loss at the base, it does not."""
+    torch.manual_seed(0)
+    h = torch.rand(500, dtype=torch.float64) * 8              # tr H = ~2000: eps^2 c / 2 = 0.1 at eps 1e-2
+    pair_losses = quadratic_pair_losses(h, torch.zeros(500, dtype=torch.float64))
+    for eps in (1e-2, 1e-3):                                  # the probe's own eps, and a smaller run eps
+        probe = probe_lr(pair_losses, [([], [])] * PROBES, run_seed=0, eps=eps)
+        at_run_eps = [sum(pair_losses([], probe_seed(0, k), eps)) / 2 for k in range(PROBES)]
+        assert probe.reference == pytest.approx(at_run_eps, rel=1e-9)
+
+    probe = probe_lr(pair_losses, [([], [])] * PROBES, run_seed=0, eps=1e-2)
+    rng = random.Random(2)
+    standing_still = [sum(pair_losses([], 10_000 + t, 1e-2)) / 2 + 0.05 * rng.gauss(0, 1) for t in range(1000)]
+    guard = LossGuard(window=25, reference=probe.reference, returns=True)
+    assert not any(guard.check(standing_still[:n], quiet=True) in ("halve", "return") for n in range(1, 1001))
+    unperturbed = LossGuard(window=25, reference=[0.0] * PROBES, returns=True)   # l0: what it was compared to before
+    assert any(unperturbed.check(standing_still[:n], quiet=True) == "return" for n in range(1, 1001))
+    # a run checkpointed with the l0 reference ("base_losses") keeps it when resumed: its decisions were made with it
+    assert guard_reference({"base_losses": [0.5]}) == [0.5]
+    assert guard_reference({"guard_reference": [0.6], "base_losses": [0.5]}) == [0.6]
+
+
 def test_the_guard_halves_the_step_when_the_loss_turns_up_and_not_on_noise():
     rng = random.Random(1)
     flat = [1.0 + 0.1 * rng.gauss(0, 1) for _ in range(2000)]
@@ -68,14 +93,14 @@ def test_the_guard_goes_back_to_the_weights_of_the_lowest_block():
     rng = random.Random(2)
     down_then_up = [1.0 - 0.0005 * t + 0.02 * rng.gauss(0, 1) for t in range(400)]
     down_then_up += [0.8 + 0.002 * t + 0.02 * rng.gauss(0, 1) for t in range(400)]
-    guard = LossGuard(window=25, base=[1.0 + 0.02 * rng.gauss(0, 1) for _ in range(8)], returns=True)
+    guard = LossGuard(window=25, reference=[1.0 + 0.02 * rng.gauss(0, 1) for _ in range(8)], returns=True)
     said = {n: guard.check(down_then_up[:n], quiet=True) for n in range(1, 801)}
     said = {n: a for n, a in said.items() if a}
     first = min(n for n, a in said.items() if a == "return")
     assert said[100] == said[200] == said[300] == said[400] == "snapshot"   # each block lower than the last
     assert guard.returned[0] == [first, 300] and guard.backoffs[0][0] == first   # back to the lowest block's start
     assert all(a == "return" for n, a in said.items() if n > 400)   # the loss only climbs after step 400
-    again = LossGuard(window=25, base=guard.base, returns=True)
+    again = LossGuard(window=25, reference=guard.reference, returns=True)
     again.replay(down_then_up)
     assert (again.snapshots, again.returned, again.backoffs) == (guard.snapshots, guard.returned, guard.backoffs)
     assert [again.action_at(n) for n in range(801)] == [said.get(n) for n in range(801)]
@@ -111,8 +136,7 @@ def test_tune_probes_its_lr_and_says_so(tiny_model, small_data, tmp_path):
 @pytest.fixture
 def short_guard(monkeypatch):
     """Guard windows of 5 steps (blocks of 20), so a test run of 80 steps is checked three times."""
-    tune_module = importlib.import_module("zolite.tune")
-    monkeypatch.setattr(tune_module, "guard_window", lambda steps: 5)
+    monkeypatch.setattr(importlib.import_module("zolite.stepsize"), "guard_window", lambda steps: 5)
 
 
 @pytest.fixture

@@ -22,9 +22,12 @@ the hand-picked 3e-4 (best val of {3e-4, 1e-3}) is 0.05 / 174. A step that also 
 direction (the label prior) is learnt.
 
 The guard: the training loss is compared in blocks of `BLOCK` windows of `window` steps; when the last block's mean
-is above the lowest earlier block's, or the base's loss on a few training batches (measured before the first step:
-a step too large from the start lifts every block), by more than `SIGNIFICANCE` standard errors, the step is
-halved. Each halving multiplies the slopes the run records, so a resumed run or a trajectory
+is above the lowest earlier block's, or the base's (measured before the first step: a step too large from the start
+lifts every block), by more than `SIGNIFICANCE` standard errors, the step is halved. The base's reference is measured
+as the run measures its loss, the mean of l+ and l- at the run's eps, not the unperturbed l0: that mean sits
+eps^2 c / 2 above l0, 0.07 on Qwen2.5's RTE at eps 1e-2 (c = 1,404) and 0.48 for full-model MeZO on SST-2
+(c = 10,072), so against l0 every block of a run that had not moved looked "turned up" and the guard went back to the
+base eight times over (bench/results/real_scale_final_h100_part2). Each halving multiplies the slopes the run records, so a resumed run or a trajectory
 replays the same updates bit for bit.
 
 Halving stops a drift; it does not undo it. On Qwen2.5-1.5B (bench/results/real_scale_final_h100) SST-2 on layer 14
@@ -49,7 +52,7 @@ PROBE_EPS = 1e-2     # the smallest eps the curvature is measured at (see above)
 KAPPA = 0.05         # lr = KAPPA / curvature
 BLOCK = 4            # guard windows per compared block
 SIGNIFICANCE = 4     # standard errors a block must rise by
-BASE_BATCHES = 8     # batches the base's loss is measured on when the lr is given (a probe measures 24)
+BASE_BATCHES = 8     # batches the guard's reference is measured on when the lr is given (a probe measures 24)
 MAX_BACKOFFS = 8     # the guard halves the step at most this often (1/256)
 
 
@@ -70,20 +73,20 @@ class ProbeResult:
     slope_sq: float            # E[g_a^2]
     signal: float              # E[g_a g_b]: the part of the slope two batches agree on (reported, not used)
     signal_se: float
-    base_losses: list          # l0 of each probe batch: the guard's reference for the base's loss
+    reference: list            # the run's loss at the base weights on each probe batch: the guard's reference
     probes: int
     forwards: int
     note: str = ""
 
     def as_dict(self) -> dict:
         return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in self.__dict__.items()
-                if k != "base_losses"}
+                if k != "reference"}
 
 
 def probe_lr(pair_losses, batches: list[tuple[list, list]], run_seed: int, eps: float) -> ProbeResult:
     """pair_losses(examples, seed, eps) -> (l+, l-); batches: (batch a, batch b) per probe; eps: the run's."""
-    eps = max(eps, PROBE_EPS)
-    ga, gb, curv, bases = [], [], [], []
+    run_eps, eps = eps, max(eps, PROBE_EPS)
+    ga, gb, curv, reference = [], [], [], []
     for k, (a, b) in enumerate(batches):
         seed = probe_seed(run_seed, k)
         plus, minus = pair_losses(a, seed, eps)
@@ -96,11 +99,13 @@ def probe_lr(pair_losses, batches: list[tuple[list, list]], run_seed: int, eps: 
         ga.append((plus - minus) / (2 * eps))
         gb.append((plus_b - minus_b) / (2 * eps))
         curv.append((plus + minus - 2 * base) / eps ** 2)
-        bases.append(base)
+        # the run's loss, (l+ + l-) / 2 at its eps: exactly that when the probe's eps is the run's; at a smaller eps
+        # l0 + eps^2 c / 2 with this batch's c
+        reference.append(base + (run_eps / eps) ** 2 * (plus + minus - 2 * base) / 2)
     products = [x * y for x, y in zip(ga, gb)]
     result = ProbeResult(lr=0.0, eps=eps, curvature=statistics.fmean(curv), curvature_se=_se(curv),
                          used_curvature=0.0, slope_sq=statistics.fmean(g * g for g in ga),
-                         signal=statistics.fmean(products), signal_se=_se(products), base_losses=bases,
+                         signal=statistics.fmean(products), signal_se=_se(products), reference=reference,
                          probes=len(ga), forwards=6 * len(ga))
     if result.slope_sq == 0 and result.curvature == 0:
         raise ZoliteError("the step-size probe saw no change of the loss under any perturbation (the tuned layers "
@@ -127,7 +132,7 @@ class LossGuard:
     became the lowest (its start's weights are kept from then on); returned: [step, kept step] each time the weights
     went back."""
     window: int
-    base: list = field(default_factory=list)   # the base's loss on a few training batches (a reference block)
+    reference: list = field(default_factory=list)   # the run's loss at the base weights on a few training batches
     returns: bool = False
     factor: float = 1.0
     backoffs: list = field(default_factory=list)
@@ -148,7 +153,7 @@ class LossGuard:
         # the lowest earlier block (blocks do not overlap: the minimum of many overlapping ones sits far below the
         # mean of a flat, noisy loss, and the guard would halve on noise)
         blocks = [losses[end - block:end] for end in range(block, n - block + 1, block)]
-        best = min(blocks + ([self.base] if len(self.base) > 1 else []), key=statistics.fmean, default=None)
+        best = min(blocks + ([self.reference] if len(self.reference) > 1 else []), key=statistics.fmean, default=None)
         if self._turned_up(n, recent, best):
             self.factor /= 2
             self.backoffs.append([n, self.factor])
@@ -211,9 +216,20 @@ def effective_updates(steps: int, returned: list) -> list[int]:
     return path
 
 
-def base_losses(pair_losses, batches: list[list], run_seed: int) -> list[float]:
-    """The unperturbed loss on a few training batches (the doubled forward at eps 0): the guard's reference."""
-    return [pair_losses(b, probe_seed(run_seed, k), 0.0)[0] for k, b in enumerate(batches)]
+def reference_losses(pair_losses, batches: list[list], run_seed: int, eps: float) -> list[float]:
+    """The run's loss at the base weights on a few training batches (the mean of l+ and l- at the run's eps, as each
+    step measures it): the guard's reference when the lr is given."""
+    return [statistics.fmean(pair_losses(b, probe_seed(run_seed, k), eps)) for k, b in enumerate(batches)]
+
+
+def guard_reference(lr_choice: dict) -> list[float]:
+    """The guard's reference as a run's checkpoint records it. Older runs recorded l0 ("base_losses"); their past
+    decisions were made against it, so a resumed one keeps it (and replays them)."""
+    return lr_choice.get("guard_reference", lr_choice.get("base_losses", []))
+
+
+def new_guard(steps: int, lr_choice: dict, returns: bool = False) -> LossGuard:
+    return LossGuard(guard_window(steps), guard_reference(lr_choice), returns)
 
 
 def guard_window(steps: int) -> int:

@@ -29,7 +29,7 @@ from .optim import Stepper, weighted_mean
 from .precondition import measure_scales, scale_summary
 from .patch import fingerprint, save_patch
 from .scoring import collate, pad_token_id
-from .stepsize import BASE_BATCHES, PROBES, LossGuard, base_losses, effective_updates, guard_window, probe_lr
+from .stepsize import BASE_BATCHES, PROBES, LossGuard, effective_updates, new_guard, probe_lr, reference_losses
 from .tasks import CustomTask, Task, get_task, task_data
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
 from .tune_setup import QUANTIZED_EPS, TuneConfig, check_world, fill_defaults, load_for_tuning, prepare_run
@@ -263,7 +263,7 @@ def _resumed_guard_returns(run: Run, saved_state: dict) -> bool:
         return saved_state["guard_returns"]
     if saved_state.get("updates") is None or not guard_returns(run):
         return False
-    halving_only = LossGuard(run.guard.window, run.guard.base)
+    halving_only = new_guard(run.config.steps, run.lr_choice)
     halving_only.replay(saved_state["losses"])
     return not halving_only.backoffs
 
@@ -280,7 +280,7 @@ def choose_step(run: Run, saved, profiler) -> None:
     run.stepper.optimizer.lr = run.lr_choice["lr"]
     run.config = dataclasses.replace(config, lr=run.lr_choice["lr"])   # patches and trajectories record the number
     if uses_guard(config):
-        run.guard = LossGuard(guard_window(config.steps), run.lr_choice.get("base_losses", []))
+        run.guard = new_guard(config.steps, run.lr_choice)
 
 
 def auto_lr_supported(config: TuneConfig) -> bool:
@@ -295,8 +295,8 @@ def uses_guard(config: TuneConfig) -> bool:
 
 
 def choose_lr(run: Run) -> dict:
-    """{"lr", "source", "probe", "base_losses"}: the lr given, or for "auto" the probe's on the base weights
-    (zolite.stepsize), on batches drawn apart from the run's; base_losses: the guard's reference."""
+    """{"lr", "source", "probe", "guard_reference"}: the lr given, or for "auto" the probe's on the base weights
+    (zolite.stepsize), on batches drawn apart from the run's; guard_reference: the run's loss there."""
     config, stepper = run.config, run.stepper
     train = run.splits.train if config.objective == "f1" else run.train
 
@@ -304,17 +304,17 @@ def choose_lr(run: Run) -> dict:
         return [train[i] for i in batches_for_step(len(train), config.batch_size, k, -1 - config.seed)]
 
     if config.lr != "auto":
-        base = base_losses(stepper.pair_losses, [batch(k) for k in range(BASE_BATCHES)], config.seed) \
-            if uses_guard(config) else []
-        return {"lr": float(config.lr), "source": run.lr_source, "probe": None, "base_losses": base,
-                "forwards": 2 * len(base)}
+        reference = reference_losses(stepper.pair_losses, [batch(k) for k in range(BASE_BATCHES)], config.seed,
+                                     config.eps) if uses_guard(config) else []
+        return {"lr": float(config.lr), "source": run.lr_source, "probe": None, "guard_reference": reference,
+                "forwards": 2 * len(reference)}
     if not auto_lr_supported(config):
         raise ZoliteError("--lr auto measures the curvature of a differentiable loss under ZO-SGD; with --estimator "
                           "fo, --optimizer adam / sign, --layerwise or --objective accuracy / f1 give --lr")
     probe = probe_lr(stepper.pair_losses, [(batch(2 * k), batch(2 * k + 1)) for k in range(PROBES)], config.seed,
                      config.eps)
     lr = probe.lr * (1 - config.momentum if config.optimizer == "momentum" else 1.0)
-    return {"lr": float(f"{lr:.4g}"), "source": "probe", "probe": probe.as_dict(), "base_losses": probe.base_losses,
+    return {"lr": float(f"{lr:.4g}"), "source": "probe", "probe": probe.as_dict(), "guard_reference": probe.reference,
             "forwards": probe.forwards}
 
 
@@ -428,7 +428,7 @@ def write_report(run: Run, run_dir: Path, out: Path, state: dict, final: dict, m
         "tuned_params": run.tuned.numel(), "base_sha256": run.base_sha256,
         "data": {"source": run.splits.source, "rows_in_file": run.splits.total_rows, "counts": run.splits.counts},
         "steps": state["step"], "kept_step": metric["kept_step"], "forward_passes": run.stepper.forwards,
-        "lr": {**{k: v for k, v in run.lr_choice.items() if k != "base_losses"},
+        "lr": {**{k: v for k, v in run.lr_choice.items() if k not in ("guard_reference", "base_losses")},
                "backoffs": run.guard.backoffs if run.guard else None,
                "returned": run.guard.returned if run.guard and run.guard.returns else None},
         "activation_scales": scale_summary(run.tuned.scale_tensors()) if run.tuned.scale_tensors() else None,
