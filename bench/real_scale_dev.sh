@@ -6,8 +6,8 @@
 #   bash bench/real_scale_dev.sh qwen-round3    # round 3, Qwen nf4: final probe rule + guard, eps, layer, references
 #   bash bench/real_scale_dev.sh final [TASK..] # issue 22's evidence: the final plan, 3 seeds, and zero-shot test
 #                                               # (default tasks: sst2 rte), and the leading candidates, 3 seeds
-#   bash bench/real_scale_dev.sh final-recipe TASK..  # zero-shot, the plan's `zolite` arm and the candidate layers
-#                                               # only, 3 seeds (BoolQ: ~5x a step, so the target's own runs first)
+#   bash bench/real_scale_dev.sh final-recipe TASK..  # zero-shot, the plan's `zolite` and backprop arms and the
+#                                               # candidate layers, 3 seeds (BoolQ: ~5x a step, so its own runs first)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
 #                                               # name them: pkill -f would match the call's shell)
@@ -68,17 +68,18 @@ final|final-recipe)
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_candidates.toml \
       --arms $arms --seeds 3 --jobs 2 --data /root/data --out $R/final/$t-candidates --quiet \
       > $R/final-$t-candidates.log 2>&1 < /dev/null &
+    # backprop in its own process, started at once: its dense checkpoints are not collected, so a cut-off backprop
+    # run starts over next session; the ZO arms' seed checkpoints resume (zolite ablate --table-only tabulates them).
+    # final-recipe runs one at a time (BoolQ's: is +3 points reachable on layer 1 at all?)
+    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
+      --arms backprop --seeds 3 --jobs $([ $verb = final-recipe ] && echo 1 || echo 3) --data /root/data \
+      --out $R/final/$t --quiet > $R/final-$t-backprop.log 2>&1 < /dev/null &
     if [ $verb = final-recipe ]; then
       setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
         --arms zolite --seeds 3 --jobs 3 --data /root/data --out $R/final/$t --quiet \
         > $R/final-$t.log 2>&1 < /dev/null &
       continue
     fi
-    # backprop in its own process, started at once: its dense checkpoints are not collected, so a cut-off backprop
-    # run starts over next session; the ZO arms' seed checkpoints resume (zolite ablate --table-only tabulates them)
-    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
-      --arms backprop --seeds 3 --jobs 3 --data /root/data --out $R/final/$t --quiet \
-      > $R/final-$t-backprop.log 2>&1 < /dev/null &
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
       --arms zolite,mezo,mezo-full,zolite-fp16 --seeds 3 --jobs 3 --data /root/data --out $R/final/$t --quiet \
       > $R/final-$t.log 2>&1 < /dev/null &
