@@ -62,9 +62,10 @@ final|final-recipe)
         > \$f.part && mv \$f.part \$f || sleep 30; done; done; done" > $R/final-zero-shot-${tasks// /-}.log 2>&1 \
     < /dev/null &
   for t in $tasks; do
-    # the candidate layers (bench/plans/real_scale_candidates.toml), 3 seeds: SST-2's dev leaders (layer 27 won at 3
-    # seeds), RTE's leader layer 4 and SST-2's layer 27, BoolQ's layer 27. Finished runs are read back.
-    arms=$(case $t in sst2) echo layer27,sparse ;; rte) echo layer4,layer27 ;; *) echo layer27 ;; esac)
+    # the candidates (bench/plans/real_scale_candidates.toml), 3 seeds: SST-2's dev leaders (layer 27 won at 3 seeds);
+    # RTE's leader layer 4, SST-2's layer 27 and eps 1e-3 (plain MeZO's gain on RTE); BoolQ's layer 27 and eps 1e-3.
+    # Finished runs are read back.
+    arms=$(case $t in sst2) echo layer27,sparse ;; rte) echo eps1e-3,layer27,layer4 ;; *) echo layer27,eps1e-3 ;; esac)
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_candidates.toml \
       --arms $arms --seeds 3 --jobs 2 --data /root/data --out $R/final/$t-candidates --quiet \
       > $R/final-$t-candidates.log 2>&1 < /dev/null &

@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from zolite import tune
 from zolite.checkpoint import load_checkpoint
 from zolite.stepsize import PROBES
 
@@ -104,3 +107,18 @@ def test_guard_variants_l0_changes_only_the_reference(tiny_model, small_data, tm
     ours, l0 = choice["return"]["guard_reference"], choice["l0"]["guard_reference"]
     assert len(ours) == len(l0) == PROBES and ours != l0
     assert "| l0 |" in (tmp_path / "results.md").read_text()
+
+
+def test_guard_reference_replay_reads_a_run_of_the_old_guard(tiny_model, small_data, tmp_path):
+    run = tmp_path / "final" / "sst2" / "zolite" / "lrauto-s0"
+    tune(tiny_model, "sst2", data=small_data, layer="1", steps=4, eval_every=2, batch_size=4, eps=1e-2, lr="auto",
+         device="cpu", run_dir=run, progress=False)
+    # as the guard before the fix recorded it: l0 under "base_losses"
+    checkpoint = run / "checkpoint.safetensors"
+    with safe_open(str(checkpoint), "pt") as f:
+        metadata = f.metadata()
+    state = json.loads(metadata["zolite.state"])
+    state["lr_choice"]["base_losses"] = state["lr_choice"].pop("guard_reference")
+    save_file(load_file(str(checkpoint)), str(checkpoint), metadata={**metadata, "zolite.state": json.dumps(state)})
+    table = _run(BENCH / "guard_reference_replay.py", tmp_path / "final")
+    assert "| sst2/zolite/lrauto-s0 | 0.01 |" in table and "| 4 | - | - |" in table
