@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("root", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args()
-    lines = ["| run | eps | eps^2 c / 2 | steps run | first halving with l0 | the fixed reference halves there too |",
+    lines = ["| run | eps | eps^2 c / 2 | steps run | first halving with l0 | the fixed reference halves by then |",
              "|---|---|---|---|---|---|"]
     for r in first_halvings(args.root):
         first = r["l0_first_halving"]

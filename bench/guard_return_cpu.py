@@ -66,6 +66,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     context = multiprocessing.get_context("spawn")
     variants = args.variants.split(",")
+    lr = options[options.index("--lr") + 1] if "--lr" in options[:-1] else None
+    if "l0" in variants and lr != "auto":   # a given lr, or a profile's, skips the probe the variant patches
+        sys.exit("guard_return_cpu.py: the l0 variant patches the lr probe: give --lr auto (or leave l0 out)")
     procs = [context.Process(target=_run, args=(v, str(args.out), options)) for v in variants]
     for p in procs:
         p.start()

@@ -3,6 +3,7 @@ break them unnoticed until a device session (issue 24's run.world once cost one:
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -101,7 +102,7 @@ def test_guard_return_runs_both_guards(tiny_model, small_data, tmp_path):
 def test_guard_variants_l0_changes_only_the_reference(tiny_model, small_data, tmp_path):
     _run(BENCH / "guard_return_cpu.py", "--out", tmp_path, "--variants", "return,l0", "--", "--model", tiny_model,
          "--task", "sst2", "--layer", "1", "--data", small_data, "--steps", "20", "--eval-every", "10",
-         "--batch-size", "4", "--eps", "1e-2", "--device", "cpu")
+         "--batch-size", "4", "--eps", "1e-2", "--lr", "auto", "--device", "cpu")
     choice = {v: load_checkpoint(tmp_path / v)[2]["lr_choice"] for v in ("return", "l0")}
     assert choice["return"]["lr"] == choice["l0"]["lr"]                # the same probe
     ours, l0 = choice["return"]["guard_reference"], choice["l0"]["guard_reference"]
@@ -109,16 +110,29 @@ def test_guard_variants_l0_changes_only_the_reference(tiny_model, small_data, tm
     assert "| l0 |" in (tmp_path / "results.md").read_text()
 
 
-def test_guard_reference_replay_reads_a_run_of_the_old_guard(tiny_model, small_data, tmp_path):
-    run = tmp_path / "final" / "sst2" / "zolite" / "lrauto-s0"
-    tune(tiny_model, "sst2", data=small_data, layer="1", steps=4, eval_every=2, batch_size=4, eps=1e-2, lr="auto",
-         device="cpu", run_dir=run, progress=False)
-    # as the guard before the fix recorded it: l0 under "base_losses"
-    checkpoint = run / "checkpoint.safetensors"
-    with safe_open(str(checkpoint), "pt") as f:
-        metadata = f.metadata()
-    state = json.loads(metadata["zolite.state"])
-    state["lr_choice"]["base_losses"] = state["lr_choice"].pop("guard_reference")
-    save_file(load_file(str(checkpoint)), str(checkpoint), metadata={**metadata, "zolite.state": json.dumps(state)})
+def test_guard_reference_replay_tells_the_offsets_halving_from_a_real_one(tiny_model, small_data, tmp_path):
+    """Two runs of the old guard (l0 under "base_losses"), their losses replaced by known ones: one flat at
+    l0 + eps^2 c / 2 (a run that has not moved: only the l0 reference halves it), one that climbs (both halve)."""
+    rng = random.Random(0)
+    flat = [1.1 + 0.02 * rng.gauss(0, 1) for _ in range(400)]
+    climbing = flat[:100] + [1.1 + 0.002 * t + 0.02 * rng.gauss(0, 1) for t in range(300)]
+    for name, losses in (("flat", flat), ("climbing", climbing)):
+        run = tmp_path / "final" / "sst2" / name / "lrauto-s0"
+        tune(tiny_model, "sst2", data=small_data, layer="1", steps=2, eval_every=2, batch_size=4, eps=1e-2,
+             lr="auto", device="cpu", run_dir=run, progress=False)
+        checkpoint = run / "checkpoint.safetensors"
+        with safe_open(str(checkpoint), "pt") as f:
+            metadata = f.metadata()
+        state = json.loads(metadata["zolite.state"])
+        choice = state["lr_choice"]
+        del choice["guard_reference"]
+        choice["base_losses"] = [1.0 + 0.02 * rng.gauss(0, 1) for _ in range(PROBES)]
+        choice["probe"]["curvature"] = 2000.0                  # eps^2 c / 2 = 0.1 at eps 1e-2
+        state["losses"] = losses
+        save_file(load_file(str(checkpoint)), str(checkpoint), metadata={**metadata, "zolite.state": json.dumps(state)})
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "steps": 400}))   # guard blocks of 100 steps
     table = _run(BENCH / "guard_reference_replay.py", tmp_path / "final")
-    assert "| sst2/zolite/lrauto-s0 | 0.01 |" in table and "| 4 | - | - |" in table
+    assert "| sst2/flat/lrauto-s0 | 0.01 | 0.100 | 400 | 200 | no |" in table
+    assert "| sst2/climbing/lrauto-s0 | 0.01 | 0.100 | 400 |" in table
+    assert [line for line in table.splitlines() if "climbing" in line][0].endswith("| yes |")

@@ -25,10 +25,11 @@ The guard: the training loss is compared in blocks of `BLOCK` windows of `window
 is above the lowest earlier block's, or the base's (measured before the first step: a step too large from the start
 lifts every block), by more than `SIGNIFICANCE` standard errors, the step is halved. The base's reference is measured
 as the run measures its loss, the mean of l+ and l- at the run's eps, not the unperturbed l0: that mean sits
-eps^2 c / 2 above l0, 0.07 on Qwen2.5's RTE at eps 1e-2 (c = 1,404) and 0.48 for full-model MeZO on SST-2
-(c = 10,072), so against l0 every block of a run that had not moved looked "turned up" and the guard went back to the
-base eight times over (bench/results/real_scale_final_h100_part2). Each halving multiplies the slopes the run records, so a resumed run or a trajectory
-replays the same updates bit for bit.
+eps^2 c / 2 above l0, 0.07 on Qwen2.5's RTE layer 4 at eps 1e-2 (c = 1,404) and 0.50 for full-model MeZO on SST-2
+(c = 10,072). Against l0, the blocks of runs that had barely moved looked "turned up": the guard sent RTE layer 4
+back to the base eight times, full-model MeZO three times in 650 steps (bench/results/real_scale_final_h100_part2).
+Each halving multiplies the slopes the run records, so a resumed run or a trajectory replays the same updates bit
+for bit.
 
 Halving stops a drift; it does not undo it. On Qwen2.5-1.5B (bench/results/real_scale_final_h100) SST-2 on layer 14
 reached val 0.806, then its loss climbed from 0.51 to 0.95 and stayed there through six halvings (val 0.640 at the
@@ -99,8 +100,8 @@ def probe_lr(pair_losses, batches: list[tuple[list, list]], run_seed: int, eps: 
         ga.append((plus - minus) / (2 * eps))
         gb.append((plus_b - minus_b) / (2 * eps))
         curv.append((plus + minus - 2 * base) / eps ** 2)
-        # the run's loss, (l+ + l-) / 2 at its eps: exactly that when the probe's eps is the run's; at a smaller eps
-        # l0 + eps^2 c / 2 with this batch's c
+        # the run's loss, (l+ + l-) / 2 at its eps: that (up to rounding) when the probe's eps is the run's; at a
+        # smaller eps l0 + eps^2 c / 2 with this batch's c
         reference.append(base + (run_eps / eps) ** 2 * (plus + minus - 2 * base) / 2)
     products = [x * y for x, y in zip(ga, gb)]
     result = ProbeResult(lr=0.0, eps=eps, curvature=statistics.fmean(curv), curvature_se=_se(curv),
