@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zolite.checkpoint import load_checkpoint  # noqa: E402
-from zolite.stepsize import LossGuard, guard_window  # noqa: E402
+from zolite.stepsize import new_guard  # noqa: E402
 
 
 def first_halvings(root: Path) -> list[dict]:
@@ -30,10 +30,10 @@ def first_halvings(root: Path) -> list[dict]:
             continue
         losses, eps = saved[2]["losses"], config["eps"]
         offset = eps ** 2 * max(choice["probe"]["curvature"], 0.0) / 2
-        old = LossGuard(guard_window(config["steps"]), choice["base_losses"])
+        old = new_guard(config["steps"], choice)   # as the run was guarded: its l0 reference
         old.replay(losses)
         first = old.backoffs[0][0] if old.backoffs else len(losses)
-        fixed = LossGuard(guard_window(config["steps"]), [b + offset for b in choice["base_losses"]])
+        fixed = new_guard(config["steps"], {"guard_reference": [b + offset for b in choice["base_losses"]]})
         fixed.replay(losses[:first])
         rows.append({"run": str(run_dir.relative_to(root)), "eps": eps, "offset": offset, "steps": len(losses),
                      "l0_first_halving": first if old.backoffs else None,
