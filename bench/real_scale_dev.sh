@@ -8,6 +8,8 @@
 #                                               # (default tasks: sst2 rte), and the leading candidates, 3 seeds
 #   bash bench/real_scale_dev.sh final-recipe TASK..  # zero-shot, the plan's `zolite` and backprop arms and the
 #                                               # candidate layers, 3 seeds (BoolQ: ~5x a step, so its own runs first)
+#   bash bench/real_scale_dev.sh final-short    # a short lease: BoolQ's final-recipe, RTE's plain MeZO to its end, then
+#                                               # RTE's layer 27 and eps 1e-3 (fewer runs side by side: BoolQ first)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
 #                                               # name them: pkill -f would match the call's shell)
@@ -85,6 +87,13 @@ final|final-recipe)
       --arms zolite,mezo,mezo-full,zolite-fp16 --seeds 3 --jobs 3 --data /root/data --out $R/final/$t --quiet \
       > $R/final-$t.log 2>&1 < /dev/null &
   done ;;
+final-short)
+  bash $0 final-recipe boolq
+  setsid nohup bash -c "zolite ablate --model qwen2.5-coder-1.5b --task rte --plan bench/plans/real_scale_final.toml \
+      --arms mezo --seeds 3 --jobs 3 --data /root/data --out $R/final/rte --quiet
+    zolite ablate --model qwen2.5-coder-1.5b --task rte --plan bench/plans/real_scale_candidates.toml \
+      --arms layer27,eps1e-3 --seeds 3 --jobs 3 --data /root/data --out $R/final/rte-candidates --quiet" \
+    > $R/final-rte-short.log 2>&1 < /dev/null & ;;
 stop)
   pkill -f "zolite ablate"; pkill -f "zolite eval"; pkill -f "multiprocessing.spawn"; sleep 4
   pkill -9 -f "zolite ablate"; pkill -9 -f "zolite eval"; pkill -9 -f "multiprocessing.spawn"; true ;;
