@@ -12,6 +12,8 @@ For each config, in one process, on the same model and the same batch (step 0's 
 - `zolite-bare`: the same step without the profiler's phases (the step's own cost);
 - `base`, `base-bare`: the same two for the zolite package in --baseline DIR (imported as `zolite_baseline`, its
   own TunedLayers, Stepper and train_step on the same model), in the same rounds;
+- `graphs`, `graphs-bare`: the same two with `--cuda-graphs` (zolite.graphs: the ±eps forward replayed from a CUDA
+  graph, the batch padded to its 32-token bucket; on the CPU they run eagerly);
 - `eager`: MeZO written plainly here: one generator per step, z drawn in the weight's dtype tensor by tensor,
   W += eps z in place, forward, W -= 2 eps z, forward, W += eps z, W -= lr g z (the same tuned tensors);
 - `floor-2x`: two plain forwards of the batch; `floor-2b`: one forward of the batch doubled (zolite's form: the
@@ -66,7 +68,8 @@ RANDOM_SHAPES = {"llama7b-random": "7b",
                  "launch-random": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=30,
                                        num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)}
 DEFAULT_CONFIGS = "smollm2-L11,smollm2-all,smollm2-L11-f16,smollm2-all-f16,qwen-L1-nf4,qwen-L1-fp16,llama7b-L1-nf4"
-METHODS = ("zolite", "base", "zolite-bare", "base-bare", "eager", "floor-2x", "floor-2b")   # one round's order
+METHODS = ("zolite", "base", "zolite-bare", "base-bare", "graphs", "graphs-bare", "eager", "floor-2x",
+           "floor-2b")   # one round's order
 LR = 1e-7   # small, so many timed steps leave the weights (and so the forwards' cost) as they were
 
 
@@ -140,6 +143,7 @@ def eager_mezo(model, params: list[torch.Tensor], batch, loss_of, eps: float, lr
 
 def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], baseline=None) -> dict:
     from zolite.distributed import World
+    from zolite.graphs import ForwardGraphs
     from zolite.memory import MemoryProfiler
     from zolite.optim import Stepper
     from zolite.scoring import candidate_scores, collate, last_hidden, losses, pad_token_id
@@ -189,10 +193,15 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
         hidden = last_hidden(net, ids_2b)
         losses(candidate_scores(net, doubled, hidden), doubled, "ce").tolist()
 
-    paths = same_step_check(net, tuned, batch, args.eps)
+    paths, graph_paths = same_step_check(net, tuned, batch, args.eps), None
     profiler_cm = MemoryProfiler(device)
     profiler = profiler_cm.__enter__()
     versions = {"zolite": (Stepper, train_step, tuned)}
+    if any(m.startswith("graphs") for m in methods):   # --cuda-graphs: the same step, its forward replayed
+        versions["graphs"] = (Stepper, train_step, tuned)
+        tuned.use_z_buffers()
+        if device.type == "cuda":
+            graph_paths = graphs_check(net, tuned, batch, args.eps)
     if baseline is not None:   # its own tuned layers (hooks, residuals) on the same parameters
         versions["base"] = (baseline.optim.Stepper, baseline.tune.train_step, baseline.zo.TunedLayers(net, indices))
     fns = {}
@@ -200,6 +209,8 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
         for name, phase in ((version, profiler.phase), (f"{version}-bare", None)):
             stepper = stepper_class(net, tuned_of, eps=args.eps, objective="ce", micro_batch=micro, seed=0,
                                     phase=phase, collate_to_device=lambda c: collate(c, pad).to(device), lr=LR)
+            if version == "graphs":
+                stepper.graphs = ForwardGraphs(net, tuned_of)
             run = SimpleNamespace(config=SimpleNamespace(batch_size=args.batch_size, objective="ce", seed=0),
                                   train=examples, splits=None, stepper=stepper, guard=None,
                                   world=World(), exchange=[0, 0, 0])   # one process: tune's loop counts nothing
@@ -252,6 +263,8 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
            "host_cpu_ms": {m: round(1000 * host[m] / wall[m][1], 3) for m in methods}}
     if paths:
         out["fused_vs_per_half"] = paths
+    if graph_paths:
+        out["graphs_vs_eager"] = graph_paths
     if device.type == "cuda":
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     del fns, versions, tuned, net, loaded
@@ -275,6 +288,20 @@ def same_step_check(net, tuned, batch, eps: float) -> dict | None:
     return out
 
 
+def graphs_check(net, tuned, batch, eps: float) -> dict:
+    """l+ and l- of three z from the eager fused forward and from its CUDA graph (the batch padded to its bucket):
+    they differ by the padded matmuls' rounding only."""
+    from zolite.graphs import ForwardGraphs
+    from zolite.zo import spsa_losses
+
+    forward_graphs = ForwardGraphs(net, tuned)
+    pairs = [(spsa_losses(net, tuned, batch, seed, eps, "ce"),
+              spsa_losses(net, tuned, batch, seed, eps, "ce", graphs=forward_graphs)) for seed in (1, 2, 3)]
+    return {"eager": [e for e, _ in pairs], "graphs": [g for _, g in pairs], "recorded": len(forward_graphs.recorded),
+            "capture_failed": forward_graphs.failed,
+            "max_abs_diff": max(abs(a - b) for e, g in pairs for a, b in zip(e, g))}
+
+
 def _tune_step(train_step, run):
     """One step of tune's loop (which runs inside the profiler's "train" phase, as the timing loop here does)."""
     state = {"step": 0, "losses": [], "tokens": 0, "train_s": 0.0}
@@ -284,7 +311,7 @@ def _tune_step(train_step, run):
 def ratios(row: dict) -> dict:
     ms = row["ms"]
     out = {}
-    for step in (k for k in ms if k.startswith(("zolite", "base"))):
+    for step in (k for k in ms if k.startswith(("zolite", "base", "graphs"))):
         for ref in ("eager", "floor-2x", "floor-2b"):
             if ms.get(ref):
                 out[f"{step}/{ref}"] = round(ms[step] / ms[ref], 3)

@@ -137,13 +137,13 @@ def weighted_mean(examples, micro_batch, loss_of_chunk, world=None):
 
 
 def micro_batched_losses(model, tuned: TunedLayers, examples, batch_of, seed, eps, objective, micro_batch=None,
-                         world=None) -> tuple[float, float]:
+                         world=None, graphs=None) -> tuple[float, float]:
     """l+ and l- of the batch as the size-weighted mean over micro-batches (and ranks: `world`; ZO losses are means
     over examples). batch_of: encoded examples -> a Batch on the model's device."""
     from .zo import spsa_losses
 
     plus, minus = weighted_mean(examples, micro_batch, lambda chunk: spsa_losses(
-        model, tuned, batch_of(chunk), seed, eps, objective), world)
+        model, tuned, batch_of(chunk), seed, eps, objective, graphs), world)
     return plus, minus
 
 
@@ -173,12 +173,14 @@ class Stepper:
         # and record lr_factor * g
         self.lr_factor = 1.0
         self.phase = phase or (lambda name: contextlib.nullcontext())   # a MemoryProfiler's phase, to measure
+        self.graphs = None   # a zolite.graphs.ForwardGraphs: the ±eps forwards replayed from CUDA graphs
 
     # --- the losses ---
     def pair_losses(self, examples, seed: int, eps: float | None = None) -> tuple[float, float]:
         """l(W + eps z) and l(W - eps z); eps None: the stepper's."""
         return micro_batched_losses(self.model, self.tuned, examples, self.batch_of, seed,
-                                    self.eps if eps is None else eps, self.objective, self.micro_batch, world=self.world)
+                                    self.eps if eps is None else eps, self.objective, self.micro_batch, world=self.world,
+                                    graphs=self.graphs)
 
     def _scores_loss(self, batch):
         from .scoring import candidate_scores, last_hidden, losses

@@ -20,6 +20,7 @@ from .checkpoint import CheckpointDevice, load_checkpoint, save_checkpoint
 from .data import Splits, batches_for_step, sample_splits
 from .distributed import PeerLost, World, in_worker, join, launch, local_device, quiet_unless_main
 from .errors import ZoliteError, check_at_least
+from .graphs import ForwardGraphs
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, predictions
 from .io import write_json
 from .layers import decoder_layers, format_layers
@@ -211,6 +212,9 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float, world: W
                       phase=profiler.phase, collate_to_device=lambda c: collate(c, pad).to(device),
                       name=config.optimizer, lr=0.0, weight_decay=config.weight_decay,   # lr: set by start()
                       momentum=config.momentum, layerwise=config.layerwise, world=world)
+    if config.cuda_graphs and config.estimator == "spsa" and config.objective != "f1":
+        tuned.use_z_buffers()
+        stepper.graphs = ForwardGraphs(net, tuned)
     if config.objective == "f1":   # greedy answers under +eps and -eps, scored like the eval: raw rows go in
         stepper.pair_losses = lambda rows, seed, eps=None: tuple(weighted_mean(rows, None, lambda chunk: generation_losses(
             net, tokenizer, tuned, task_, chunk, seed, config.eps if eps is None else eps, config.max_length), world))

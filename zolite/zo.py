@@ -120,6 +120,7 @@ class TunedLayers:
         self.residuals = [None if p.dtype == torch.float32 else torch.zeros_like(p) for p in self.params]
         self.eps_scale = eps_scale
         self.scales: list = [1.0] * len(self.params)   # a float per tensor, or a tensor broadcast over it
+        self.z_buffers: list | None = None   # CUDA graphs (zolite.graphs): this step's z, drawn before a replay
         # one forward of the doubled batch through the tuned layers (see perturbed): small tensors, and modules whose
         # input rows are the batch's (Linear, norms)
         self.fused = (max((p.numel() for p in self.params), default=0) < FUSED_MAX_NUMEL
@@ -149,6 +150,17 @@ class TunedLayers:
         if isinstance(scale, torch.Tensor):
             return z.mul_(scale), 1.0
         return z, scale
+
+    def use_z_buffers(self) -> None:
+        """Keep one fp32 buffer per tensor for z (zolite.graphs: perturbed(None, eps) reads them; fill_z draws)."""
+        if self.z_buffers is None:
+            self.z_buffers = [torch.empty(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+
+    @torch.no_grad()
+    def fill_z(self, seed: int) -> None:
+        """Draw step `seed`'s z (times any scale tensor) into the buffers."""
+        for i, buffer in enumerate(self.z_buffers):
+            buffer.copy_(self.z(seed, i)[0])
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
@@ -271,9 +283,12 @@ class TunedLayers:
                 module._parameters[attr] = p
 
     @contextmanager
-    def perturbed(self, seed: int, eps: float):
-        """Within this block a forward of batch B returns 2B rows: [W + eps z | W - eps z]."""
+    def perturbed(self, seed: int | None, eps: float):
+        """Within this block a forward of batch B returns 2B rows: [W + eps z | W - eps z]. seed None: z from the
+        buffers (fused path only)."""
         if not self.fused:
+            if seed is None:
+                raise ValueError("z buffers are read by the fused path only")
             with self._perturbed_per_half(seed, eps):
                 yield
             return
@@ -293,8 +308,12 @@ class TunedLayers:
             for (module, attr), p in zip(self.owner, self.params):
                 module._parameters[attr] = p
 
-    def _offset(self, seed: int, i: int, eps: float) -> torch.Tensor:
-        """eps * z_i (times tensor i's scale), fp32, in z's buffer: W +- this is tensor i perturbed."""
+    def _offset(self, seed: int | None, i: int, eps: float) -> torch.Tensor:
+        """eps * z_i (times tensor i's scale), fp32, in z's buffer: W +- this is tensor i perturbed. seed None: z
+        from the buffers fill_z drew (a new tensor, the same bits)."""
+        if seed is None:
+            scale = self.scales[i]
+            return self.z_buffers[i].mul(eps * (1.0 if isinstance(scale, torch.Tensor) else scale))
         z, scale = self.z(seed, i)
         return z.mul_(eps * scale)
 
@@ -437,13 +456,18 @@ def _doubling_forward(forward, state):
     return run
 
 
-def spsa_losses(model, tuned: TunedLayers, batch, seed: int, eps: float, objective: str) -> tuple[float, float]:
-    """l(W + eps z) and l(W - eps z) on one batch, from one forward of the doubled batch."""
+def spsa_losses(model, tuned: TunedLayers, batch, seed: int, eps: float, objective: str, graphs=None
+                ) -> tuple[float, float]:
+    """l(W + eps z) and l(W - eps z) on one batch, from one forward of the doubled batch (replayed from a CUDA
+    graph where `graphs`, a zolite.graphs.ForwardGraphs, can take it)."""
     from .scoring import candidate_scores, last_hidden, losses
 
     with torch.inference_mode():
-        with tuned.perturbed(seed, eps):
-            hidden = last_hidden(model, batch.input_ids)
+        hidden = graphs.hidden(batch.input_ids, seed, eps) if graphs is not None and graphs.usable(batch.input_ids) \
+            else None
+        if hidden is None:
+            with tuned.perturbed(seed, eps):
+                hidden = last_hidden(model, batch.input_ids)
         loss = losses(candidate_scores(model, batch, hidden), batch, objective)
     plus, minus = loss.tolist()
     return plus, minus

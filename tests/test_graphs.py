@@ -1,0 +1,135 @@
+"""CUDA graphs of the step's forward (zolite.graphs), in the pieces a CPU can check: z read from buffers gives the
+eager step's bits, padding a batch to its bucket leaves the losses, and the recorded forward is fed and read
+through its fixed tensors (a stand-in recorder re-runs the forward where a GPU would replay it). Capture itself
+runs on the GPU only (bench/step_speed.py, zolite-graphs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zolite
+import zolite.graphs as graphs
+from zolite.data import bundled_file, iter_rows
+from zolite.evaluate import encode_rows
+from zolite.graphs import ForwardGraphs, Recorded
+from zolite.optim import Stepper
+from zolite.scoring import collate, last_hidden, pad_token_id
+from zolite.tasks import get_task
+from zolite.zo import TunedLayers, spsa_losses
+
+
+def _batch(loaded, task="sst2", n=6, start=0):
+    rows = [r for r, _ in zip(iter_rows(bundled_file(task)), range(start + n))][start:]
+    return collate(encode_rows(loaded.tokenizer, get_task(task), rows, 512), pad_token_id(loaded.tokenizer))
+
+
+def rerun_recorder(forward, input_ids, pool):
+    """A GPU's record() as the CPU can have it: replay runs the forward again on the same fixed input tensor and
+    writes into the same output tensor, so a value the forward took from Python at capture time (rather than from
+    the buffers) would show as a wrong loss."""
+    hidden = forward(input_ids)
+    captured = {"hidden": hidden}
+
+    def replay():
+        captured["hidden"].copy_(forward(input_ids))
+    return Recorded(replay, input_ids, hidden), pool
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_z_buffers_give_the_eager_bits(tiny_model, dtype):
+    """perturbed(None, eps) after fill_z(seed) is perturbed(seed, eps), bit for bit (fp32, and fp16 with residuals)."""
+    loaded = zolite.load_model(tiny_model, dtype=dtype)
+    tuned = TunedLayers(loaded.model, [1, 2])
+    tuned.sgd_update(3, 0.7, 1e-3)   # residuals that are not zero
+    batch = _batch(loaded)
+    with torch.inference_mode(), tuned.perturbed(5, 1e-2):
+        eager = last_hidden(loaded.model, batch.input_ids)
+    tuned.use_z_buffers()
+    tuned.fill_z(5)
+    with torch.inference_mode(), tuned.perturbed(None, 1e-2):
+        buffered = last_hidden(loaded.model, batch.input_ids)
+    assert torch.equal(eager, buffered)
+    with torch.inference_mode(), tuned.perturbed(None, 1e-2):   # the buffers are read, not consumed
+        assert torch.equal(last_hidden(loaded.model, batch.input_ids), eager)
+
+
+def test_padding_to_the_bucket_keeps_the_losses(tiny_model):
+    """Right-padding to a multiple of BUCKET tokens: the same l+ and l- (causal attention: a token never sees the
+    padding after it; only the matmuls' shapes change, so to float rounding)."""
+    loaded = zolite.load_model(tiny_model)
+    tuned = TunedLayers(loaded.model, [1])
+    batch = _batch(loaded)
+    assert batch.input_ids.shape[1] % graphs.BUCKET   # the test pads for real
+    eager = spsa_losses(loaded.model, tuned, batch, 7, 1e-2, "ce")
+    tuned.use_z_buffers()
+    padded = spsa_losses(loaded.model, tuned, batch, 7, 1e-2, "ce",
+                         graphs=ForwardGraphs(loaded.model, tuned, recorder=rerun_recorder))
+    assert padded == pytest.approx(eager, rel=1e-6, abs=1e-7)
+
+
+def test_replays_feed_each_batch_and_seed(tiny_model):
+    """Several steps through the graphs (two shapes, new seeds, weights updated between steps) give the eager
+    step's losses, with one recording per shape."""
+    loaded = zolite.load_model(tiny_model)
+    net = loaded.model
+
+    def run(use_graphs):
+        tuned = TunedLayers(net, [1, 2])
+        start = {k: v.clone() for k, v in tuned.state().items()}
+        stepper = Stepper(net, tuned, eps=1e-2, lr=1e-3, collate_to_device=lambda c: collate(
+            c, pad_token_id(loaded.tokenizer)))
+        if use_graphs:
+            tuned.use_z_buffers()
+            stepper.graphs = ForwardGraphs(net, tuned, recorder=rerun_recorder)
+        out = [stepper.step(step, chunk) for step, chunk in enumerate(chunks)]
+        tuned.load(start)
+        return out, stepper.graphs
+
+    rows = [r for r, _ in zip(iter_rows(bundled_file("sst2")), range(40))]
+    encoded = encode_rows(loaded.tokenizer, get_task("sst2"), rows, 512)
+    chunks = [encoded[4 * step:4 * step + (4 if step % 2 else 6)] for step in range(6)]
+    eager, _ = run(False)
+    graphed, forward_graphs = run(True)
+    assert graphed == pytest.approx(eager, rel=1e-6)
+    assert eager[0] != eager[2]   # the steps' losses differ: each replay saw its own batch and z
+    shapes = {collate(c, 0).input_ids.shape for c in chunks}
+    assert set(forward_graphs.recorded) == {(rows, -(-length // graphs.BUCKET) * graphs.BUCKET, 1e-2)
+                                            for rows, length in shapes}
+    assert len(forward_graphs.recorded) < len(chunks)   # shapes recur: recorded once, replayed
+
+
+def test_cpu_batches_and_failed_capture_run_eagerly(tiny_model, capsys):
+    """The real recorder takes CUDA tensors only; a capture that fails turns the graphs off with one line, and the
+    step goes on eagerly with the same losses."""
+    loaded = zolite.load_model(tiny_model)
+    tuned = TunedLayers(loaded.model, [1])
+    tuned.use_z_buffers()
+    batch = _batch(loaded)
+    assert not ForwardGraphs(loaded.model, tuned).usable(batch.input_ids)   # a CPU batch
+
+    def failing(forward, input_ids, pool):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+    broken = ForwardGraphs(loaded.model, tuned, recorder=failing)
+    eager = spsa_losses(loaded.model, tuned, batch, 2, 1e-2, "ce")
+    assert spsa_losses(loaded.model, tuned, batch, 2, 1e-2, "ce", graphs=broken) == eager
+    assert broken.failed and not broken.usable(batch.input_ids)
+    err = capsys.readouterr().err
+    assert "CUDA graphs are off for this run" in err and "stream is capturing" in err and "more" not in err
+
+
+def test_tune_option_turns_graphs_on(tiny_model, tmp_path, monkeypatch):
+    """--cuda-graphs builds the run's ForwardGraphs; on the CPU they run eagerly, so the patch is the eager run's."""
+    made = []
+    original = graphs.ForwardGraphs.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(self)
+        original(self, *args, **kwargs)
+    monkeypatch.setattr(graphs.ForwardGraphs, "__init__", spy)
+    common = dict(steps=3, eval_every=0, lr=1e-3, batch_size=4, layer="1", force=True, progress=False)
+    plain = zolite.tune(str(tiny_model), "sst2", run_dir=tmp_path / "a", **common)
+    graphed = zolite.tune(str(tiny_model), "sst2", run_dir=tmp_path / "b", cuda_graphs=True, **common)
+    assert len(made) == 1 and made[0].tuned.z_buffers is not None
+    from safetensors.torch import load_file
+    a, b = load_file(plain["patch"]), load_file(graphed["patch"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
