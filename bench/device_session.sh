@@ -9,6 +9,8 @@
 #   bash bench/device_session.sh serve-qwen OUT   # stop the training runs (their seed checkpoints resume them next
 #                                          # session), Qwen nf4 serving alone on the GPU (5.5 min cap), collect;
 #                                          # sources device_env.sh itself (a call's shell starts without its exports)
+#   bash bench/device_session.sh graphs    # once SmolLM2 is there: issue 23's CUDA graphs against the eager step,
+#                                          # alone on the GPU while the Qwen parts come (~1.5 min; then graphs-bench.done)
 #   bash bench/device_session.sh collect OUT   # everything so far -> OUT/res.tgz (real_scale_dev.sh collect)
 # Timings come first and alone; each benchmark is capped (timeout) so the training runs always start.
 set -u
@@ -38,6 +40,13 @@ qwen)
     bash bench/real_scale_dev.sh qwen-round3
     bash bench/real_scale_dev.sh smollm2-boolq" > $R/qwen-bench.log 2>&1 < /dev/null &
   echo "started: $R/qwen-bench.log" ;;
+graphs)
+  cd /root/src || exit 1
+  setsid nohup bash -c "
+    timeout 200 python bench/step_speed.py --out $R/step_speed/graphs --data /root/data --steps 30 --rounds 2 \
+      --only zolite,zolite-bare,graphs,graphs-bare,eager,floor-2b --configs smollm2-L11,smollm2-all,smollm2-all-f16
+    touch $R/graphs-bench.done" > $R/graphs-bench.log 2>&1 < /dev/null &
+  echo "started: $R/graphs-bench.log" ;;
 train)
   cd /root/src || exit 1
   bash bench/real_scale_dev.sh qwen-round3
