@@ -133,3 +133,25 @@ def test_tune_option_turns_graphs_on(tiny_model, tmp_path, monkeypatch):
     from safetensors.torch import load_file
     a, b = load_file(plain["patch"]), load_file(graphed["patch"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_update_from_buffered_z_has_the_drawn_bits(tiny_model, dtype):
+    """The update reads the step's z from the buffers the graphed forward drew (one draw less per tensor) and gives
+    the weights and residuals that drawing z again gives; another seed's buffers are not used."""
+    loaded = zolite.load_model(tiny_model, dtype=dtype)
+    tuned = TunedLayers(loaded.model, [1, 2])
+    start = tuned.exact_state()
+    start = {k: v.clone() for k, v in start.items()}
+    tuned.sgd_update(4, 0.9, 1e-2, weight_decay=0.1)
+    drawn = {k: v.clone() for k, v in tuned.exact_state().items()}
+    tuned.load(start)
+    tuned.use_z_buffers()
+    tuned.fill_z(3)
+    tuned.z_buffers[0].fill_(1e3)   # poison: a buffer of another seed must not be read
+    tuned.sgd_update(4, 0.9, 1e-2, weight_decay=0.1)
+    assert all(torch.equal(v, drawn[k]) for k, v in tuned.exact_state().items())
+    tuned.load(start)
+    tuned.fill_z(4)
+    tuned.sgd_update(4, 0.9, 1e-2, weight_decay=0.1)
+    assert all(torch.equal(v, drawn[k]) for k, v in tuned.exact_state().items())

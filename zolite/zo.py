@@ -121,6 +121,7 @@ class TunedLayers:
         self.eps_scale = eps_scale
         self.scales: list = [1.0] * len(self.params)   # a float per tensor, or a tensor broadcast over it
         self.z_buffers: list | None = None   # CUDA graphs (zolite.graphs): this step's z, drawn before a replay
+        self.z_buffers_seed: int | None = None
         # one forward of the doubled batch through the tuned layers (see perturbed): small tensors, and modules whose
         # input rows are the batch's (Linear, norms)
         self.fused = (max((p.numel() for p in self.params), default=0) < FUSED_MAX_NUMEL
@@ -136,6 +137,7 @@ class TunedLayers:
         for i, (name, p) in enumerate(zip(self.names, self.params)):
             if name in scales:
                 self.scales[i] = scales[name].to(p.device, torch.float32)
+        self.z_buffers_seed = None   # buffered z were drawn with the old scales
 
     def scale_tensors(self) -> dict[str, torch.Tensor]:
         """The measured scale tensors by full name (activation: for checkpoints and trajectories); sparse masks are
@@ -161,6 +163,11 @@ class TunedLayers:
         """Draw step `seed`'s z (times any scale tensor) into the buffers."""
         for i, buffer in enumerate(self.z_buffers):
             buffer.copy_(self.z(seed, i)[0])
+        self.z_buffers_seed = seed
+
+    def _scalar_scale(self, i: int) -> float:
+        """Tensor i's scale left to apply to z from the buffers (a scale tensor is already in them)."""
+        return 1.0 if isinstance(self.scales[i], torch.Tensor) else self.scales[i]
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
@@ -224,8 +231,9 @@ class TunedLayers:
         Beside z, a half-precision tensor needs its fp32 value; it is built UPDATE_CHUNK elements at a time (the
         arithmetic is elementwise, so the result is the same bits), and each z is freed before the next is drawn:
         one fp32 tensor plus a chunk alive at a time, where a whole fp32 value and two z's were before."""
-        for i, (p, r) in enumerate(zip(self.params, self.residuals)):
-            z, scale = self.z(seed, i)
+        buffered = self.z_buffers is not None and self.z_buffers_seed == seed   # this step's z, drawn for its
+        for i, (p, r) in enumerate(zip(self.params, self.residuals)):                  # graphed forward (read only)
+            z, scale = (self.z_buffers[i], self._scalar_scale(i)) if buffered else self.z(seed, i)
             decay = 1 - lr * weight_decay if weight_decay and p.dim() >= 2 else None
             step = -lr * projected_grad * scale
             if r is None:   # fp32: the weight is its own master, edited in place
@@ -312,8 +320,7 @@ class TunedLayers:
         """eps * z_i (times tensor i's scale), fp32, in z's buffer: W +- this is tensor i perturbed. seed None: z
         from the buffers fill_z drew (a new tensor, the same bits)."""
         if seed is None:
-            scale = self.scales[i]
-            return self.z_buffers[i].mul(eps * (1.0 if isinstance(scale, torch.Tensor) else scale))
+            return self.z_buffers[i].mul(eps * self._scalar_scale(i))
         z, scale = self.z(seed, i)
         return z.mul_(eps * scale)
 
