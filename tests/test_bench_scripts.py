@@ -31,7 +31,7 @@ def test_step_speed_times_every_method(tmp_path):
          "--rounds", "1")
     config = json.loads((tmp_path / "results.json").read_text())["configs"]["launch-L11"]
     assert "error" not in config, config.get("error")
-    assert set(config["ms"]) == {"zolite", "zolite-bare", "eager", "floor-2x", "floor-2b"}
+    assert set(config["ms"]) == {"zolite", "zolite-bare", "graphs", "graphs-bare", "eager", "floor-2x", "floor-2b"}
     assert all(ms > 0 for ms in config["ms"].values())
     assert config["fused_vs_per_half"]["max_abs_diff"] < 1e-4   # same z, same batch: rounding only
 
