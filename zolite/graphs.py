@@ -87,8 +87,10 @@ class ForwardGraphs:
         static_ids = torch.zeros((rows, padded), dtype=input_ids.dtype, device=input_ids.device)
 
         def forward(ids):
-            with torch.inference_mode(), self.tuned.perturbed(None, eps):
-                return last_hidden(self.model, ids)
+            # the batch doubled from the first layer: under capture transformers builds an explicit causal mask
+            # for the batch it is given, which the layers after a doubling one could not take
+            with torch.inference_mode(), self.tuned.perturbed(None, eps, doubled_input=True):
+                return last_hidden(self.model, torch.cat([ids, ids]))
         try:
             recorded, self.pool = self.recorder(forward, static_ids, self.pool)
         except Exception as e:   # noqa: BLE001 - any capture failure: the eager step is always there
