@@ -148,7 +148,7 @@ def bowl_loss(monkeypatch):
     optim = importlib.import_module("zolite.optim")
     targets = {}
 
-    def losses(model, tuned, examples, batch_of, seed, eps, objective, micro_batch=None, world=None):
+    def losses(model, tuned, examples, batch_of, seed, eps, objective, micro_batch=None, world=None, graphs=None):
         if not targets:
             gen = torch.Generator().manual_seed(0)
             for i, name in enumerate(tuned.names):
@@ -271,8 +271,8 @@ def scheduled_loss(monkeypatch, bowl_loss):
     step_of = {optim.z_seed(0, t, 0): t for t in range(200)}
     offsets = [-0.01, -0.02, 0.05, -0.03, 0.05, 0.05, -0.04, 0.06]
 
-    def losses(model, tuned, examples, batch_of, seed, eps, objective, micro_batch=None, world=None):
-        plus, minus = inner(model, tuned, examples, batch_of, seed, eps, objective, micro_batch, world)
+    def losses(model, tuned, examples, batch_of, seed, eps, objective, micro_batch=None, world=None, graphs=None):
+        plus, minus = inner(model, tuned, examples, batch_of, seed, eps, objective, micro_batch, world, graphs)
         t = step_of.get(seed)
         offset = 0.0 if t is None else offsets[t // 20]
         return plus + offset, minus + offset
