@@ -44,7 +44,7 @@ graphs)
   cd /root/src || exit 1
   setsid nohup bash -c "
     timeout 200 python bench/step_speed.py --out $R/step_speed/graphs --data /root/data --steps 30 \
-      --rounds ${GRAPH_ROUNDS:-2} --only zolite,zolite-bare,graphs,graphs-bare,eager,floor-2b \
+      --rounds ${GRAPH_ROUNDS:-2} --only zolite,zolite-bare,graphs,graphs-bare,eager,floor-2b --profile graphs-bare \
       --configs ${GRAPH_CONFIGS:-smollm2-L11,smollm2-all,smollm2-all-f16}
     touch $R/graphs-bench.done" > $R/graphs-bench.log 2>&1 < /dev/null &
   echo "started: $R/graphs-bench.log" ;;

@@ -3,6 +3,7 @@
     python bench/step_speed.py --out OUT                         # every config, on the GPU
     python bench/step_speed.py --out OUT --configs smollm2-L11,smollm2-all --steps 300
     python bench/step_speed.py --out OUT --device cpu --configs smollm2-L11 --steps 3 --warmup 1   # CPU smoke
+    python bench/step_speed.py ... --profile graphs-bare          # also where 10 of that method's steps spend time
     python bench/step_speed.py ... --baseline DIR                # also the step of DIR/zolite (another version,
                                                                  # imported beside this one): before / after
 
@@ -141,7 +142,7 @@ def eager_mezo(model, params: list[torch.Tensor], batch, loss_of, eps: float, lr
     return step
 
 
-def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], baseline=None) -> dict:
+def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], baseline=None, config_name: str = "") -> dict:
     from zolite.distributed import World
     from zolite.graphs import ForwardGraphs
     from zolite.memory import MemoryProfiler
@@ -251,6 +252,8 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
                     with torch.no_grad():
                         for p, s in zip(tuned.params, saved):
                             p.copy_(s)
+        if args.profile in fns:   # where the step's time goes, op by op (the host's time and the GPU's)
+            profile_steps(fns[args.profile], n, device, args.out / f"profile-{config_name}-{args.profile}.txt")
         train_phase.__exit__(None, None, None)
     finally:
         profiler_cm.__exit__(None, None, None)
@@ -286,6 +289,22 @@ def same_step_check(net, tuned, batch, eps: float) -> dict | None:
     out["max_abs_diff"] = max(abs(a - b) for a, b in zip(out["fused"], out["per_half"]))
     out["slope_fused"], out["slope_per_half"] = ((p - m) / (2 * eps) for p, m in (out["fused"], out["per_half"]))
     return out
+
+
+def profile_steps(fn, n: int, device: torch.device, out: Path, steps: int = 10) -> None:
+    """torch.profiler over `steps` steps of one method: the ops by their own host time, and by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for k in range(steps):
+            fn(n + k)
+        sync(device)
+    averages = prof.key_averages()
+    text = [f"{steps} steps", averages.table(sort_by="self_cpu_time_total", row_limit=40)]
+    if device.type == "cuda":
+        text.append(averages.table(sort_by="self_cuda_time_total", row_limit=25))
+    out.write_text("\n\n".join(text))
 
 
 def graphs_check(net, tuned, batch, eps: float) -> dict:
@@ -397,6 +416,8 @@ def main():
     ap.add_argument("--model-dir", type=Path, default=Path("/root/llama7b-random"),
                     help="where the Llama-2-7B-shaped model is built (once)")
     ap.add_argument("--only", default=",".join(METHODS), help="methods to time (default: all)")
+    ap.add_argument("--profile", metavar="METHOD", help="also profile 10 steps of this method (torch.profiler): "
+                    "OUT/profile-CONFIG-METHOD.txt")
     ap.add_argument("--baseline", type=Path,
                     help="a source tree holding another zolite package (DIR/zolite): its step is timed too")
     args = ap.parse_args()
@@ -417,7 +438,7 @@ def main():
         spec = CONFIGS[name]
         print(f"{name}: {spec}", flush=True)
         try:
-            row = measure(spec, args, device, methods, baseline)
+            row = measure(spec, args, device, methods, baseline, name)
         except Exception as e:   # noqa: BLE001  (a failed config is recorded; the others still run)
             row = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
         gc.collect()   # the config's model goes before the next one loads
