@@ -155,3 +155,17 @@ def test_update_from_buffered_z_has_the_drawn_bits(tiny_model, dtype):
     tuned.fill_z(4)
     tuned.sgd_update(4, 0.9, 1e-2, weight_decay=0.1)
     assert all(torch.equal(v, drawn[k]) for k, v in tuned.exact_state().items())
+
+
+@pytest.mark.parametrize("eps_scale", ["absolute", "relative", "sparse", "activation"])
+def test_z_drawn_into_the_buffers_is_the_drawn_z(tiny_model, eps_scale):
+    """fill_z draws each z straight into its buffer (scale tensors applied): the z that drawing anew gives."""
+    tuned = TunedLayers(zolite.load_model(tiny_model).model, [1], eps_scale=eps_scale)
+    if eps_scale == "activation":
+        tuned.set_scales({n: torch.rand(p.shape[-1]) + 0.5 for n, p in zip(tuned.names, tuned.params)
+                          if p.dim() == 2})
+    tuned.use_z_buffers()
+    tuned.fill_z(9)
+    for i, buffer in enumerate(tuned.z_buffers):
+        z, scale = tuned.z(9, i)
+        assert torch.equal(buffer, z) and scale == tuned._scalar_scale(i)

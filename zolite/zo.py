@@ -48,8 +48,11 @@ def _generator(device: torch.device) -> torch.Generator:
     return gens[key]
 
 
-def sample_z(step_seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
+def sample_z(step_seed: int, index: int, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """z of tensor `index` at step seed `step_seed`: fp32, like's shape and device (drawn into `out` if given)."""
     gen = _generator(like.device).manual_seed(tensor_seed(step_seed, index))
+    if out is not None:
+        return torch.randn(like.shape, generator=gen, out=out)
     return torch.randn(like.shape, generator=gen, device=like.device, dtype=torch.float32)
 
 
@@ -162,7 +165,9 @@ class TunedLayers:
     def fill_z(self, seed: int) -> None:
         """Draw step `seed`'s z (times any scale tensor) into the buffers."""
         for i, buffer in enumerate(self.z_buffers):
-            buffer.copy_(self.z(seed, i)[0])
+            sample_z(seed, i, self.params[i], out=buffer)
+            if isinstance(self.scales[i], torch.Tensor):
+                buffer.mul_(self.scales[i])
         self.z_buffers_seed = seed
 
     def _scalar_scale(self, i: int) -> float:
