@@ -169,3 +169,29 @@ def test_z_drawn_into_the_buffers_is_the_drawn_z(tiny_model, eps_scale):
     for i, buffer in enumerate(tuned.z_buffers):
         z, scale = tuned.z(9, i)
         assert torch.equal(buffer, z) and scale == tuned._scalar_scale(i)
+
+
+def test_a_graphed_run_resumes_bit_for_bit(tiny_model, small_data, tmp_path, monkeypatch):
+    """A run with its forwards replayed (the stand-in recorder), cut off after its step-4 checkpoint and resumed,
+    ends bit for bit like the uninterrupted one: the resumed run records its graphs again, and replays are
+    deterministic."""
+    import sys
+
+    from test_tune import Interrupted, _cut_off_after, sha
+
+    made = []
+
+    def graphs_of(net, tuned):
+        made.append(ForwardGraphs(net, tuned, recorder=rerun_recorder))
+        return made[-1]
+    monkeypatch.setattr(sys.modules["zolite.tune"], "ForwardGraphs", graphs_of)
+    common = dict(data=small_data, layer="1", steps=8, eval_every=2, batch_size=4, lr=1e-2, keep="last",
+                  progress=False, cuda_graphs=True)
+    full = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "full", **common)
+    assert made[0].recorded   # the steps went through the graphs
+    with monkeypatch.context() as m:
+        _cut_off_after(m, 4)
+        with pytest.raises(Interrupted):
+            zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "cut", **common)
+    resumed = zolite.tune(tiny_model, "sst2", resume=tmp_path / "cut", progress=False)
+    assert sha(resumed["patch"]) == sha(full["patch"]) and resumed["loss_curve"] == full["loss_curve"]
