@@ -11,6 +11,9 @@
 #                                          # sources device_env.sh itself (a call's shell starts without its exports)
 #   bash bench/device_session.sh graphs    # once SmolLM2 is there: issue 23's CUDA graphs against the eager step,
 #                                          # alone on the GPU while the Qwen parts come (~1.5 min; then graphs-bench.done)
+#   bash bench/device_session.sh qwen-graphs   # once Qwen is there: after the SmolLM2 graphs bench, Qwen's graphed
+#                                          # step (layers 1 and 27, nf4, BoolQ) alone on the GPU (~2 min), then
+#                                          # issue 22's short-lease runs (real_scale_dev.sh final-short), all in the background
 #   bash bench/device_session.sh collect OUT   # everything so far -> OUT/res.tgz (real_scale_dev.sh collect)
 # Timings come first and alone; each benchmark is capped (timeout) so the training runs always start.
 set -u
@@ -48,6 +51,14 @@ graphs)
       --configs ${GRAPH_CONFIGS:-smollm2-L11,smollm2-all,smollm2-all-f16}
     touch $R/graphs-bench.done" > $R/graphs-bench.log 2>&1 < /dev/null &
   echo "started: $R/graphs-bench.log" ;;
+qwen-graphs)
+  cd /root/src || exit 1
+  setsid nohup bash -c "
+    for i in \$(seq 150); do [ -f $R/graphs-bench.done ] && break; sleep 2; done
+    timeout 200 python bench/step_speed.py --out $R/step_speed/qwen-graphs --data /root/data --steps 20 --rounds 1 \
+      --only zolite-bare,graphs-bare,floor-2b --configs qwen-L1-nf4,qwen-L27-nf4
+    bash bench/real_scale_dev.sh final-short" > $R/qwen-graphs.log 2>&1 < /dev/null &
+  echo "started: $R/qwen-graphs.log" ;;
 train)
   cd /root/src || exit 1
   bash bench/real_scale_dev.sh qwen-round3

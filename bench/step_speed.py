@@ -58,6 +58,8 @@ CONFIGS = {
     "smollm2-all-f16": dict(model="smollm2-135m", layer="all", mode="fp16", dtype="float16", task="sst2"),
     "qwen-L1-nf4": dict(model="qwen2.5-coder-1.5b", layer="1", mode="nf4", task="boolq"),
     "qwen-L1-fp16": dict(model="qwen2.5-coder-1.5b", layer="1", mode="fp16", task="boolq"),
+    "qwen-L27-nf4": dict(model="qwen2.5-coder-1.5b", layer="27", mode="nf4", task="boolq"),   # the graphs' doubled
+                                                                                            # prefix at its largest
     "llama7b-L1-nf4": dict(model="llama7b-random", layer="1", mode="nf4", random_len=256),
     # SmolLM2's depth at a width where arithmetic costs nothing: on the CPU, a stand-in for the GPU's launch-bound
     # regime (the step's Python and per-kernel overhead); random weights and tokens, built into --model-dir's sibling
