@@ -130,6 +130,7 @@ def test_tune_option_turns_graphs_on(tiny_model, tmp_path, monkeypatch):
     plain = zolite.tune(str(tiny_model), "sst2", run_dir=tmp_path / "a", **common)
     graphed = zolite.tune(str(tiny_model), "sst2", run_dir=tmp_path / "b", cuda_graphs=True, **common)
     assert len(made) == 1 and made[0].tuned.z_buffers is not None
+    assert plain["timing"]["cuda_graphs"] is None and graphed["timing"]["cuda_graphs"]["recorded_shapes"] == 0
     from safetensors.torch import load_file
     a, b = load_file(plain["patch"]), load_file(graphed["patch"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -189,6 +190,7 @@ def test_a_graphed_run_resumes_bit_for_bit(tiny_model, small_data, tmp_path, mon
                   progress=False, cuda_graphs=True)
     full = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "full", **common)
     assert made[0].recorded   # the steps went through the graphs
+    assert full["timing"]["cuda_graphs"] == {"recorded_shapes": len(made[0].recorded), "capture_failed": False}
     with monkeypatch.context() as m:
         _cut_off_after(m, 4)
         with pytest.raises(Interrupted):

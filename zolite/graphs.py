@@ -61,6 +61,10 @@ class ForwardGraphs:
         self.pool = None
         self.failed = False
 
+    def summary(self) -> dict:
+        """For the report: how many shapes were recorded, and whether capture failed (the steps then ran eagerly)."""
+        return {"recorded_shapes": len(self.recorded), "capture_failed": self.failed}
+
     def usable(self, input_ids: torch.Tensor) -> bool:
         return self.tuned.fused and not self.failed and (input_ids.device.type == "cuda" or self.recorder is not record)
 

@@ -441,7 +441,8 @@ def write_report(run: Run, run_dir: Path, out: Path, state: dict, final: dict, m
         "final": final, "val_curve": state["val"], "loss_curve": state["losses"],
         "timing": {"load_s": round(run.load_s, 2), "train_s": round(state["train_s"], 2),
                    "step_ms": round(step_ms, 2),
-                   "total_s": round(time.perf_counter() - t_start, 2)},
+                   "total_s": round(time.perf_counter() - t_start, 2),
+                   "cuda_graphs": run.stepper.graphs.summary() if run.stepper.graphs else None},
         "memory": profiler.peaks(), "memory_profile": memory_profile,
         "plan": run.plan.as_dict() if run.plan else None,
     }
