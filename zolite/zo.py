@@ -236,8 +236,9 @@ class TunedLayers:
         Beside z, a half-precision tensor needs its fp32 value; it is built UPDATE_CHUNK elements at a time (the
         arithmetic is elementwise, so the result is the same bits), and each z is freed before the next is drawn:
         one fp32 tensor plus a chunk alive at a time, where a whole fp32 value and two z's were before."""
-        buffered = self.z_buffers is not None and self.z_buffers_seed == seed   # this step's z, drawn for its
-        for i, (p, r) in enumerate(zip(self.params, self.residuals)):                  # graphed forward (read only)
+        # z drawn into the buffers for this step's graphed forward is read from there (not written), not drawn again
+        buffered = self.z_buffers is not None and self.z_buffers_seed == seed
+        for i, (p, r) in enumerate(zip(self.params, self.residuals)):
             z, scale = (self.z_buffers[i], self._scalar_scale(i)) if buffered else self.z(seed, i)
             decay = 1 - lr * weight_decay if weight_decay and p.dim() >= 2 else None
             step = -lr * projected_grad * scale
