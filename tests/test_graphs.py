@@ -1,6 +1,6 @@
 """CUDA graphs of the step's forward (zolite.graphs), in the pieces a CPU can check: z read from buffers gives the
 eager step's bits, padding a batch to its bucket leaves the losses, and the recorded forward is fed and read
-through its fixed tensors (a stand-in recorder re-runs the forward where a GPU would replay it). Capture itself
+through its fixed tensors (a stand-in recorder re-runs the forward where a GPU would replay it, and checks what a graph fixes at capture). Capture itself
 runs on the GPU only (bench/step_speed.py, zolite-graphs)."""
 from __future__ import annotations
 
@@ -23,16 +23,27 @@ def _batch(loaded, task="sst2", n=6, start=0):
     return collate(encode_rows(loaded.tokenizer, get_task(task), rows, 512), pad_token_id(loaded.tokenizer))
 
 
-def rerun_recorder(forward, input_ids, pool):
-    """A GPU's record() as the CPU can have it: replay runs the forward again on the same fixed input tensor and
-    writes into the same output tensor, so a value the forward took from Python at capture time (rather than from
-    the buffers) would show as a wrong loss."""
-    hidden = forward(input_ids)
-    captured = {"hidden": hidden}
+class RerunRecorder:
+    """A GPU's record() as the CPU can have it: replay runs the forward again on the same fixed input tensors and
+    writes into the same output tensor. A graph reads memory by address, fixed at capture: so each replay also
+    checks that the z buffers, weights and residuals are the tensors they were at capture (written in place, never
+    replaced) and that the scalar scales, baked into the kernels, did not change."""
 
-    def replay():
-        captured["hidden"].copy_(forward(input_ids))
-    return Recorded(replay, input_ids, hidden), pool
+    def __init__(self, tuned: TunedLayers):
+        self.tuned = tuned
+
+    def addresses(self) -> list:
+        t = self.tuned
+        return ([b.data_ptr() for b in t.z_buffers] + [p.data_ptr() for p in t.params]
+                + [r.data_ptr() for r in t.residuals if r is not None] + [t._scalar_scale(i) for i in range(len(t.params))])
+
+    def __call__(self, forward, inputs, pool):
+        answers, at_capture = forward(*inputs), self.addresses()
+
+        def replay():
+            assert self.addresses() == at_capture
+            answers.copy_(forward(*inputs))
+        return Recorded(replay, inputs, answers), pool
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -61,9 +72,8 @@ def test_padding_to_the_bucket_keeps_the_losses(tiny_model):
     batch = _batch(loaded)
     assert batch.input_ids.shape[1] % graphs.BUCKET   # the test pads for real
     eager = spsa_losses(loaded.model, tuned, batch, 7, 1e-2, "ce")
-    tuned.use_z_buffers()
     padded = spsa_losses(loaded.model, tuned, batch, 7, 1e-2, "ce",
-                         graphs=ForwardGraphs(loaded.model, tuned, recorder=rerun_recorder))
+                         graphs=ForwardGraphs(loaded.model, tuned, recorder=RerunRecorder(tuned)))
     assert padded == pytest.approx(eager, rel=1e-6, abs=1e-7)
 
 
@@ -79,8 +89,7 @@ def test_replays_feed_each_batch_and_seed(tiny_model):
         stepper = Stepper(net, tuned, eps=1e-2, lr=1e-3, collate_to_device=lambda c: collate(
             c, pad_token_id(loaded.tokenizer)))
         if use_graphs:
-            tuned.use_z_buffers()
-            stepper.graphs = ForwardGraphs(net, tuned, recorder=rerun_recorder)
+            stepper.graphs = ForwardGraphs(net, tuned, recorder=RerunRecorder(tuned))
         out = [stepper.step(step, chunk) for step, chunk in enumerate(chunks)]
         tuned.load(start)
         return out, stepper.graphs
@@ -92,9 +101,9 @@ def test_replays_feed_each_batch_and_seed(tiny_model):
     graphed, forward_graphs = run(True)
     assert graphed == pytest.approx(eager, rel=1e-6)
     assert eager[0] != eager[2]   # the steps' losses differ: each replay saw its own batch and z
-    shapes = {collate(c, 0).input_ids.shape for c in chunks}
-    assert set(forward_graphs.recorded) == {(rows, -(-length // graphs.BUCKET) * graphs.BUCKET, 1e-2)
-                                            for rows, length in shapes}
+    batches = [collate(c, 0) for c in chunks]
+    assert set(forward_graphs.recorded) == {(*b.input_ids.shape[:1], -(-b.input_ids.shape[1] // graphs.BUCKET)
+                                             * graphs.BUCKET, b.rows.numel(), 1e-2) for b in batches}
     assert len(forward_graphs.recorded) < len(chunks)   # shapes recur: recorded once, replayed
 
 
@@ -103,11 +112,10 @@ def test_cpu_batches_and_failed_capture_run_eagerly(tiny_model, capsys):
     step goes on eagerly with the same losses."""
     loaded = zolite.load_model(tiny_model)
     tuned = TunedLayers(loaded.model, [1])
-    tuned.use_z_buffers()
     batch = _batch(loaded)
     assert not ForwardGraphs(loaded.model, tuned).usable(batch.input_ids)   # a CPU batch
 
-    def failing(forward, input_ids, pool):
+    def failing(forward, inputs, pool):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
     broken = ForwardGraphs(loaded.model, tuned, recorder=failing)
     eager = spsa_losses(loaded.model, tuned, batch, 2, 1e-2, "ce")
@@ -129,7 +137,7 @@ def test_tune_option_turns_graphs_on(tiny_model, tmp_path, monkeypatch):
     common = dict(steps=3, eval_every=0, lr=1e-3, batch_size=4, layer="1", force=True, progress=False)
     plain = zolite.tune(str(tiny_model), "sst2", run_dir=tmp_path / "a", **common)
     graphed = zolite.tune(str(tiny_model), "sst2", run_dir=tmp_path / "b", cuda_graphs=True, **common)
-    assert len(made) == 1 and made[0].tuned.z_buffers is not None
+    assert len(made) == 1 and made[0].tuned.z_buffers is None   # not on the CPU: no buffers to pay for
     assert plain["timing"]["cuda_graphs"] is None and graphed["timing"]["cuda_graphs"]["recorded_shapes"] == 0
     from safetensors.torch import load_file
     a, b = load_file(plain["patch"]), load_file(graphed["patch"])
@@ -183,7 +191,7 @@ def test_a_graphed_run_resumes_bit_for_bit(tiny_model, small_data, tmp_path, mon
     made = []
 
     def graphs_of(net, tuned):
-        made.append(ForwardGraphs(net, tuned, recorder=rerun_recorder))
+        made.append(ForwardGraphs(net, tuned, recorder=RerunRecorder(tuned)))
         return made[-1]
     monkeypatch.setattr(sys.modules["zolite.tune"], "ForwardGraphs", graphs_of)
     common = dict(data=small_data, layer="1", steps=8, eval_every=2, batch_size=4, lr=1e-2, keep="last",
@@ -197,3 +205,25 @@ def test_a_graphed_run_resumes_bit_for_bit(tiny_model, small_data, tmp_path, mon
             zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "cut", **common)
     resumed = zolite.tune(tiny_model, "sst2", resume=tmp_path / "cut", progress=False)
     assert sha(resumed["patch"]) == sha(full["patch"]) and resumed["loss_curve"] == full["loss_curve"]
+
+
+def test_each_eps_has_its_own_recording(tiny_model):
+    """eps is baked into the recorded kernels: the same shape at two eps gives two recordings, each with the eager
+    losses; the lr probe's other eps do not go through the graphs at all."""
+    loaded = zolite.load_model(tiny_model)
+    tuned = TunedLayers(loaded.model, [1])
+    forward_graphs = ForwardGraphs(loaded.model, tuned, recorder=RerunRecorder(tuned))
+    batch = _batch(loaded)
+    for eps in (1e-2, 1e-3, 1e-2):
+        eager = spsa_losses(loaded.model, tuned, batch, 4, eps, "ce")
+        assert spsa_losses(loaded.model, tuned, batch, 4, eps, "ce", graphs=forward_graphs) == pytest.approx(
+            eager, rel=1e-6)
+    assert sorted(k[-1] for k in forward_graphs.recorded) == [1e-3, 1e-2]
+    stepper = Stepper(loaded.model, tuned, eps=1e-2, lr=0.0,
+                      collate_to_device=lambda c: collate(c, pad_token_id(loaded.tokenizer)))
+    stepper.graphs = ForwardGraphs(loaded.model, tuned, recorder=RerunRecorder(tuned))
+    rows = [r for r, _ in zip(iter_rows(bundled_file("sst2")), range(4))]
+    stepper.pair_losses(encode_rows(loaded.tokenizer, get_task("sst2"), rows, 512), 3, eps=5e-2)
+    assert not stepper.graphs.recorded
+    stepper.pair_losses(encode_rows(loaded.tokenizer, get_task("sst2"), rows, 512), 3)
+    assert [k[-1] for k in stepper.graphs.recorded] == [1e-2]

@@ -180,7 +180,8 @@ class Stepper:
         """l(W + eps z) and l(W - eps z); eps None: the stepper's."""
         return micro_batched_losses(self.model, self.tuned, examples, self.batch_of, seed,
                                     self.eps if eps is None else eps, self.objective, self.micro_batch, world=self.world,
-                                    graphs=self.graphs)
+                                    graphs=self.graphs if eps in (None, self.eps) else None)   # the lr probe's
+                                                                                               # other eps: eager
 
     def _scores_loss(self, batch):
         from .scoring import candidate_scores, last_hidden, losses

@@ -106,14 +106,24 @@ def last_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
+def answer_hidden(batch: Batch, hidden: torch.Tensor) -> torch.Tensor:
+    """The hidden states [copies, K, D] at the positions whose logits predict the answer tokens."""
+    n_seq = batch.input_ids.shape[0]
+    copies = hidden.shape[0] // n_seq
+    return hidden.view(copies, n_seq, *hidden.shape[1:])[:, batch.rows, batch.positions]
+
+
 def candidate_scores(model, batch: Batch, hidden: torch.Tensor) -> torch.Tensor:
     """Mean log-probability of each candidate: [copies, E, C] (copies = 2 in a ZO step: +eps, -eps).
 
     Missing candidates (tasks with fewer than C) get -inf.
     """
-    n_seq = batch.input_ids.shape[0]
-    copies = hidden.shape[0] // n_seq
-    h = hidden.view(copies, n_seq, *hidden.shape[1:])[:, batch.rows, batch.positions]   # [copies, K, D]
+    return answer_scores(model, batch, answer_hidden(batch, hidden))
+
+
+def answer_scores(model, batch: Batch, h: torch.Tensor) -> torch.Tensor:
+    """candidate_scores from answer_hidden's states."""
+    copies = h.shape[0]
     logp = torch.log_softmax(model.get_output_embeddings()(h).float(), dim=-1)
     token_logp = logp.gather(-1, batch.targets.expand(copies, -1).unsqueeze(-1)).squeeze(-1)
     sums = torch.zeros(copies, batch.counts.numel(), device=h.device).index_add_(1, batch.owners, token_logp)

@@ -213,7 +213,6 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float, world: W
                       name=config.optimizer, lr=0.0, weight_decay=config.weight_decay,   # lr: set by start()
                       momentum=config.momentum, layerwise=config.layerwise, world=world)
     if config.cuda_graphs and config.estimator == "spsa" and config.objective != "f1":
-        tuned.use_z_buffers()
         stepper.graphs = ForwardGraphs(net, tuned)
     if config.objective == "f1":   # greedy answers under +eps and -eps, scored like the eval: raw rows go in
         stepper.pair_losses = lambda rows, seed, eps=None: tuple(weighted_mean(rows, None, lambda chunk: generation_losses(
