@@ -346,3 +346,20 @@ def test_breakdown_counts_every_meta_tensor(tiny_model):
     frozen = weight_breakdown(skeleton, tuned)["frozen_weights_gib"]
     size = sum(p.numel() * p.element_size() for p in skeleton.parameters()) - tuned.numel() * 4
     assert frozen["float32 on meta"] * 2**30 == pytest.approx(size, abs=2**30 * 1e-4)
+
+
+def test_the_plan_counts_the_cuda_graphs_z_buffers(llama7b_skeleton):
+    """--cuda-graphs holds z of every tuned tensor in fp32 where the step is graphed (a small layer's fused path):
+    the estimate counts those 4 bytes per tuned weight there, and nothing for a 7B layer (per-half path, not
+    graphed) or an offloaded run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        small = LlamaForCausalLM(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                             num_attention_heads=9, num_key_value_heads=3, vocab_size=49152))
+    layer = sum(p.numel() for p in small.model.layers[11].parameters())
+    plain, graphed = (estimate(small, [11], "fp16", 16, 64, torch.float32, cuda_graphs=g) for g in (False, True))
+    assert plain["z_buffers"] == 0 and graphed["z_buffers"] == round(4 * layer / GIB, 3)
+    assert {k: v for k, v in graphed.items() if k != "z_buffers"} == {k: v for k, v in plain.items() if k != "z_buffers"}
+    assert estimate(small, [11], "offload", 16, 64, torch.float32, cuda_graphs=True)["z_buffers"] == 0
+    assert estimate(llama7b_skeleton, [1], "nf4", 16, 256, torch.float16, cuda_graphs=True)["z_buffers"] == 0

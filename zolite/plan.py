@@ -29,6 +29,7 @@ import torch
 
 from .errors import ZoliteError
 from .layers import decoder_layers
+from .zo import FUSED_MAX_NUMEL
 
 GIB = 2**30
 ACTIVATION_MARGIN = 1.5
@@ -90,11 +91,13 @@ def _sizes(skeleton, layers: list[int]) -> dict:
 
 
 def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: int, dtype: torch.dtype,
-             measured: dict | None = None, estimator: str = "spsa", optimizer: str = "sgd") -> dict:
+             measured: dict | None = None, estimator: str = "spsa", optimizer: str = "sgd",
+             cuda_graphs: bool = False) -> dict:
     """Estimated peak GPU bytes of a run, by part (GiB). measured: {mode: activation bytes per doubled token}.
     Optimiser state: fp32 buffers per tuned parameter (momentum 1, adam 2) plus one fp32 direction tensor.
     Backprop (`fo`): no doubled batch, but every layer from the first tuned one keeps its activations for the
-    backward pass, and the gradients are held in fp32."""
+    backward pass, and the gradients are held in fp32. cuda_graphs: z of every tuned tensor in fp32 buffers, where
+    the step is graphed (zolite.graphs: the fused path of small tensors, not offload)."""
     cfg = skeleton.config
     b = torch.finfo(dtype).bits // 8
     s = _sizes(skeleton, layers)
@@ -121,14 +124,16 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
         kept = len(decoder_layers(skeleton)[1]) - min(layers)
         activations = activations // 2 * kept
         optimizer_state += 4 * s["tuned"]   # the gradients, fp32
+    graphed = cuda_graphs and estimator == "spsa" and mode != "offload" and s["largest_tuned"] < FUSED_MAX_NUMEL
     parts = {"weights": weights, "master_copy": master, "perturbation": perturb, "activations": activations,
-             "optimizer_state": optimizer_state, "cuda_context": int(CUDA_CONTEXT_GIB * GIB)}
+             "optimizer_state": optimizer_state, "z_buffers": 4 * s["tuned"] if graphed else 0,
+             "cuda_context": int(CUDA_CONTEXT_GIB * GIB)}
     return {k: round(v / GIB, 3) for k, v in parts.items()}
 
 
 def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_len: int, dtype: torch.dtype,
                 mode: str | None = None, measured: dict | None = None, micro_batch: int | None = None,
-                estimator: str = "spsa", optimizer: str = "sgd") -> Plan:
+                estimator: str = "spsa", optimizer: str = "sgd", cuda_graphs: bool = False) -> Plan:
     """The fastest mode (or the given one) and the largest micro-batch (or the given one) that fit `budget` bytes."""
     modes = [mode] if mode else list(PLAN_ORDER)
     if len(layers) == len(decoder_layers(skeleton)[1]) and not mode:
@@ -142,7 +147,7 @@ def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_l
     for least in (batch_size / MAX_FORWARDS, 1):
         for m in modes:
             for mb in (d for d in divisors if d >= least):
-                parts = estimate(skeleton, layers, m, mb, seq_len, dtype, measured, estimator, optimizer)
+                parts = estimate(skeleton, layers, m, mb, seq_len, dtype, measured, estimator, optimizer, cuda_graphs)
                 total = sum(parts.values())
                 if smallest is None or total < smallest[2]:
                     smallest = (m, mb, total)

@@ -294,7 +294,8 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
 
     def plan_for(mode):
         return plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=mode, measured=measured,
-                           micro_batch=micro, estimator=config.estimator, optimizer=config.optimizer)
+                           micro_batch=micro, estimator=config.estimator, optimizer=config.optimizer,
+                           cuda_graphs=config.cuda_graphs)
 
     if asked:
         plan = plan_for(config.mode)
