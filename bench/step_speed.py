@@ -202,7 +202,6 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
     versions = {"zolite": (Stepper, train_step, tuned)}
     if any(m.startswith("graphs") for m in methods):   # --cuda-graphs: the same step, its forward replayed
         versions["graphs"] = (Stepper, train_step, tuned)
-        tuned.use_z_buffers()
         if device.type == "cuda":
             graph_paths = graphs_check(net, tuned, batch, args.eps)
     if baseline is not None:   # its own tuned layers (hooks, residuals) on the same parameters

@@ -35,7 +35,7 @@ class RerunRecorder:
     def addresses(self) -> list:
         t = self.tuned
         return ([b.data_ptr() for b in t.z_buffers] + [p.data_ptr() for p in t.params]
-                + [r.data_ptr() for r in t.residuals if r is not None] + [t._scalar_scale(i) for i in range(len(t.params))])
+                + [r.data_ptr() for r in t.residuals if r is not None] + list(t.z_buffer_scales))
 
     def __call__(self, forward, inputs, pool):
         answers, at_capture = forward(*inputs), self.addresses()
@@ -177,7 +177,7 @@ def test_z_drawn_into_the_buffers_is_the_drawn_z(tiny_model, eps_scale):
     tuned.fill_z(9)
     for i, buffer in enumerate(tuned.z_buffers):
         z, scale = tuned.z(9, i)
-        assert torch.equal(buffer, z) and scale == tuned._scalar_scale(i)
+        assert torch.equal(buffer, z) and scale == tuned.z_buffer_scales[i]
 
 
 def test_a_graphed_run_resumes_bit_for_bit(tiny_model, small_data, tmp_path, monkeypatch):

@@ -20,8 +20,8 @@ from .checkpoint import CheckpointDevice, load_checkpoint, save_checkpoint
 from .data import Splits, batches_for_step, sample_splits
 from .distributed import PeerLost, World, in_worker, join, launch, local_device, quiet_unless_main
 from .errors import ZoliteError, check_at_least
-from .graphs import ForwardGraphs
 from .evaluate import accuracy_report, encode_rows, evaluate_rows, predictions
+from .graphs import ForwardGraphs
 from .io import write_json
 from .layers import decoder_layers, format_layers
 from .loading import LoadedModel, resolve_device, source_record

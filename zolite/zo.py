@@ -125,6 +125,7 @@ class TunedLayers:
         self.scales: list = [1.0] * len(self.params)   # a float per tensor, or a tensor broadcast over it
         self.z_buffers: list | None = None   # CUDA graphs (zolite.graphs): this step's z, drawn before a replay
         self.z_buffers_seed: int | None = None
+        self.z_buffer_scales: list = []      # the scalar scale left to apply to each buffer (z() gives it)
         # one forward of the doubled batch through the tuned layers (see perturbed): small tensors, and modules whose
         # input rows are the batch's (Linear, norms)
         self.fused = (max((p.numel() for p in self.params), default=0) < FUSED_MAX_NUMEL
@@ -149,9 +150,10 @@ class TunedLayers:
             return {}
         return {n: s for n, s in zip(self.names, self.scales) if isinstance(s, torch.Tensor)}
 
-    def z(self, seed: int, i: int) -> tuple[torch.Tensor, float]:
-        """(z of tensor i, times its scale tensor if it has one; the scalar scale left to apply)."""
-        z, scale = sample_z(seed, i, self.params[i]), self.scales[i]
+    def z(self, seed: int, i: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """(z of tensor i, times its scale tensor if it has one; the scalar scale left to apply); drawn into `out`
+        if given."""
+        z, scale = sample_z(seed, i, self.params[i], out=out), self.scales[i]
         if isinstance(scale, torch.Tensor):
             return z.mul_(scale), 1.0
         return z, scale
@@ -164,15 +166,8 @@ class TunedLayers:
     @torch.no_grad()
     def fill_z(self, seed: int) -> None:
         """Draw step `seed`'s z (times any scale tensor) into the buffers."""
-        for i, buffer in enumerate(self.z_buffers):
-            sample_z(seed, i, self.params[i], out=buffer)
-            if isinstance(self.scales[i], torch.Tensor):
-                buffer.mul_(self.scales[i])
+        self.z_buffer_scales = [self.z(seed, i, out=buffer)[1] for i, buffer in enumerate(self.z_buffers)]
         self.z_buffers_seed = seed
-
-    def _scalar_scale(self, i: int) -> float:
-        """Tensor i's scale left to apply to z from the buffers (a scale tensor is already in them)."""
-        return 1.0 if isinstance(self.scales[i], torch.Tensor) else self.scales[i]
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
@@ -239,7 +234,7 @@ class TunedLayers:
         # z drawn into the buffers for this step's graphed forward is read from there (not written), not drawn again
         buffered = self.z_buffers is not None and self.z_buffers_seed == seed
         for i, (p, r) in enumerate(zip(self.params, self.residuals)):
-            z, scale = (self.z_buffers[i], self._scalar_scale(i)) if buffered else self.z(seed, i)
+            z, scale = (self.z_buffers[i], self.z_buffer_scales[i]) if buffered else self.z(seed, i)
             decay = 1 - lr * weight_decay if weight_decay and p.dim() >= 2 else None
             step = -lr * projected_grad * scale
             if r is None:   # fp32: the weight is its own master, edited in place
@@ -327,7 +322,7 @@ class TunedLayers:
         """eps * z_i (times tensor i's scale), fp32, in z's buffer: W +- this is tensor i perturbed. seed None: z
         from the buffers fill_z drew (a new tensor, the same bits)."""
         if seed is None:
-            return self.z_buffers[i].mul(eps * self._scalar_scale(i))
+            return self.z_buffers[i].mul(eps * self.z_buffer_scales[i])
         z, scale = self.z(seed, i)
         return z.mul_(eps * scale)
 
