@@ -97,6 +97,7 @@ def test_replays_feed_each_batch_and_seed(tiny_model):
     rows = [r for r, _ in zip(iter_rows(bundled_file("sst2")), range(40))]
     encoded = encode_rows(loaded.tokenizer, get_task("sst2"), rows, 512)
     chunks = [encoded[4 * step:4 * step + (4 if step % 2 else 6)] for step in range(6)]
+    chunks.append(chunks[1])   # a shape seen before, at another step's seed: replayed, not recorded again
     eager, _ = run(False)
     graphed, forward_graphs = run(True)
     assert graphed == pytest.approx(eager, rel=1e-6)
