@@ -77,7 +77,7 @@ class TuneConfig:
                                       # activation: column j of a matrix gets eps * s_j * z (zolite.precondition);
                                       # sparse: z only on each tensor's smallest quarter of base weights
     cuda_graphs: bool = False         # replay the step's ±eps forward from CUDA graphs (zolite.graphs; GPU, layers
-                                      # of small tensors), each batch padded to a multiple of 32 tokens
+                                      # of small tensors), each batch padded to a multiple of 8 tokens
     data: str | None = None
     eval_test: bool = False           # also score the held-out test rows at the end
     template: str | None = None       # custom tasks (task = a .jsonl file): see zolite/tasks/custom.py
