@@ -64,10 +64,12 @@ def test_z_buffers_give_the_eager_bits(tiny_model, dtype):
         assert torch.equal(last_hidden(loaded.model, batch.input_ids), eager)
 
 
-def test_padding_to_the_bucket_keeps_the_losses(tiny_model):
-    """Right-padding to a multiple of BUCKET tokens: the same l+ and l- (causal attention: a token never sees the
-    padding after it; only the matmuls' shapes change, so to float rounding)."""
-    loaded = zolite.load_model(tiny_model)
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_qwen2"])
+def test_padding_to_the_bucket_keeps_the_losses(model, request):
+    """Right-padding to a multiple of BUCKET tokens, with the graphs' causal mask of batch 1 (B rows before the
+    tuned layer, 2B after): the same l+ and l- (a token never sees the padding after it; only the matmuls' shapes
+    and the mask's form change, so to float rounding). Llama's and Qwen2's (mask mapping) attention alike."""
+    loaded = zolite.load_model(request.getfixturevalue(model))
     tuned = TunedLayers(loaded.model, [1])
     batch = _batch(loaded)
     assert batch.input_ids.shape[1] % graphs.BUCKET   # the test pads for real

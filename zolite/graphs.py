@@ -39,6 +39,7 @@ class Recorded:
     replay: object             # () -> None: run the recorded kernels again
     inputs: tuple              # (input ids [sequences, padded length], rows [K], positions [K]): copy a batch in
     answers: torch.Tensor      # [2, K, hidden]: answer_hidden of the last replay
+    mask: torch.Tensor | None = None   # the causal mask the kernels read: kept alive as long as they are
 
 
 def record(forward, inputs: tuple, pool) -> tuple[Recorded, object]:
@@ -96,21 +97,24 @@ class ForwardGraphs:
         return recorded.answers
 
     def _record(self, key: tuple, device: torch.device) -> Recorded | None:
-        from .scoring import answer_hidden, last_hidden
+        from .scoring import answer_hidden, causal_mask, last_hidden
 
         rows, padded, answers, eps = key
         inputs = (torch.zeros((rows, padded), dtype=torch.long, device=device),
                   torch.zeros(answers, dtype=torch.long, device=device),
                   torch.zeros(answers, dtype=torch.long, device=device))
+        # Under capture transformers builds an explicit causal mask for the batch it is given (it cannot check the
+        # inputs for padding), which the layers after the tuned one, on the doubled batch, could not take. A mask
+        # given in 4D is used as is, and one of batch 1 broadcasts: B rows before the tuned layer, 2B after.
+        mask = causal_mask(padded, self.model.get_input_embeddings().weight.dtype, device)
 
         def forward(ids, answer_rows, positions):
-            # the batch doubled from the first layer: under capture transformers 5.17 builds an explicit causal mask
-            # for the batch it is given, which the layers after a doubling one could not take
-            with torch.inference_mode(), self.tuned.perturbed(None, eps, doubled_input=True):
-                hidden = last_hidden(self.model, torch.cat([ids, ids]))
+            with torch.inference_mode(), self.tuned.perturbed(None, eps):
+                hidden = last_hidden(self.model, ids, attention_mask=mask)
             return answer_hidden(SimpleNamespace(input_ids=ids, rows=answer_rows, positions=positions), hidden)
         try:
             recorded, self.pool = self.recorder(forward, inputs, self.pool)
+            recorded.mask = mask
         except Exception as e:   # noqa: BLE001 - any capture failure: the eager step is always there
             self.failed = True
             print(f"zolite: CUDA graphs are off for this run (capturing the forward failed: {type(e).__name__}: "

@@ -101,9 +101,18 @@ def pad_token_id(tokenizer) -> int:
     return 0 if tokenizer.pad_token_id not in (None, 0) else 1
 
 
-def last_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Final hidden states (after the last norm), no KV cache, no logits."""
-    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden states (after the last norm), no KV cache, no logits. attention_mask: a 4D mask the model takes
+    as given (None: causal, no padding mask: right padding is never attended to by a real token)."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def causal_mask(length: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[1, 1, length, length]: 0 where a token may attend, the dtype's lowest value where it may not (added to the
+    attention scores, as transformers' eager and SDPA attention both take a float mask); its batch dimension of 1
+    broadcasts over any number of rows."""
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return torch.zeros(1, 1, length, length, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def answer_hidden(batch: Batch, hidden: torch.Tensor) -> torch.Tensor:

@@ -292,17 +292,16 @@ class TunedLayers:
                 module._parameters[attr] = p
 
     @contextmanager
-    def perturbed(self, seed: int | None, eps: float, doubled_input: bool = False):
+    def perturbed(self, seed: int | None, eps: float):
         """Within this block a forward of batch B returns 2B rows: [W + eps z | W - eps z]. seed None: z from the
-        buffers (fused path only). doubled_input: the forward is given the batch twice already (2B rows from the
-        first layer on), so every layer sees one batch size (a CUDA graph's attention mask is built for it)."""
+        buffers (fused path only)."""
         if not self.fused:
-            if seed is None or doubled_input:
-                raise ValueError("z buffers and doubled inputs are for the fused path only")
+            if seed is None:
+                raise ValueError("z buffers are for the fused path only")
             with self._perturbed_per_half(seed, eps):
                 yield
             return
-        state = {"doubled": doubled_input, "rows": None}
+        state = {"doubled": False, "rows": None}
         saved_forwards = []
         for layer in self.layers:
             saved_forwards.append((layer, layer.__dict__.get("forward")))
