@@ -11,7 +11,8 @@
 #                                          # sources device_env.sh itself (a call's shell starts without its exports)
 #   bash bench/device_session.sh graphs    # once SmolLM2 is there: issue 23's CUDA graphs against the eager step,
 #                                          # alone on the GPU while the Qwen parts come (~1.5 min; then graphs-bench.done);
-#                                          # with SMOLLM2_BOOLQ=1, then SmolLM2 BoolQ on its last layer (3 seeds)
+#                                          # with SMOLLM2_RUNS=1, then SmolLM2's accuracy under --tf32 / --cuda-graphs
+#                                          # (SST-2) and BoolQ on its last layer (3 seeds each)
 #   bash bench/device_session.sh qwen-graphs   # once Qwen is there: after the SmolLM2 graphs bench, Qwen's graphed
 #                                          # step (layers 1 and 27, nf4, BoolQ) alone on the GPU (~2 min), then
 #                                          # issue 22's short-lease runs (real_scale_dev.sh final-short), all in the background
@@ -47,13 +48,17 @@ qwen)
 graphs)
   cd /root/src || exit 1
   setsid nohup bash -c "
-    timeout 200 python bench/step_speed.py --out $R/step_speed/graphs --data /root/data --steps 30 \
+    timeout 300 python bench/step_speed.py --out $R/step_speed/graphs --data /root/data --steps 30 \
       --rounds ${GRAPH_ROUNDS:-2} --only zolite,zolite-bare,graphs,graphs-bare,eager,floor-2b --profile graphs-bare \
-      --configs ${GRAPH_CONFIGS:-smollm2-L11,smollm2-all,smollm2-all-f16}
+      --configs ${GRAPH_CONFIGS:-smollm2-L11,smollm2-L11-tf32,smollm2-all,smollm2-all-tf32,smollm2-all-f16}
     touch $R/graphs-bench.done
-    [ -n \"${SMOLLM2_BOOLQ:-}\" ] && zolite ablate --model smollm2-135m --task boolq \\
-      --plan bench/plans/smollm2_boolq_last.toml --seeds 3 --jobs 3 --data /root/data --out $R/smollm2-last/boolq --quiet
-    " > $R/graphs-bench.log 2>&1 < /dev/null &
+    if [ -n \"${SMOLLM2_RUNS:-}\" ]; then
+      zolite ablate --model smollm2-135m --task sst2 --plan bench/plans/smollm2_fast.toml --seeds 3 --jobs 3 \\
+        --data /root/data --out $R/smollm2-fast/sst2 --quiet > $R/smollm2-fast.log 2>&1 &
+      zolite ablate --model smollm2-135m --task boolq --plan bench/plans/smollm2_boolq_last.toml --seeds 3 --jobs 3 \\
+        --data /root/data --out $R/smollm2-last/boolq --quiet > $R/smollm2-last.log 2>&1
+      wait
+    fi" > $R/graphs-bench.log 2>&1 < /dev/null &
   echo "started: $R/graphs-bench.log" ;;
 qwen-graphs)
   cd /root/src || exit 1

@@ -56,6 +56,9 @@ CONFIGS = {
     "smollm2-all": dict(model="smollm2-135m", layer="all", mode="fp16", task="sst2"),
     "smollm2-L11-f16": dict(model="smollm2-135m", layer="11", mode="fp16", dtype="float16", task="sst2"),
     "smollm2-all-f16": dict(model="smollm2-135m", layer="all", mode="fp16", dtype="float16", task="sst2"),
+    # fp32 weights, matmuls on TF32 tensor cores (zolite tune --tf32); every method of the config alike
+    "smollm2-L11-tf32": dict(model="smollm2-135m", layer="11", mode="fp16", task="sst2", tf32=True),
+    "smollm2-all-tf32": dict(model="smollm2-135m", layer="all", mode="fp16", task="sst2", tf32=True),
     "qwen-L1-nf4": dict(model="qwen2.5-coder-1.5b", layer="1", mode="nf4", task="boolq"),
     "qwen-L1-fp16": dict(model="qwen2.5-coder-1.5b", layer="1", mode="fp16", task="boolq"),
     "qwen-L27-nf4": dict(model="qwen2.5-coder-1.5b", layer="27", mode="nf4", task="boolq"),   # the graphs' doubled
@@ -435,11 +438,15 @@ def main():
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
         (args.out / "results.md").write_text(table(results))
 
+    from zolite.tune_setup import fp32_matmuls
+
     for name in args.configs.split(","):
         spec = CONFIGS[name]
         print(f"{name}: {spec}", flush=True)
         try:
-            row = measure(spec, args, device, methods, baseline, name)
+            with fp32_matmuls(spec.get("tf32", False)):
+                row = measure(spec, args, device, methods, baseline, name)
+            row["tf32"] = spec.get("tf32", False)
         except Exception as e:   # noqa: BLE001  (a failed config is recorded; the others still run)
             row = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
         gc.collect()   # the config's model goes before the next one loads

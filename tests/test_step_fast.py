@@ -4,6 +4,8 @@ per-half path's bits; z and the update are unchanged (old seed checkpoints and t
 length buckets gives the unbucketed scores."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -208,3 +210,33 @@ def test_scoring_in_length_buckets_equals_unbucketed(tiny_model):
     torch.testing.assert_close(bucketed, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bucketed, one_batch, rtol=1e-5, atol=1e-5)
     assert torch.equal(bucketed.argmax(-1), alone.argmax(-1))
+
+
+def test_tf32_holds_for_the_run_only(tiny_model, tmp_path, monkeypatch):
+    """--tf32 sets fp32 matmuls to TF32 ("high") for a GPU run's set-up, steps and scoring, and restores the
+    process's setting after; on the CPU it changes nothing (the same patch bits)."""
+    from zolite.tune_setup import fp32_matmuls
+
+    before = torch.get_float32_matmul_precision()
+    with fp32_matmuls(True):
+        assert torch.get_float32_matmul_precision() == "high"
+        with fp32_matmuls(False):
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == before
+    tune_module = sys.modules["zolite.tune"]
+    seen, real_load = [], tune_module.load_for_tuning
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(tune_module, "load_for_tuning", spy)
+    common = dict(steps=3, eval_every=0, lr=1e-3, batch_size=4, layer="1", force=True, progress=False)
+    plain = zolite.tune(str(tiny_model), "sst2", run_dir=tmp_path / "a", **common)
+    fast = zolite.tune(str(tiny_model), "sst2", run_dir=tmp_path / "b", tf32=True, **common)
+    assert torch.get_float32_matmul_precision() == before and seen == [before, before]   # CPU: untouched
+    from safetensors.torch import load_file
+    a, b = load_file(plain["patch"]), load_file(fast["patch"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    import json
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["tf32"] is True

@@ -33,7 +33,8 @@ from .scoring import collate, pad_token_id
 from .stepsize import BASE_BATCHES, PROBES, LossGuard, effective_updates, new_guard, probe_lr, reference_losses
 from .tasks import CustomTask, Task, get_task, task_data
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
-from .tune_setup import QUANTIZED_EPS, TuneConfig, check_world, fill_defaults, load_for_tuning, prepare_run
+from .tune_setup import (QUANTIZED_EPS, TuneConfig, check_world, fill_defaults, fp32_matmuls, load_for_tuning,
+                         prepare_run)
 from .zo import TunedLayers, generation_losses
 
 SEED_CHECKPOINT_S = 60   # a seed checkpoint is kilobytes: ZO runs also write one this often between evals
@@ -76,7 +77,8 @@ def _tune(world: World, model, task, run_dir, out, force, resume, progress, opti
 def tune_loop(world: World, config: TuneConfig, run_dir: Path, out: Path, resume, progress: bool) -> dict | None:
     """Set up, loop, patch and report, in this process (rank 0 writes; the others return None)."""
     t_start = time.perf_counter()
-    with MemoryProfiler(resolve_device(config.device)) as profiler:
+    device = resolve_device(config.device)
+    with MemoryProfiler(device) as profiler, fp32_matmuls(config.tf32 and device.type == "cuda"):
         # --- set up: model, layers, data, the stepper; then resume (a seed checkpoint replays its updates) or
         # score the base weights on val ---
         run = world.agree(lambda: set_up(config, run_dir, profiler, t_start, world))

@@ -9,6 +9,7 @@ import gc
 import math
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,8 @@ class TuneConfig:
                                       # sparse: z only on each tensor's smallest quarter of base weights
     cuda_graphs: bool = False         # replay the step's ±eps forward from CUDA graphs (zolite.graphs; GPU, layers
                                       # of small tensors), each batch padded to a multiple of 8 tokens
+    tf32: bool = False                # fp32 matmuls on a GPU's TF32 tensor cores (inputs rounded to 10 mantissa
+                                      # bits, fp32 range and sums): several times faster, not fp32's bits
     data: str | None = None
     eval_test: bool = False           # also score the held-out test rows at the end
     template: str | None = None       # custom tasks (task = a .jsonl file): see zolite/tasks/custom.py
@@ -337,3 +340,16 @@ def cap_gpu_memory(budget: int, device: torch.device) -> float:
     fraction = min(1.0, budget / torch.cuda.get_device_properties(index).total_memory)
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
+
+
+@contextmanager
+def fp32_matmuls(tf32: bool):
+    """Within this block fp32 matmuls run on TF32 tensor cores if tf32 (torch's "high" precision), else in full fp32
+    ("highest", torch's default); the process's setting is restored after. Half-precision matmuls are unaffected."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
