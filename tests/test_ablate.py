@@ -212,6 +212,31 @@ def test_a_cut_off_run_resumes_or_starts_again(tiny_model, small_data, tmp_path,
         assert ("starting it again" in capsys.readouterr().err) == elsewhere
 
 
+def test_a_run_of_an_older_zolite_resumes(tiny_model, small_data, tmp_path, monkeypatch):
+    """A run folder whose config.json predates an option (cuda_graphs, tf32: it ran at their defaults) is resumed by
+    ablate and by tune --resume, not refused as another run's ("cuda_graphs = None, not False")."""
+    from test_tune import Interrupted, _cut_off_after
+
+    options = dict(data=small_data, layer="1", steps=4, eval_every=2, batch_size=4)
+    whole = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "whole", lr=1e-2, seed=0, progress=False, **options)
+    for name in ("by-ablate", "by-tune"):
+        run_dir = tmp_path / name
+        with monkeypatch.context() as m:
+            _cut_off_after(m, 2)
+            with pytest.raises(Interrupted):
+                zolite.tune(tiny_model, "sst2", run_dir=run_dir, lr=1e-2, seed=0, progress=False, **options)
+        config = json.loads((run_dir / "config.json").read_text())
+        (run_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                         if k not in ("cuda_graphs", "tf32")}))
+        if name == "by-ablate":
+            sys.modules["zolite.ablate"]._run(tiny_model, "sst2", run_dir, {**options, "cuda_graphs": False}, 1e-2, 0,
+                                              False)
+        else:
+            zolite.tune(tiny_model, "sst2", resume=run_dir, progress=False, cuda_graphs=False)
+        report = json.loads((run_dir / "report.json").read_text())
+        assert report["loss_curve"] == whole["loss_curve"]
+
+
 def test_parallel_ablation_starts_the_longest_runs_first(tiny_model, small_data, tmp_path, monkeypatch):
     """Two at a time: the two long runs (4 z per step, last in the plan) start before the short ones, which start
     only as a long one ends (each run writes its config.json when it starts)."""

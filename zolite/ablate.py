@@ -176,12 +176,12 @@ def _check_folder(run_dir: Path, model, task, options: dict, lr: float, seed: in
     """Refuse a run folder that holds another run (other task, lr, seed or option): it would be read back, resumed
     or overwritten as this one. Paths are not compared (`data`; of a model folder or task file only the name): the
     same files may sit elsewhere on another machine."""
-    from .tune_setup import default_eps
+    from .tune_setup import default_eps, with_new_options
 
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         return
-    config = read_json(config_file, f"give zolite ablate another --out (or move {run_dir} away)")
+    config = with_new_options(read_json(config_file, f"give zolite ablate another --out (or move {run_dir} away)"))
     config.update({k: Path(str(config[k])).name for k in ("model", "task") if k in config})
     wanted = {**{k: v for k, v in options.items() if k != "data"},
               "model": Path(str(model)).name, "task": Path(str(task)).name, "lr": lr, "seed": seed}

@@ -92,6 +92,13 @@ class TuneConfig:
         return {k: getattr(self, k) for k in ("template", "candidates", "label_field", "answer_field")}
 
 
+def with_new_options(saved: dict) -> dict:
+    """A run folder's config.json with the options added to zolite since that run started, at their defaults: what
+    the run used (a new option's default keeps the behaviour from before it), so the run still resumes and compares."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TuneConfig) if f.default is not dataclasses.MISSING}
+    return {**defaults, **saved}
+
+
 def check_options(config: TuneConfig) -> None:
     """Numbers and choices the user gave, checked before anything is loaded (None = the profile's default)."""
     minimum = {"steps": 0, "batch_size": 1, "max_length": 2, "eval_every": 0, "lr": 0.0, "weight_decay": 0.0,
@@ -168,6 +175,7 @@ def prepare_run(model, task, run_dir, out, force, resume, options):
         if not isinstance(saved, dict) or set(saved) - {f.name for f in dataclasses.fields(TuneConfig)}:
             raise ZoliteError(f"{run_dir / 'config.json'} is not the config of a tune run of this zolite version "
                               "(unknown options); start a new run")
+        saved = with_new_options(saved)
         given.update({k: v for k, v in (("model", model), ("task", task)) if v is not None})
         mismatch = config_mismatch(saved, given)
         if mismatch:
