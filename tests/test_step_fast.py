@@ -240,3 +240,22 @@ def test_tf32_holds_for_the_run_only(tiny_model, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     import json
     assert json.loads((tmp_path / "b" / "config.json").read_text())["tf32"] is True
+
+
+@pytest.mark.parametrize("device, given, expected", [("cuda", None, True), ("cpu", None, False),
+                                                     ("cuda", False, False), ("cpu", True, True)])
+def test_a_profile_turns_graphs_and_tf32_on_for_the_gpu(device, given, expected):
+    """Profile defaults `cuda_graphs` / `tf32` (SmolLM2's: measured there) apply on a GPU only; the user's choice wins."""
+    from types import SimpleNamespace
+
+    from zolite.profile import get_profile
+    from zolite.tasks import get_task
+    from zolite.tune_setup import TuneConfig, fill_defaults
+
+    profile = get_profile("smollm2-135m")
+    assert profile.defaults["cuda_graphs"] is True and profile.defaults["tf32"] is True
+    loaded = SimpleNamespace(profile=profile, mode="fp16", dtype=torch.float32, device=torch.device(device))
+    config = fill_defaults(TuneConfig(cuda_graphs=given, tf32=given), loaded, [11], 30, get_task("sst2"))
+    assert (config.cuda_graphs, config.tf32) == (expected, expected)
+    other = SimpleNamespace(profile=None, mode="nf4", dtype=torch.float16, device=torch.device(device))
+    assert fill_defaults(TuneConfig(), other, [1], 28, get_task("sst2")).cuda_graphs is False   # no profile: off

@@ -7,6 +7,7 @@ and the model's loading in the mode that fits are in tune_setup.py.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -77,13 +78,13 @@ def _tune(world: World, model, task, run_dir, out, force, resume, progress, opti
 def tune_loop(world: World, config: TuneConfig, run_dir: Path, out: Path, resume, progress: bool) -> dict | None:
     """Set up, loop, patch and report, in this process (rank 0 writes; the others return None)."""
     t_start = time.perf_counter()
-    device = resolve_device(config.device)
-    with MemoryProfiler(device) as profiler, fp32_matmuls(config.tf32 and device.type == "cuda"):
+    with MemoryProfiler(resolve_device(config.device)) as profiler, contextlib.ExitStack() as run_scope:
         # --- set up: model, layers, data, the stepper; then resume (a seed checkpoint replays its updates) or
         # score the base weights on val ---
         run = world.agree(lambda: set_up(config, run_dir, profiler, t_start, world))
         world.check_same("the device that draws z, the base layers' fingerprint", (run.trained_on, run.base_sha256))
         config = run.config
+        run_scope.enter_context(fp32_matmuls(config.tf32 and run.loaded.device.type == "cuda"))   # once it is known
         state, best, start_weights = start(run, run_dir, resume, profiler)
         bar = _progress_bar(state["step"], config.steps, progress)
         last_save = time.monotonic()

@@ -77,10 +77,11 @@ class TuneConfig:
     eps_scale: str = "absolute"       # absolute: W + eps z; relative: tensor i gets eps * RMS(base W_i) * z;
                                       # activation: column j of a matrix gets eps * s_j * z (zolite.precondition);
                                       # sparse: z only on each tensor's smallest quarter of base weights
-    cuda_graphs: bool = False         # replay the step's ±eps forward from CUDA graphs (zolite.graphs; GPU, layers
+    cuda_graphs: bool | None = None   # replay the step's ±eps forward from CUDA graphs (zolite.graphs; GPU, layers
                                       # of small tensors), each batch padded to a multiple of 8 tokens
-    tf32: bool = False                # fp32 matmuls on a GPU's TF32 tensor cores (inputs rounded to 10 mantissa
+    tf32: bool | None = None          # fp32 matmuls on a GPU's TF32 tensor cores (inputs rounded to 10 mantissa
                                       # bits, fp32 range and sums): several times faster, not fp32's bits
+                                      # (both None: the profile's on a GPU, where measured; else off)
     data: str | None = None
     eval_test: bool = False           # also score the held-out test rows at the end
     template: str | None = None       # custom tasks (task = a .jsonl file): see zolite/tasks/custom.py
@@ -92,11 +93,16 @@ class TuneConfig:
         return {k: getattr(self, k) for k in ("template", "candidates", "label_field", "answer_field")}
 
 
+# options added to TuneConfig after runs were made without them, at what those runs did
+ADDED_OPTIONS = {"cuda_graphs": False, "tf32": False}
+# off unless the profile turns them on, and then only on a GPU (where they were measured to keep the results)
+GPU_SPEED_OPTIONS = ("cuda_graphs", "tf32")
+
+
 def with_new_options(saved: dict) -> dict:
-    """A run folder's config.json with the options added to zolite since that run started, at their defaults: what
-    the run used (a new option's default keeps the behaviour from before it), so the run still resumes and compares."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TuneConfig) if f.default is not dataclasses.MISSING}
-    return {**defaults, **saved}
+    """A run folder's config.json with the options added to zolite since that run started, as that run ran, so it
+    still resumes and compares."""
+    return {**ADDED_OPTIONS, **saved}
 
 
 def check_options(config: TuneConfig) -> None:
@@ -240,6 +246,9 @@ def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=No
     filled["micro_batch"] = config.micro_batch or (plan.micro_batch if plan else None) or \
         -(-filled.get("batch_size", config.batch_size) // world_size)
     filled["objective"] = config.objective or ("lm" if task.generative else "ce")
+    for name in GPU_SPEED_OPTIONS:
+        if getattr(config, name) is None:
+            filled[name] = bool(defaults.get(name, False)) and loaded.device.type == "cuda"
     config = dataclasses.replace(config, **filled)
     if task.generative and config.objective in ("ce", "accuracy"):
         raise ZoliteError(f"{task.name} is a generation task (no candidates): use --objective lm or f1")
