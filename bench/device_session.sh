@@ -16,6 +16,9 @@
 #   bash bench/device_session.sh qwen-graphs   # once Qwen is there: after the SmolLM2 graphs bench, Qwen's graphed
 #                                          # step (layers 1 and 27, nf4, BoolQ) alone on the GPU (~2 min), then
 #                                          # issue 22's short-lease runs (real_scale_dev.sh final-short), all in the background
+#   bash bench/device_session.sh llama7b   # the 7B-shape nf4 step against zolite-base, alone (~10 min; llama7b.done)
+#   bash bench/device_session.sh qwen-next # once Qwen is there: after llama7b (at most 5 more min), Qwen's graphed
+#                                          # step alone (~2 min), then real_scale_dev.sh boolq-next
 #   bash bench/device_session.sh collect OUT   # everything so far -> OUT/res.tgz (real_scale_dev.sh collect)
 # Timings come first and alone; each benchmark is capped (timeout) so the training runs always start.
 set -u
@@ -68,6 +71,25 @@ qwen-graphs)
       --only zolite-bare,graphs-bare,floor-2b --configs qwen-L1-nf4,qwen-L27-nf4
     bash bench/real_scale_dev.sh final-short" > $R/qwen-graphs.log 2>&1 < /dev/null &
   echo "started: $R/qwen-graphs.log" ;;
+llama7b)
+  # issue 23's last row: the 7B-shape nf4 step against the baseline zolite (carry .device/zolite-base), alone on the
+  # GPU while the Qwen parts come (~10 min with the one-time build of the random 7B model; then llama7b.done)
+  cd /root/src || exit 1
+  setsid nohup bash -c "
+    timeout 720 python bench/step_speed.py --out $R/step_speed/llama7b --steps 20 --rounds 1 $BASE \
+      --only zolite,zolite-bare,base,base-bare,eager,floor-2x,floor-2b --configs llama7b-L1-nf4
+    touch $R/llama7b.done" > $R/llama7b.log 2>&1 < /dev/null &
+  echo "started: $R/llama7b.log" ;;
+qwen-next)
+  # once Qwen is there: after the 7B row (if it was started; at most 5 more minutes), Qwen's graphed step (layers 1
+  # and 27, nf4, BoolQ) alone (~2 min), then real_scale_dev.sh boolq-next, all in the background
+  cd /root/src || exit 1
+  setsid nohup bash -c "
+    for i in \$(seq 150); do [ -f $R/llama7b.log ] && [ ! -f $R/llama7b.done ] || break; sleep 2; done
+    timeout 200 python bench/step_speed.py --out $R/step_speed/qwen-graphs --data /root/data --steps 20 --rounds 1 \
+      --only zolite-bare,graphs-bare,floor-2b --configs qwen-L1-nf4,qwen-L27-nf4
+    bash bench/real_scale_dev.sh boolq-next" > $R/qwen-next.log 2>&1 < /dev/null &
+  echo "started: $R/qwen-next.log" ;;
 train)
   cd /root/src || exit 1
   bash bench/real_scale_dev.sh qwen-round3
@@ -88,5 +110,5 @@ collect)
   tail -n 3 $R/*.log 2>/dev/null | cut -c1-300
   bash "$(dirname "$0")/real_scale_dev.sh" collect "$2" ;;
 *)
-  echo "usage: $0 smollm2 | qwen | train | serve-qwen OUT | collect OUT" >&2; exit 2 ;;
+  echo "usage: $0 smollm2 | qwen | graphs | qwen-graphs | llama7b | qwen-next | train | serve-qwen OUT | collect OUT" >&2; exit 2 ;;
 esac
