@@ -47,10 +47,11 @@ from .options import LR, custom_task_options, mode_option
               help="Scale each tensor's step by ||W|| / ||update|| (lr becomes a relative step).  [default: off]")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None,
               help="Replay each step's two perturbed forwards from CUDA graphs (GPU; layers of small tensors), each "
-                   "batch padded to a multiple of 8 tokens: fewer kernel launches for a small model.  [default: off]")
+                   "batch padded to a multiple of 8 tokens: fewer kernel launches for a small model.  [default: on a GPU "
+                   "where the model's profile says so (SmolLM2's), else off]")
 @click.option("--tf32/--no-tf32", default=None,
               help="fp32 matmuls on the GPU's TF32 tensor cores: several times faster for an fp32 model, inputs "
-                   "rounded to 10 mantissa bits.  [default: off]")
+                   "rounded to 10 mantissa bits.  [default: as --cuda-graphs]")
 @click.option("--eval-every", type=int, help="Score val and checkpoint every N steps (0: never).")
 @click.option("--seed", type=int, help="Seed of the perturbations and batch order.  [default: 0]")
 @click.option("--data-seed", type=int, help="Seed of the train/val/test split (keep it fixed to compare runs).  [default: 0]")

@@ -245,7 +245,8 @@ def test_tf32_holds_for_the_run_only(tiny_model, tmp_path, monkeypatch):
 @pytest.mark.parametrize("device, given, expected", [("cuda", None, True), ("cpu", None, False),
                                                      ("cuda", False, False), ("cpu", True, True)])
 def test_a_profile_turns_graphs_and_tf32_on_for_the_gpu(device, given, expected):
-    """Profile defaults `cuda_graphs` / `tf32` (SmolLM2's: measured there) apply on a GPU only; the user's choice wins."""
+    """Profile defaults `cuda_graphs` / `tf32` (SmolLM2's: measured there) apply on a GPU with unquantized weights
+    only; the user's choice wins."""
     from types import SimpleNamespace
 
     from zolite.profile import get_profile
@@ -257,5 +258,8 @@ def test_a_profile_turns_graphs_and_tf32_on_for_the_gpu(device, given, expected)
     loaded = SimpleNamespace(profile=profile, mode="fp16", dtype=torch.float32, device=torch.device(device))
     config = fill_defaults(TuneConfig(cuda_graphs=given, tf32=given), loaded, [11], 30, get_task("sst2"))
     assert (config.cuda_graphs, config.tf32) == (expected, expected)
-    other = SimpleNamespace(profile=None, mode="nf4", dtype=torch.float16, device=torch.device(device))
+    other = SimpleNamespace(profile=None, mode="fp16", dtype=torch.float16, device=torch.device(device))
     assert fill_defaults(TuneConfig(), other, [1], 28, get_task("sst2")).cuda_graphs is False   # no profile: off
+    quantized = SimpleNamespace(profile=profile, mode="nf4", dtype=torch.float32, device=torch.device(device))
+    config = fill_defaults(TuneConfig(cuda_graphs=given, tf32=given), quantized, [11], 30, get_task("sst2"))
+    assert config.cuda_graphs == config.tf32 == bool(given)   # not measured under bitsandbytes: off unless asked

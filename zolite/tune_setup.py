@@ -95,7 +95,8 @@ class TuneConfig:
 
 # options added to TuneConfig after runs were made without them, at what those runs did
 ADDED_OPTIONS = {"cuda_graphs": False, "tf32": False}
-# off unless the profile turns them on, and then only on a GPU (where they were measured to keep the results)
+# off unless the profile turns them on, and then only on a GPU with unquantized weights (where they were measured to
+# keep the results; under bitsandbytes they are not measured)
 GPU_SPEED_OPTIONS = ("cuda_graphs", "tf32")
 
 
@@ -248,7 +249,7 @@ def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=No
     filled["objective"] = config.objective or ("lm" if task.generative else "ce")
     for name in GPU_SPEED_OPTIONS:
         if getattr(config, name) is None:
-            filled[name] = bool(defaults.get(name, False)) and loaded.device.type == "cuda"
+            filled[name] = bool(defaults.get(name, False)) and loaded.device.type == "cuda" and loaded.mode == "fp16"
     config = dataclasses.replace(config, **filled)
     if task.generative and config.objective in ("ce", "accuracy"):
         raise ZoliteError(f"{task.name} is a generation task (no candidates): use --objective lm or f1")
@@ -369,4 +370,3 @@ def fp32_matmuls(tf32: bool):
         yield
     finally:
         torch.set_float32_matmul_precision(before)
-
