@@ -40,6 +40,25 @@ def test_doubled_forward_matches_explicit_perturbation_on_the_real_model(smollm2
     assert abs(minus - _loss_with_weights(smollm2, tuned, batch, 3, 1e-3, -1)) < 1e-4
 
 
+def test_graphed_forward_matches_the_eager_one_on_the_real_model(smollm2):
+    """--cuda-graphs' forward (padded to the bucket, the causal mask of batch 1 broadcast over B rows before layer 11
+    and 2B after it, z from the buffers), replayed by the CPU stand-in recorder: the eager l+ and l- on real BoolQ
+    rows, through SmolLM2's own attention."""
+    from test_graphs import RerunRecorder
+    from test_zo import _batch
+    from zolite.graphs import ForwardGraphs
+    from zolite.zo import TunedLayers, spsa_losses
+
+    batch = _batch(smollm2, "boolq", n=3)
+    tuned = TunedLayers(smollm2.model, [11])
+    graphs = ForwardGraphs(smollm2.model, tuned, recorder=RerunRecorder(tuned))
+    for seed in (3, 4):
+        eager = spsa_losses(smollm2.model, tuned, batch, seed=seed, eps=1e-3, objective="ce")
+        graphed = spsa_losses(smollm2.model, tuned, batch, seed=seed, eps=1e-3, objective="ce", graphs=graphs)
+        assert graphed == pytest.approx(eager, abs=1e-5) and eager[0] != eager[1]
+    assert len(graphs.recorded) == 1
+
+
 def test_tune_the_dominant_layer_then_apply_and_eval(smollm2, small_data, tmp_path):
     run = tmp_path / "run"
     r = run_cli("tune", "--model", "smollm2-135m", "--task", "sst2", "--data", small_data, "--steps", "3",
