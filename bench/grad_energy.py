@@ -8,6 +8,10 @@ mean ||g||^2: near 1, the batches agree; near 1/batches, the direction is miniba
 
     python bench/grad_energy.py --model smollm2-135m --task sst2 --layer 11 --data ../shared/data \
         --batches 4 --out bench/results/grad_energy/smollm2-sst2-L11.json
+    python bench/grad_energy.py ... --layer all --params bias,layernorm   # every layer's biases and norms (BitFit)
+
+Per-weight rates (`per_weight`) are absolute: runs on the same batches (model, task, --batch-size, --batches,
+--seed) compare, e.g. layer 1 against every layer's biases and norms.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def group_of(name: str) -> str:
     return next((g for g, pattern in GROUPS.items() if re.search(pattern, name)), "other")
 
 
-def measure(model, task, layer, data, mode, dtype, batch_size, batches, seed):
+def measure(model, task, layer, data, mode, dtype, batch_size, batches, seed, params=None):
     from zolite.optim import fo_gradients
     from zolite.scoring import candidate_scores, collate, last_hidden, losses, pad_token_id
     from train_rows import load_with_train_rows
@@ -43,7 +47,7 @@ def measure(model, task, layer, data, mode, dtype, batch_size, batches, seed):
                         seed=seed, data=data, lr="auto")
     loaded, indices, config, train = load_with_train_rows(config)
     pad, device = pad_token_id(loaded.tokenizer), loaded.device
-    tuned = TunedLayers(loaded.model, indices)
+    tuned = TunedLayers(loaded.model, indices, params=params)
 
     total = [torch.zeros(p.shape, device=device) for p in tuned.params]
     sq_norms = [0.0] * len(tuned.params)
@@ -93,7 +97,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--task", default="sst2")
-    ap.add_argument("--layer", type=int, default=11)
+    ap.add_argument("--layer", default="11", help="a layer, a list (3,5) or all")
+    ap.add_argument("--params", help="only the tensors whose name holds one of these parts (bias,layernorm)")
     ap.add_argument("--data")
     ap.add_argument("--mode")
     ap.add_argument("--dtype")
@@ -103,7 +108,7 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     result = measure(args.model, args.task, args.layer, args.data, args.mode, args.dtype, args.batch_size,
-                     args.batches, args.seed)
+                     args.batches, args.seed, args.params)
     for g, v in result["groups"].items():
         print(f"{g:10s} {v['numel']:>10,d} weights  energy share {v['share_of_energy']:.3f}  "
               f"ZO rate vs whole layer {v['zo_rate_vs_layer']:8.1f}")

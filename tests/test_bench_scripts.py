@@ -55,6 +55,15 @@ def test_grad_energy_splits_the_layer_gradient_into_groups(tiny_model, small_dat
     assert groups["layer"]["numel"] == sum(t["numel"] for t in result["tensors"])
     assert sum(g["share_of_energy"] for name, g in groups.items() if name != "layer") == pytest.approx(1.0)
     assert groups["layer"]["zo_rate_vs_layer"] == pytest.approx(1.0)
+    # every layer's biases and norms, on the same batches: the norms' squared gradient in layer 1 is the same number
+    subset = tmp_path / "bitfit.json"
+    _run(BENCH / "grad_energy.py", "--model", tiny_model, "--task", "sst2", "--layer", "all", "--params", "layernorm",
+         "--data", small_data, "--batches", "2", "--batch-size", "4", "--out", subset)
+    tensors = {t["name"]: t for t in json.loads(subset.read_text())["tensors"]}
+    assert {t["group"] for t in tensors.values()} == {"norms"} and len({n.split(".")[2] for n in tensors}) > 1
+    for t in result["tensors"]:
+        if t["group"] == "norms":
+            assert tensors[t["name"]]["mean_grad_sq"] == pytest.approx(t["mean_grad_sq"], rel=1e-4)
 
 
 def test_step_ops_counts_each_dtype():
