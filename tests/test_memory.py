@@ -363,3 +363,6 @@ def test_the_plan_counts_the_cuda_graphs_z_buffers(llama7b_skeleton):
     assert {k: v for k, v in graphed.items() if k != "z_buffers"} == {k: v for k, v in plain.items() if k != "z_buffers"}
     assert estimate(small, [11], "offload", 16, 64, torch.float32, cuda_graphs=True)["z_buffers"] == 0
     assert estimate(llama7b_skeleton, [1], "nf4", 16, 256, torch.float16, cuda_graphs=True)["z_buffers"] == 0
+    # None: a profile's default, which holds in mode fp16 only (the plan picks the mode)
+    assert estimate(small, [11], "fp16", 16, 64, torch.float32, cuda_graphs=None) == graphed
+    assert estimate(small, [11], "nf4", 16, 64, torch.float32, cuda_graphs=None)["z_buffers"] == 0

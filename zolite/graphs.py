@@ -16,8 +16,8 @@ per shape and replayed: one launch instead of hundreds.
   uninterrupted one did); all share one memory pool. They are replayed one at a time and each output is read
   before the next replay, which is what sharing a pool requires.
 - Only the fused path (layers of small tensors: the launch-bound case) on the GPU is graphed, at the run's own eps
-  (the lr probe's other eps run eagerly); a layer on the per-half path, an offloaded model, or a forward that cannot
-  be captured (the first failure is printed once) runs eagerly. The z buffers are made on the first graphed batch.
+  (the lr probe's other eps run eagerly); a layer on the per-half path, an offloaded model, a batch longer than the
+  model's sliding window, or a forward that cannot be captured (the first failure is printed once) runs eagerly. The z buffers are made on the first graphed batch.
 """
 from __future__ import annotations
 
@@ -67,6 +67,11 @@ class ForwardGraphs:
         self.pool = None
         self.failed = False
         self.max_length = getattr(model.config, "max_position_embeddings", None)
+        # the graph's causal mask spans the whole batch: past a sliding window (Mistral's, Gemma's, a Qwen2 that uses
+        # one) it would let tokens see further back than the model does
+        types = getattr(model.config, "layer_types", None) or []
+        self.window = (getattr(model.config, "sliding_window", None)
+                       if not types or any(t != "full_attention" for t in types) else None)
 
     def summary(self) -> dict:
         """For the report: how many shapes were recorded, and whether capture failed (the steps then ran eagerly)."""
@@ -77,11 +82,13 @@ class ForwardGraphs:
                 and (input_ids.device.type == "cuda" or self.recorder is not record))
 
     def answer_hidden(self, batch, seed: int, eps: float) -> torch.Tensor | None:
-        """None when this batch runs eagerly (capture failed)."""
+        """None when this batch runs eagerly (capture failed, or the batch is longer than a sliding window)."""
         rows, length = batch.input_ids.shape
         padded = -(-length // BUCKET) * BUCKET
         if self.max_length:   # not past the positions the model has (a learned position table would fault)
             padded = max(length, min(padded, self.max_length))
+        if self.window and padded > self.window:
+            return None
         key = (rows, padded, batch.rows.numel(), eps)
         self.tuned.use_z_buffers()
         self.tuned.fill_z(seed)

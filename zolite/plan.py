@@ -92,12 +92,13 @@ def _sizes(skeleton, layers: list[int]) -> dict:
 
 def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: int, dtype: torch.dtype,
              measured: dict | None = None, estimator: str = "spsa", optimizer: str = "sgd",
-             cuda_graphs: bool = False) -> dict:
+             cuda_graphs: bool | None = False) -> dict:
     """Estimated peak GPU bytes of a run, by part (GiB). measured: {mode: activation bytes per doubled token}.
     Optimiser state: fp32 buffers per tuned parameter (momentum 1, adam 2) plus one fp32 direction tensor.
     Backprop (`fo`): no doubled batch, but every layer from the first tuned one keeps its activations for the
     backward pass, and the gradients are held in fp32. cuda_graphs: z of every tuned tensor in fp32 buffers, where
-    the step is graphed (zolite.graphs: the fused path of small tensors, not offload)."""
+    the step is graphed (zolite.graphs: the fused path of small tensors, not offload); None: graphed in mode fp16
+    only (a profile's default: zolite.tune_setup.speed_option)."""
     cfg = skeleton.config
     b = torch.finfo(dtype).bits // 8
     s = _sizes(skeleton, layers)
@@ -124,7 +125,8 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
         kept = len(decoder_layers(skeleton)[1]) - min(layers)
         activations = activations // 2 * kept
         optimizer_state += 4 * s["tuned"]   # the gradients, fp32
-    graphed = cuda_graphs and estimator == "spsa" and mode != "offload" and s["largest_tuned"] < FUSED_MAX_NUMEL
+    graphed = (cuda_graphs if cuda_graphs is not None else mode == "fp16") and estimator == "spsa" \
+        and mode != "offload" and s["largest_tuned"] < FUSED_MAX_NUMEL
     parts = {"weights": weights, "master_copy": master, "perturbation": perturb, "activations": activations,
              "optimizer_state": optimizer_state, "z_buffers": 4 * s["tuned"] if graphed else 0,
              "cuda_context": int(CUDA_CONTEXT_GIB * GIB)}
@@ -133,7 +135,7 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
 
 def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_len: int, dtype: torch.dtype,
                 mode: str | None = None, measured: dict | None = None, micro_batch: int | None = None,
-                estimator: str = "spsa", optimizer: str = "sgd", cuda_graphs: bool = False) -> Plan:
+                estimator: str = "spsa", optimizer: str = "sgd", cuda_graphs: bool | None = False) -> Plan:
     """The fastest mode (or the given one) and the largest micro-batch (or the given one) that fit `budget` bytes."""
     modes = [mode] if mode else list(PLAN_ORDER)
     if len(layers) == len(decoder_layers(skeleton)[1]) and not mode:

@@ -100,6 +100,14 @@ ADDED_OPTIONS = {"cuda_graphs": False, "tf32": False}
 GPU_SPEED_OPTIONS = ("cuda_graphs", "tf32")
 
 
+def speed_option(config: TuneConfig, name: str, defaults: dict, device: torch.device, mode: str) -> bool:
+    """cuda_graphs / tf32 as given, else the profile's default where it was measured: a GPU, unquantized weights."""
+    given = getattr(config, name)
+    if given is not None:
+        return given
+    return bool(defaults.get(name, False)) and device.type == "cuda" and mode == "fp16"
+
+
 def with_new_options(saved: dict) -> dict:
     """A run folder's config.json with the options added to zolite since that run started, as that run ran, so it
     still resumes and compares."""
@@ -248,8 +256,7 @@ def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=No
         -(-filled.get("batch_size", config.batch_size) // world_size)
     filled["objective"] = config.objective or ("lm" if task.generative else "ce")
     for name in GPU_SPEED_OPTIONS:
-        if getattr(config, name) is None:
-            filled[name] = bool(defaults.get(name, False)) and loaded.device.type == "cuda" and loaded.mode == "fp16"
+        filled[name] = speed_option(config, name, defaults, loaded.device, loaded.mode)
     config = dataclasses.replace(config, **filled)
     if task.generative and config.objective in ("ce", "accuracy"):
         raise ZoliteError(f"{task.name} is a generation task (no candidates): use --objective lm or f1")
@@ -316,7 +323,9 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
     def plan_for(mode):
         return plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=mode, measured=measured,
                            micro_batch=micro, estimator=config.estimator, optimizer=config.optimizer,
-                           cuda_graphs=config.cuda_graphs)
+                           # the profile's default depends on the mode the plan picks: None = in fp16 only
+                           cuda_graphs=config.cuda_graphs if config.cuda_graphs is not None
+                           else (None if speed_option(config, "cuda_graphs", defaults, device, "fp16") else False))
 
     if asked:
         plan = plan_for(config.mode)
