@@ -101,7 +101,7 @@ boolq-next)
   # layer 1 (the reference row, 3 seeds) and the rest of backprop's seeds; RTE's layer 27 (resumes) and eps 1e-3
   python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
-    --arms vod,bitfit,eps1e-3 --seeds 1 --jobs 3 --data /root/data --out $R/final/boolq-candidates --quiet \
+    --arms vod,bitfit,bitfit-lr,eps1e-3 --seeds 1 --jobs 3 --data /root/data --out $R/final/boolq-candidates --quiet \
     > $R/boolq-next-candidates.log 2>&1 < /dev/null &
   setsid nohup bash -c "zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_final.toml \
       --arms mezo,zolite --seeds 3 --jobs 3 --data /root/data --out $R/final/boolq --quiet
