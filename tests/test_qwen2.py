@@ -47,3 +47,28 @@ def test_the_scan_reads_a_qwen2(tiny_qwen2, tmp_path):
 
     result = scan(tiny_qwen2, out=tmp_path / "scan", seeds=1, prompts=4)
     assert len(result["layers"]) == 3 and all(row["max_abs"] > 0 for row in result["layers"])
+
+
+def test_a_sliding_window_shorter_than_the_prompts_is_refused_in_one_line(tmp_path, small_data):
+    """Past a sliding window transformers builds a mask for the batch it is given, which the layers after the
+    doubling one (B +eps rows and B -eps rows) cannot take: tune says so up front, with the fix; within the window
+    the same model tunes."""
+    import json
+
+    from transformers import AutoConfig
+
+    from conftest import build_tiny_qwen2, run_cli
+    from test_errors import assert_user_error
+
+    model = build_tiny_qwen2(tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=48, max_window_layers=0,
+                  layer_types=["sliding_attention"] * config["num_hidden_layers"])
+    (model / "config.json").write_text(json.dumps(config))
+    assert AutoConfig.from_pretrained(model).layer_types[0] == "sliding_attention"
+    common = ["tune", "--model", model, "--task", "sst2", "--data", small_data, "--layer", "1", "--steps", "2",
+              "--batch-size", "4", "--eval-every", "0", "--lr", "1e-3", "--quiet"]
+    result = run_cli(*common, "--run-dir", tmp_path / "long")
+    assert_user_error(result, "past the model's sliding attention window (48 tokens)", "--max-length 48")
+    result = run_cli(*common, "--run-dir", tmp_path / "short", "--max-length", "48")
+    assert result.exit_code == 0, result.output

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .scoring import sliding_window
 from .zo import TunedLayers
 
 # tokens: a shape per 8 tokens of length (a BoolQ batch of up to 512 tokens: at most 64 shapes, one memory pool).
@@ -67,11 +68,9 @@ class ForwardGraphs:
         self.pool = None
         self.failed = False
         self.max_length = getattr(model.config, "max_position_embeddings", None)
-        # the graph's causal mask spans the whole batch: past a sliding window (Mistral's, Gemma's, a Qwen2 that uses
-        # one) it would let tokens see further back than the model does
-        types = getattr(model.config, "layer_types", None) or []
-        self.window = (getattr(model.config, "sliding_window", None)
-                       if not types or any(t != "full_attention" for t in types) else None)
+        # the graph's causal mask spans the whole batch: past a sliding window it would let tokens see further back
+        # than the model does
+        self.window = sliding_window(model.config)
 
     def summary(self) -> dict:
         """For the report: how many shapes were recorded, and whether capture failed (the steps then ran eagerly)."""

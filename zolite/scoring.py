@@ -107,6 +107,16 @@ def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of a model whose layers use one (Mistral's, Gemma's, a Qwen2 with sliding layers), else
+    None. Past it, transformers builds an explicit mask for the batch it is given, which the layers after a doubling
+    one (ZO's +eps / -eps rows) cannot take."""
+    types = getattr(config, "layer_types", None) or []
+    if types and all(t == "full_attention" for t in types):
+        return None
+    return getattr(config, "sliding_window", None)
+
+
 def causal_mask(length: int, dtype: torch.dtype, device) -> torch.Tensor:
     """[1, 1, length, length]: 0 where a token may attend, the dtype's lowest value where it may not (added to the
     attention scores, as transformers' eager and SDPA attention both take a float mask); its batch dimension of 1
