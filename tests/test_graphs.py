@@ -230,19 +230,3 @@ def test_each_eps_has_its_own_recording(tiny_model):
     assert not stepper.graphs.recorded
     stepper.pair_losses(encode_rows(loaded.tokenizer, get_task("sst2"), rows, 512), 3)
     assert [k[-1] for k in stepper.graphs.recorded] == [1e-2]
-
-
-def test_a_batch_past_a_sliding_window_runs_eagerly(tiny_model):
-    """The graph's causal mask spans the batch: past a model's sliding window it would let tokens see too far back,
-    so such a batch is not graphed (answer_hidden None: the eager forward), and one within the window is."""
-    loaded = zolite.load_model(tiny_model)
-    tuned = TunedLayers(loaded.model, [1])
-    batch = _batch(loaded)
-    padded = -(-batch.input_ids.shape[1] // graphs.BUCKET) * graphs.BUCKET
-    for window, graphed in ((padded - 1, False), (padded, True)):
-        loaded.model.config.sliding_window = window
-        forward_graphs = ForwardGraphs(loaded.model, tuned, recorder=RerunRecorder(tuned))
-        with torch.inference_mode():
-            answers = forward_graphs.answer_hidden(batch, 7, 1e-2)
-        assert (answers is not None) == graphed and len(forward_graphs.recorded) == int(graphed)
-

@@ -2,12 +2,17 @@
 grouped-query attention, tied embeddings; tuned, patched, replayed, scanned."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import pytest
 import torch
 
 import zolite
 from zolite.apply import apply_patch
 from zolite.patch import load_patch
 from zolite.trajectory import trajectory_path
+
+from conftest import build_tiny_qwen2
 
 
 def _logits(model, tokenizer, text="the film was a gripping ride"):
@@ -49,26 +54,47 @@ def test_the_scan_reads_a_qwen2(tiny_qwen2, tmp_path):
     assert len(result["layers"]) == 3 and all(row["max_abs"] > 0 for row in result["layers"])
 
 
-def test_a_sliding_window_shorter_than_the_prompts_is_refused_in_one_line(tmp_path, small_data):
-    """Past a sliding window transformers builds a mask for the batch it is given, which the layers after the
-    doubling one (B +eps rows and B -eps rows) cannot take: tune says so up front, with the fix; within the window
-    the same model tunes."""
+@pytest.mark.parametrize("types", ["sliding", "mixed"])
+def test_a_sliding_window_shorter_than_the_batch_is_kept_by_the_doubled_forward(types, tmp_path):
+    """Past a sliding window transformers builds an explicit mask for the batch it is given, which the layers after the
+    doubling one (B +eps rows and B -eps rows) could not take (a batch-size RuntimeError). The doubled forward then
+    gives the model masks of batch 1 (windowed, or by layer type where full and sliding layers mix): l+ and l- are
+    the losses with W +- eps z written into the model, eagerly, per half (layers 0-1, after any sliding layer) and
+    through the graphs' stand-in recorder."""
     import json
 
-    from transformers import AutoConfig
-
-    from conftest import build_tiny_qwen2, run_cli
-    from test_errors import assert_user_error
+    from test_graphs import RerunRecorder
+    from test_zo import _batch, _loss_with_weights
+    from zolite.graphs import ForwardGraphs
+    from zolite.zo import TunedLayers, spsa_losses
 
     model = build_tiny_qwen2(tmp_path / "model")
     config = json.loads((model / "config.json").read_text())
-    config.update(use_sliding_window=True, sliding_window=48, max_window_layers=0,
-                  layer_types=["sliding_attention"] * config["num_hidden_layers"])
+    n = config["num_hidden_layers"]
+    config.update(use_sliding_window=True, sliding_window=8, max_window_layers=0 if types == "sliding" else 1,
+                  layer_types=["sliding_attention"] * n if types == "sliding" else
+                  ["full_attention"] + ["sliding_attention"] * (n - 1))
     (model / "config.json").write_text(json.dumps(config))
-    assert AutoConfig.from_pretrained(model).layer_types[0] == "sliding_attention"
-    common = ["tune", "--model", model, "--task", "sst2", "--data", small_data, "--layer", "1", "--steps", "2",
-              "--batch-size", "4", "--eval-every", "0", "--lr", "1e-3", "--quiet"]
-    result = run_cli(*common, "--run-dir", tmp_path / "long")
-    assert_user_error(result, "past the model's sliding attention window (48 tokens)", "--max-length 48")
-    result = run_cli(*common, "--run-dir", tmp_path / "short", "--max-length", "48")
-    assert result.exit_code == 0, result.output
+    loaded = zolite.load_model(str(model))
+    assert loaded.model.config.layer_types == config["layer_types"]
+    batch = _batch(loaded, "boolq", n=3)
+    assert batch.input_ids.shape[1] > 8   # past the window
+    for layers in ([1], [0, 1]):
+        tuned = TunedLayers(loaded.model, layers)
+        explicit = [_loss_with_weights(loaded, tuned, batch, 5, 1e-2, sign) for sign in (1, -1)]
+        eager = spsa_losses(loaded.model, tuned, batch, 5, 1e-2, "ce")
+        graphed = spsa_losses(loaded.model, tuned, batch, 5, 1e-2, "ce",
+                              graphs=ForwardGraphs(loaded.model, tuned, recorder=RerunRecorder(tuned)))
+        assert eager == pytest.approx(explicit, abs=1e-5) and graphed == pytest.approx(explicit, abs=1e-5)
+        with zo_per_half(tuned):
+            assert spsa_losses(loaded.model, tuned, batch, 5, 1e-2, "ce") == pytest.approx(explicit, abs=1e-5)
+
+
+@contextmanager
+def zo_per_half(tuned):
+    """The per-half path (a 7B's large layers) on a small layer: one forward per sign from the first tuned layer."""
+    fused, tuned.fused = tuned.fused, False
+    try:
+        yield
+    finally:
+        tuned.fused = fused

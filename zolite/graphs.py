@@ -16,8 +16,8 @@ per shape and replayed: one launch instead of hundreds.
   uninterrupted one did); all share one memory pool. They are replayed one at a time and each output is read
   before the next replay, which is what sharing a pool requires.
 - Only the fused path (layers of small tensors: the launch-bound case) on the GPU is graphed, at the run's own eps
-  (the lr probe's other eps run eagerly); a layer on the per-half path, an offloaded model, a batch longer than the
-  model's sliding window, or a forward that cannot be captured (the first failure is printed once) runs eagerly. The z buffers are made on the first graphed batch.
+  (the lr probe's other eps run eagerly); a layer on the per-half path, an offloaded model, or a forward that cannot
+  be captured (the first failure is printed once) runs eagerly. The z buffers are made on the first graphed batch.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from types import SimpleNamespace
 
 import torch
 
-from .scoring import sliding_window
 from .zo import TunedLayers
 
 # tokens: a shape per 8 tokens of length (a BoolQ batch of up to 512 tokens: at most 64 shapes, one memory pool).
@@ -40,7 +39,7 @@ class Recorded:
     replay: object             # () -> None: run the recorded kernels again
     inputs: tuple              # (input ids [sequences, padded length], rows [K], positions [K]): copy a batch in
     answers: torch.Tensor      # [2, K, hidden]: answer_hidden of the last replay
-    mask: torch.Tensor | None = None   # the causal mask the kernels read: kept alive as long as they are
+    mask: object = None        # the attention mask(s) the kernels read: kept alive as long as they are
 
 
 def record(forward, inputs: tuple, pool) -> tuple[Recorded, object]:
@@ -68,9 +67,6 @@ class ForwardGraphs:
         self.pool = None
         self.failed = False
         self.max_length = getattr(model.config, "max_position_embeddings", None)
-        # the graph's causal mask spans the whole batch: past a sliding window it would let tokens see further back
-        # than the model does
-        self.window = sliding_window(model.config)
 
     def summary(self) -> dict:
         """For the report: how many shapes were recorded, and whether capture failed (the steps then ran eagerly)."""
@@ -81,13 +77,11 @@ class ForwardGraphs:
                 and (input_ids.device.type == "cuda" or self.recorder is not record))
 
     def answer_hidden(self, batch, seed: int, eps: float) -> torch.Tensor | None:
-        """None when this batch runs eagerly (capture failed, or the batch is longer than a sliding window)."""
+        """None when this batch runs eagerly (capture failed, or the model's layer types are not known here)."""
         rows, length = batch.input_ids.shape
         padded = -(-length // BUCKET) * BUCKET
         if self.max_length:   # not past the positions the model has (a learned position table would fault)
             padded = max(length, min(padded, self.max_length))
-        if self.window and padded > self.window:
-            return None
         key = (rows, padded, batch.rows.numel(), eps)
         self.tuned.use_z_buffers()
         self.tuned.fill_z(seed)
@@ -103,7 +97,7 @@ class ForwardGraphs:
         return recorded.answers
 
     def _record(self, key: tuple, device: torch.device) -> Recorded | None:
-        from .scoring import answer_hidden, causal_mask, last_hidden
+        from .scoring import answer_hidden, batch_one_mask, last_hidden
 
         rows, padded, answers, eps = key
         inputs = (torch.zeros((rows, padded), dtype=torch.long, device=device),
@@ -112,7 +106,9 @@ class ForwardGraphs:
         # Under capture transformers builds an explicit causal mask for the batch it is given (it cannot check the
         # inputs for padding), which the layers after the tuned one, on the doubled batch, could not take. A mask
         # given in 4D is used as is, and one of batch 1 broadcasts: B rows before the tuned layer, 2B after.
-        mask = causal_mask(padded, self.model.get_input_embeddings().weight.dtype, device)
+        mask = batch_one_mask(self.model, padded, device)
+        if mask is None:
+            return None
 
         def forward(ids, answer_rows, positions):
             with torch.inference_mode(), self.tuned.perturbed(None, eps):

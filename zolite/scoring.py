@@ -101,28 +101,62 @@ def pad_token_id(tokenizer) -> int:
     return 0 if tokenizer.pad_token_id not in (None, 0) else 1
 
 
-def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Final hidden states (after the last norm), no KV cache, no logits. attention_mask: a 4D mask the model takes
-    as given (None: causal, no padding mask: right padding is never attended to by a real token)."""
+def last_hidden(model, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """Final hidden states (after the last norm), no KV cache, no logits. attention_mask: 4D mask(s) the model takes
+    as given (batch_one_mask; None: causal, no padding mask: right padding is never attended to by a real token)."""
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 def sliding_window(config) -> int | None:
     """The attention window of a model whose layers use one (Mistral's, Gemma's, a Qwen2 with sliding layers), else
-    None. Past it, transformers builds an explicit mask for the batch it is given, which the layers after a doubling
-    one (ZO's +eps / -eps rows) cannot take."""
+    None."""
     types = getattr(config, "layer_types", None) or []
     if types and all(t == "full_attention" for t in types):
         return None
     return getattr(config, "sliding_window", None)
 
 
-def causal_mask(length: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """[1, 1, length, length]: 0 where a token may attend, the dtype's lowest value where it may not (added to the
-    attention scores, as transformers' eager and SDPA attention both take a float mask); its batch dimension of 1
-    broadcasts over any number of rows."""
-    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+def causal_mask(length: int, dtype: torch.dtype, device, window: int | None = None) -> torch.Tensor:
+    """[1, 1, length, length]: 0 where a token may attend (itself and up to window - 1 tokens back; all of them
+    without a window), the dtype's lowest value where it may not (added to the attention scores, as transformers'
+    eager and SDPA attention both take a float mask); its batch dimension of 1 broadcasts over any number of rows."""
+    position = torch.arange(length, device=device)
+    back = position[:, None] - position[None, :]
+    allowed = (back >= 0) & (back < window if window else True)
     return torch.zeros(1, 1, length, length, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def batch_one_mask(model, length: int, device):
+    """The attention mask(s) of batch 1 for `length` tokens, which a forward takes as given (4D) and which broadcast
+    over B rows before the first tuned layer and 2B after it: one causal mask, or with the model's sliding window, or
+    both by layer type (a model that mixes them takes a dict). None: layer types not known here."""
+    config, dtype = model.config, model.get_input_embeddings().weight.dtype
+    window = sliding_window(config)
+    full = causal_mask(length, dtype, device)
+    if not window or window >= length:
+        return full
+    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention"])
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        return None
+    windowed = causal_mask(length, dtype, device, window)
+    if len(kinds) == 1:
+        return windowed
+    return {"full_attention": full, "sliding_attention": windowed}
+
+
+def doubled_forward_mask(model, input_ids: torch.Tensor):
+    """What a ZO forward that doubles the batch at a tuned layer must give the model: None where transformers' own
+    mask fits any batch (no sliding window shorter than the batch: it skips the mask), else batch_one_mask (past a
+    window transformers builds one for the B rows it is given, which the 2B rows after the doubling cannot take)."""
+    window = sliding_window(model.config)
+    if not window or input_ids.shape[1] <= window:
+        return None
+    mask = batch_one_mask(model, input_ids.shape[1], input_ids.device)
+    if mask is None:
+        raise ZoliteError(f"this model's attention layer types ({', '.join(sorted(set(model.config.layer_types)))}) "
+                          f"are past what zolite's doubled forward handles at {input_ids.shape[1]} tokens; use "
+                          f"--max-length {window} or less")
+    return mask
 
 
 def answer_hidden(batch: Batch, hidden: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from .memory import MemoryProfiler, weight_breakdown, write_memory_report
 from .optim import Stepper, weighted_mean
 from .precondition import measure_scales, scale_summary
 from .patch import fingerprint, save_patch
-from .scoring import collate, pad_token_id, sliding_window
+from .scoring import collate, pad_token_id
 from .stepsize import BASE_BATCHES, PROBES, LossGuard, effective_updates, new_guard, probe_lr, reference_losses
 from .tasks import CustomTask, Task, get_task, task_data
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
@@ -189,10 +189,6 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float, world: W
         else "given"
     config = fill_defaults(config, loaded, indices, len(layers), task_, plan, world.size)
     check_world(world.size, config.estimator, config.batch_size)
-    window = sliding_window(net.config)
-    if window and config.max_length > window and config.estimator == "spsa" and config.objective != "f1":
-        raise ZoliteError(f"--max-length {config.max_length} is past the model's sliding attention window ({window} "
-                          f"tokens), which the +eps / -eps forward cannot take yet; use --max-length {window} or less")
     if (loaded.mode == "int8" and config.estimator != "fo" and config.eps_scale == "absolute"
             and config.eps < QUANTIZED_EPS):
         print(f"zolite: warning: int8 rounds each layer's inputs to 8 bits, and at eps {config.eps:g} that "

@@ -468,14 +468,15 @@ def spsa_losses(model, tuned: TunedLayers, batch, seed: int, eps: float, objecti
                 ) -> tuple[float, float]:
     """l(W + eps z) and l(W - eps z) on one batch, from one forward of the doubled batch (replayed from a CUDA
     graph where `graphs`, a zolite.graphs.ForwardGraphs, can take it)."""
-    from .scoring import answer_hidden, answer_scores, last_hidden, losses
+    from .scoring import answer_hidden, answer_scores, doubled_forward_mask, last_hidden, losses
 
     with torch.inference_mode():
         answers = graphs.answer_hidden(batch, seed, eps) if graphs is not None and graphs.usable(batch.input_ids) \
             else None
         if answers is None:
             with tuned.perturbed(seed, eps):
-                answers = answer_hidden(batch, last_hidden(model, batch.input_ids))
+                answers = answer_hidden(batch, last_hidden(model, batch.input_ids,
+                                                           attention_mask=doubled_forward_mask(model, batch.input_ids)))
         loss = losses(answer_scores(model, batch, answers), batch, objective)
     plus, minus = loss.tolist()
     return plus, minus
