@@ -54,11 +54,25 @@ def test_the_scan_reads_a_qwen2(tiny_qwen2, tmp_path):
     assert len(result["layers"]) == 3 and all(row["max_abs"] > 0 for row in result["layers"])
 
 
-@pytest.mark.parametrize("types", ["sliding", "mixed"])
+def _tiny_mistral(out, window: int):
+    """A tiny random Mistral (one sliding window for every layer, no layer types), the tiny Llama's tokenizer."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from conftest import build_tiny_model, tiny_shape
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(out.parent / "tok", layers=1))
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(**tiny_shape(len(tokenizer), 32, 3), sliding_window=window)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("types", ["sliding", "mixed", "mistral"])
 def test_a_sliding_window_shorter_than_the_batch_is_kept_by_the_doubled_forward(types, tmp_path):
     """Past a sliding window transformers builds an explicit mask for the batch it is given, which the layers after the
     doubling one (B +eps rows and B -eps rows) could not take (a batch-size RuntimeError). The doubled forward then
-    gives the model masks of batch 1 (windowed, or by layer type where full and sliding layers mix): l+ and l- are
+    gives the model masks of batch 1 (windowed, or by layer type where full and sliding layers mix; Mistral has one
+    window and no layer types): l+ and l- are
     the losses with W +- eps z written into the model, eagerly, per half (layers 0-1, after any sliding layer) and
     through the graphs' stand-in recorder."""
     import json
@@ -68,15 +82,18 @@ def test_a_sliding_window_shorter_than_the_batch_is_kept_by_the_doubled_forward(
     from zolite.graphs import ForwardGraphs
     from zolite.zo import TunedLayers, spsa_losses
 
-    model = build_tiny_qwen2(tmp_path / "model")
-    config = json.loads((model / "config.json").read_text())
-    n = config["num_hidden_layers"]
-    config.update(use_sliding_window=True, sliding_window=8, max_window_layers=0 if types == "sliding" else 1,
-                  layer_types=["sliding_attention"] * n if types == "sliding" else
-                  ["full_attention"] + ["sliding_attention"] * (n - 1))
-    (model / "config.json").write_text(json.dumps(config))
+    if types == "mistral":
+        model = _tiny_mistral(tmp_path / "model", window=8)
+    else:
+        model = build_tiny_qwen2(tmp_path / "model")
+        config = json.loads((model / "config.json").read_text())
+        n = config["num_hidden_layers"]
+        config.update(use_sliding_window=True, sliding_window=8, max_window_layers=0 if types == "sliding" else 1,
+                      layer_types=["sliding_attention"] * n if types == "sliding" else
+                      ["full_attention"] + ["sliding_attention"] * (n - 1))
+        (model / "config.json").write_text(json.dumps(config))
     loaded = zolite.load_model(str(model))
-    assert loaded.model.config.layer_types == config["layer_types"]
+    assert loaded.model.config.sliding_window == 8
     batch = _batch(loaded, "boolq", n=3)
     assert batch.input_ids.shape[1] > 8   # past the window
     for layers in ([1], [0, 1]):
