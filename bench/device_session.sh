@@ -13,12 +13,10 @@
 #                                          # alone on the GPU while the Qwen parts come (~1.5 min; then graphs-bench.done);
 #                                          # with SMOLLM2_RUNS=1, then SmolLM2's accuracy under --tf32 / --cuda-graphs
 #                                          # (SST-2) and BoolQ on its last layer (3 seeds each)
-#   bash bench/device_session.sh qwen-graphs   # once Qwen is there: after the SmolLM2 graphs bench, Qwen's graphed
-#                                          # step (layers 1 and 27, nf4, BoolQ) alone on the GPU (~2 min), then
-#                                          # issue 22's short-lease runs (real_scale_dev.sh final-short), all in the background
 #   bash bench/device_session.sh llama7b   # the 7B-shape nf4 step against zolite-base, alone (~10 min; llama7b.done)
-#   bash bench/device_session.sh qwen-next # once Qwen is there: after llama7b (at most 5 more min), Qwen's graphed
-#                                          # step alone (~2 min), then real_scale_dev.sh boolq-next
+#   bash bench/device_session.sh qwen-graphs [VERB]   # once Qwen is there: after a benchmark still running alone
+#                                          # (graphs, llama7b), Qwen's graphed step (layers 1 and 27, nf4, BoolQ) alone
+#                                          # (~2 min), then real_scale_dev.sh VERB (default final-short), in the background
 #   bash bench/device_session.sh collect OUT   # everything so far -> OUT/res.tgz (real_scale_dev.sh collect)
 # Timings come first and alone; each benchmark is capped (timeout) so the training runs always start.
 set -u
@@ -64,12 +62,18 @@ graphs)
     fi" > $R/graphs-bench.log 2>&1 < /dev/null &
   echo "started: $R/graphs-bench.log" ;;
 qwen-graphs)
+  # once Qwen is there: after any benchmark still running alone on the GPU (SmolLM2's graphs, the 7B row; at most 5
+  # more minutes), Qwen's graphed step (layers 1 and 27, nf4, BoolQ) alone (~2 min), then issue 22's runs
+  # (real_scale_dev.sh VERB, default final-short), all in the background
   cd /root/src || exit 1
   setsid nohup bash -c "
-    for i in \$(seq 150); do [ -f $R/graphs-bench.done ] && break; sleep 2; done
+    for i in \$(seq 150); do
+      busy=; for b in graphs-bench llama7b; do [ -f $R/\$b.log ] && [ ! -f $R/\$b.done ] && busy=1; done
+      [ -z \"\$busy\" ] && break; sleep 2
+    done
     timeout 200 python bench/step_speed.py --out $R/step_speed/qwen-graphs --data /root/data --steps 20 --rounds 1 \
       --only zolite-bare,graphs-bare,floor-2b --configs qwen-L1-nf4,qwen-L27-nf4
-    bash bench/real_scale_dev.sh final-short" > $R/qwen-graphs.log 2>&1 < /dev/null &
+    bash bench/real_scale_dev.sh ${2:-final-short}" > $R/qwen-graphs.log 2>&1 < /dev/null &
   echo "started: $R/qwen-graphs.log" ;;
 llama7b)
   # issue 23's last row: the 7B-shape nf4 step against the baseline zolite (carry .device/zolite-base), alone on the
@@ -80,16 +84,6 @@ llama7b)
       --only zolite,zolite-bare,base,base-bare,eager,floor-2x,floor-2b --configs llama7b-L1-nf4
     touch $R/llama7b.done" > $R/llama7b.log 2>&1 < /dev/null &
   echo "started: $R/llama7b.log" ;;
-qwen-next)
-  # once Qwen is there: after the 7B row (if it was started; at most 5 more minutes), Qwen's graphed step (layers 1
-  # and 27, nf4, BoolQ) alone (~2 min), then real_scale_dev.sh boolq-next, all in the background
-  cd /root/src || exit 1
-  setsid nohup bash -c "
-    for i in \$(seq 150); do [ -f $R/llama7b.log ] && [ ! -f $R/llama7b.done ] || break; sleep 2; done
-    timeout 200 python bench/step_speed.py --out $R/step_speed/qwen-graphs --data /root/data --steps 20 --rounds 1 \
-      --only zolite-bare,graphs-bare,floor-2b --configs qwen-L1-nf4,qwen-L27-nf4
-    bash bench/real_scale_dev.sh boolq-next" > $R/qwen-next.log 2>&1 < /dev/null &
-  echo "started: $R/qwen-next.log" ;;
 train)
   cd /root/src || exit 1
   bash bench/real_scale_dev.sh qwen-round3
@@ -110,5 +104,5 @@ collect)
   tail -n 3 $R/*.log 2>/dev/null | cut -c1-300
   bash "$(dirname "$0")/real_scale_dev.sh" collect "$2" ;;
 *)
-  echo "usage: $0 smollm2 | qwen | graphs | qwen-graphs | llama7b | qwen-next | train | serve-qwen OUT | collect OUT" >&2; exit 2 ;;
+  echo "usage: $0 smollm2 | qwen | graphs | qwen-graphs | llama7b | train | serve-qwen OUT | collect OUT" >&2; exit 2 ;;
 esac
