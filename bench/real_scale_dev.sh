@@ -10,6 +10,7 @@
 #                                               # candidate layers, 3 seeds (BoolQ: ~5x a step, so its own runs first)
 #   bash bench/real_scale_dev.sh final-short    # a short lease: BoolQ's final-recipe, RTE's plain MeZO to its end, then
 #                                               # RTE's layer 27 and eps 1e-3 (fewer runs side by side: BoolQ first)
+#   JOBS=5 bash bench/real_scale_dev.sh boolq-candidates   # BoolQ's fewer-weights candidates only (seed 0, val)
 #   bash bench/real_scale_dev.sh boolq-next     # after the third part: BoolQ's fewer-weights candidates, plain MeZO,
 #                                               # backprop's other seeds; RTE's layer 27 and eps 1e-3
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
@@ -96,13 +97,17 @@ final-short)
     zolite ablate --model qwen2.5-coder-1.5b --task rte --plan bench/plans/real_scale_candidates.toml \
       --arms layer27,eps1e-3 --seeds 3 --jobs 3 --data /root/data --out $R/final/rte-candidates --quiet" \
     > $R/final-rte-short.log 2>&1 < /dev/null & ;;
-boolq-next)
-  # after the third part: BoolQ's fewer-weights candidates and eps 1e-3 (seed 0, judged on val), plain MeZO on
-  # layer 1 (the reference row, 3 seeds) and the rest of backprop's seeds; RTE's layer 27 (resumes) and eps 1e-3
+boolq-candidates)
+  # BoolQ's fewer-weights candidates and eps 1e-3, seed 0, judged on val: all five runs side by side (JOBS=5) when
+  # they have the GPU to themselves, 3 at a time beside other runs
   python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
-    --arms vod,bitfit,bitfit-lr,eps1e-3 --seeds 1 --jobs 3 --data /root/data --out $R/final/boolq-candidates --quiet \
-    > $R/boolq-next-candidates.log 2>&1 < /dev/null &
+    --arms vod,bitfit,bitfit-lr,eps1e-3 --seeds 1 --jobs ${JOBS:-3} --data /root/data \
+    --out $R/final/boolq-candidates --quiet > $R/boolq-next-candidates.log 2>&1 < /dev/null & ;;
+boolq-next)
+  # after the third part: BoolQ's candidates (above), plain MeZO on layer 1 (the reference row, 3 seeds) and the
+  # rest of backprop's seeds; RTE's layer 27 (resumes) and eps 1e-3
+  bash "$0" boolq-candidates
   setsid nohup bash -c "zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_final.toml \
       --arms mezo,zolite --seeds 3 --jobs 3 --data /root/data --out $R/final/boolq --quiet
     zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_final.toml \
