@@ -13,6 +13,8 @@
 #   JOBS=5 bash bench/real_scale_dev.sh boolq-candidates   # BoolQ's fewer-weights candidates only (seed 0, val)
 #   bash bench/real_scale_dev.sh boolq-next     # after the third part: BoolQ's fewer-weights candidates, plain MeZO,
 #                                               # backprop's other seeds; RTE's layer 27 and eps 1e-3
+#   bash bench/real_scale_dev.sh bitfit-next    # after the fourth part: biases and norms over nf4, BoolQ 3 seeds,
+#                                               # SST-2 and RTE at two lrs (seed 0)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
 #                                               # name them: pkill -f would match the call's shell)
@@ -116,6 +118,18 @@ boolq-next)
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task rte --plan bench/plans/real_scale_candidates.toml \
     --arms layer27,eps1e-3 --seeds 3 --jobs 3 --data /root/data --out $R/final/rte-candidates --quiet \
     > $R/rte-next.log 2>&1 < /dev/null & ;;
+bitfit-next)
+  # after the fourth part: every layer's biases and norms over an nf4 base, BoolQ's 3 seeds at lr 1e-3 (chosen on
+  # val in the fourth part: the target's evidence), and SST-2 and RTE at lr 1e-3 and the probed lr (seed 0, val)
+  python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
+  setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
+    --arms bitfit-nf4 --seeds 3 --jobs 3 --data /root/data --out $R/final/boolq-candidates --quiet \
+    > $R/bitfit-boolq.log 2>&1 < /dev/null &
+  for t in sst2 rte; do
+    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_candidates.toml \
+      --arms bitfit-nf4,bitfit-nf4-auto --seeds 1 --jobs 2 --data /root/data --out $R/final/$t-candidates --quiet \
+      > $R/bitfit-$t.log 2>&1 < /dev/null &
+  done ;;
 stop)
   pkill -f "zolite ablate"; pkill -f "zolite eval"; pkill -f "multiprocessing.spawn"; sleep 4
   pkill -9 -f "zolite ablate"; pkill -9 -f "zolite eval"; pkill -9 -f "multiprocessing.spawn"; true ;;

@@ -3,6 +3,7 @@ and the memory reports of tune and `zolite profile`."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -366,3 +367,68 @@ def test_the_plan_counts_the_cuda_graphs_z_buffers(llama7b_skeleton):
     # None: a profile's default, which holds in mode fp16 only (the plan picks the mode)
     assert estimate(small, [11], "fp16", 16, 64, torch.float32, cuda_graphs=None) == graphed
     assert estimate(small, [11], "nf4", 16, 64, torch.float32, cuda_graphs=None)["z_buffers"] == 0
+
+
+@pytest.fixture(scope="module")
+def qwen2_64(tmp_path_factory) -> str:
+    """A tiny Qwen2 (biases) wide enough for bitsandbytes' nf4 forward on the CPU (hidden 32 fails there)."""
+    from conftest import build_tiny_qwen2
+
+    return str(build_tiny_qwen2(tmp_path_factory.mktemp("qwen2-64") / "model", hidden=64))
+
+
+def test_quantized_modes_keep_only_the_tuned_weights_linears(qwen2_64):
+    """nf4 / int8 leave a Linear unquantized only where its weight is tuned: --params bias,norm over every layer
+    keeps every Linear in 4 bits (biases and norms are never quantized); v_proj keeps one Linear a layer."""
+    pytest.importorskip("bitsandbytes")
+    from zolite.loading import linear_names, quantizes_nothing
+
+    def kinds(**keep):
+        loaded = load_model(qwen2_64, device="cpu", mode="nf4", **keep)
+        return {name: type(m).__name__ for name, m in loaded.model.model.layers.named_modules()
+                if name.endswith("_proj")}
+
+    every = [0, 1, 2]
+    assert set(kinds(keep_layers=every, keep_params="bias,norm").values()) == {"Linear4bit"}
+    some = kinds(keep_layers=[1], keep_params="v_proj")
+    assert [n for n, k in some.items() if k == "Linear"] == ["1.self_attn.v_proj"]
+    whole = kinds(keep_layers=[1])
+    assert {n for n, k in whole.items() if k == "Linear"} == {n for n in whole if n.startswith("1.")}
+    skeleton = model_skeleton(qwen2_64)
+    assert linear_names(skeleton, every, "bias,norm") == []
+    assert quantizes_nothing(skeleton, every) and not quantizes_nothing(skeleton, every, "bias,norm")
+    assert not quantizes_nothing(skeleton, [1])
+
+
+def test_biases_and_norms_of_every_layer_tune_on_an_nf4_base(qwen2_64, small_data, tmp_path):
+    """BitFit-style ZO in nf4: every layer's biases and norms tuned, every Linear weight quantized. The patch holds
+    only those tensors, and `zolite eval` in nf4 (the patch's Linears quantized as in the run) scores it as the run
+    did."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    report = zolite.tune(qwen2_64, "sst2", layer="all", params="bias,norm", mode="nf4", device="cpu", steps=4,
+                         eval_every=2, batch_size=4, lr=1e-2, data=small_data, run_dir=tmp_path / "run",
+                         progress=False)
+    assert report["config"]["mode"] == "nf4" and report["layers"] == "all"
+    patch = load_file(report["patch"])
+    assert patch and all("bias" in n or "norm" in n for n in patch)
+    assert report["tuned_params"] == sum(t.numel() for t in patch.values())
+    assert all(math.isfinite(x) for x in report["loss_curve"])
+    result = zolite.evaluate(qwen2_64, "sst2", patch=report["patch"], split="val", data=small_data, mode="nf4",
+                             device="cpu")
+    assert result["patched"]["score"] == report["final"]["val"]["score"]
+    with pytest.raises(ZoliteError, match="nothing is left to quantize.*--params bias,norm"):
+        zolite.tune(qwen2_64, "sst2", layer="0,1,2", mode="nf4", device="cpu", steps=2, data=small_data,
+                    run_dir=tmp_path / "all", progress=False)
+
+
+def test_the_plan_quantizes_the_weights_params_leaves_out(llama7b_skeleton):
+    """Every layer's biases and norms: weights as small as all-nf4 (the 7B's 3.9 GiB), so the planner may pick
+    nf4; every layer's weights: nothing left to quantize (fp16 or offload only)."""
+    every = list(range(32))
+    nf4 = estimate(llama7b_skeleton, every, "nf4", 16, 256, torch.float16, params="bias,norm")
+    assert 3.6 < nf4["weights"] < 4.0 and nf4["master_copy"] < 0.01
+    assert plan_memory(llama7b_skeleton, every, 8 * GIB, 16, 256, torch.float16, params="bias,norm").mode == "nf4"
+    with pytest.raises(ZoliteError, match="nothing fits in 8.00 GiB: the smallest plan \\(fp16"):
+        plan_memory(llama7b_skeleton, every, 8 * GIB, 16, 256, torch.float16)   # (offload keeps tuned layers whole)

@@ -73,7 +73,8 @@ def convert_to_dense(path, out, *, model: str | None = None, force: bool = False
         raise ZoliteError(f"{path} is already dense; a dense patch cannot be turned into seeds (tune writes the "
                           "trajectory beside the dense patch)")
     refuse_clobber(out, force)
-    loaded = load_model(model or p.metadata.get("zolite.model"), device=device, dtype=dtype, keep_layers=p.layers)
+    loaded = load_model(model or p.metadata.get("zolite.model"), device=device, dtype=dtype, keep_layers=p.layers,
+                        keep_params=p.params)
     dense = replay(loaded.model, p)
     save_patch(out, dense.tensors, dense.metadata, force=force)
     return p

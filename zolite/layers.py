@@ -23,6 +23,11 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
                       f"supported layouts: {', '.join(LAYER_PATHS)}")
 
 
+def parse_params(params: str | None) -> list[str]:
+    """--params' comma-separated name parts (empty: every tensor of the tuned layers)."""
+    return [w.strip() for w in (params or "").split(",") if w.strip()]
+
+
 def is_every_layer(spec) -> bool:
     """--layer all (any case or spacing)."""
     return isinstance(spec, str) and spec.strip().lower() == "all"

@@ -279,14 +279,25 @@ def model_skeleton(path: Path):
 PATCH_HINT = "; is the patch for another model?"
 
 
-def linear_names(skeleton, layers: list[int]) -> list[str]:
-    """Full names of the Linear modules inside the given decoder layers."""
-    from .layers import check_layer_indices, decoder_layers
+def linear_names(skeleton, layers: list[int], params: str | None = None) -> list[str]:
+    """Full names of the Linear modules inside the given decoder layers; with `params` (--params: parts of tensor
+    names), only those whose weight it selects."""
+    from .layers import check_layer_indices, decoder_layers, parse_params
 
     prefix, decoder = decoder_layers(skeleton)
     check_layer_indices(layers, len(decoder), PATCH_HINT)
+    wanted = parse_params(params)
     return [f"{prefix}.{i}.{name}" for i in layers for name, m in decoder[i].named_modules()
-            if isinstance(m, torch.nn.Linear)]
+            if isinstance(m, torch.nn.Linear) and (not wanted or any(w in f"{name}.weight" for w in wanted))]
+
+
+def quantizes_nothing(skeleton, layers: list[int], params: str | None = None) -> bool:
+    """Whether keeping the Linears that tuning these layers' `params` changes unquantized leaves no decoder Linear
+    to quantize: every layer's weights tuned, as in full-model MeZO."""
+    from .layers import decoder_layers
+
+    every = range(len(decoder_layers(skeleton)[1]))
+    return len(linear_names(skeleton, layers, params)) == len(linear_names(skeleton, list(every)))
 
 
 def check_cpu_memory(skeleton, dtype: torch.dtype) -> None:
@@ -301,13 +312,15 @@ def check_cpu_memory(skeleton, dtype: torch.dtype) -> None:
 
 
 def load_model(spec: str, *, device: str | torch.device | None = None, dtype: str | None = None,
-               mode: str | None = None, keep_layers: list[int] = (), int8_threshold: float = INT8_THRESHOLD
-               ) -> LoadedModel:
+               mode: str | None = None, keep_layers: list[int] = (), keep_params: str | None = None,
+               int8_threshold: float = INT8_THRESHOLD) -> LoadedModel:
     """Load `spec` (profile, folder, .gguf or hub id) frozen, in eval mode, for inference-only use.
 
-    mode: fp16 (no quantization: every weight in `dtype`), int8 / nf4 (bitsandbytes; norms, embeddings, lm_head
-    and `keep_layers` stay in `dtype`), offload (weights in CPU memory, streamed to the GPU by zolite.offload;
-    `keep_layers` stay on the GPU). None: the profile's / nf4 on a GPU, fp16 on the CPU."""
+    mode: fp16 (no quantization: every weight in `dtype`), int8 / nf4 (bitsandbytes; norms, biases, embeddings,
+    lm_head and the Linears of `keep_layers` stay in `dtype`; with `keep_params`, the --params a run tunes or a
+    patch was tuned with, only the Linears whose weight it selects), offload (weights in CPU memory, streamed
+    to the GPU by zolite.offload; `keep_layers` stay on the GPU). None: the profile's / nf4 on a GPU, fp16 on the
+    CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, profile = resolve_model(spec)
@@ -323,7 +336,7 @@ def load_model(spec: str, *, device: str | torch.device | None = None, dtype: st
     if mode in QUANT_MODES:
         # bitsandbytes logs a warning on every int8 matmul of a non-fp16 input (fp32 on the CPU): expected, and noisy
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        keep = linear_names(skeleton, list(keep_layers)) if keep_layers else []
+        keep = linear_names(skeleton, list(keep_layers), keep_params) if keep_layers else []
         extra = {"quantization_config": quantization_config(mode, torch_dtype, keep, int8_threshold),
                  "device_map": {"": device}}
     elif mode == "offload":   # loaded into CPU memory; zolite.offload streams it (see there why not accelerate)

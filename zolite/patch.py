@@ -35,6 +35,11 @@ class Patch:
         return [int(i) for i in self.metadata["zolite.layer"].split(",")]
 
     @property
+    def params(self) -> str | None:
+        """The --params it was tuned with: which of its layers' tensors it holds (None: all of them)."""
+        return self.hparams.get("params")
+
+    @property
     def task(self) -> str | None:
         return self.metadata.get("zolite.task")
 

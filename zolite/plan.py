@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError
-from .layers import decoder_layers
+from .layers import decoder_layers, parse_params
 from .zo import FUSED_MAX_NUMEL
 
 GIB = 2**30
@@ -62,9 +62,12 @@ class Plan:
         return asdict(self)
 
 
-def _sizes(skeleton, layers: list[int]) -> dict:
+def _sizes(skeleton, layers: list[int], params: str | None = None) -> dict:
+    """Parameter counts by how a run holds them: tuned (the layers' tensors --params selects), the frozen Linear
+    weights of the decoder (what nf4 / int8 quantize), the rest."""
     prefix, _ = decoder_layers(skeleton)
     tuned_names = {f"{prefix}.{i}." for i in layers}
+    wanted = parse_params(params)
     sizes = {"linear_frozen": 0, "linear_frozen_rows": 0, "other_frozen": 0, "tuned": 0, "largest_tuned": 0,
              "largest_streamed": 0}
     seen = set()
@@ -74,7 +77,8 @@ def _sizes(skeleton, layers: list[int]) -> dict:
                 continue
             seen.add(id(p))
             full = f"{name}.{attr}"
-            if any(full.startswith(t) for t in tuned_names):
+            layer = next((t for t in tuned_names if full.startswith(t)), None)
+            if layer and (not wanted or any(w in full[len(layer):] for w in wanted)):
                 sizes["tuned"] += p.numel()
                 sizes["largest_tuned"] = max(sizes["largest_tuned"], p.numel())
             elif isinstance(module, torch.nn.Linear) and full.startswith(prefix + ".") and attr == "weight":
@@ -92,16 +96,17 @@ def _sizes(skeleton, layers: list[int]) -> dict:
 
 def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: int, dtype: torch.dtype,
              measured: dict | None = None, estimator: str = "spsa", optimizer: str = "sgd",
-             cuda_graphs: bool | None = False) -> dict:
+             cuda_graphs: bool | None = False, params: str | None = None) -> dict:
     """Estimated peak GPU bytes of a run, by part (GiB). measured: {mode: activation bytes per doubled token}.
     Optimiser state: fp32 buffers per tuned parameter (momentum 1, adam 2) plus one fp32 direction tensor.
     Backprop (`fo`): no doubled batch, but every layer from the first tuned one keeps its activations for the
     backward pass, and the gradients are held in fp32. cuda_graphs: z of every tuned tensor in fp32 buffers, where
     the step is graphed (zolite.graphs: the fused path of small tensors, not offload); None: graphed in mode fp16
-    only (a profile's default: zolite.tune_setup.speed_option)."""
+    only (a profile's default: zolite.tune_setup.speed_option). params: --params (the tuned tensors; the Linear
+    weights it leaves out are quantized with the rest)."""
     cfg = skeleton.config
     b = torch.finfo(dtype).bits // 8
-    s = _sizes(skeleton, layers)
+    s = _sizes(skeleton, layers, params if mode != "offload" else None)   # offload keeps whole layers on the GPU
     if mode == "fp16":
         weights = (s["linear_frozen"] + s["other_frozen"] + s["tuned"]) * b
     elif mode == "int8":   # int8 weights + one fp32 scale per output row
@@ -135,11 +140,12 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
 
 def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_len: int, dtype: torch.dtype,
                 mode: str | None = None, measured: dict | None = None, micro_batch: int | None = None,
-                estimator: str = "spsa", optimizer: str = "sgd", cuda_graphs: bool | None = False) -> Plan:
+                estimator: str = "spsa", optimizer: str = "sgd", cuda_graphs: bool | None = False,
+                params: str | None = None) -> Plan:
     """The fastest mode (or the given one) and the largest micro-batch (or the given one) that fit `budget` bytes."""
     modes = [mode] if mode else list(PLAN_ORDER)
-    if len(layers) == len(decoder_layers(skeleton)[1]) and not mode:
-        modes = ["fp16", "offload"]   # every layer tuned: nothing left to quantize
+    if _sizes(skeleton, layers, params)["linear_frozen"] == 0 and not mode:
+        modes = ["fp16", "offload"]   # every layer's weights tuned: nothing left to quantize
     if estimator == "fo" and not mode:   # backprop keeps every streamed copy for its backward pass: offload saves nothing
         modes = [m for m in modes if m != "offload"]
     divisors = [micro_batch] if micro_batch else [d for d in range(batch_size, 0, -1) if batch_size % d == 0]
@@ -149,7 +155,8 @@ def plan_memory(skeleton, layers: list[int], budget: int, batch_size: int, seq_l
     for least in (batch_size / MAX_FORWARDS, 1):
         for m in modes:
             for mb in (d for d in divisors if d >= least):
-                parts = estimate(skeleton, layers, m, mb, seq_len, dtype, measured, estimator, optimizer, cuda_graphs)
+                parts = estimate(skeleton, layers, m, mb, seq_len, dtype, measured, estimator, optimizer, cuda_graphs,
+                                 params)
                 total = sum(parts.values())
                 if smallest is None or total < smallest[2]:
                     smallest = (m, mb, total)

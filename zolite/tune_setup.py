@@ -18,15 +18,15 @@ import torch
 from .errors import ZoliteError, check_at_least
 from .inputs import read_json
 from .io import check_writable, config_mismatch, refuse_clobber
-from .layers import decoder_layers, format_layers, is_every_layer
-from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, load_model, resolve_device,
-                      model_skeleton, resolve_model)
+from .layers import decoder_layers, format_layers, is_every_layer, parse_params
+from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, load_model, model_skeleton,
+                      quantizes_nothing, resolve_device, resolve_model)
 from .optim import ESTIMATORS, OPTIMIZERS
 from .plan import measured_activations, parse_size, plan_memory
 from .scan import choose_layers, folder_identity, scan
 from .tasks import get_task
 from .trajectory import trajectory_path
-from .zo import EPS_SCALES, parse_params, selected_tensors
+from .zo import EPS_SCALES, selected_tensors
 
 OBJECTIVES = ("ce", "lm", "accuracy", "f1")
 BUILTIN_DEFAULTS = {"lr": "auto", "eps": 1e-3, "batch_size": 16, "steps": 1000, "eval_every": 100, "max_length": 512}
@@ -35,8 +35,9 @@ BUILTIN_DEFAULTS = {"lr": "auto", "eps": 1e-3, "batch_size": 16, "steps": 1000, 
 # fp32 model's, 1e-3 -> 1e-2: nf4 0.77 -> 0.93 (Qwen2.5-Coder-1.5B, bench/results/real_scale_dev/noise_qwen), int8
 # 0.11 -> 0.92 (SmolLM2, bench/results/quant_noise).
 QUANTIZED_EPS = 1e-2
-_EVERY_LAYER_UNQUANTIZED = ("--layers all tunes every layer, so nothing is left to quantize with --mode {mode}; "
-                            "use --mode fp16 or offload")
+_EVERY_LAYER_UNQUANTIZED = ("--layers all tunes every layer's weights, so nothing is left to quantize with --mode "
+                            "{mode}; use --mode fp16 or offload, or tune only the biases and norms (--params "
+                            "bias,norm), which leaves every Linear weight quantized")
 
 
 @dataclass
@@ -146,7 +147,7 @@ def check_options(config: TuneConfig) -> None:
         raise ZoliteError("--objective f1 runs plain MeZO only (spsa, one z, sgd); drop the estimator/optimizer options")
     if config.mode not in (None, *MODES):
         raise ZoliteError(f"unknown mode '{config.mode}'; choose one of {', '.join(MODES)}")
-    if config.mode in QUANT_MODES and is_every_layer(config.layer):
+    if config.mode in QUANT_MODES and is_every_layer(config.layer) and not parse_params(config.params):
         raise ZoliteError(_EVERY_LAYER_UNQUANTIZED.format(mode=config.mode))
     if config.eps_scale == "sparse" and config.weight_decay:
         raise ZoliteError("--weight-decay would also shrink the weights --eps-scale sparse leaves untouched; "
@@ -279,19 +280,20 @@ def load_for_tuning(config: TuneConfig, world_size: int = 1):
                                     lambda: scan(config.model, seeds=0, device=device, dtype=config.dtype,
                                                  mode=config.mode))
     selected_tensors(skeleton, indices, config.params)   # a bad --params fails before the weights load
-    if config.mode in QUANT_MODES and len(indices) == num_layers:   # every layer named one by one
+    if config.mode in QUANT_MODES and quantizes_nothing(skeleton, indices, config.params):   # e.g. every layer named
         raise ZoliteError(_EVERY_LAYER_UNQUANTIZED.format(mode=config.mode))
     mode, plan = plan_for_device(config, device, skeleton, indices, identity, profile, world_size)
-    mode = mode or _default_mode(config, device, profile, every_layer=len(indices) == num_layers)
+    mode = mode or _default_mode(config, device, profile, quantizes_nothing(skeleton, indices, config.params))
+    # the Linears whose weights are tuned stay unquantized; biases and norms are never quantized
     loaded = load_model(config.model, device=device, dtype=config.dtype, mode=mode, keep_layers=indices,
-                        int8_threshold=config.int8_threshold)
+                        keep_params=config.params, int8_threshold=config.int8_threshold)
     return loaded, indices, source, plan
 
 
-def _default_mode(config: TuneConfig, device: torch.device, profile, every_layer: bool) -> str:
-    """The mode of a run not planned otherwise: as given, else fp16 when every layer is tuned (nothing is left to
-    quantize), else the profile's / the device's default."""
-    return config.mode or ("fp16" if every_layer else choose_mode(None, device, profile))
+def _default_mode(config: TuneConfig, device: torch.device, profile, nothing_to_quantize: bool) -> str:
+    """The mode of a run not planned otherwise: as given, else fp16 when every layer's weights are tuned (nothing is
+    left to quantize), else the profile's / the device's default."""
+    return config.mode or ("fp16" if nothing_to_quantize else choose_mode(None, device, profile))
 
 
 def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices, identity, profile,
@@ -323,6 +325,7 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
     def plan_for(mode):
         return plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=mode, measured=measured,
                            micro_batch=micro, estimator=config.estimator, optimizer=config.optimizer,
+                           params=config.params,
                            # the profile's default depends on the mode the plan picks: None = in fp16 only
                            cuda_graphs=config.cuda_graphs if config.cuda_graphs is not None
                            else (None if speed_option(config, "cuda_graphs", defaults, device, "fp16") else False))
@@ -334,7 +337,7 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
         if device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
             cap_gpu_memory(budget, device)
         return plan.mode, plan
-    default = _default_mode(config, device, profile, every_layer=len(indices) == len(decoder_layers(skeleton)[1]))
+    default = _default_mode(config, device, profile, quantizes_nothing(skeleton, indices, config.params))
     free = f"the GPU's free {budget / 2**30:.1f} GiB"
     fallback = config.mode is None and default != "offload" and config.estimator != "fo"
     for mode in [default] + (["offload"] if fallback else []):

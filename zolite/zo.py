@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 
 from .errors import ZoliteError
-from .layers import decoder_layers
+from .layers import decoder_layers, parse_params
 
 _MIX = 0x9E3779B97F4A7C15
 EPS_SCALES = ("absolute", "relative", "activation", "sparse")
@@ -69,11 +69,6 @@ UPDATE_CHUNK = 1 << 22   # elements of a half-precision tensor updated at a time
 # once, W + eps z and W - eps z side by side); a larger one (a 7B's 4096 x 4096 and up) runs once per half, one
 # perturbed weight alive at a time, as the memory plans assume.
 FUSED_MAX_NUMEL = 1 << 24
-
-
-def parse_params(params: str | None) -> list[str]:
-    """--params' comma-separated name parts (empty: every tensor of the tuned layers)."""
-    return [w.strip() for w in (params or "").split(",") if w.strip()]
 
 
 def selected_tensors(model: torch.nn.Module, indices: list[int], params: str | None = None) -> list[tuple]:
