@@ -15,6 +15,7 @@
 #                                               # backprop's other seeds; RTE's layer 27 and eps 1e-3
 #   bash bench/real_scale_dev.sh bitfit-next    # after the fourth part: biases and norms over nf4, BoolQ 3 seeds,
 #                                               # SST-2 and RTE at two lrs (seed 0)
+#   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, three lrs)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
 #                                               # name them: pkill -f would match the call's shell)
@@ -130,6 +131,10 @@ bitfit-next)
       --arms bitfit-nf4,bitfit-nf4-auto --seeds 1 --jobs 2 --data /root/data --out $R/final/$t-candidates --quiet \
       > $R/bitfit-$t.log 2>&1 < /dev/null &
   done ;;
+smollm2-norms)
+  # once SmolLM2 is there: BoolQ on every layer's norms (bench/plans/smollm2_boolq_norms.toml), seed 0, on val
+  setsid nohup zolite ablate --model smollm2-135m --task boolq --plan bench/plans/smollm2_boolq_norms.toml \
+    --seeds 1 --jobs 3 --data /root/data --out $R/smollm2-norms/boolq --quiet > $R/smollm2-norms.log 2>&1 < /dev/null & ;;
 stop)
   pkill -f "zolite ablate"; pkill -f "zolite eval"; pkill -f "multiprocessing.spawn"; sleep 4
   pkill -9 -f "zolite ablate"; pkill -9 -f "zolite eval"; pkill -9 -f "multiprocessing.spawn"; true ;;
