@@ -432,3 +432,15 @@ def test_the_plan_quantizes_the_weights_params_leaves_out(llama7b_skeleton):
     assert plan_memory(llama7b_skeleton, every, 8 * GIB, 16, 256, torch.float16, params="bias,norm").mode == "nf4"
     with pytest.raises(ZoliteError, match="nothing fits in 8.00 GiB: the smallest plan \\(fp16"):
         plan_memory(llama7b_skeleton, every, 8 * GIB, 16, 256, torch.float16)   # (offload keeps tuned layers whole)
+
+
+def test_nf4_biases_take_the_doubled_forward(qwen2_64):
+    """Biases of NF4 Linears and norms, over every layer: one forward of the doubled batch (the 4-bit Linears
+    whose bias is tuned run once per half) gives the per-half path's l+ and l-."""
+    pytest.importorskip("bitsandbytes")
+    from test_step_fast import _batch, assert_fused_equals_per_half
+
+    loaded = load_model(qwen2_64, device="cpu", mode="nf4", keep_layers=[0, 1, 2], keep_params="bias,norm")
+    tuned = TunedLayers(loaded.model, [0, 1, 2], params="bias,norm")
+    assert {type(m).__name__ for m, _ in tuned.owner} == {"Linear4bit", "Qwen2RMSNorm"}
+    assert_fused_equals_per_half(loaded.model, tuned, _batch(loaded, "boolq"))
