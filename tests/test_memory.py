@@ -444,3 +444,13 @@ def test_nf4_biases_take_the_doubled_forward(qwen2_64):
     tuned = TunedLayers(loaded.model, [0, 1, 2], params="bias,norm")
     assert {type(m).__name__ for m, _ in tuned.owner} == {"Linear4bit", "Qwen2RMSNorm"}
     assert_fused_equals_per_half(loaded.model, tuned, _batch(loaded, "boolq"))
+
+
+def test_backprop_through_cpu_nf4_biases_is_refused_up_front(qwen2_64, small_data, tmp_path):
+    """bitsandbytes' CPU 4-bit matmul adds biases in place once it has scored val, which autograd refuses: one line,
+    before the model loads, instead of a traceback at the first step."""
+    pytest.importorskip("bitsandbytes")
+    assert_user_error(run_cli("tune", "--model", qwen2_64, "--task", "sst2", "--layers", "all", "--params", "bias,norm",
+                              "--mode", "nf4", "--estimator", "fo", "--device", "cpu", "--data", small_data,
+                              "--run-dir", tmp_path / "r", *QUICK), "bitsandbytes' CPU kernel", "--mode fp16")
+    assert not (tmp_path / "r" / "checkpoint.safetensors").exists()

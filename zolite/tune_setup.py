@@ -19,8 +19,8 @@ from .errors import ZoliteError, check_at_least
 from .inputs import read_json
 from .io import check_writable, config_mismatch, refuse_clobber
 from .layers import decoder_layers, format_layers, is_every_layer, parse_params
-from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, load_model, model_skeleton,
-                      quantizes_nothing, resolve_device, resolve_model)
+from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, linear_names, load_model,
+                      model_skeleton, quantizes_nothing, resolve_device, resolve_model)
 from .optim import ESTIMATORS, OPTIMIZERS
 from .plan import measured_activations, parse_size, plan_memory
 from .scan import choose_layers, folder_identity, scan
@@ -284,10 +284,24 @@ def load_for_tuning(config: TuneConfig, world_size: int = 1):
         raise ZoliteError(_EVERY_LAYER_UNQUANTIZED.format(mode=config.mode))
     mode, plan = plan_for_device(config, device, skeleton, indices, identity, profile, world_size)
     mode = mode or _default_mode(config, device, profile, quantizes_nothing(skeleton, indices, config.params))
+    _check_backprop_on_cpu_nf4(config, mode, device, skeleton, indices)
     # the Linears whose weights are tuned stay unquantized; biases and norms are never quantized
     loaded = load_model(config.model, device=device, dtype=config.dtype, mode=mode, keep_layers=indices,
                         keep_params=config.params, int8_threshold=config.int8_threshold)
     return loaded, indices, source, plan
+
+
+def _check_backprop_on_cpu_nf4(config: TuneConfig, mode: str, device: torch.device, skeleton, indices) -> None:
+    """bitsandbytes' CPU 4-bit matmul adds a Linear's bias in place once it has run for inference (val scoring),
+    which autograd refuses where backprop passes through it: refused up front, not with a traceback mid-run."""
+    if config.estimator != "fo" or mode != "nf4" or device.type != "cpu":
+        return
+    prefix, decoder = decoder_layers(skeleton)
+    kept = set(linear_names(skeleton, indices, config.params))
+    if any(isinstance(m, torch.nn.Linear) and m.bias is not None and f"{prefix}.{i}.{name}" not in kept
+           for i in range(min(indices), len(decoder)) for name, m in decoder[i].named_modules()):
+        raise ZoliteError("--estimator fo backpropagates through 4-bit Linears with biases, which bitsandbytes' CPU "
+                          "kernel cannot; use --mode fp16 on the CPU, or a GPU")
 
 
 def _default_mode(config: TuneConfig, device: torch.device, profile, nothing_to_quantize: bool) -> str:
