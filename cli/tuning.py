@@ -189,7 +189,7 @@ def apply(patches, model, prompt, chat, max_new_tokens, eval_task, input_file, r
                                            device=device, dtype=dtype))
     task = get_task(p.task, need_data=False, **p.task_options()) if input_file is not None else None
     # the patched tensors' Linears unquantized
-    loaded = zolite.load_model(model, device=device, dtype=dtype, keep_layers=p.layers, keep_params=p.params)
+    loaded = zolite.load_model(model, device=device, dtype=dtype, keep_layers=p.layers, keep_params=p.unquantized_params)
     zolite.apply_patch(loaded.model, p)
     if prompt is not None:
         click.echo(zolite.generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat))

@@ -400,6 +400,51 @@ def test_quantized_modes_keep_only_the_tuned_weights_linears(qwen2_64):
     assert not quantizes_nothing(skeleton, [1])
 
 
+@pytest.fixture(scope="module")
+def nf4_patches(qwen2_64, small_data, tmp_path_factory) -> dict:
+    """Two nf4 patches of the tiny Qwen2: every layer's biases and norms, and layer 1's v_proj."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path_factory.mktemp("nf4-patches")
+    common = dict(mode="nf4", device="cpu", steps=2, eval_every=0, batch_size=4, lr=1e-2, data=small_data,
+                  progress=False)
+    return {"bitfit": zolite.tune(qwen2_64, "sst2", layer="all", params="bias,norm", run_dir=out / "a", **common),
+            "v": zolite.tune(qwen2_64, "sst2", layer="1", params="v_proj", run_dir=out / "b", **common)}
+
+
+def test_served_patches_keep_the_linears_they_change(qwen2_64, nf4_patches):
+    """Several patches on one quantized base: the Linears any of them changes stay unquantized (the union of their
+    layers and --params), so each attaches; biases-and-norms patches alone leave every Linear in 4 bits."""
+    from zolite.swap import load_with_patches
+
+    def unquantized(names):
+        loaded, patches = load_with_patches(None, {n: nf4_patches[n]["patch"] for n in names}, mode="nf4",
+                                            device="cpu")
+        return {n for n, m in loaded.model.model.layers.named_modules() if type(m) is torch.nn.Linear}
+
+    assert unquantized(["bitfit"]) == set()
+    assert "1.self_attn.v_proj" in unquantized(["bitfit", "v"])
+
+
+def test_older_runs_and_patches_keep_their_layers_whole():
+    """Before 2026-12-06 a quantized --params run kept every Linear of its layers unquantized: its config resumes,
+    and its patch applies, over that base; runs without --params, or unquantized, are unaffected."""
+    from zolite.patch import Patch
+    from zolite.tune_setup import TuneConfig, unquantized_params, with_new_options
+
+    old = {"params": "v_proj", "mode": "nf4"}
+    assert with_new_options(old)["keep_whole_layers"] is True
+    assert unquantized_params(TuneConfig(**with_new_options(old))) is None
+    assert not with_new_options({"params": "v_proj", "mode": "fp16"})["keep_whole_layers"]
+    assert not with_new_options({"mode": "nf4"})["keep_whole_layers"]
+    assert unquantized_params(TuneConfig(params="v_proj", mode="nf4")) == "v_proj"
+
+    def patch(hparams):
+        return Patch({}, {"zolite.hparams": json.dumps(hparams)})
+
+    assert patch(old).unquantized_params is None
+    assert patch({**old, "keep_whole_layers": False}).unquantized_params == "v_proj"
+
+
 def test_biases_and_norms_of_every_layer_tune_on_an_nf4_base(qwen2_64, small_data, tmp_path):
     """BitFit-style ZO in nf4: every layer's biases and norms tuned, every Linear weight quantized. The patch holds
     only those tensors, and `zolite eval` in nf4 (the patch's Linears quantized as in the run) scores it as the run
@@ -418,7 +463,7 @@ def test_biases_and_norms_of_every_layer_tune_on_an_nf4_base(qwen2_64, small_dat
     result = zolite.evaluate(qwen2_64, "sst2", patch=report["patch"], split="val", data=small_data, mode="nf4",
                              device="cpu")
     assert result["patched"]["score"] == report["final"]["val"]["score"]
-    with pytest.raises(ZoliteError, match="nothing is left to quantize.*--params bias,norm"):
+    with pytest.raises(ZoliteError, match="nothing is left to quantize.*--params norm"):
         zolite.tune(qwen2_64, "sst2", layer="0,1,2", mode="nf4", device="cpu", steps=2, data=small_data,
                     run_dir=tmp_path / "all", progress=False)
 

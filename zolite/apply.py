@@ -74,7 +74,7 @@ def convert_to_dense(path, out, *, model: str | None = None, force: bool = False
                           "trajectory beside the dense patch)")
     refuse_clobber(out, force)
     loaded = load_model(model or p.metadata.get("zolite.model"), device=device, dtype=dtype, keep_layers=p.layers,
-                        keep_params=p.params)
+                        keep_params=p.unquantized_params)
     dense = replay(loaded.model, p)
     save_patch(out, dense.tensors, dense.metadata, force=force)
     return p

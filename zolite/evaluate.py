@@ -180,7 +180,7 @@ def evaluate(model: str = "smollm2-135m", task: str = "sst2", *, patch=None, spl
         raise ZoliteError(f"{patch} was tuned on the train split of --data-seed {trained_seed}: with --data-seed "
                           f"{data_seed} its {split} rows include rows it was trained on; drop --data-seed")
     loaded = load_model(model, device=device, dtype=dtype, mode=mode, keep_layers=patch_.layers if patch_ else (),
-                        keep_params=patch_.params if patch_ else None)
+                        keep_params=patch_.unquantized_params if patch_ else None)
     splits = sample_splits(task_data(task_, data), seed=data_seed, validate=task_.validate,
                            expand=task_.expand)
     rows = getattr(splits, split)[:limit]

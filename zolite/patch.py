@@ -19,6 +19,8 @@ from safetensors.torch import save
 
 from .version import __version__
 from .errors import ZoliteError
+from .layers import parse_params
+from .loading import QUANT_MODES
 from .io import atomic_path, refuse_clobber
 
 FORMAT = "zolite-patch/1"
@@ -35,9 +37,10 @@ class Patch:
         return [int(i) for i in self.metadata["zolite.layer"].split(",")]
 
     @property
-    def params(self) -> str | None:
-        """The --params it was tuned with: which of its layers' tensors it holds (None: all of them)."""
-        return self.hparams.get("params")
+    def unquantized_params(self) -> str | None:
+        """The --params whose Linears stay unquantized when the patch goes onto a quantized base, as in its run (None:
+        every Linear of its layers)."""
+        return None if whole_layers_kept(self.hparams) else self.hparams.get("params")
 
     @property
     def task(self) -> str | None:
@@ -57,6 +60,14 @@ class Patch:
                     "label_field": spec["label_field"], "answer_field": spec["answer_field"]}
         hparams = self.hparams
         return {k: hparams.get(k) for k in ("template", "candidates", "label_field", "answer_field")}
+
+
+def whole_layers_kept(hparams: dict) -> bool:
+    """Whether a run (its config, or a patch's hparams) kept every Linear of its layers unquantized: as recorded, else
+    (zolite before 2026-12-06) where --params chose a subset of a quantized run's layers."""
+    if "keep_whole_layers" in hparams:
+        return bool(hparams["keep_whole_layers"])
+    return bool(parse_params(hparams.get("params"))) and hparams.get("mode") in QUANT_MODES
 
 
 def fingerprint(tensors: dict[str, torch.Tensor], *, as_stored: bool = False) -> str:

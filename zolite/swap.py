@@ -222,8 +222,9 @@ def load_with_patches(model: str | None, patches: dict[str, str], *, where: str 
     read = {name: load_patch(path) for name, path in patches.items()}
     model = model or next(iter(read.values())).metadata.get("zolite.model")
     layers = sorted({i for p in read.values() for i in p.layers})
-    params = [p.params for p in read.values()]   # the Linears any patch changes stay unquantized
-    loaded = load_model(model, keep_layers=layers, keep_params=None if None in params else ",".join(params),
+    # the Linears any patch changes stay unquantized: the union of the patches' layers and of their --params
+    params = [p.unquantized_params for p in read.values()]
+    loaded = load_model(model, keep_layers=layers, keep_params=",".join(params) if all(params) else None,
                         **load_options)
     patch_set = PatchSet(loaded.model)
     for name, patch in read.items():

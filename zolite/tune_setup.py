@@ -22,6 +22,7 @@ from .layers import decoder_layers, format_layers, is_every_layer, parse_params
 from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, linear_names, load_model,
                       model_skeleton, quantizes_nothing, resolve_device, resolve_model)
 from .optim import ESTIMATORS, OPTIMIZERS
+from .patch import whole_layers_kept
 from .plan import measured_activations, parse_size, plan_memory
 from .scan import choose_layers, folder_identity, scan
 from .tasks import get_task
@@ -36,8 +37,8 @@ BUILTIN_DEFAULTS = {"lr": "auto", "eps": 1e-3, "batch_size": 16, "steps": 1000, 
 # 0.11 -> 0.92 (SmolLM2, bench/results/quant_noise).
 QUANTIZED_EPS = 1e-2
 _EVERY_LAYER_UNQUANTIZED = ("--layers all tunes every layer's weights, so nothing is left to quantize with --mode "
-                            "{mode}; use --mode fp16 or offload, or tune only the biases and norms (--params "
-                            "bias,norm), which leaves every Linear weight quantized")
+                            "{mode}; use --mode fp16 or offload, or tune only the norms and biases (--params norm, "
+                            "or norm,bias where the model has biases), which leaves every Linear weight quantized")
 
 
 @dataclass
@@ -75,6 +76,9 @@ class TuneConfig:
     guard: bool = True                # halve the step when the training loss turns up (ZO with sgd / momentum)
                                       # and, in plain MeZO, go back to the lowest loss's weights
     params: str | None = None         # "v_proj,down_proj": only the tuned layers' tensors whose name holds one
+    keep_whole_layers: bool = False   # nf4 / int8 with params: every Linear of the tuned layers unquantized, not
+                                      # only those whose weight params selects (how zolite ran before 2026-12-06;
+                                      # such runs resume so: with_new_options)
     eps_scale: str = "absolute"       # absolute: W + eps z; relative: tensor i gets eps * RMS(base W_i) * z;
                                       # activation: column j of a matrix gets eps * s_j * z (zolite.precondition);
                                       # sparse: z only on each tensor's smallest quarter of base weights
@@ -112,7 +116,8 @@ def speed_option(config: TuneConfig, name: str, defaults: dict, device: torch.de
 def with_new_options(saved: dict) -> dict:
     """A run folder's config.json with the options added to zolite since that run started, as that run ran, so it
     still resumes and compares."""
-    return {**ADDED_OPTIONS, **saved}
+    return {**ADDED_OPTIONS, "keep_whole_layers": whole_layers_kept(saved), **saved}
+
 
 
 def check_options(config: TuneConfig) -> None:
@@ -280,15 +285,21 @@ def load_for_tuning(config: TuneConfig, world_size: int = 1):
                                     lambda: scan(config.model, seeds=0, device=device, dtype=config.dtype,
                                                  mode=config.mode))
     selected_tensors(skeleton, indices, config.params)   # a bad --params fails before the weights load
-    if config.mode in QUANT_MODES and quantizes_nothing(skeleton, indices, config.params):   # e.g. every layer named
+    kept = unquantized_params(config)
+    if config.mode in QUANT_MODES and quantizes_nothing(skeleton, indices, kept):   # e.g. every layer named
         raise ZoliteError(_EVERY_LAYER_UNQUANTIZED.format(mode=config.mode))
     mode, plan = plan_for_device(config, device, skeleton, indices, identity, profile, world_size)
-    mode = mode or _default_mode(config, device, profile, quantizes_nothing(skeleton, indices, config.params))
+    mode = mode or _default_mode(config, device, profile, quantizes_nothing(skeleton, indices, kept))
     _check_backprop_on_cpu_nf4(config, mode, device, skeleton, indices)
     # the Linears whose weights are tuned stay unquantized; biases and norms are never quantized
     loaded = load_model(config.model, device=device, dtype=config.dtype, mode=mode, keep_layers=indices,
-                        keep_params=config.params, int8_threshold=config.int8_threshold)
+                        keep_params=kept, int8_threshold=config.int8_threshold)
     return loaded, indices, source, plan
+
+
+def unquantized_params(config: TuneConfig) -> str | None:
+    """The --params whose Linears a quantized mode leaves unquantized (None: every Linear of the tuned layers)."""
+    return None if config.keep_whole_layers else config.params
 
 
 def _check_backprop_on_cpu_nf4(config: TuneConfig, mode: str, device: torch.device, skeleton, indices) -> None:
@@ -297,7 +308,7 @@ def _check_backprop_on_cpu_nf4(config: TuneConfig, mode: str, device: torch.devi
     if config.estimator != "fo" or mode != "nf4" or device.type != "cpu":
         return
     prefix, decoder = decoder_layers(skeleton)
-    kept = set(linear_names(skeleton, indices, config.params))
+    kept = set(linear_names(skeleton, indices, unquantized_params(config)))
     if any(isinstance(m, torch.nn.Linear) and m.bias is not None and f"{prefix}.{i}.{name}" not in kept
            for i in range(min(indices), len(decoder)) for name, m in decoder[i].named_modules()):
         raise ZoliteError("--estimator fo backpropagates through 4-bit Linears with biases, which bitsandbytes' CPU "
@@ -339,7 +350,7 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
     def plan_for(mode):
         return plan_memory(skeleton, indices, budget, batch, seq_len, dtype, mode=mode, measured=measured,
                            micro_batch=micro, estimator=config.estimator, optimizer=config.optimizer,
-                           params=config.params,
+                           params=unquantized_params(config),
                            # the profile's default depends on the mode the plan picks: None = in fp16 only
                            cuda_graphs=config.cuda_graphs if config.cuda_graphs is not None
                            else (None if speed_option(config, "cuda_graphs", defaults, device, "fp16") else False))

@@ -425,10 +425,11 @@ def _restore_forwards(saved: list) -> None:
 
 
 def _row_wise(module) -> bool:
-    """A module whose input's first dimension is the batch's rows, run as is on half of them: a plain Linear, an NF4
-    one (its bias tuned over a 4-bit base: each row's output is its own) or a norm. Not other subclasses: LLM.int8
-    picks its outlier columns over all the rows, and expert linears route them."""
-    return type(module) is torch.nn.Linear or type(module).__name__ == "Linear4bit" or "Norm" in type(module).__name__
+    """A module whose input's first dimension is the batch's rows, run as is on half of them: a plain Linear, a
+    bitsandbytes one (its bias tuned over a quantized weight) or a norm. Not other subclasses: expert linears route
+    rows elsewhere."""
+    return (type(module) is torch.nn.Linear or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+            or "Norm" in type(module).__name__)
 
 
 def _doubled_forward(forward, state):
