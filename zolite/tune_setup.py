@@ -119,7 +119,6 @@ def with_new_options(saved: dict) -> dict:
     return {**ADDED_OPTIONS, "keep_whole_layers": whole_layers_kept(saved), **saved}
 
 
-
 def check_options(config: TuneConfig) -> None:
     """Numbers and choices the user gave, checked before anything is loaded (None = the profile's default)."""
     minimum = {"steps": 0, "batch_size": 1, "max_length": 2, "eval_every": 0, "lr": 0.0, "weight_decay": 0.0,
@@ -285,15 +284,14 @@ def load_for_tuning(config: TuneConfig, world_size: int = 1):
                                     lambda: scan(config.model, seeds=0, device=device, dtype=config.dtype,
                                                  mode=config.mode))
     selected_tensors(skeleton, indices, config.params)   # a bad --params fails before the weights load
-    kept = unquantized_params(config)
-    if config.mode in QUANT_MODES and quantizes_nothing(skeleton, indices, kept):   # e.g. every layer named
-        raise ZoliteError(_EVERY_LAYER_UNQUANTIZED.format(mode=config.mode))
+    if config.mode in QUANT_MODES and quantizes_nothing(skeleton, indices, unquantized_params(config)):
+        raise ZoliteError(_EVERY_LAYER_UNQUANTIZED.format(mode=config.mode))   # e.g. every layer named
     mode, plan = plan_for_device(config, device, skeleton, indices, identity, profile, world_size)
-    mode = mode or _default_mode(config, device, profile, quantizes_nothing(skeleton, indices, kept))
+    mode = mode or _default_mode(config, device, profile, skeleton, indices)
     _check_backprop_on_cpu_nf4(config, mode, device, skeleton, indices)
     # the Linears whose weights are tuned stay unquantized; biases and norms are never quantized
     loaded = load_model(config.model, device=device, dtype=config.dtype, mode=mode, keep_layers=indices,
-                        keep_params=kept, int8_threshold=config.int8_threshold)
+                        keep_params=unquantized_params(config), int8_threshold=config.int8_threshold)
     return loaded, indices, source, plan
 
 
@@ -315,10 +313,13 @@ def _check_backprop_on_cpu_nf4(config: TuneConfig, mode: str, device: torch.devi
                           "kernel cannot; use --mode fp16 on the CPU, or a GPU")
 
 
-def _default_mode(config: TuneConfig, device: torch.device, profile, nothing_to_quantize: bool) -> str:
+def _default_mode(config: TuneConfig, device: torch.device, profile, skeleton, indices) -> str:
     """The mode of a run not planned otherwise: as given, else fp16 when every layer's weights are tuned (nothing is
     left to quantize), else the profile's / the device's default."""
-    return config.mode or ("fp16" if nothing_to_quantize else choose_mode(None, device, profile))
+    if config.mode:
+        return config.mode
+    nothing_to_quantize = quantizes_nothing(skeleton, indices, unquantized_params(config))
+    return "fp16" if nothing_to_quantize else choose_mode(None, device, profile)
 
 
 def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices, identity, profile,
@@ -362,7 +363,7 @@ def plan_for_device(config: TuneConfig, device: torch.device, skeleton, indices,
         if device.type == "cuda":   # hold the run to its budget: an underestimate fails here, not elsewhere
             cap_gpu_memory(budget, device)
         return plan.mode, plan
-    default = _default_mode(config, device, profile, quantizes_nothing(skeleton, indices, config.params))
+    default = _default_mode(config, device, profile, skeleton, indices)
     free = f"the GPU's free {budget / 2**30:.1f} GiB"
     fallback = config.mode is None and default != "offload" and config.estimator != "fo"
     for mode in [default] + (["offload"] if fallback else []):
