@@ -24,6 +24,9 @@
 set -u
 R=/root/res
 mkdir -p $R
+qwen_once() {   # join (SHA-256) and convert Qwen's GGUF once, before runs start side by side (each would, racing)
+  python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
+}
 case $1 in
 smollm2)
   for t in sst2 boolq; do
@@ -46,8 +49,7 @@ smollm2-boolq)
   setsid nohup zolite ablate --model smollm2-135m --task boolq --plan bench/plans/smollm2_boolq.toml --seeds 1 \
     --steps 1000 --jobs 4 --data /root/data --out $R/smollm2-r3/boolq --quiet > $R/smollm2-r3-boolq.log 2>&1 < /dev/null & ;;
 qwen-round3)
-  # join (SHA-256) and convert the GGUF once, before the runs start side by side (each would do it, racing)
-  python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
+  qwen_once
   for t in sst2 boolq rte; do
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_round3.toml --seeds 1 \
       --steps 2000 --jobs 6 --data /root/data --out $R/qwen3/$t --quiet > $R/qwen3-$t.log 2>&1 < /dev/null &
@@ -60,7 +62,7 @@ final|final-recipe)
   # costs ~5x a step); beside them, zero-shot on test (nf4: every layer quantized, as a user's plain nf4 model; the
   # runs keep their layer in fp16)
   verb=$1; shift
-  python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
+  qwen_once
   tasks=${*:-sst2 rte}
   mkdir -p $R/final
   # zero-shot: tried again every 30 s while the GPU is full (RTE's fp16 scoring ran out of memory beside 16 runs)
@@ -103,7 +105,7 @@ final-short)
 boolq-candidates)
   # BoolQ's fewer-weights candidates and eps 1e-3, seed 0, judged on val: all five runs side by side (JOBS=5) when
   # they have the GPU to themselves, 3 at a time beside other runs
-  python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
+  qwen_once
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
     --arms vod,bitfit,bitfit-lr,eps1e-3 --seeds 1 --jobs ${JOBS:-3} --data /root/data \
     --out $R/final/boolq-candidates --quiet > $R/boolq-next-candidates.log 2>&1 < /dev/null & ;;
@@ -122,7 +124,7 @@ boolq-next)
 bitfit-next)
   # after the fourth part: every layer's biases and norms over an nf4 base, BoolQ's 3 seeds at lr 1e-3 (chosen on
   # val in the fourth part: the target's evidence), and SST-2 and RTE at lr 1e-3 and the probed lr (seed 0, val)
-  python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
+  qwen_once
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
     --arms bitfit-nf4 --seeds 3 --jobs 3 --data /root/data --out $R/final/boolq-candidates --quiet \
     > $R/bitfit-boolq.log 2>&1 < /dev/null &
