@@ -13,8 +13,8 @@
 #   JOBS=5 bash bench/real_scale_dev.sh boolq-candidates   # BoolQ's fewer-weights candidates only (seed 0, val)
 #   bash bench/real_scale_dev.sh boolq-next     # after the third part: BoolQ's fewer-weights candidates, plain MeZO,
 #                                               # backprop's other seeds; RTE's layer 27 and eps 1e-3
-#   bash bench/real_scale_dev.sh bitfit-next    # after the fourth part: biases and norms over nf4, BoolQ 3 seeds,
-#                                               # SST-2 and RTE at two lrs (seed 0)
+#   bash bench/real_scale_dev.sh bitfit-next    # after the fourth part: biases and norms over nf4, BoolQ 3 seeds
+#                                               # and plain MeZO on them, SST-2 and RTE at lr 1e-3 (seed 0)
 #   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, three lrs)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
@@ -123,14 +123,16 @@ boolq-next)
     > $R/rte-next.log 2>&1 < /dev/null & ;;
 bitfit-next)
   # after the fourth part: every layer's biases and norms over an nf4 base, BoolQ's 3 seeds at lr 1e-3 (chosen on
-  # val in the fourth part: the target's evidence), and SST-2 and RTE at lr 1e-3 and the probed lr (seed 0, val)
+  # val in the fourth part: the target's evidence) beside its plain-MeZO reference (eps 1e-3, no guard; its seeds 1-2
+  # start as the others end), and SST-2 and RTE at lr 1e-3 (seed 0, val). The probed lr is left out: on these
+  # weights its curvature was noise and its fallback lost on BoolQ (part 4)
   qwen_once
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
-    --arms bitfit-nf4 --seeds 3 --jobs 3 --data /root/data --out $R/final/boolq-candidates --quiet \
+    --arms bitfit-nf4,bitfit-nf4-mezo --seeds 3 --jobs 4 --data /root/data --out $R/final/boolq-candidates --quiet \
     > $R/bitfit-boolq.log 2>&1 < /dev/null &
   for t in sst2 rte; do
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_candidates.toml \
-      --arms bitfit-nf4,bitfit-nf4-auto --seeds 1 --jobs 2 --data /root/data --out $R/final/$t-candidates --quiet \
+      --arms bitfit-nf4 --seeds 1 --jobs 1 --data /root/data --out $R/final/$t-candidates --quiet \
       > $R/bitfit-$t.log 2>&1 < /dev/null &
   done ;;
 smollm2-norms)
