@@ -13,6 +13,7 @@
 #   JOBS=5 bash bench/real_scale_dev.sh boolq-candidates   # BoolQ's fewer-weights candidates only (seed 0, val)
 #   bash bench/real_scale_dev.sh boolq-next     # after the third part: BoolQ's fewer-weights candidates, plain MeZO,
 #                                               # backprop's other seeds; RTE's layer 27 and eps 1e-3
+#   bash bench/real_scale_dev.sh bitfit-boolq   # after the fourth part: biases and norms over nf4, BoolQ 3 seeds alone
 #   bash bench/real_scale_dev.sh bitfit-next    # after the fourth part: biases and norms over nf4, BoolQ 3 seeds
 #                                               # and plain MeZO on them, SST-2 and RTE at lr 1e-3 (seed 0)
 #   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, three lrs)
@@ -121,15 +122,18 @@ boolq-next)
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task rte --plan bench/plans/real_scale_candidates.toml \
     --arms layer27,eps1e-3 --seeds 3 --jobs 3 --data /root/data --out $R/final/rte-candidates --quiet \
     > $R/rte-next.log 2>&1 < /dev/null & ;;
-bitfit-next)
+bitfit-boolq)
   # after the fourth part: every layer's biases and norms over an nf4 base, BoolQ's 3 seeds at lr 1e-3 (chosen on
-  # val in the fourth part: the target's evidence) beside its plain-MeZO reference (eps 1e-3, no guard; its seeds 1-2
-  # start as the others end), and SST-2 and RTE at lr 1e-3 (seed 0, val). The probed lr is left out: on these
-  # weights its curvature was noise and its fallback lost on BoolQ (part 4)
+  # val in the fourth part: the target's evidence), alone (a short lease)
   qwen_once
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
-    --arms bitfit-nf4,bitfit-nf4-mezo --seeds 3 --jobs 4 --data /root/data --out $R/final/boolq-candidates --quiet \
-    > $R/bitfit-boolq.log 2>&1 < /dev/null &
+    --arms ${ARMS:-bitfit-nf4} --seeds 3 --jobs ${JOBS:-3} --data /root/data --out $R/final/boolq-candidates --quiet \
+    > $R/bitfit-boolq.log 2>&1 < /dev/null & ;;
+bitfit-next)
+  # the same beside its plain-MeZO reference (eps 1e-3, no guard; its seeds 1-2 start as the others end), and SST-2
+  # and RTE at lr 1e-3 (seed 0, val). The probed lr is left out: on these weights its curvature was noise and its
+  # fallback lost on BoolQ (part 4)
+  ARMS=bitfit-nf4,bitfit-nf4-mezo JOBS=4 bash "$0" bitfit-boolq
   for t in sst2 rte; do
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_candidates.toml \
       --arms bitfit-nf4 --seeds 1 --jobs 1 --data /root/data --out $R/final/$t-candidates --quiet \
