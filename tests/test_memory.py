@@ -499,3 +499,25 @@ def test_backprop_through_cpu_nf4_biases_is_refused_up_front(qwen2_64, small_dat
                               "--mode", "nf4", "--estimator", "fo", "--device", "cpu", "--data", small_data,
                               "--run-dir", tmp_path / "r", *QUICK), "bitsandbytes' CPU kernel", "--mode fp16")
     assert not (tmp_path / "r" / "checkpoint.safetensors").exists()
+
+
+def test_gpt2_conv1d_is_quantized_and_kept_like_a_linear(tmp_path):
+    """GPT-2's decoder holds Conv1D (a transposed Linear), which bitsandbytes quantizes as it does a Linear: the tuned
+    layer's stay unquantized, and the planner counts the others as quantized weights."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from zolite.loading import linear_names, quantizes_nothing
+    from zolite.plan import _sizes
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
+        tmp_path / "g")
+    skeleton = model_skeleton(str(tmp_path / "g"))
+    assert linear_names(skeleton, [1]) == [f"transformer.h.1.{n}" for n in
+                                           ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert quantizes_nothing(skeleton, [0, 1]) and not quantizes_nothing(skeleton, [1])
+    assert _sizes(skeleton, [1])["linear_frozen"] == 12 * 64 * 64   # layer 0's four weight matrices
+    loaded = load_model(str(tmp_path / "g"), device="cpu", mode="nf4", keep_layers=[1])
+    kinds = {n: type(m).__name__ for n, m in loaded.model.transformer.h.named_modules() if ".c_" in n}
+    assert kinds == {**{f"0.{n}": "Linear4bit" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")},
+                     **{f"1.{n}": "Conv1D" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}}

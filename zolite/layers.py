@@ -23,6 +23,13 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
                       f"supported layouts: {', '.join(LAYER_PATHS)}")
 
 
+def is_weight_matrix(module: torch.nn.Module) -> bool:
+    """A Linear, or GPT-2's Conv1D (a Linear with its weight transposed): the modules bitsandbytes quantizes."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
 def parse_params(params: str | None) -> list[str]:
     """--params' comma-separated name parts (empty: every tensor of the tuned layers)."""
     return [w.strip() for w in (params or "").split(",") if w.strip()]

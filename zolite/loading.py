@@ -280,15 +280,15 @@ PATCH_HINT = "; is the patch for another model?"
 
 
 def linear_names(skeleton, layers: list[int], params: str | None = None) -> list[str]:
-    """Full names of the Linear modules inside the given decoder layers; with `params` (--params: parts of tensor
+    """Full names of the Linear (and Conv1D) modules inside the given decoder layers; with `params` (--params: parts of tensor
     names), only those whose weight it selects."""
-    from .layers import check_layer_indices, decoder_layers, parse_params
+    from .layers import check_layer_indices, decoder_layers, is_weight_matrix, parse_params
 
     prefix, decoder = decoder_layers(skeleton)
     check_layer_indices(layers, len(decoder), PATCH_HINT)
     wanted = parse_params(params)
     return [f"{prefix}.{i}.{name}" for i in layers for name, m in decoder[i].named_modules()
-            if isinstance(m, torch.nn.Linear) and (not wanted or any(w in f"{name}.weight" for w in wanted))]
+            if is_weight_matrix(m) and (not wanted or any(w in f"{name}.weight" for w in wanted))]
 
 
 def quantizes_nothing(skeleton, layers: list[int], params: str | None = None) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import ZoliteError
-from .layers import decoder_layers, parse_params
+from .layers import decoder_layers, is_weight_matrix, parse_params
 from .zo import FUSED_MAX_NUMEL
 
 GIB = 2**30
@@ -81,7 +81,7 @@ def _sizes(skeleton, layers: list[int], params: str | None = None) -> dict:
             if layer and (not wanted or any(w in full[len(layer):] for w in wanted)):
                 sizes["tuned"] += p.numel()
                 sizes["largest_tuned"] = max(sizes["largest_tuned"], p.numel())
-            elif isinstance(module, torch.nn.Linear) and full.startswith(prefix + ".") and attr == "weight":
+            elif is_weight_matrix(module) and full.startswith(prefix + ".") and attr == "weight":
                 sizes["linear_frozen"] += p.numel()
                 sizes["linear_frozen_rows"] += p.shape[0]
                 sizes["largest_streamed"] = max(sizes["largest_streamed"], p.numel())

@@ -18,7 +18,7 @@ import torch
 from .errors import ZoliteError, check_at_least
 from .inputs import read_json
 from .io import check_writable, config_mismatch, refuse_clobber
-from .layers import decoder_layers, format_layers, is_every_layer, parse_params
+from .layers import decoder_layers, format_layers, is_every_layer, is_weight_matrix, parse_params
 from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, linear_names, load_model,
                       model_skeleton, quantizes_nothing, resolve_device, resolve_model)
 from .optim import ESTIMATORS, OPTIMIZERS
@@ -307,7 +307,7 @@ def _check_backprop_on_cpu_nf4(config: TuneConfig, mode: str, device: torch.devi
         return
     prefix, decoder = decoder_layers(skeleton)
     kept = set(linear_names(skeleton, indices, unquantized_params(config)))
-    if any(isinstance(m, torch.nn.Linear) and m.bias is not None and f"{prefix}.{i}.{name}" not in kept
+    if any(is_weight_matrix(m) and m.bias is not None and f"{prefix}.{i}.{name}" not in kept
            for i in range(min(indices), len(decoder)) for name, m in decoder[i].named_modules()):
         raise ZoliteError("--estimator fo backpropagates through 4-bit Linears with biases, which bitsandbytes' CPU "
                           "kernel cannot; use --mode fp16 on the CPU, or a GPU")
