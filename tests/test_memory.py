@@ -477,6 +477,13 @@ def test_the_plan_quantizes_the_weights_params_leaves_out(llama7b_skeleton):
     assert plan_memory(llama7b_skeleton, every, 8 * GIB, 16, 256, torch.float16, params="bias,norm").mode == "nf4"
     with pytest.raises(ZoliteError, match="nothing fits in 8.00 GiB: the smallest plan \\(fp16"):
         plan_memory(llama7b_skeleton, every, 8 * GIB, 16, 256, torch.float16)   # (offload keeps tuned layers whole)
+    # offload keeps layer 1 whole on the GPU either way, but the master copy and its state cover only its v_proj
+    whole, v = (estimate(llama7b_skeleton, [1], "offload", 16, 256, torch.float16, optimizer="adam", params=p)
+                for p in (None, "v_proj"))
+    assert whole["weights"] == v["weights"]
+    v_proj = 4096 * 4096   # of the layer's 202.4M
+    assert (v["master_copy"], v["optimizer_state"]) == (round(2 * v_proj / GIB, 3), round(8 * v_proj / GIB, 3))
+    assert whole["optimizer_state"] > 12 * v["optimizer_state"]
 
 
 def test_nf4_biases_take_the_doubled_forward(qwen2_64):

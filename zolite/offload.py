@@ -19,7 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .layers import decoder_layers
+from .layers import decoder_layers, is_weight_matrix
 
 
 def stream_from_cpu(model: torch.nn.Module, device: torch.device, keep_layers=(), allocate=None) -> "ModuleStreamer":
@@ -28,13 +28,11 @@ def stream_from_cpu(model: torch.nn.Module, device: torch.device, keep_layers=()
     embedding (a lookup needs no streaming, and the model's first parameter on the GPU is where callers and
     `generate` put the inputs). The streamer is kept on the model (`model.zolite_streamer`).
     allocate(nbytes) -> uint8 tensor for the pinned slabs (tests pass pageable memory: pinning needs a GPU)."""
-    from transformers.pytorch_utils import Conv1D   # GPT-2's Linear
-
     _, layers = decoder_layers(model)
     units = []
     for i, layer in enumerate(layers):
         if i not in keep_layers:
-            units += [m for m in layer.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+            units += [m for m in layer.modules() if is_weight_matrix(m)]
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and head.weight is not embedding.weight:   # a head tied to the embedding stays with it
         units.append(head)

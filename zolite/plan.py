@@ -106,7 +106,8 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
     weights it leaves out are quantized with the rest)."""
     cfg = skeleton.config
     b = torch.finfo(dtype).bits // 8
-    s = _sizes(skeleton, layers, params if mode != "offload" else None)   # offload keeps whole layers on the GPU
+    s = _sizes(skeleton, layers, params)
+    resident = _sizes(skeleton, layers) if mode == "offload" else s   # offload keeps the tuned layers whole on the GPU
     if mode == "fp16":
         weights = (s["linear_frozen"] + s["other_frozen"] + s["tuned"]) * b
     elif mode == "int8":   # int8 weights + one fp32 scale per output row
@@ -114,7 +115,7 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
     elif mode == "nf4":    # 4-bit weights + one fp32 absmax per 64 values
         weights = s["linear_frozen"] // 2 + s["linear_frozen"] // 16 + (s["other_frozen"] + s["tuned"]) * b
     elif mode == "offload":   # streamed modules: the one computing, the next in flight, the last being freed
-        weights = (s["tuned"] + s["embedding"] + 3 * s["largest_streamed"]) * b
+        weights = (resident["tuned"] + s["embedding"] + 3 * resident["largest_streamed"]) * b
     else:
         raise ZoliteError(f"unknown mode '{mode}'; choose one of fp16, int8, nf4, offload")
     master = 0 if dtype == torch.float32 else b * s["tuned"]
