@@ -25,9 +25,10 @@
 set -u
 R=/root/res
 mkdir -p $R
-qwen_once() {   # join (SHA-256) and convert Qwen's GGUF once, before runs start side by side (each would, racing)
-  python3 -c "from zolite.loading import resolve_model; print(resolve_model('qwen2.5-coder-1.5b')[0])"
+convert_once() {   # join (SHA-256) and convert a model's GGUF once, before runs start side by side (each would, racing)
+  python3 -c "from zolite.loading import resolve_model; print(resolve_model('$1')[0])"
 }
+qwen_once() { convert_once qwen2.5-coder-1.5b; }
 case $1 in
 smollm2)
   for t in sst2 boolq; do
@@ -46,7 +47,7 @@ qwen)
       --steps 1000 --jobs 4 --data /root/data --out $R/qwen2/$t --quiet > $R/qwen2-$t.log 2>&1 < /dev/null &
   done ;;
 smollm2-boolq)
-  python3 -c "from zolite.loading import resolve_model; print(resolve_model('smollm2-135m')[0])"
+  convert_once smollm2-135m
   setsid nohup zolite ablate --model smollm2-135m --task boolq --plan bench/plans/smollm2_boolq.toml --seeds 1 \
     --steps 1000 --jobs 4 --data /root/data --out $R/smollm2-r3/boolq --quiet > $R/smollm2-r3-boolq.log 2>&1 < /dev/null & ;;
 qwen-round3)
@@ -141,6 +142,7 @@ bitfit-next)
   done ;;
 smollm2-norms)
   # once SmolLM2 is there: BoolQ on every layer's norms (bench/plans/smollm2_boolq_norms.toml), seed 0, on val
+  convert_once smollm2-135m
   setsid nohup zolite ablate --model smollm2-135m --task boolq --plan bench/plans/smollm2_boolq_norms.toml \
     --seeds 1 --jobs 3 --data /root/data --out $R/smollm2-norms/boolq --quiet > $R/smollm2-norms.log 2>&1 < /dev/null & ;;
 stop)
