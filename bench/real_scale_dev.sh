@@ -16,7 +16,7 @@
 #   bash bench/real_scale_dev.sh bitfit-boolq   # after the fourth part: biases and norms over nf4, BoolQ 3 seeds alone
 #   bash bench/real_scale_dev.sh bitfit-next    # after the fourth part: biases and norms over nf4, BoolQ 3 seeds
 #                                               # and plain MeZO on them, SST-2 and RTE at lr 1e-3 (seed 0)
-#   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, three lrs)
+#   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, four lrs)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
 #                                               # name them: pkill -f would match the call's shell)
@@ -144,7 +144,7 @@ smollm2-norms)
   # once SmolLM2 is there: BoolQ on every layer's norms (bench/plans/smollm2_boolq_norms.toml), seed 0, on val
   convert_once smollm2-135m
   setsid nohup zolite ablate --model smollm2-135m --task boolq --plan bench/plans/smollm2_boolq_norms.toml \
-    --seeds 1 --jobs 3 --data /root/data --out $R/smollm2-norms/boolq --quiet > $R/smollm2-norms.log 2>&1 < /dev/null & ;;
+    --seeds 1 --jobs 4 --data /root/data --out $R/smollm2-norms/boolq --quiet > $R/smollm2-norms.log 2>&1 < /dev/null & ;;
 stop)
   pkill -f "zolite ablate"; pkill -f "zolite eval"; pkill -f "multiprocessing.spawn"; sleep 4
   pkill -9 -f "zolite ablate"; pkill -9 -f "zolite eval"; pkill -9 -f "multiprocessing.spawn"; true ;;
