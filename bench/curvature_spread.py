@@ -1,0 +1,78 @@
+"""The loss's curvature along the probe's random directions, c = (l+ + l- - 2 l0) / eps^2, one value per probe, at
+several eps: is the step-size probe's "curvature not clearly above its noise" rounding (it shrinks as eps grows),
+higher-order terms (it moves with eps), or the curvature itself, of both signs along different z (it does not)?
+
+    python bench/curvature_spread.py --model smollm2-135m --task sst2 --data ../shared/data --dtype float32 \
+        --target all:norm --target 11 --eps 1e-3,1e-2,3e-2 --out bench/results/curvature_spread/smollm2-sst2-cpu.json
+
+A target is LAYERS[:PARAMS] (--layer and --params of zolite tune). The probes' z and batches are the probe's own
+(zolite.stepsize.probe_seed; batches as zolite.tune.choose_lr draws them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+def spread(model, task, data, dtype, target, eps_values, probes, batch_size, seed=0):
+    from train_rows import load_with_train_rows
+    from zolite.data import batches_for_step
+    from zolite.optim import Stepper
+    from zolite.scoring import collate, pad_token_id
+    from zolite.stepsize import probe_seed
+    from zolite.tune_setup import TuneConfig
+    from zolite.zo import TunedLayers
+
+    layer, _, params = target.partition(":")
+    config = TuneConfig(model=model, task=task, layer=layer, params=params or None, dtype=dtype, data=data,
+                        batch_size=batch_size, seed=seed, lr="auto")
+    loaded, indices, config, train = load_with_train_rows(config)
+    pad, device = pad_token_id(loaded.tokenizer), loaded.device
+    tuned = TunedLayers(loaded.model, indices, params=config.params)
+    stepper = Stepper(loaded.model, tuned, eps=config.eps, objective="ce", seed=seed, lr=0.0,
+                      collate_to_device=lambda c: collate(c, pad).to(device))
+    curvature = {eps: [] for eps in eps_values}
+    t0 = time.perf_counter()
+    for k in range(probes):
+        batch = [train[i] for i in batches_for_step(len(train), config.batch_size, 2 * k, -1 - seed)]
+        base, _ = stepper.pair_losses(batch, probe_seed(seed, k), 0.0)
+        for eps in eps_values:
+            plus, minus = stepper.pair_losses(batch, probe_seed(seed, k), eps)
+            curvature[eps].append((plus + minus - 2 * base) / eps ** 2)
+    rows = []
+    for eps, c in curvature.items():
+        mean, se = statistics.fmean(c), statistics.stdev(c) / len(c) ** 0.5
+        rows.append({"target": target, "tuned_params": tuned.numel(), "eps": eps, "mean": mean, "se": se,
+                     "resolved": mean > 3 * se, "negative": sum(v < 0 for v in c), "median": statistics.median(c),
+                     "min": min(c), "max": max(c), "values": c})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "values"}), flush=True)
+    print(f"{target}: {probes} probes in {time.perf_counter() - t0:.0f} s", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--data")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--target", action="append", help="LAYERS[:PARAMS]; repeat for more (default: all:norm and 11)")
+    ap.add_argument("--eps", default="1e-3,1e-2,3e-2")
+    ap.add_argument("--probes", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    eps_values = [float(e) for e in args.eps.split(",")]
+    targets = args.target or ["all:norm", "11"]
+    rows = [r for t in targets for r in spread(args.model, args.task, args.data, args.dtype, t, eps_values,
+                                               args.probes, args.batch_size)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "task": args.task, "dtype": args.dtype, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
