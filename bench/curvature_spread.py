@@ -18,10 +18,7 @@ from pathlib import Path
 
 
 def spread(model, task, data, dtype, target, eps_values, probes, batch_size, seed=0):
-    from train_rows import load_with_train_rows
-    from zolite.data import batches_for_step
-    from zolite.optim import Stepper
-    from zolite.scoring import collate, pad_token_id
+    from train_rows import load_with_train_rows, loss_stepper, probe_batch
     from zolite.stepsize import probe_seed
     from zolite.tune_setup import TuneConfig
     from zolite.zo import TunedLayers
@@ -30,14 +27,12 @@ def spread(model, task, data, dtype, target, eps_values, probes, batch_size, see
     config = TuneConfig(model=model, task=task, layer=layer, params=params or None, dtype=dtype, data=data,
                         batch_size=batch_size, seed=seed, lr="auto")
     loaded, indices, config, train = load_with_train_rows(config)
-    pad, device = pad_token_id(loaded.tokenizer), loaded.device
     tuned = TunedLayers(loaded.model, indices, params=config.params)
-    stepper = Stepper(loaded.model, tuned, eps=config.eps, objective="ce", seed=seed, lr=0.0,
-                      collate_to_device=lambda c: collate(c, pad).to(device))
+    stepper = loss_stepper(loaded, tuned, config)
     curvature = {eps: [] for eps in eps_values}
     t0 = time.perf_counter()
     for k in range(probes):
-        batch = [train[i] for i in batches_for_step(len(train), config.batch_size, 2 * k, -1 - seed)]
+        batch = probe_batch(train, config, 2 * k)   # (the probe's batch a of its k-th direction)
         base, _ = stepper.pair_losses(batch, probe_seed(seed, k), 0.0)
         for eps in eps_values:
             plus, minus = stepper.pair_losses(batch, probe_seed(seed, k), eps)

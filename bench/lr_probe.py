@@ -17,29 +17,25 @@ import torch
 
 
 def probe(model, task, layer, eps_scale, data, mode, dtype, batch_size, seed, eps):
-    from zolite.optim import Stepper
     from zolite.precondition import measure_scales, scale_summary
-    from zolite.scoring import collate, pad_token_id
     from zolite.stepsize import PROBES, probe_lr
-    from train_rows import load_with_train_rows
-    from zolite.data import batches_for_step
+    from train_rows import load_with_train_rows, loss_stepper, probe_batch
     from zolite.tune_setup import TuneConfig
     from zolite.zo import TunedLayers
 
     config = TuneConfig(model=model, task=task, layer=str(layer), mode=mode, dtype=dtype, batch_size=batch_size,
                         seed=seed, eps=eps, data=data, eps_scale=eps_scale[0], lr="auto")
     loaded, indices, config, train = load_with_train_rows(config)
-    pad, device = pad_token_id(loaded.tokenizer), loaded.device
+    device = loaded.device
 
-    def batch(k):   # as tune's probe draws them
-        return [train[i] for i in batches_for_step(len(train), config.batch_size, k, -1 - seed)]
+    def batch(k):
+        return probe_batch(train, config, k)
     rows = []
     for scale in eps_scale:
         tuned = TunedLayers(loaded.model, indices, scale)
         if scale == "activation":
             tuned.set_scales(measure_scales(loaded.model, tuned, train, 2 * config.batch_size, device))
-        stepper = Stepper(loaded.model, tuned, eps=config.eps, objective="ce", seed=seed, lr=0.0,
-                          collate_to_device=lambda c: collate(c, pad).to(device))
+        stepper = loss_stepper(loaded, tuned, config)
         t0 = time.perf_counter()
         p = probe_lr(stepper.pair_losses, [(batch(2 * k), batch(2 * k + 1)) for k in range(PROBES)], seed,
                      config.eps).as_dict()

@@ -132,8 +132,8 @@ bitfit-boolq)
     > $R/bitfit-boolq.log 2>&1 < /dev/null & ;;
 bitfit-next)
   # the same beside its plain-MeZO reference (eps 1e-3, no guard; its seeds 1-2 start as the others end), and SST-2
-  # and RTE at lr 1e-3 (seed 0, val). The probed lr is left out: on these weights its curvature was noise and its
-  # fallback lost on BoolQ (part 4)
+  # and RTE at lr 1e-3 (seed 0, val). The probed lr is left out: on these weights the curvature has no usable mean
+  # (docs/evidence.md) and the probe's fallback lost on BoolQ (part 4)
   ARMS=bitfit-nf4,bitfit-nf4-mezo JOBS=4 bash "$0" bitfit-boolq
   for t in sst2 rte; do
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_candidates.toml \

@@ -14,9 +14,9 @@ l- at `probe_eps` and the same forward at eps 0 gives l0 (so its rounding matche
 and lr = KAPPA / c. c is a second difference, so its rounding noise grows as 1/eps^2: at MeZO's eps 1e-3 in nf4 the
 noise swamped it on Qwen2.5 BoolQ and RTE (mean c below its standard error, even negative), hence probe_eps >=
 PROBE_EPS. When c is still not clearly positive (below 3 standard errors), c + 3 standard errors is used: a smaller
-step, never a larger one. On norms and biases that is the rule, not an exception: the loss curves down along half
-of z there and E[c] is near zero however many probes (docs/evidence.md, why the probe cannot size a step on norms
-and biases), so the step follows the spread of c.
+step, never a larger one. On every layer's norms that is the rule, not an exception: on SmolLM2 (fp32, CPU) the
+loss curves down along half of z there and E[c] is near zero however many probes (docs/evidence.md, why the probe
+cannot size a step on norms and biases), so the step follows the spread of c.
 
 KAPPA was set on SmolLM2-135M, SST-2, layer 11 (H200, bench/results/real_scale_dev): the probe measured c = 174 and
 the hand-picked 3e-4 (best val of {3e-4, 1e-3}) is 0.05 / 174. A step that also used the measured signal fraction
