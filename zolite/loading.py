@@ -279,16 +279,16 @@ def model_skeleton(path: Path):
 PATCH_HINT = "; is the patch for another model?"
 
 
-def linear_names(skeleton, layers: list[int], params: str | None = None) -> list[str]:
-    """Full names of the Linear (and Conv1D) modules inside the given decoder layers; with `params` (--params: parts of tensor
-    names), only those whose weight it selects."""
+def linear_names(skeleton, layers: list[int], params: str | dict[int, str | None] | None = None) -> list[str]:
+    """Full names of the Linear (and Conv1D) modules inside the given decoder layers; with `params` (--params: parts of
+    tensor names), only those whose weight it selects; a dict gives each layer its own (several patches on one base)."""
     from .layers import check_layer_indices, decoder_layers, is_weight_matrix, parse_params
 
     prefix, decoder = decoder_layers(skeleton)
     check_layer_indices(layers, len(decoder), PATCH_HINT)
-    wanted = parse_params(params)
+    wanted = {i: parse_params(params.get(i) if isinstance(params, dict) else params) for i in layers}
     return [f"{prefix}.{i}.{name}" for i in layers for name, m in decoder[i].named_modules()
-            if is_weight_matrix(m) and (not wanted or any(w in f"{name}.weight" for w in wanted))]
+            if is_weight_matrix(m) and (not wanted[i] or any(w in f"{name}.weight" for w in wanted[i]))]
 
 
 def quantizes_nothing(skeleton, layers: list[int], params: str | None = None) -> bool:
@@ -312,13 +312,14 @@ def check_cpu_memory(skeleton, dtype: torch.dtype) -> None:
 
 
 def load_model(spec: str, *, device: str | torch.device | None = None, dtype: str | None = None,
-               mode: str | None = None, keep_layers: list[int] = (), keep_params: str | None = None,
+               mode: str | None = None, keep_layers: list[int] = (),
+               keep_params: str | dict[int, str | None] | None = None,
                int8_threshold: float = INT8_THRESHOLD) -> LoadedModel:
     """Load `spec` (profile, folder, .gguf or hub id) frozen, in eval mode, for inference-only use.
 
     mode: fp16 (no quantization: every weight in `dtype`), int8 / nf4 (bitsandbytes; norms, biases, embeddings,
     lm_head and the Linears of `keep_layers` stay in `dtype`; with `keep_params`, the --params a run tunes or a
-    patch was tuned with, only the Linears whose weight it selects), offload (weights in CPU memory, streamed
+    patch was tuned with, only the Linears whose weight it selects; a dict: each layer's own), offload (weights in CPU memory, streamed
     to the GPU by zolite.offload; `keep_layers` stay on the GPU). None: the profile's / nf4 on a GPU, fp16 on the
     CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

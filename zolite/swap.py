@@ -221,11 +221,13 @@ def load_with_patches(model: str | None, patches: dict[str, str], *, where: str 
         raise ZoliteError("no patches given; pass at least one NAME=PATH")
     read = {name: load_patch(path) for name, path in patches.items()}
     model = model or next(iter(read.values())).metadata.get("zolite.model")
-    layers = sorted({i for p in read.values() for i in p.layers})
-    # the Linears any patch changes stay unquantized: the union of the patches' layers and of their --params
-    params = [p.unquantized_params for p in read.values()]
-    loaded = load_model(model, keep_layers=layers, keep_params=",".join(params) if all(params) else None,
-                        **load_options)
+    # the Linears any patch changes stay unquantized, and only those: each layer keeps its own patches' --params
+    params_of = {}
+    for p in read.values():
+        for i in p.layers:
+            params_of.setdefault(i, []).append(p.unquantized_params)
+    keep = {i: ",".join(params) if all(params) else None for i, params in params_of.items()}
+    loaded = load_model(model, keep_layers=sorted(keep), keep_params=keep, **load_options)
     patch_set = PatchSet(loaded.model)
     for name, patch in read.items():
         patch_set.attach(name, patch, where)   # already read: a disk patch maps its file (patch.path) on each swap
