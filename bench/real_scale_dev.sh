@@ -18,6 +18,8 @@
 #                                               # and plain MeZO on them, SST-2 and RTE at lr 1e-3 (seed 0)
 #   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, four lrs)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
+#   bash bench/real_scale_dev.sh watch S DIR    # wait S seconds, collect into DIR, print the logs' last lines: the
+#                                               # waiting call, repeated (a machine taken back loses at most S)
 #   bash bench/real_scale_dev.sh stop           # end the background jobs (a call's own command line must not
 #                                               # name them: pkill -f would match the call's shell)
 # Jobs run in the background (setsid): they outlive the call that started them while the machine stays warm.
@@ -156,4 +158,9 @@ collect)
   find $R -name '*.safetensors' -size +16M | sed 's|^/||' > /tmp/big.txt
   tar czf $out/res.tgz -X /tmp/big.txt --exclude='patch.safetensors' -C / root/res
   ls -la $out ;;
+watch)
+  sleep $2
+  bash "$0" collect $3
+  cat $R/nvidia-smi.txt
+  for f in $(find $R -maxdepth 1 -name '*.log' -mmin -30); do echo "== $f"; tail -c 300 $f; echo; done ;;   # this session's
 esac
