@@ -145,3 +145,17 @@ def test_guard_reference_replay_tells_the_offsets_halving_from_a_real_one(tiny_m
     assert "| sst2/flat/lrauto-s0 | 0.01 | 0.100 | 400 | 200 | no |" in table
     assert "| sst2/climbing/lrauto-s0 | 0.01 | 0.100 | 400 |" in table
     assert [line for line in table.splitlines() if "climbing" in line][0].endswith("| yes |")
+
+
+def test_calibration_ceiling_bounds_what_a_shift_can_reach(tiny_model, small_data, tmp_path):
+    """The best shift on test is a ceiling: no lower than zero-shot (shift 0), always one class (a shift past every
+    margin) or the val-chosen shift; the AUC is a probability."""
+    _run(BENCH / "calibration_ceiling.py", "--model", tiny_model, "--task", "boolq", "--data", small_data,
+         "--out", tmp_path)
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert (r["val_rows"], r["test_rows"]) == (20, 40)
+    ceiling = r["test_at_best_shift_ceiling"]
+    assert ceiling >= max(r["test_zero_shot"], r["test_always_majority"], r["test_at_val_shift"])
+    assert ceiling >= 1 - r["test_always_majority"]   # the other class, always
+    assert r["val_at_that_shift"] >= r["val_zero_shot"]
+    assert 0 <= r["test_auc"] <= 1 and 0 <= r["val_auc"] <= 1
