@@ -6,7 +6,7 @@ higher-order terms (it moves with eps), or the curvature itself, of both signs a
         --target all:norm --target 11 --eps 1e-3,1e-2,3e-2 --out bench/results/curvature_spread/smollm2-sst2-cpu.json
 
 A target is LAYERS[:PARAMS] (--layer and --params of zolite tune). The probes' z and batches are the probe's own
-(zolite.stepsize.probe_seed; batches as zolite.tune.choose_lr draws them).
+(zolite.stepsize.probe_seed, zolite.tune.probe_batch).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 
 def spread(model, task, data, dtype, target, eps_values, probes, batch_size, seed=0):
-    from train_rows import load_with_train_rows, loss_stepper, probe_batch
+    from train_rows import load_with_train_rows, loss_stepper
+    from zolite.tune import probe_batch
     from zolite.stepsize import probe_seed
     from zolite.tune_setup import TuneConfig
     from zolite.zo import TunedLayers

@@ -19,7 +19,8 @@ import torch
 def probe(model, task, layer, eps_scale, data, mode, dtype, batch_size, seed, eps):
     from zolite.precondition import measure_scales, scale_summary
     from zolite.stepsize import PROBES, probe_lr
-    from train_rows import load_with_train_rows, loss_stepper, probe_batch
+    from train_rows import load_with_train_rows, loss_stepper
+    from zolite.tune import probe_batch
     from zolite.tune_setup import TuneConfig
     from zolite.zo import TunedLayers
 

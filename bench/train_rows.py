@@ -1,5 +1,5 @@
 """What the probing benches share: the model loaded as `zolite tune` loads it, its training rows encoded as tune
-encodes them (split with data seed 0), the batches its lr probe draws, and a stepper that only measures losses."""
+encodes them (split with data seed 0), and a stepper that only measures losses."""
 from __future__ import annotations
 
 
@@ -16,13 +16,6 @@ def load_with_train_rows(config):
     config = fill_defaults(config, loaded, indices, len(decoder_layers(loaded.model)[1]), task)
     splits = sample_splits(task_data(task, config.data), seed=0, validate=task.validate, expand=task.expand)
     return loaded, indices, config, encode_rows(loaded.tokenizer, task, splits.train, config.max_length)
-
-
-def probe_batch(train, config, k: int) -> list:
-    """Batch k of the lr probe's, drawn as zolite.tune.choose_lr draws them (apart from the run's batches)."""
-    from zolite.data import batches_for_step
-
-    return [train[i] for i in batches_for_step(len(train), config.batch_size, k, -1 - config.seed)]
 
 
 def loss_stepper(loaded, tuned, config):

@@ -319,8 +319,8 @@ def load_model(spec: str, *, device: str | torch.device | None = None, dtype: st
 
     mode: fp16 (no quantization: every weight in `dtype`), int8 / nf4 (bitsandbytes; norms, biases, embeddings,
     lm_head and the Linears of `keep_layers` stay in `dtype`; with `keep_params`, the --params a run tunes or a
-    patch was tuned with, only the Linears whose weight it selects; a dict: each layer's own), offload (weights in CPU memory, streamed
-    to the GPU by zolite.offload; `keep_layers` stay on the GPU). None: the profile's / nf4 on a GPU, fp16 on the
+    patch was tuned with, only the Linears whose weight it selects; a dict: each layer's own), offload (weights in
+    CPU memory, streamed to the GPU by zolite.offload; `keep_layers` stay on the GPU). None: the profile's / nf4 on a GPU, fp16 on the
     CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

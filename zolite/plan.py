@@ -107,7 +107,8 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
     cfg = skeleton.config
     b = torch.finfo(dtype).bits // 8
     s = _sizes(skeleton, layers, params)
-    resident = _sizes(skeleton, layers) if mode == "offload" else s   # offload keeps the tuned layers whole on the GPU
+    # offload keeps the tuned layers whole on the GPU
+    resident = _sizes(skeleton, layers) if mode == "offload" and params else s
     if mode == "fp16":
         weights = (s["linear_frozen"] + s["other_frozen"] + s["tuned"]) * b
     elif mode == "int8":   # int8 weights + one fp32 scale per output row

@@ -300,6 +300,11 @@ def uses_guard(config: TuneConfig) -> bool:
     return config.guard and auto_lr_supported(config)
 
 
+def probe_batch(train: list, config: TuneConfig, k: int) -> list:
+    """Batch k of the lr probe's and the guard reference's: drawn apart from the run's (seed -1 - seed)."""
+    return [train[i] for i in batches_for_step(len(train), config.batch_size, k, -1 - config.seed)]
+
+
 def choose_lr(run: Run) -> dict:
     """{"lr", "source", "probe", "guard_reference"}: the lr given, or for "auto" the probe's on the base weights
     (zolite.stepsize), on batches drawn apart from the run's; guard_reference: the run's loss there."""
@@ -307,7 +312,7 @@ def choose_lr(run: Run) -> dict:
     train = run.splits.train if config.objective == "f1" else run.train
 
     def batch(k: int) -> list:
-        return [train[i] for i in batches_for_step(len(train), config.batch_size, k, -1 - config.seed)]
+        return probe_batch(train, config, k)
 
     if config.lr != "auto":
         reference = reference_losses(stepper.pair_losses, [batch(k) for k in range(BASE_BATCHES)], config.seed,
