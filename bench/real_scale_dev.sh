@@ -16,6 +16,8 @@
 #   bash bench/real_scale_dev.sh bitfit-boolq   # after the fourth part: biases and norms over nf4, BoolQ 3 seeds alone
 #   bash bench/real_scale_dev.sh bitfit-next    # after the fourth part: biases and norms over nf4, BoolQ 3 seeds
 #                                               # and plain MeZO on them, SST-2 and RTE at lr 1e-3 (seed 0)
+#   bash bench/real_scale_dev.sh bitfit-refs    # after the fifth part: its references on BoolQ (plain MeZO, fp16,
+#                                               # backprop into the same weights), 3 seeds each, 5 side by side
 #   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, four lrs)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh watch S DIR    # wait S seconds, collect into DIR, print the logs' last lines: the
@@ -25,10 +27,15 @@
 # Jobs run in the background (setsid): they outlive the call that started them while the machine stays warm.
 # Re-running a start resumes (finished runs are read back, cut-off ones continue from their seed checkpoints).
 set -u
+case ${1:-} in
+collect|watch|stop) ;;
+*) # a start without the device's environment fails to find the models, and the call then sleeps for nothing
+   [ -n "${ZOLITE_CACHE:-}" ] || { echo "real_scale_dev.sh: source bench/device_env.sh first (from the checkout's root, in the same call)" >&2; exit 1; } ;;
+esac
 R=/root/res
 mkdir -p $R
 convert_once() {   # join (SHA-256) and convert a model's GGUF once, before runs start side by side (each would, racing)
-  python3 -c "from zolite.loading import resolve_model; print(resolve_model('$1')[0])"
+  python3 -c "from zolite.loading import resolve_model; print(resolve_model('$1')[0])" || exit 1
 }
 qwen_once() { convert_once qwen2.5-coder-1.5b; }
 case $1 in
@@ -142,6 +149,10 @@ bitfit-next)
       --arms bitfit-nf4 --seeds 1 --jobs 1 --data /root/data --out $R/final/$t-candidates --quiet \
       > $R/bitfit-$t.log 2>&1 < /dev/null &
   done ;;
+bitfit-refs)
+  # after the fifth part: bitfit-nf4's references on BoolQ, 3 seeds each: plain MeZO on the same tensors, the same
+  # recipe in fp16 (`bitfit-lr`: seed 0's grid ran in the fourth part, so seeds 1-2 at its 1e-3), backprop into them
+  ARMS=bitfit-nf4-mezo,bitfit-lr,bitfit-nf4-backprop JOBS=${JOBS:-5} bash "$0" bitfit-boolq ;;
 smollm2-norms)
   # once SmolLM2 is there: BoolQ on every layer's norms (bench/plans/smollm2_boolq_norms.toml), seed 0, on val
   convert_once smollm2-135m
