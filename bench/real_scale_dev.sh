@@ -171,7 +171,9 @@ collect)
   ls -la $out ;;
 watch)
   sleep $2
+  # the logs written since the last collect (its nvidia-smi.txt): -mmin also matched every log the start carried in
+  new=$(find $R -maxdepth 1 -name '*.log' -newer $R/nvidia-smi.txt 2>/dev/null || find $R -maxdepth 1 -name '*.log')
   bash "$0" collect $3
   cat $R/nvidia-smi.txt
-  for f in $(find $R -maxdepth 1 -name '*.log' -mmin -30); do echo "== $f"; tail -c 300 $f; echo; done ;;   # this session's
+  for f in $new; do echo "== $f"; tail -c 300 $f; echo; done ;;
 esac
