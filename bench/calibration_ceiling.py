@@ -21,6 +21,7 @@ import torch
 
 import zolite
 from zolite.data import sample_splits
+from zolite.errors import ZoliteError
 from zolite.tasks import get_task, task_data
 
 evaluate = importlib.import_module("zolite.evaluate")   # the module (zolite.evaluate is also a function)
@@ -98,4 +99,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ZoliteError as e:   # a wrong task, model or data folder: one line, as the CLI prints it
+        raise SystemExit(f"calibration_ceiling.py: {e}")

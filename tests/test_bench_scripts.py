@@ -159,3 +159,12 @@ def test_calibration_ceiling_bounds_what_a_shift_can_reach(tiny_model, small_dat
     assert ceiling >= 1 - r["test_always_majority"]   # the other class, always
     assert r["val_at_that_shift"] >= r["val_zero_shot"]
     assert 0 <= r["test_auc"] <= 1 and 0 <= r["val_auc"] <= 1
+
+
+def test_calibration_ceiling_names_a_wrong_data_folder_on_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCH / "calibration_ceiling.py"), "--task", "boolq", "--data",
+                             str(tmp_path / "missing"), "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]   # one line, no traceback
+    assert "no boolq data under" in result.stderr
