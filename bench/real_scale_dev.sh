@@ -18,7 +18,8 @@
 #                                               # and plain MeZO on them, SST-2 and RTE at lr 1e-3 (seed 0)
 #   bash bench/real_scale_dev.sh bitfit-refs    # after the fifth part: its references on BoolQ (plain MeZO, fp16,
 #                                               # backprop into the same weights), 3 seeds each, 5 side by side
-#   bash bench/real_scale_dev.sh refs-next      # the twelfth session: bitfit-refs, and full-model MeZO on SST-2 (3 seeds)
+#   bash bench/real_scale_dev.sh mezo-full [TASK..]  # full-model MeZO (fp16), 3 seeds (default task: sst2)
+#   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
 #   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, four lrs)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh watch S DIR    # wait S seconds, collect into DIR, print the logs' last lines: the
@@ -154,13 +155,18 @@ bitfit-refs)
   # after the fifth part: bitfit-nf4's references on BoolQ, 3 seeds each: plain MeZO on the same tensors, the same
   # recipe in fp16 (`bitfit-lr`: seed 0's grid ran in the fourth part, so seeds 1-2 at its 1e-3), backprop into them
   ARMS=bitfit-nf4-mezo,bitfit-lr,bitfit-nf4-backprop JOBS=${JOBS:-5} bash "$0" bitfit-boolq ;;
+mezo-full)
+  # the row every task still lacks: full-model MeZO (the final plan's `mezo-full`, fp16), 3 seeds, on the tasks given
+  # (default sst2: its rows are the shortest, ~5x fewer tokens a step than BoolQ's)
+  shift; qwen_once
+  for t in ${*:-sst2}; do
+    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
+      --arms mezo-full --seeds 3 --jobs 3 --data /root/data --out $R/final/$t --quiet \
+      > $R/mezo-full-$t.log 2>&1 < /dev/null &
+  done ;;
 refs-next)
-  # bitfit-refs beside the row every task still lacks: full-model MeZO (the final plan's `mezo-full`, fp16), on
-  # SST-2 first (its rows are the shortest: ~5x fewer tokens a step than BoolQ's)
-  bash "$0" bitfit-refs
-  setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task sst2 --plan bench/plans/real_scale_final.toml \
-    --arms mezo-full --seeds 3 --jobs 3 --data /root/data --out $R/final/sst2 --quiet \
-    > $R/mezo-full-sst2.log 2>&1 < /dev/null & ;;
+  # bitfit-refs beside full-model MeZO on SST-2
+  bash "$0" bitfit-refs && bash "$0" mezo-full sst2 ;;
 smollm2-norms)
   # once SmolLM2 is there: BoolQ on every layer's norms (bench/plans/smollm2_boolq_norms.toml), seed 0, on val
   convert_once smollm2-135m
