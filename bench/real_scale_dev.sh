@@ -18,7 +18,8 @@
 #                                               # and plain MeZO on them, SST-2 and RTE at lr 1e-3 (seed 0)
 #   bash bench/real_scale_dev.sh bitfit-refs    # after the fifth part: its references on BoolQ (plain MeZO, fp16,
 #                                               # backprop into the same weights), 3 seeds each, 5 side by side
-#   bash bench/real_scale_dev.sh mezo-full [TASK..]  # full-model MeZO (fp16), 3 seeds (default task: sst2)
+#   bash bench/real_scale_dev.sh mezo-full [TASK..]  # full-model MeZO (fp16), $SEEDS (3) seeds side by side
+#                                               # (default task: sst2)
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
 #   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, four lrs)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
@@ -161,7 +162,7 @@ mezo-full)
   shift; qwen_once
   for t in ${*:-sst2}; do
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
-      --arms mezo-full --seeds 3 --jobs 3 --data /root/data --out $R/final/$t --quiet \
+      --arms mezo-full --seeds ${SEEDS:-3} --jobs ${SEEDS:-3} --data /root/data --out $R/final/$t --quiet \
       > $R/mezo-full-$t.log 2>&1 < /dev/null &
   done ;;
 refs-next)
