@@ -16,6 +16,9 @@ from .options import LR, custom_task_options, mode_option
 @click.option("--task", default="sst2", show_default=True,
               help="Task name (see `zolite tasks`), or your own FILE.jsonl (with --template) or TASK.toml.")
 @custom_task_options
+@click.option("--recipe/--no-recipe", default=None,
+              help="Start from the model profile's recipe for this task (the options that scored best on it; "
+                   "`zolite models` lists them); options given win.  [default: on where the profile has one]")
 @click.option("--layer", "--layers", "layer", default=None,
               help="Decoder layer(s) to tune, 0-based: N, N,M, 'all' (full-model MeZO) or 'auto' (the default: the "
                    "dominant layer from this model's cached `zolite scan`, else its profile, else a scan now).")
@@ -83,6 +86,7 @@ from .options import LR, custom_task_options, mode_option
 def tune(ctx, model, task, run_dir, out, resume, force, nproc, as_json, quiet, **options):
     """Tune one decoder layer with MeZO and write a patch."""
     import zolite
+    from zolite.tune_setup import recipe_text
 
     if resume is not None:  # model/task/options must match the folder's; only those typed are checked
         given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
@@ -104,8 +108,11 @@ def tune(ctx, model, task, run_dir, out, resume, force, nproc, as_json, quiet, *
         click.echo(f"patch: {summary['patch']} (layer {summary['layers']}, {summary['tuned_params']:,} params, "
                    f"{summary['steps']} steps, kept step {summary['kept_step']})")
         lr = report["lr"]
-        how = {"probe": "probed from the model's curvature", "profile": "the model profile's"}.get(lr["source"],
-                                                                                                  "as given")
+        if report.get("recipe"):
+            click.echo(f"recipe: {report['config']['model']}'s for {report['config']['task']}: "
+                       f"{recipe_text(report['recipe'])} (--no-recipe: the profile's defaults)")
+        how = {"probe": "probed from the model's curvature", "profile": "the model profile's",
+               "recipe": "the recipe's"}.get(lr["source"], "as given")
         halved = f"; halved at steps {', '.join(str(b[0]) for b in lr['backoffs'])}" if lr.get("backoffs") else ""
         if lr.get("returned"):
             halved += "; each time the weights went back to where the lowest-loss block started"

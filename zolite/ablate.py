@@ -168,7 +168,9 @@ def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progre
         except CheckpointDevice as e:   # its seeds give other z here (another device type, dtype, or generator)
             print(f"zolite: {e}; starting it again", file=sys.stderr)
     if report is None:
-        report = tune(model, task, run_dir=run_dir, force=True, progress=progress, lr=lr, seed=seed, **options)
+        # an arm is the profile's defaults and what it changes: a task's recipe only where it says recipe = true
+        report = tune(model, task, run_dir=run_dir, force=True, progress=progress, lr=lr, seed=seed,
+                      **{"recipe": False, **options})
     return _row(report, lr, seed)
 
 

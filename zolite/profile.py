@@ -30,6 +30,9 @@ class Profile:
     activation_bytes_per_token: dict = field(default_factory=dict)
     activation_source: str | None = None
     parts: dict = field(default_factory=dict)   # source "parts": a file shipped as several packages (zolite.parts)
+    # {task: {option: value}}: the options that scored best on that task, which `zolite tune --task TASK` starts from
+    # (tune_setup.task_recipe; options given win, --no-recipe leaves them out)
+    tasks: dict = field(default_factory=dict)
 
 
 def profile_names() -> list[str]:

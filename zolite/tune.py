@@ -35,7 +35,7 @@ from .stepsize import BASE_BATCHES, PROBES, LossGuard, effective_updates, new_gu
 from .tasks import CustomTask, Task, get_task, task_data
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
 from .tune_setup import (QUANTIZED_EPS, TuneConfig, check_world, fill_defaults, fp32_matmuls, load_for_tuning,
-                         prepare_run)
+                         prepare_run, task_recipe)
 from .zo import TunedLayers, generation_losses
 
 SEED_CHECKPOINT_S = 60   # a seed checkpoint is kilobytes: ZO runs also write one this often between evals
@@ -148,7 +148,7 @@ class Run:
     load_s: float
     stepper: Stepper
     trained_on: str               # the device descriptor: where the step seeds draw these z
-    lr_source: str                # where a numeric lr came from: "given" (--lr) or "profile"
+    lr_source: str                # where a numeric lr came from: "given" (--lr), "recipe" or "profile"
     world: World                  # this process's place in the run (world size 1: the only one)
     lr_choice: dict | None = None  # the lr used and how it was chosen (given, or the probe's): set by start()
     guard: LossGuard | None = None
@@ -185,8 +185,9 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float, world: W
     net, tokenizer = loaded.model, loaded.tokenizer
     _, layers = decoder_layers(net)
     task_ = get_task(config.task, **config.task_options())
-    lr_source = "profile" if config.lr is None and "lr" in (loaded.profile.defaults if loaded.profile else {}) \
-        else "given"
+    recipe = task_recipe(config.model, config.task) if config.recipe else {}
+    lr_source = "recipe" if "lr" in recipe and recipe["lr"] == config.lr else \
+        "profile" if config.lr is None and "lr" in (loaded.profile.defaults if loaded.profile else {}) else "given"
     config = fill_defaults(config, loaded, indices, len(layers), task_, plan, world.size)
     check_world(world.size, config.estimator, config.batch_size)
     if (loaded.mode == "int8" and config.estimator != "fo" and config.eps_scale == "absolute"
@@ -435,6 +436,7 @@ def write_report(run: Run, run_dir: Path, out: Path, state: dict, final: dict, m
         "model": {"name": config.model, "path": str(loaded.path), "arch": loaded.model.config.model_type,
                   "num_layers": run.num_layers, "dtype": str(loaded.dtype).removeprefix("torch."),
                   "device": str(loaded.device)},
+        "recipe": task_recipe(config.model, config.task) if config.recipe else None,
         "layers": format_layers(run.indices, run.num_layers), "layer_source": run.layer_source,
         "tuned_params": run.tuned.numel(), "base_sha256": run.base_sha256,
         "data": {"source": run.splits.source, "rows_in_file": run.splits.total_rows, "counts": run.splits.counts},

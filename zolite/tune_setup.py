@@ -24,6 +24,7 @@ from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_m
 from .optim import ESTIMATORS, OPTIMIZERS
 from .patch import whole_layers_kept
 from .plan import measured_activations, parse_size, plan_memory
+from .profile import find_profile
 from .scan import choose_layers, folder_identity, scan
 from .tasks import get_task
 from .trajectory import trajectory_path
@@ -46,6 +47,8 @@ class TuneConfig:
     """Everything that decides a run's result. None = the model profile's default."""
     model: str = "smollm2-135m"
     task: str = "sst2"
+    recipe: bool | None = None        # start from the profile's recipe for this task ([tasks.TASK]; None: where it
+                                      # has one); in a run folder's config.json: whether one was applied
     layer: str | None = None          # "12", "3,5" or "all" (0-based); None / "auto" = the dominant layer
                                       # (this model's cached scan, else its profile, else a scan now)
     steps: int | None = None
@@ -99,7 +102,7 @@ class TuneConfig:
 
 
 # options added to TuneConfig after runs were made without them, at what those runs did
-ADDED_OPTIONS = {"cuda_graphs": False, "tf32": False}
+ADDED_OPTIONS = {"cuda_graphs": False, "tf32": False, "recipe": False}
 # off unless the profile turns them on, and then only on a GPU with unquantized weights (where they were measured to
 # keep the results; under bitsandbytes they are not measured)
 GPU_SPEED_OPTIONS = ("cuda_graphs", "tf32")
@@ -117,6 +120,44 @@ def with_new_options(saved: dict) -> dict:
     """A run folder's config.json with the options added to zolite since that run started, as that run ran, so it
     still resumes and compares."""
     return {**ADDED_OPTIONS, "keep_whole_layers": whole_layers_kept(saved), **saved}
+
+
+# what a profile's recipe may not set: which model, task, rows and seeds a run uses, and where it runs
+_NOT_IN_RECIPES = {"model", "task", "recipe", "seed", "data_seed", "data", "device", "eval_test", "template",
+                   "candidates", "label_field", "answer_field"}
+
+
+def task_recipe(model: str, task: str) -> dict:
+    """The options model profile `model` gives task `task` ([tasks.TASK] in its .toml: what scored best there); {}
+    for a model without a profile or a task without a recipe."""
+    profile = find_profile(str(model))
+    recipe = dict(profile.tasks.get(task, {})) if profile else {}
+    unknown = set(recipe) - ({f.name for f in dataclasses.fields(TuneConfig)} - _NOT_IN_RECIPES)
+    if unknown:
+        raise ZoliteError(f"profile {profile.name}: [tasks.{task}] sets {', '.join(sorted(unknown))}, which a recipe "
+                          "cannot (only how the run learns: layer, params, lr, eps, guard, steps ...)")
+    return recipe
+
+
+def with_recipe(model: str, task: str, given: dict) -> dict:
+    """The options given over the profile's recipe for the task, and recipe = whether one was applied. recipe=False
+    given: none; True: the recipe must exist."""
+    if given.get("recipe") is False:
+        return given
+    recipe = task_recipe(model, task)
+    if given.get("recipe") and not recipe:
+        raise ZoliteError(f"{model} has no recipe for {task} (`zolite models` lists each profile's); drop --recipe")
+    return {**recipe, **given, "recipe": bool(recipe)}
+
+
+def recipe_text(recipe: dict) -> str:
+    """A recipe as the command line's options: --layers all --params bias,layernorm --lr 0.001."""
+    def option(key, value):
+        flag = "--" + ("layers" if key == "layer" else key.replace("_", "-"))
+        if isinstance(value, bool):
+            return flag if value else "--no-" + flag[2:]
+        return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+    return " ".join(option(k, v) for k, v in recipe.items())
 
 
 def check_options(config: TuneConfig) -> None:
@@ -183,6 +224,8 @@ def prepare_run(model, task, run_dir, out, force, resume, options):
         hints = [f"{k} (use {cli_names[k]}=)" if k in cli_names else k for k in sorted(unknown)]
         raise TypeError(f"tune() got unknown options: {', '.join(hints)}")
     given = {k: v for k, v in options.items() if v is not None}
+    if resume is None:
+        given = with_recipe(model, task, given)
     if "params" in given:   # one spelling, so a resume given "v_proj, o_proj" matches a run of "v_proj,o_proj"
         given["params"] = ",".join(parse_params(given["params"]))
         if not given["params"]:
@@ -283,6 +326,8 @@ def load_for_tuning(config: TuneConfig, world_size: int = 1):
     indices, source = choose_layers(config.layer, num_layers, identity, profile,
                                     lambda: scan(config.model, seeds=0, device=device, dtype=config.dtype,
                                                  mode=config.mode))
+    if config.recipe and str(task_recipe(config.model, config.task).get("layer")) == str(config.layer):
+        source = f"profile {config.model}'s recipe for {config.task}"
     selected_tensors(skeleton, indices, config.params)   # a bad --params fails before the weights load
     if config.mode in QUANT_MODES and quantizes_nothing(skeleton, indices, unquantized_params(config)):
         raise ZoliteError(_EVERY_LAYER_UNQUANTIZED.format(mode=config.mode))   # e.g. every layer named

@@ -1,0 +1,97 @@
+"""A profile's per-task recipes ([tasks.TASK]): what `zolite tune --task TASK` starts from on that model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import zolite
+from conftest import run_cli
+from zolite.errors import ZoliteError
+from zolite.profile import Profile, find_profile, profile_names
+from zolite.tasks import TASKS
+from zolite.tune_setup import TuneConfig, check_options, recipe_text, task_recipe
+
+RECIPE = {"layer": "1", "lr": 2e-3, "guard": False}
+
+
+def fake_profile(tasks: dict) -> Profile:
+    return Profile(name="tiny", description="", source="hub:x/y", arch="llama", num_layers=2, tasks=tasks)
+
+
+@pytest.fixture
+def tiny_recipe(monkeypatch):
+    """The tiny model's folder gets a profile with an SST-2 recipe (loading still sees a folder without one)."""
+    monkeypatch.setattr("zolite.tune_setup.find_profile", lambda name: fake_profile({"sst2": RECIPE}))
+
+
+@pytest.mark.parametrize("name", profile_names())
+def test_every_shipped_recipe_is_a_run_tune_accepts(name):
+    profile = find_profile(name)
+    for task, recipe in profile.tasks.items():
+        assert task in TASKS, f"{name}: recipe for unknown task {task}"
+        assert task_recipe(name, task) == recipe
+        check_options(TuneConfig(model=name, task=task, **recipe))   # raises on a bad value
+
+
+def test_qwen_ships_its_measured_recipes():
+    """The options that scored best per task on Qwen2.5-Coder-1.5B (docs/evidence.md), as the CLI would take them."""
+    recipes = {t: recipe_text(task_recipe("qwen2.5-coder-1.5b", t)) for t in ("sst2", "boolq", "rte", "copa")}
+    assert recipes == {"sst2": "--layers 27", "boolq": "--layers all --params bias,layernorm --lr 0.001",
+                       "rte": "--eps 0.001 --no-guard", "copa": ""}
+    assert task_recipe("smollm2-135m", "sst2") == {}
+    out = run_cli("models").output
+    assert "recipe for boolq: --layers all --params bias,layernorm --lr 0.001" in out
+
+
+def test_tune_starts_from_the_recipe_and_says_so(tiny_recipe, tiny_model, small_data, tmp_path):
+    result = run_cli("tune", "--model", tiny_model, "--data", small_data, "--steps", "2", "--eval-every", "0",
+                     "--batch-size", "2", "--quiet", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "recipe: " in result.output and "--layers 1 --lr 0.002 --no-guard" in result.output
+    assert "lr: 0.002 (the recipe's)" in result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["recipe"] == RECIPE and report["layers"] == "1"
+    assert report["layer_source"] == f"profile {tiny_model}'s recipe for sst2"
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["recipe"], config["lr"], config["guard"]) == (True, 2e-3, False)
+
+
+def test_options_given_win_over_the_recipe_and_no_recipe_leaves_it_out(tiny_recipe, tiny_model, small_data, tmp_path):
+    quick = dict(data=small_data, steps=1, eval_every=0, batch_size=2, progress=False)
+    report = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "given", lr=5e-3, **quick)
+    assert report["lr"]["lr"] == 5e-3 and report["lr"]["source"] == "given"
+    assert report["config"]["guard"] is False and report["layers"] == "1"   # the rest of the recipe still applies
+    report = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "plain", recipe=False, layer="0", lr=5e-3, **quick)
+    assert report["recipe"] is None and report["config"]["recipe"] is False and report["config"]["guard"] is True
+    # a task without a recipe runs on the defaults, and resuming keeps what the run started with
+    report = zolite.tune(tiny_model, "boolq", run_dir=tmp_path / "boolq", layer="0", lr=5e-3, **quick)
+    assert report["recipe"] is None and report["config"]["recipe"] is False
+
+
+def test_asking_for_a_recipe_that_does_not_exist_is_one_line(tiny_model, small_data, tmp_path):
+    result = run_cli("tune", "--model", tiny_model, "--task", "boolq", "--recipe", "--data", small_data,
+                     "--run-dir", tmp_path / "run")
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1].endswith("has no recipe for boolq (`zolite models` lists each "
+                                                           "profile's); drop --recipe")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_cannot_choose_the_seed_or_the_data(monkeypatch):
+    monkeypatch.setattr("zolite.tune_setup.find_profile", lambda name: fake_profile({"sst2": {"seed": 3}}))
+    with pytest.raises(ZoliteError, match=r"\[tasks.sst2\] sets seed, which a recipe cannot"):
+        task_recipe("tiny", "sst2")
+
+
+def test_ablate_arms_run_without_recipes_unless_they_ask(tiny_recipe, tiny_model, small_data, tmp_path):
+    """An arm is the profile's defaults and what it changes, so a plan means the same on a model with recipes."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[defaults]\nlayer = "0"\nsteps = 1\neval_every = 0\nbatch_size = 2\nlr = 5e-3\n'
+                    '[[arm]]\nname = "plain"\n[[arm]]\nname = "recipe"\nrecipe = true\n')
+    zolite.ablate(tiny_model, "sst2", plan=str(plan), seeds=1, data=small_data, out=str(tmp_path / "abl"),
+                  progress=False)
+    configs = {arm: json.loads((tmp_path / "abl" / arm / "lr0.005-s0" / "config.json").read_text())
+               for arm in ("plain", "recipe")}
+    assert (configs["plain"]["recipe"], configs["plain"]["guard"]) == (False, True)
+    assert (configs["recipe"]["recipe"], configs["recipe"]["guard"]) == (True, False)   # its layer and lr: the arm's
