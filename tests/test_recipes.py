@@ -62,6 +62,7 @@ def test_options_given_win_over_the_recipe_and_no_recipe_leaves_it_out(tiny_reci
     report = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "given", lr=5e-3, **quick)
     assert report["lr"]["lr"] == 5e-3 and report["lr"]["source"] == "given"
     assert report["config"]["guard"] is False and report["layers"] == "1"   # the rest of the recipe still applies
+    assert report["recipe"] == {"layer": "1", "guard": False}               # and the report says which part
     report = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "plain", recipe=False, layer="0", lr=5e-3, **quick)
     assert report["recipe"] is None and report["config"]["recipe"] is False and report["config"]["guard"] is True
     # a task without a recipe runs on the defaults, and resuming keeps what the run started with

@@ -34,8 +34,8 @@ from .scoring import collate, pad_token_id
 from .stepsize import BASE_BATCHES, PROBES, LossGuard, effective_updates, new_guard, probe_lr, reference_losses
 from .tasks import CustomTask, Task, get_task, task_data
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
-from .tune_setup import (QUANTIZED_EPS, TuneConfig, check_world, fill_defaults, fp32_matmuls, load_for_tuning,
-                         prepare_run, task_recipe)
+from .tune_setup import (QUANTIZED_EPS, TuneConfig, applied_recipe, check_world, fill_defaults, fp32_matmuls,
+                         load_for_tuning, prepare_run, task_recipe)
 from .zo import TunedLayers, generation_losses
 
 SEED_CHECKPOINT_S = 60   # a seed checkpoint is kilobytes: ZO runs also write one this often between evals
@@ -436,7 +436,7 @@ def write_report(run: Run, run_dir: Path, out: Path, state: dict, final: dict, m
         "model": {"name": config.model, "path": str(loaded.path), "arch": loaded.model.config.model_type,
                   "num_layers": run.num_layers, "dtype": str(loaded.dtype).removeprefix("torch."),
                   "device": str(loaded.device)},
-        "recipe": task_recipe(config.model, config.task) if config.recipe else None,
+        "recipe": applied_recipe(config),
         "layers": format_layers(run.indices, run.num_layers), "layer_source": run.layer_source,
         "tuned_params": run.tuned.numel(), "base_sha256": run.base_sha256,
         "data": {"source": run.splits.source, "rows_in_file": run.splits.total_rows, "counts": run.splits.counts},

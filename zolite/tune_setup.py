@@ -150,6 +150,14 @@ def with_recipe(model: str, task: str, given: dict) -> dict:
     return {**recipe, **given, "recipe": bool(recipe)}
 
 
+def applied_recipe(config: TuneConfig) -> dict | None:
+    """What the run took from its task's recipe: the recipe's options that the run's own did not replace; None
+    where no recipe applied."""
+    if not config.recipe:
+        return None
+    return {k: v for k, v in task_recipe(config.model, config.task).items() if getattr(config, k) == v}
+
+
 def recipe_text(recipe: dict) -> str:
     """A recipe as the command line's options: --layers all --params bias,layernorm --lr 0.001."""
     def option(key, value):
