@@ -96,3 +96,24 @@ def test_ablate_arms_run_without_recipes_unless_they_ask(tiny_recipe, tiny_model
                for arm in ("plain", "recipe")}
     assert (configs["plain"]["recipe"], configs["plain"]["guard"]) == (False, True)
     assert (configs["recipe"]["recipe"], configs["recipe"]["guard"]) == (True, False)   # its layer and lr: the arm's
+
+
+@pytest.mark.qwen
+def test_qwen_boolq_runs_its_recipe(small_data, tmp_path, monkeypatch):
+    """The real model: `zolite tune --model qwen2.5-coder-1.5b --task boolq` tunes every layer's biases and norms
+    (143,360 weights) at the recipe's lr. ~3 min on 2 CPU cores, 11 GB of memory."""
+    import os
+
+    path = os.environ.get("ZOLITE_QWEN_GGUF")
+    if not path:
+        pytest.skip("set ZOLITE_QWEN_GGUF to Qwen2.5-Coder-1.5B-Instruct's Q4_K_M .gguf (1.1 GB) to run this")
+    sources = tmp_path / "cache" / "sources"   # the test's own cache (conftest), where the profile's parts are joined
+    sources.mkdir(parents=True)
+    (sources / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf").symlink_to(os.path.abspath(path))
+    result = run_cli("tune", "--model", "qwen2.5-coder-1.5b", "--task", "boolq", "--data", small_data, "--steps", "1",
+                     "--eval-every", "0", "--batch-size", "2", "--max-length", "128", "--quiet",
+                     "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["recipe"] == {"layer": "all", "params": "bias,layernorm", "lr": 1e-3}
+    assert (report["tuned_params"], report["lr"]["source"]) == (143_360, "recipe")
