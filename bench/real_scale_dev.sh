@@ -22,6 +22,7 @@
 #                                               # (default task: sst2)
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
 #   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, four lrs)
+#   bash bench/real_scale_dev.sh smollm2-long   # the same beside 10,000-step runs (layer 11, every norm; seed 0)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh watch S DIR    # wait S seconds, collect into DIR, print the logs' last lines: the
 #                                               # waiting call, repeated (a machine taken back loses at most S)
@@ -168,6 +169,11 @@ mezo-full)
 refs-next)
   # bitfit-refs beside full-model MeZO on SST-2
   bash "$0" bitfit-refs && bash "$0" mezo-full sst2 ;;
+smollm2-long)
+  # SmolLM2 BoolQ at 10x the steps (bench/plans/smollm2_boolq_long.toml) beside smollm2-norms, seed 0, on val
+  bash "$0" smollm2-norms
+  setsid nohup zolite ablate --model smollm2-135m --task boolq --plan bench/plans/smollm2_boolq_long.toml \
+    --seeds 1 --jobs 2 --data /root/data --out $R/smollm2-long/boolq --quiet > $R/smollm2-long.log 2>&1 < /dev/null & ;;
 smollm2-norms)
   # once SmolLM2 is there: BoolQ on every layer's norms (bench/plans/smollm2_boolq_norms.toml), seed 0, on val
   convert_once smollm2-135m
