@@ -96,8 +96,8 @@ def tune(ctx, model, task, run_dir, out, resume, force, nproc, as_json, quiet, *
                          progress=not quiet, nproc=nproc, **options)
     if report is None:   # one of torchrun's processes other than rank 0, which prints the run's summary
         return
-    summary = {k: report[k] for k in ("patch", "run_dir", "layers", "steps", "kept_step", "tuned_params", "lr", "timing",
-                                      "memory")}
+    summary = {k: report[k] for k in ("patch", "run_dir", "layers", "steps", "kept_step", "tuned_params", "lr", "recipe",
+                                      "timing", "memory")}
     summary["metric"] = (report["final"]["val"] or {}).get("metric")
     summary["val_score"] = report["final"]["val"]["score"] if report["final"]["val"] else None
     if "test" in report["final"]:
@@ -109,8 +109,9 @@ def tune(ctx, model, task, run_dir, out, resume, force, nproc, as_json, quiet, *
                    f"{summary['steps']} steps, kept step {summary['kept_step']})")
         lr = report["lr"]
         if report.get("recipe"):
+            hint = "" if resume else " (--no-recipe: the profile's defaults)"
             click.echo(f"recipe: {report['config']['model']}'s for {report['config']['task']}: "
-                       f"{recipe_text(report['recipe'])} (--no-recipe: the profile's defaults)")
+                       f"{recipe_text(report['recipe'])}{hint}")
         how = {"probe": "probed from the model's curvature", "profile": "the model profile's",
                "recipe": "the recipe's"}.get(lr["source"], "as given")
         halved = f"; halved at steps {', '.join(str(b[0]) for b in lr['backoffs'])}" if lr.get("backoffs") else ""

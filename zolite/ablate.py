@@ -78,6 +78,9 @@ def _check_arm(plan: str, where: str, arm: dict) -> None:
     if unknown:
         raise ZoliteError(f"plan {plan}: unknown option(s) {', '.join(sorted(unknown))} in {where}; use zolite "
                           "tune's option names (e.g. n_z, eps)")
+    if "recipe" in arm:
+        raise ZoliteError(f"plan {plan}: recipe in {where}: a plan's arms run without the profile's task recipes; "
+                          "write the recipe's options into the arm instead")
     fixed = {"model", "task", "seed"} & set(arm)
     if fixed:
         raise ZoliteError(f"plan {plan}: {', '.join(sorted(fixed))} in {where} is set by zolite ablate's --model / "
@@ -168,9 +171,10 @@ def _run(model, task, run_dir: Path, options: dict, lr: float, seed: int, progre
         except CheckpointDevice as e:   # its seeds give other z here (another device type, dtype, or generator)
             print(f"zolite: {e}; starting it again", file=sys.stderr)
     if report is None:
-        # an arm is the profile's defaults and what it changes: a task's recipe only where it says recipe = true
-        report = tune(model, task, run_dir=run_dir, force=True, progress=progress, lr=lr, seed=seed,
-                      **{"recipe": False, **options})
+        # an arm is the profile's defaults and what it changes, never a task's recipe: a plan means the same on every
+        # model, and its run folders are checked against exactly those options
+        report = tune(model, task, run_dir=run_dir, force=True, progress=progress, lr=lr, seed=seed, recipe=False,
+                      **options)
     return _row(report, lr, seed)
 
 

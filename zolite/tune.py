@@ -35,7 +35,7 @@ from .stepsize import BASE_BATCHES, PROBES, LossGuard, effective_updates, new_gu
 from .tasks import CustomTask, Task, get_task, task_data
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
 from .tune_setup import (QUANTIZED_EPS, TuneConfig, applied_recipe, check_world, fill_defaults, fp32_matmuls,
-                         load_for_tuning, prepare_run, task_recipe)
+                         load_for_tuning, prepare_run, with_recipe)
 from .zo import TunedLayers, generation_losses
 
 SEED_CHECKPOINT_S = 60   # a seed checkpoint is kilobytes: ZO runs also write one this often between evals
@@ -51,7 +51,9 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     if nproc is not None:
         check_at_least("--nproc", nproc, 1)
         if nproc > 1 and not in_worker():
-            check_world(nproc, options.get("estimator"), options.get("batch_size"))
+            given = {k: v for k, v in options.items() if v is not None}
+            given = with_recipe(model, task, given) if resume is None else given   # a recipe may set the batch
+            check_world(nproc, given.get("estimator"), given.get("batch_size"))
             return launch(nproc, tune, model, task, run_dir=run_dir, out=out, force=force, resume=resume,
                           progress=progress, **options)
     world = join()
@@ -150,6 +152,7 @@ class Run:
     trained_on: str               # the device descriptor: where the step seeds draw these z
     lr_source: str                # where a numeric lr came from: "given" (--lr), "recipe" or "profile"
     world: World                  # this process's place in the run (world size 1: the only one)
+    recipe: dict | None           # the options the run took from its task's recipe (None: no recipe applied)
     lr_choice: dict | None = None  # the lr used and how it was chosen (given, or the probe's): set by start()
     guard: LossGuard | None = None
     kept_weights: dict | None = None   # the guard's copy of the weights to go back to (plain MeZO runs: see stepsize)
@@ -185,10 +188,14 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float, world: W
     net, tokenizer = loaded.model, loaded.tokenizer
     _, layers = decoder_layers(net)
     task_ = get_task(config.task, **config.task_options())
-    recipe = task_recipe(config.model, config.task) if config.recipe else {}
-    lr_source = "recipe" if "lr" in recipe and recipe["lr"] == config.lr else \
-        "profile" if config.lr is None and "lr" in (loaded.profile.defaults if loaded.profile else {}) else "given"
+    lr_source = "profile" if config.lr is None and "lr" in (loaded.profile.defaults if loaded.profile else {}) \
+        else "given"
     config = fill_defaults(config, loaded, indices, len(layers), task_, plan, world.size)
+    recipe = applied_recipe(config, len(layers))   # what the run took from its task's recipe (None: no recipe)
+    if recipe and "layer" in recipe:
+        layer_source = f"profile {config.model}'s recipe for {config.task}"
+    if recipe and "lr" in recipe:
+        lr_source = "recipe"
     check_world(world.size, config.estimator, config.batch_size)
     if (loaded.mode == "int8" and config.estimator != "fo" and config.eps_scale == "absolute"
             and config.eps < QUANTIZED_EPS):
@@ -222,7 +229,7 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float, world: W
         stepper.pair_losses = lambda rows, seed, eps=None: tuple(weighted_mean(rows, None, lambda chunk: generation_losses(
             net, tokenizer, tuned, task_, chunk, seed, config.eps if eps is None else eps, config.max_length), world))
     return Run(config, loaded, indices, layer_source, plan, len(layers), task_, splits, train, val, tuned, static,
-               base_sha256, load_s, stepper, device_descriptor(device, loaded.dtype), lr_source, world)
+               base_sha256, load_s, stepper, device_descriptor(device, loaded.dtype), lr_source, world, recipe)
 
 
 def start(run: Run, run_dir: Path, resume, profiler) -> tuple[dict, dict | None, dict | None]:
@@ -436,7 +443,7 @@ def write_report(run: Run, run_dir: Path, out: Path, state: dict, final: dict, m
         "model": {"name": config.model, "path": str(loaded.path), "arch": loaded.model.config.model_type,
                   "num_layers": run.num_layers, "dtype": str(loaded.dtype).removeprefix("torch."),
                   "device": str(loaded.device)},
-        "recipe": applied_recipe(config),
+        "recipe": run.recipe,
         "layers": format_layers(run.indices, run.num_layers), "layer_source": run.layer_source,
         "tuned_params": run.tuned.numel(), "base_sha256": run.base_sha256,
         "data": {"source": run.splits.source, "rows_in_file": run.splits.total_rows, "counts": run.splits.counts},

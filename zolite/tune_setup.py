@@ -18,7 +18,7 @@ import torch
 from .errors import ZoliteError, check_at_least
 from .inputs import read_json
 from .io import check_writable, config_mismatch, refuse_clobber
-from .layers import decoder_layers, format_layers, is_every_layer, is_weight_matrix, parse_params
+from .layers import decoder_layers, format_layers, is_every_layer, is_weight_matrix, parse_layers, parse_params
 from .loading import (INT8_THRESHOLD, MODES, QUANT_MODES, choose_dtype, choose_mode, linear_names, load_model,
                       model_skeleton, quantizes_nothing, resolve_device, resolve_model)
 from .optim import ESTIMATORS, OPTIMIZERS
@@ -122,9 +122,9 @@ def with_new_options(saved: dict) -> dict:
     return {**ADDED_OPTIONS, "keep_whole_layers": whole_layers_kept(saved), **saved}
 
 
-# what a profile's recipe may not set: which model, task, rows and seeds a run uses, and where it runs
+# what a profile's recipe may not set: which model, task, rows and seeds a run uses, and the machine's share of it
 _NOT_IN_RECIPES = {"model", "task", "recipe", "seed", "data_seed", "data", "device", "eval_test", "template",
-                   "candidates", "label_field", "answer_field"}
+                   "candidates", "label_field", "answer_field", "gpu_memory", "micro_batch", "keep_whole_layers"}
 
 
 def task_recipe(model: str, task: str) -> dict:
@@ -136,6 +136,10 @@ def task_recipe(model: str, task: str) -> dict:
     if unknown:
         raise ZoliteError(f"profile {profile.name}: [tasks.{task}] sets {', '.join(sorted(unknown))}, which a recipe "
                           "cannot (only how the run learns: layer, params, lr, eps, guard, steps ...)")
+    if "layer" in recipe:   # as the command line gives them: layer 27 -> "27", params "v_proj, o_proj" -> "v_proj,o_proj"
+        recipe["layer"] = str(recipe["layer"])
+    if "params" in recipe:
+        recipe["params"] = ",".join(parse_params(recipe["params"]))
     return recipe
 
 
@@ -150,18 +154,22 @@ def with_recipe(model: str, task: str, given: dict) -> dict:
     return {**recipe, **given, "recipe": bool(recipe)}
 
 
-def applied_recipe(config: TuneConfig) -> dict | None:
-    """What the run took from its task's recipe: the recipe's options that the run's own did not replace; None
-    where no recipe applied."""
+def applied_recipe(config: TuneConfig, num_layers: int) -> dict | None:
+    """The options of the task's recipe that the run's (filled) config holds: those not replaced by options given;
+    None where no recipe applied."""
     if not config.recipe:
         return None
-    return {k: v for k, v in task_recipe(config.model, config.task).items() if getattr(config, k) == v}
+    def same(key, value):
+        if key == "layer":
+            return parse_layers(value, num_layers) == parse_layers(config.layer, num_layers)
+        return getattr(config, key) == value
+    return {k: v for k, v in task_recipe(config.model, config.task).items() if same(k, v)}
 
 
 def recipe_text(recipe: dict) -> str:
     """A recipe as the command line's options: --layers all --params bias,layernorm --lr 0.001."""
     def option(key, value):
-        flag = "--" + ("layers" if key == "layer" else key.replace("_", "-"))
+        flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             return flag if value else "--no-" + flag[2:]
         return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
@@ -183,6 +191,8 @@ def check_options(config: TuneConfig) -> None:
     if config.eps is not None and not (config.eps > 0 and math.isfinite(config.eps)):
         raise ZoliteError(f"--eps must be above 0, got {config.eps}")
     resolve_device(config.device)
+    if config.recipe not in (None, True, False):
+        raise ZoliteError(f"recipe must be True, False or None (the profile's where it has one), got {config.recipe!r}")
     if config.keep not in ("best", "last"):
         raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
     if config.micro_batch and config.batch_size and config.batch_size % config.micro_batch:
@@ -334,8 +344,6 @@ def load_for_tuning(config: TuneConfig, world_size: int = 1):
     indices, source = choose_layers(config.layer, num_layers, identity, profile,
                                     lambda: scan(config.model, seeds=0, device=device, dtype=config.dtype,
                                                  mode=config.mode))
-    if config.recipe and str(task_recipe(config.model, config.task).get("layer")) == str(config.layer):
-        source = f"profile {config.model}'s recipe for {config.task}"
     selected_tensors(skeleton, indices, config.params)   # a bad --params fails before the weights load
     if config.mode in QUANT_MODES and quantizes_nothing(skeleton, indices, unquantized_params(config)):
         raise ZoliteError(_EVERY_LAYER_UNQUANTIZED.format(mode=config.mode))   # e.g. every layer named
