@@ -35,7 +35,7 @@ from .stepsize import BASE_BATCHES, PROBES, LossGuard, effective_updates, new_gu
 from .tasks import CustomTask, Task, get_task, task_data
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
 from .tune_setup import (QUANTIZED_EPS, TuneConfig, applied_recipe, check_world, fill_defaults, fp32_matmuls,
-                         load_for_tuning, prepare_run, with_recipe)
+                         given_options, load_for_tuning, prepare_run)
 from .zo import TunedLayers, generation_losses
 
 SEED_CHECKPOINT_S = 60   # a seed checkpoint is kilobytes: ZO runs also write one this often between evals
@@ -51,8 +51,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     if nproc is not None:
         check_at_least("--nproc", nproc, 1)
         if nproc > 1 and not in_worker():
-            given = {k: v for k, v in options.items() if v is not None}
-            given = with_recipe(model, task, given) if resume is None else given   # a recipe may set the batch
+            given = given_options(model, task, resume, options)   # a recipe may set the batch
             check_world(nproc, given.get("estimator"), given.get("batch_size"))
             return launch(nproc, tune, model, task, run_dir=run_dir, out=out, force=force, resume=resume,
                           progress=progress, **options)

@@ -143,6 +143,12 @@ def task_recipe(model: str, task: str) -> dict:
     return recipe
 
 
+def given_options(model: str, task: str, resume, options: dict) -> dict:
+    """tune()'s options that were given (not None), over the task's recipe in a new run (with_recipe)."""
+    given = {k: v for k, v in options.items() if v is not None}
+    return given if resume is not None else with_recipe(model, task, given)
+
+
 def with_recipe(model: str, task: str, given: dict) -> dict:
     """The options given over the profile's recipe for the task, and recipe = whether one was applied. recipe=False
     given: none; True: the recipe must exist."""
@@ -167,7 +173,7 @@ def applied_recipe(config: TuneConfig, num_layers: int) -> dict | None:
 
 
 def recipe_text(recipe: dict) -> str:
-    """A recipe as the command line's options: --layers all --params bias,layernorm --lr 0.001."""
+    """A recipe as the command line's options: --layer all --params bias,layernorm --lr 0.001."""
     def option(key, value):
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -241,9 +247,7 @@ def prepare_run(model, task, run_dir, out, force, resume, options):
         cli_names = {"test": "eval_test", "layers": "layer"}   # the CLI's --test / --layers are these in Python
         hints = [f"{k} (use {cli_names[k]}=)" if k in cli_names else k for k in sorted(unknown)]
         raise TypeError(f"tune() got unknown options: {', '.join(hints)}")
-    given = {k: v for k, v in options.items() if v is not None}
-    if resume is None:
-        given = with_recipe(model, task, given)
+    given = given_options(model, task, resume, options)
     if "params" in given:   # one spelling, so a resume given "v_proj, o_proj" matches a run of "v_proj,o_proj"
         given["params"] = ",".join(parse_params(given["params"]))
         if not given["params"]:
