@@ -1,0 +1,89 @@
+"""Save every layer's hidden state at the position that predicts the answer, for a task's train, val and test rows.
+
+Inference only, on the frozen base, with zolite's own prompt encoding. `bench/probe_ceiling.py` then asks what a
+linear read-out of each layer can reach (the ceiling of any recipe that only reweighs the last hidden state, such as
+the final norm) and replays a ZO run on the final norm exactly from the saved states.
+
+    python bench/probe_features.py --model smollm2-135m --task boolq --data ../shared/data --out OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import zolite
+from zolite.data import sample_splits
+from zolite.evaluate import encode_rows
+from zolite.tasks import get_task, task_data
+
+
+@torch.inference_mode()
+def last_states(model, encoded, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, L+1, D] hidden states (embeddings, then each layer's output, as transformers returns them) and [N, D]
+    the final norm's input, at each row's last prompt token."""
+    norm = model.base_model.norm
+    captured = {}
+    hook = norm.register_forward_hook(lambda mod, args, out: captured.__setitem__("pre", args[0]))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].context))
+    layers_out, pre_out = [None] * len(encoded), [None] * len(encoded)
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            lengths = torch.tensor([len(encoded[i].context) for i in chunk])
+            ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                ids[r, :lengths[r]] = torch.tensor(encoded[i].context)
+            out = model.base_model(input_ids=ids, output_hidden_states=True)   # right padding: causal, no mask
+            rows = torch.arange(len(chunk))
+            states = torch.stack(out.hidden_states, dim=1)[rows, :, lengths - 1]
+            pre = captured["pre"][rows, lengths - 1]
+            for r, i in enumerate(chunk):
+                layers_out[i], pre_out[i] = states[r].float(), pre[r].float()
+    finally:
+        hook.remove()
+    return torch.stack(layers_out), torch.stack(pre_out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", default="boolq")
+    ap.add_argument("--data", required=True, help="folder holding TASK/train.jsonl.gz")
+    ap.add_argument("--out", required=True, help="folder for features.pt and meta.json")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N rows of each split (a smoke run)")
+    args = ap.parse_args()
+
+    task = get_task(args.task)
+    splits = sample_splits(task_data(task, args.data), seed=0, validate=task.validate, expand=task.expand)
+    loaded = zolite.load_model(args.model)
+    saved, meta = {}, {"model": args.model, "task": args.task, "candidates": list(task.candidates), "split_seed": 0,
+                       "device": str(loaded.device), "dtype": str(loaded.dtype), "torch": torch.__version__}
+    for split in ("train", "val", "test"):
+        rows = getattr(splits, split)[:args.limit]
+        t0 = time.perf_counter()
+        encoded = encode_rows(loaded.tokenizer, task, rows, args.max_length)
+        layers, pre = last_states(loaded.model, encoded, args.batch_size)
+        saved[split] = {"layers": layers.half(), "pre_norm": pre, "label": torch.tensor([e.label for e in encoded]),
+                        "answers": torch.tensor([[a[0] for a in e.answers] for e in encoded])}
+        meta[f"{split}_rows"] = len(rows)
+        meta[f"{split}_seconds"] = round(time.perf_counter() - t0, 1)
+        print(split, len(rows), meta[f"{split}_seconds"], "s", flush=True)
+    head = loaded.model.get_output_embeddings().weight.detach().float()
+    saved["final_norm"] = {"weight": loaded.model.base_model.norm.weight.detach().float(),
+                           "eps": loaded.model.base_model.norm.variance_epsilon}
+    saved["head_rows"] = {int(t): head[int(t)] for t in saved["train"]["answers"].unique()}
+    saved["head"] = head.half()   # the full output matrix, for the exact softmax of the replay
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, out / "features.pt")
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
