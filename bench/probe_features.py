@@ -26,6 +26,7 @@ def last_states(model, encoded, batch_size: int) -> tuple[torch.Tensor, torch.Te
     """[N, L+1, D] hidden states (embeddings, then each layer's output, as transformers returns them) and [N, D]
     the final norm's input, at each row's last prompt token."""
     norm = model.base_model.norm
+    device = next(model.parameters()).device
     captured = {}
     hook = norm.register_forward_hook(lambda mod, args, out: captured.__setitem__("pre", args[0]))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].context))
@@ -37,10 +38,10 @@ def last_states(model, encoded, batch_size: int) -> tuple[torch.Tensor, torch.Te
             ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
             for r, i in enumerate(chunk):
                 ids[r, :lengths[r]] = torch.tensor(encoded[i].context)
-            out = model.base_model(input_ids=ids, output_hidden_states=True)   # right padding: causal, no mask
-            rows = torch.arange(len(chunk))
-            states = torch.stack(out.hidden_states, dim=1)[rows, :, lengths - 1]
-            pre = captured["pre"][rows, lengths - 1]
+            out = model.base_model(input_ids=ids.to(device), output_hidden_states=True)   # right padding: causal
+            rows, last = torch.arange(len(chunk), device=device), lengths.to(device) - 1
+            states = torch.stack(out.hidden_states, dim=1)[rows, :, last].cpu()
+            pre = captured["pre"][rows, last].cpu()
             for r, i in enumerate(chunk):
                 layers_out[i], pre_out[i] = states[r].float(), pre[r].float()
     finally:
@@ -74,11 +75,10 @@ def main():
         meta[f"{split}_rows"] = len(rows)
         meta[f"{split}_seconds"] = round(time.perf_counter() - t0, 1)
         print(split, len(rows), meta[f"{split}_seconds"], "s", flush=True)
-    head = loaded.model.get_output_embeddings().weight.detach().float()
-    saved["final_norm"] = {"weight": loaded.model.base_model.norm.weight.detach().float(),
+    head = loaded.model.get_output_embeddings().weight.detach().float().cpu()
+    saved["final_norm"] = {"weight": loaded.model.base_model.norm.weight.detach().float().cpu(),
                            "eps": loaded.model.base_model.norm.variance_epsilon}
     saved["head_rows"] = {int(t): head[int(t)] for t in saved["train"]["answers"].unique()}
-    saved["head"] = head.half()   # the full output matrix, for the exact softmax of the replay
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(saved, out / "features.pt")

@@ -21,6 +21,8 @@
 #   bash bench/real_scale_dev.sh mezo-full [TASK..]  # full-model MeZO (fp16), $SEEDS (3) seeds side by side
 #                                               # (default task: sst2)
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
+#   bash bench/real_scale_dev.sh probe-qwen     # Qwen BoolQ (nf4): what a linear read-out of each layer reaches, and
+#                                               # ZO on the final norm replayed (bench/probe_ceiling.py; ~2 min GPU)
 #   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, four lrs)
 #   bash bench/real_scale_dev.sh smollm2-long   # the same beside 10,000-step runs (layer 11, every norm; seed 0)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
@@ -169,6 +171,12 @@ mezo-full)
 refs-next)
   # bitfit-refs beside full-model MeZO on SST-2
   bash "$0" bitfit-refs && bash "$0" mezo-full sst2 ;;
+probe-qwen)
+  # the read-out ceiling of bench/results/probe_ceiling_cpu, on Qwen: are BoolQ's answers in its states already?
+  qwen_once
+  setsid nohup bash -c "python bench/probe_features.py --model qwen2.5-coder-1.5b --task boolq --data /root/data \
+    --out /tmp/probe-qwen && python bench/probe_ceiling.py --features /tmp/probe-qwen/features.pt --out $R/probe-qwen \
+    && cp /tmp/probe-qwen/meta.json $R/probe-qwen/" > $R/probe-qwen.log 2>&1 < /dev/null & ;;
 smollm2-long)
   # SmolLM2 BoolQ at 10x the steps (bench/plans/smollm2_boolq_long.toml) beside smollm2-norms, seed 0, on val
   bash "$0" smollm2-norms
