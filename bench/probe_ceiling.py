@@ -21,14 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from calibration_ceiling import accuracy_at, auc   # bench/, beside this script
+
 
 def accuracy(margin: torch.Tensor, label: torch.Tensor) -> float:
-    return ((margin > 0).long() == label).float().mean().item()
-
-
-def auc(margin: torch.Tensor, label: torch.Tensor) -> float:
-    pos, neg = margin[label == 1], margin[label == 0]
-    return ((pos[:, None] > neg[None, :]).float().mean() + (pos[:, None] == neg[None, :]).float().mean() / 2).item()
+    return accuracy_at(margin, label, 0.0)
 
 
 def fit_logistic(x, y, l2: float, anchor=None, bias: bool = True, iters: int = 200):
