@@ -3,7 +3,8 @@ reaches of it. Works on the states `bench/probe_features.py` saved (CPU, seconds
 
 1. Zero-shot from the saved states (checks them: the same margin zolite scores).
 2. A logistic probe on each layer's state at the answer position (weights and bias, L2 chosen on val): the most any
-   linear read-out of that layer can do.
+   linear read-out of that layer can do. A row's `layer` indexes transformers' hidden states: 0 is the embeddings,
+   k the output of decoder layer k-1 (0-based), the last one the final norm's output.
 3. The final norm's weights alone, trained with exact gradients (L2 toward the base's, chosen on val): with a single
    token per answer the margin is d . (g * r) (d = head[yes] - head[no], r the normalized state), so tuning g is a
    linear probe on r without a bias, started at the base.
@@ -63,7 +64,7 @@ def layer_probes(data, l2_grid) -> list[dict]:
         rows.append({"layer": layer, "l2": l2, "val": val, "test": accuracy(m, data["test"]["label"]),
                      "test_auc": auc(m, data["test"]["label"]),
                      "train": accuracy(xs["train"] @ w + b, data["train"]["label"])})
-        print(f"layer {layer:2d}: l2 {l2:g} train {rows[-1]['train']:.3f} val {val:.3f} test {rows[-1]['test']:.3f}",
+        print(f"hidden state {layer:2d}: l2 {l2:g} train {rows[-1]['train']:.3f} val {val:.3f} test {rows[-1]['test']:.3f}",
               flush=True)
     return rows
 

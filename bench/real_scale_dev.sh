@@ -18,6 +18,8 @@
 #                                               # and plain MeZO on them, SST-2 and RTE at lr 1e-3 (seed 0)
 #   bash bench/real_scale_dev.sh bitfit-refs    # after the fifth part: its references on BoolQ (plain MeZO, fp16,
 #                                               # backprop into the same weights), 3 seeds each, 5 side by side
+#   bash bench/real_scale_dev.sh boolq-late     # after the sixth part: BoolQ on the layers after the read-out's peak
+#                                               # (bitfit-late: two lrs; layer18), seed 0, on val
 #   bash bench/real_scale_dev.sh mezo-full [TASK..]  # full-model MeZO (fp16), $SEEDS (3) seeds side by side
 #                                               # (default task: sst2)
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
@@ -159,6 +161,12 @@ bitfit-refs)
   # after the fifth part: bitfit-nf4's references on BoolQ, 3 seeds each: plain MeZO on the same tensors, the same
   # recipe in fp16 (`bitfit-lr`: seed 0's grid ran in the fourth part, so seeds 1-2 at its 1e-3), backprop into them
   ARMS=bitfit-nf4-mezo,bitfit-lr,bitfit-nf4-backprop JOBS=${JOBS:-5} bash "$0" bitfit-boolq ;;
+boolq-late)
+  # the layers that would carry layer 18's read-out to the answer (bench/results/probe_ceiling_qwen_h100), seed 0
+  qwen_once
+  setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
+    --arms bitfit-late,layer18 --seeds 1 --jobs 3 --data /root/data --out $R/final/boolq-late --quiet \
+    > $R/boolq-late.log 2>&1 < /dev/null & ;;
 mezo-full)
   # the row every task still lacks: full-model MeZO (the final plan's `mezo-full`, fp16), 3 seeds, on the tasks given
   # (default sst2: its rows are the shortest, ~5x fewer tokens a step than BoolQ's)
