@@ -105,6 +105,9 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     data = torch.load(args.features)
+    if not all(data[s].get("single_token", True) for s in ("train", "val", "test")):
+        raise SystemExit("probe_ceiling.py: an answer here is more than one token, so the margin is not one read-out "
+                         "of the state; use a model whose tokenizer gives each answer one token")
     no, yes = (int(t) for t in data["train"]["answers"][0])
     d = data["head_rows"][yes] - data["head_rows"][no]
     g0, norm_eps = data["final_norm"]["weight"], data["final_norm"]["eps"]

@@ -71,7 +71,8 @@ def main():
         encoded = encode_rows(loaded.tokenizer, task, rows, args.max_length)
         layers, pre = last_states(loaded.model, encoded, args.batch_size)
         saved[split] = {"layers": layers.half(), "pre_norm": pre, "label": torch.tensor([e.label for e in encoded]),
-                        "answers": torch.tensor([[a[0] for a in e.answers] for e in encoded])}
+                        "answers": torch.tensor([[a[0] for a in e.answers] for e in encoded]),
+                        "single_token": all(len(a) == 1 for e in encoded for a in e.answers)}
         meta[f"{split}_rows"] = len(rows)
         meta[f"{split}_seconds"] = round(time.perf_counter() - t0, 1)
         print(split, len(rows), meta[f"{split}_seconds"], "s", flush=True)

@@ -168,3 +168,25 @@ def test_calibration_ceiling_names_a_wrong_data_folder_on_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]   # one line, no traceback
     assert "no boolq data under" in result.stderr
+
+
+def test_probe_features_saves_each_layers_state_and_the_final_norms_input(tiny_model, small_data, tmp_path):
+    """The saved states are transformers' hidden states at the answer position, the last one the final norm's output
+    (bench/probe_ceiling.py's `layer` index), and the final norm's input beside them; probe_ceiling refuses answers
+    of several tokens (the tiny tokenizer's "Yes" / "No") on one line, as its margin would not be zolite's score."""
+    import torch
+
+    _run(BENCH / "probe_features.py", "--model", tiny_model, "--task", "boolq", "--data", small_data, "--out", tmp_path)
+    saved = torch.load(tmp_path / "features.pt")
+    assert [len(saved[s]["label"]) for s in ("train", "val", "test")] == [40, 20, 40]
+    layers, pre = saved["test"]["layers"].float(), saved["test"]["pre_norm"]
+    assert layers.shape == (40, 4 + 1, 32)   # the embeddings and each of the 4 layers' outputs
+    norm = saved["final_norm"]
+    normed = pre * torch.rsqrt(pre.pow(2).mean(-1, keepdim=True) + norm["eps"]) * norm["weight"]
+    assert torch.allclose(layers[:, -1], normed, atol=1e-2)   # fp16-stored states: the last one is after the norm
+    assert saved["test"]["single_token"] is False
+    result = subprocess.run([sys.executable, str(BENCH / "probe_ceiling.py"), "--features", str(tmp_path / "features.pt"),
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "more than one token" in result.stderr
