@@ -46,24 +46,35 @@ def auc(margin: torch.Tensor, gold: torch.Tensor) -> float:
     return (greater + ties / 2).item()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def two_answer_arguments(doc: str, out_help: str, batch_size: int) -> argparse.Namespace:
+    """The options of a bench that scores a two-answer task's splits zero-shot (this one, probe_features.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--task", default="boolq")
     ap.add_argument("--data", required=True, help="folder holding TASK/train.jsonl.gz")
-    ap.add_argument("--out", required=True, help="folder for result.json")
+    ap.add_argument("--out", required=True, help=out_help)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--limit", type=int, default=None, help="score only the first N rows of each split (a smoke run)")
-    args = ap.parse_args()
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N rows of each split (a smoke run)")
+    return ap.parse_args()
 
+
+def two_answer_setup(args) -> tuple:
+    """The task (two answers, else exit on one line), zolite's splits (seed 0), the loaded model, and the facts a
+    result file starts with."""
     task = get_task(args.task)
     if len(task.candidates) != 2:
         raise SystemExit(f"{args.task} has {len(task.candidates)} candidates; this bench is for two-answer tasks")
     splits = sample_splits(task_data(task, args.data), seed=0, validate=task.validate, expand=task.expand)
     loaded = zolite.load_model(args.model)
-    result = {"model": args.model, "task": args.task, "candidates": list(task.candidates), "split_seed": 0,
-              "device": str(loaded.device), "dtype": str(loaded.dtype), "torch": torch.__version__}
+    facts = {"model": args.model, "task": args.task, "candidates": list(task.candidates), "split_seed": 0,
+             "device": str(loaded.device), "dtype": str(loaded.dtype), "torch": torch.__version__}
+    return task, splits, loaded, facts
+
+
+def main():
+    args = two_answer_arguments(__doc__, "folder for result.json", batch_size=16)
+    task, splits, loaded, result = two_answer_setup(args)
     margins = {}
     for split in ("val", "test"):
         rows = getattr(splits, split)[:args.limit]

@@ -8,17 +8,14 @@ the final norm) and replays a ZO run on the final norm exactly from the saved st
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
 
-import zolite
-from zolite.data import sample_splits
+from calibration_ceiling import two_answer_arguments, two_answer_setup   # bench/, beside this script
 from zolite.evaluate import encode_rows
-from zolite.tasks import get_task, task_data
 
 
 @torch.inference_mode()
@@ -50,21 +47,9 @@ def last_states(model, encoded, batch_size: int) -> tuple[torch.Tensor, torch.Te
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", default="boolq")
-    ap.add_argument("--data", required=True, help="folder holding TASK/train.jsonl.gz")
-    ap.add_argument("--out", required=True, help="folder for features.pt and meta.json")
-    ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--limit", type=int, default=None, help="only the first N rows of each split (a smoke run)")
-    args = ap.parse_args()
-
-    task = get_task(args.task)
-    splits = sample_splits(task_data(task, args.data), seed=0, validate=task.validate, expand=task.expand)
-    loaded = zolite.load_model(args.model)
-    saved, meta = {}, {"model": args.model, "task": args.task, "candidates": list(task.candidates), "split_seed": 0,
-                       "device": str(loaded.device), "dtype": str(loaded.dtype), "torch": torch.__version__}
+    args = two_answer_arguments(__doc__, "folder for features.pt and meta.json", batch_size=8)
+    task, splits, loaded, meta = two_answer_setup(args)
+    saved = {}
     for split in ("train", "val", "test"):
         rows = getattr(splits, split)[:args.limit]
         t0 = time.perf_counter()
