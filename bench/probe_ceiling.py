@@ -9,7 +9,8 @@ reaches of it. Works on the states `bench/probe_features.py` saved (CPU, seconds
    token per answer the margin is d . (g * r) (d = head[yes] - head[no], r the normalized state), so tuning g is a
    linear probe on r without a bias, started at the base.
 4. The same weights tuned by ZO exactly as zolite's plain MeZO step would (SPSA with one z, SGD, cross-entropy over
-   the two answers, batch 16, the best val kept), replayed from the saved states: a ZO recipe's ceiling on them.
+   the two answers, batch 16, the best val kept), replayed from the saved states: a ZO recipe's ceiling on them;
+   with --activation-scaled, z scaled as `--eps-scale activation` scales a norm weight's.
 
     python bench/probe_ceiling.py --features OUT/features.pt --out OUT
 """
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from calibration_ceiling import accuracy_at, auc   # bench/, beside this script
+from zolite.precondition import activation_scales
 
 
 def accuracy(margin: torch.Tensor, label: torch.Tensor) -> float:
@@ -69,8 +71,10 @@ def layer_probes(data, l2_grid) -> list[dict]:
     return rows
 
 
-def zo_replay(r_train, y_train, r_val, y_val, r_test, y_test, d, g0, *, lr, eps, steps, batch, seed, every=100):
-    """Plain MeZO on the final norm's weights g: z ~ N(0, I) from the step's seed, one SPSA estimate, SGD."""
+def zo_replay(r_train, y_train, r_val, y_val, r_test, y_test, d, g0, *, lr, eps, steps, batch, seed, every=100,
+              scale=None):
+    """Plain MeZO on the final norm's weights g: z ~ N(0, I) from the step's seed, one SPSA estimate, SGD; with
+    `scale`, z is scaled channel by channel (zolite's --eps-scale activation) in the perturbation and the update."""
     gen = torch.Generator().manual_seed(seed)
     g, best = g0.clone(), None
     xt, xv, xs = r_train * d, r_val * d, r_test * d           # margin = x @ g
@@ -88,7 +92,7 @@ def zo_replay(r_train, y_train, r_val, y_val, r_test, y_test, d, g0, *, lr, eps,
         if step == steps:
             break
         idx = torch.randint(len(y_train), (batch,), generator=gen)
-        z = torch.randn(g.shape, generator=gen)
+        z = torch.randn(g.shape, generator=gen) * (1.0 if scale is None else scale)
         plus, minus = ce(xt[idx] @ (g + eps * z), y_train[idx]), ce(xt[idx] @ (g - eps * z), y_train[idx])
         g = g - lr * (plus - minus) / (2 * eps) * z
     return {"best_val": best[0], "best_step": best[1], "test_at_best": best[2], "last_val": curve[-1][1],
@@ -103,6 +107,8 @@ def main():
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2")
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--activation-scaled", action="store_true",
+                    help="replay ZO with --eps-scale activation's z (scaled by the normed state's channel energy)")
     args = ap.parse_args()
     data = torch.load(args.features)
     if not all(data[s].get("single_token", True) for s in ("train", "val", "test")):
@@ -136,12 +142,15 @@ def main():
     result["final_norm_exact"] = best
     print("final norm, exact:", best, flush=True)
 
+    scale = None
+    if args.activation_scaled:   # zolite's own formula, from the train rows' normed states
+        scale = activation_scales({"g": r["train"].pow(2).mean(0)}, vectors=frozenset({"g"}))["g"]
     result["final_norm_zo"] = []
     for lr in (float(v) for v in args.lrs.split(",")):
         runs = [zo_replay(r["train"], y["train"], r["val"], y["val"], r["test"], y["test"], d, g0, lr=lr,
-                          eps=args.eps, steps=args.steps, batch=16, seed=s) for s in range(args.seeds)]
+                          eps=args.eps, steps=args.steps, batch=16, seed=s, scale=scale) for s in range(args.seeds)]
         tests = torch.tensor([x["test_at_best"] for x in runs])
-        row = {"lr": lr, "eps": args.eps, "steps": args.steps,
+        row = {"lr": lr, "eps": args.eps, "steps": args.steps, "activation_scaled": args.activation_scaled,
                "best_val": [x["best_val"] for x in runs], "test_at_best": tests.tolist(),
                "test_mean": tests.mean().item(), "test_std": tests.std().item() if len(runs) > 1 else 0.0,
                "last_test": [x["last_test"] for x in runs], "curves": [x["curve"] for x in runs]}

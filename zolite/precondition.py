@@ -12,7 +12,12 @@ evens the curvature along the perturbation out without amplifying any column by 
 energy (the damping keeps silent channels from being blown up). The damping is the median, not the mean: a few
 massive channels raise the mean so far that every other channel gets nearly the same scale (the first H200 runs
 damped by the mean). The update follows the same scaled z, so the step
-is preconditioned SGD with P = diag(s^2). Vectors (norms, biases) keep scale 1.
+is preconditioned SGD with P = diag(s^2).
+
+A norm's weight g scales its normalized input r channel by channel (RMSNorm: g * r, LayerNorm: g * r + b), so the
+curvature in g_j grows with e_j = mean r_j^2 the same way, and the massive channels make it just as uneven: g_j gets
+the same s_j, from r's energy (on SmolLM2's SST-2 this lifted ZO on the final norm from 0.720 to 0.765, replayed
+exactly from saved states: bench/results/probe_ceiling_cpu). Biases keep scale 1 (no input to weigh them by).
 
 Measured once, on training batches, before the run; the scales travel in checkpoints and trajectories.
 """
@@ -27,17 +32,21 @@ CALIBRATION_BATCHES = 4
 
 @torch.no_grad()
 def input_energies(model, tuned: TunedLayers, sequences: list[list[int]], batch_size: int, device) -> dict[str, torch.Tensor]:
-    """Mean square of each input channel of every tuned matrix over the real (unpadded) tokens of `sequences`,
-    by full name of the matrix."""
+    """Mean square of each input channel of every tuned matrix, and of each normalized input channel of every tuned
+    norm weight, over the real (unpadded) tokens of `sequences`, by full name of the tensor."""
     sums: dict[int, torch.Tensor] = {}
     mask: dict[str, torch.Tensor] = {}
     handles = []
     for i, (module, attr) in enumerate(tuned.owner):
-        if attr != "weight" or tuned.params[i].dim() != 2 or not isinstance(module, torch.nn.Linear):
+        if attr == "weight" and tuned.params[i].dim() == 2 and isinstance(module, torch.nn.Linear):
+            channels = _linear_input
+        elif attr == "weight" and tuned.params[i].dim() == 1 and _normalizer(module) is not None:
+            channels = _normalizer(module)
+        else:
             continue
 
-        def record(_module, args, i=i):
-            x = args[0][mask["tokens"]].float()                      # [real tokens, in]
+        def record(_module, args, i=i, channels=channels):
+            x = channels(args[0][mask["tokens"]].float())           # [real tokens, channels]
             sums[i] = sums.get(i, 0) + x.pow(2).sum(0)
         handles.append(module.register_forward_pre_hook(record))
     tokens = 0
@@ -60,20 +69,37 @@ def input_energies(model, tuned: TunedLayers, sequences: list[list[int]], batch_
     return {tuned.names[i]: s / max(tokens, 1) for i, s in sums.items()}
 
 
-def activation_scales(energies: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """s_j = (e_j + median e)^(-1/2), RMS 1 per tensor, shaped [1, in] to broadcast over the matrix's rows."""
+def _linear_input(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _normalizer(module: torch.nn.Module):
+    """What a norm module multiplies its weight with (its input, normalized), or None for a module that is no norm
+    zolite knows: LayerNorm subtracts the mean, the RMSNorms (Llama, Qwen2, ...) do not."""
+    if isinstance(module, torch.nn.LayerNorm):
+        return lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:], eps=module.eps)
+    if "RMSNorm" in type(module).__name__:
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+        return lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return None
+
+
+def activation_scales(energies: dict[str, torch.Tensor], vectors: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """s_j = (e_j + median e)^(-1/2), RMS 1 per tensor, shaped [1, in] to broadcast over a matrix's rows (or [in]
+    for the names in `vectors`: norm weights)."""
     scales = {}
     for name, e in energies.items():
         s = (e + e.quantile(0.5)).rsqrt()
         s = s / s.pow(2).mean().sqrt()
-        scales[name] = s.unsqueeze(0)
+        scales[name] = s if name in vectors else s.unsqueeze(0)
     return scales
 
 
 def measure_scales(model, tuned: TunedLayers, examples: list, batch_size: int, device) -> dict[str, torch.Tensor]:
     """The scales from the prompts of encoded training examples (their first candidate's sequence)."""
     sequences = [list(e.sequences[0]) for e in examples[:CALIBRATION_BATCHES * batch_size]]
-    return activation_scales(input_energies(model, tuned, sequences, batch_size, device))
+    vectors = frozenset(n for n, p in zip(tuned.names, tuned.params) if p.dim() == 1)
+    return activation_scales(input_energies(model, tuned, sequences, batch_size, device), vectors)
 
 
 def scale_summary(scales: dict[str, torch.Tensor]) -> dict:

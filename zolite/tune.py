@@ -286,9 +286,9 @@ def choose_step(run: Run, saved, profiler) -> None:
     activation scales of z (--eps-scale activation), the lr (given, or probed) and the guard."""
     config, device = run.config, run.loaded.device
     with profiler.phase("lr probe"):
-        if config.eps_scale == "activation":
-            run.tuned.set_scales(_saved_scales(saved) or measure_scales(run.loaded.model, run.tuned, run.train,
-                                                                        run.eval_batch, device))
+        if config.eps_scale == "activation":   # a resumed run keeps the scales it started with (none: scale 1)
+            run.tuned.set_scales(_saved_scales(saved) if saved is not None else
+                                 measure_scales(run.loaded.model, run.tuned, run.train, run.eval_batch, device))
         run.lr_choice = (saved[2].get("lr_choice") if saved is not None else None) or choose_lr(run)
     run.stepper.optimizer.lr = run.lr_choice["lr"]
     run.config = dataclasses.replace(config, lr=run.lr_choice["lr"])   # patches and trajectories record the number
