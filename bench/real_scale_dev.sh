@@ -18,7 +18,8 @@
 #                                               # and plain MeZO on them, SST-2 and RTE at lr 1e-3 (seed 0)
 #   bash bench/real_scale_dev.sh bitfit-refs    # after the fifth part: its references on BoolQ (plain MeZO, fp16,
 #                                               # backprop into the same weights), 3 seeds each, 5 side by side
-#   bash bench/real_scale_dev.sh boolq-late     # after the sixth part: BoolQ on the layers after the read-out's peak
+#   bash bench/real_scale_dev.sh boolq-late     # after the sixth part: BoolQ's recipe with activation-scaled z on
+#                                               # its norms (two lrs), the layers after the read-out's peak
 #                                               # (bitfit-late: two lrs; layer18), seed 0, on val
 #   bash bench/real_scale_dev.sh mezo-full [TASK..]  # full-model MeZO (fp16), $SEEDS (3) seeds side by side
 #                                               # (default task: sst2)
@@ -162,10 +163,11 @@ bitfit-refs)
   # recipe in fp16 (`bitfit-lr`: seed 0's grid ran in the fourth part, so seeds 1-2 at its 1e-3), backprop into them
   ARMS=bitfit-nf4-mezo,bitfit-lr,bitfit-nf4-backprop JOBS=${JOBS:-5} bash "$0" bitfit-boolq ;;
 boolq-late)
-  # the layers that would carry layer 18's read-out to the answer (bench/results/probe_ceiling_qwen_h100), seed 0
+  # BoolQ's recipe with the norms' z scaled (bitfit-nf4-act), and the layers that would carry layer 18's read-out
+  # to the answer (bench/results/probe_ceiling_qwen_h100); seed 0
   qwen_once
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
-    --arms bitfit-late,layer18 --seeds 1 --jobs 3 --data /root/data --out $R/final/boolq-late --quiet \
+    --arms bitfit-nf4-act,bitfit-late,layer18 --seeds 1 --jobs 5 --data /root/data --out $R/final/boolq-late --quiet \
     > $R/boolq-late.log 2>&1 < /dev/null & ;;
 mezo-full)
   # the row every task still lacks: full-model MeZO (the final plan's `mezo-full`, fp16), 3 seeds, on the tasks given
