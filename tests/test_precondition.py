@@ -98,3 +98,14 @@ def test_a_run_on_norms_resumes_with_the_scales_it_started_with(tiny_model, smal
     monkeypatch.setattr(sys.modules["zolite.tune"], "measure_scales", measured_again)
     resumed = zolite.tune(tiny_model, "sst2", resume=tmp_path / "cut", progress=False)
     assert sha(resumed["patch"]) == sha(full["patch"]) and resumed["loss_curve"] == full["loss_curve"]
+
+
+def test_layernorm_weights_weigh_the_centred_normalized_input():
+    """GPT-2 / OPT's LayerNorm: its weight multiplies (x - mean) / std; a 1-D weight of no known norm gets no scale."""
+    from zolite.precondition import _channels_weighed
+
+    norm, x = torch.nn.LayerNorm(8), torch.randn(5, 8) * 3 + 1
+    r = _channels_weighed(norm, norm.weight)(x)
+    expected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
+    assert torch.allclose(r, expected, atol=1e-5)
+    assert _channels_weighed(torch.nn.Embedding(4, 8), torch.zeros(8)) is None

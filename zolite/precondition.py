@@ -38,11 +38,8 @@ def input_energies(model, tuned: TunedLayers, sequences: list[list[int]], batch_
     mask: dict[str, torch.Tensor] = {}
     handles = []
     for i, (module, attr) in enumerate(tuned.owner):
-        if attr == "weight" and tuned.params[i].dim() == 2 and isinstance(module, torch.nn.Linear):
-            channels = _linear_input
-        elif attr == "weight" and tuned.params[i].dim() == 1 and _normalizer(module) is not None:
-            channels = _normalizer(module)
-        else:
+        channels = _channels_weighed(module, tuned.params[i]) if attr == "weight" else None
+        if channels is None:
             continue
 
         def record(_module, args, i=i, channels=channels):
@@ -69,13 +66,14 @@ def input_energies(model, tuned: TunedLayers, sequences: list[list[int]], batch_
     return {tuned.names[i]: s / max(tokens, 1) for i, s in sums.items()}
 
 
-def _linear_input(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _normalizer(module: torch.nn.Module):
-    """What a norm module multiplies its weight with (its input, normalized), or None for a module that is no norm
-    zolite knows: LayerNorm subtracts the mean, the RMSNorms (Llama, Qwen2, ...) do not."""
+def _channels_weighed(module: torch.nn.Module, weight: torch.Tensor):
+    """What a weight multiplies channel by channel, as a function of its module's input: a Linear's input as it is,
+    a norm's input normalized (LayerNorm subtracts the mean, the RMSNorms of Llama, Qwen2, ... do not); None for
+    any other weight."""
+    if weight.dim() == 2 and isinstance(module, torch.nn.Linear):
+        return lambda x: x
+    if weight.dim() != 1:
+        return None
     if isinstance(module, torch.nn.LayerNorm):
         return lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:], eps=module.eps)
     if "RMSNorm" in type(module).__name__:
