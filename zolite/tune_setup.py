@@ -83,7 +83,8 @@ class TuneConfig:
                                       # only those whose weight params selects (how zolite ran before 2026-12-06;
                                       # such runs resume so: with_new_options)
     eps_scale: str = "absolute"       # absolute: W + eps z; relative: tensor i gets eps * RMS(base W_i) * z;
-                                      # activation: column j of a matrix gets eps * s_j * z (zolite.precondition);
+                                      # activation: column j of a matrix (weight j of a norm) gets eps * s_j * z
+                                      # (zolite.precondition);
                                       # sparse: z only on each tensor's smallest quarter of base weights
     cuda_graphs: bool | None = None   # replay the step's ±eps forward from CUDA graphs (zolite.graphs; GPU, layers
                                       # of small tensors), each batch padded to a multiple of 8 tokens

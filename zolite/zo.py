@@ -101,8 +101,9 @@ class TunedLayers:
         name contains one are perturbed and updated (fewer weights, less ZO noise per step); None = all.
         eps_scale: 'absolute' (z ~ N(0, 1) per weight, times eps), 'relative' (tensor i is perturbed by
         eps * s_i * z with s_i = the RMS of its weights when this object is made, i.e. of the base; the update
-        follows the same s_i * z, a diagonal preconditioning), 'activation' (a matrix's column j is perturbed by
-        eps * s_j * z, s_j from the energy of its input channel j: zolite.precondition; set by set_scales) or
+        follows the same s_i * z, a diagonal preconditioning), 'activation' (a matrix's column j, or a norm's weight j,
+        is perturbed by eps * s_j * z, s_j from the energy of the input channel j it weighs: zolite.precondition;
+        set by set_scales) or
         'sparse' (z is zero but on each tensor's SPARSE_FRACTION smallest-magnitude base weights: Sparse MeZO).
         Scales derived from the base (relative, sparse) are made here, from the weights as loaded."""
         if eps_scale not in EPS_SCALES:
