@@ -66,8 +66,8 @@ def layer_probes(data, l2_grid) -> list[dict]:
         rows.append({"layer": layer, "l2": l2, "val": val, "test": accuracy(m, data["test"]["label"]),
                      "test_auc": auc(m, data["test"]["label"]),
                      "train": accuracy(xs["train"] @ w + b, data["train"]["label"])})
-        print(f"hidden state {layer:2d}: l2 {l2:g} train {rows[-1]['train']:.3f} val {val:.3f} test {rows[-1]['test']:.3f}",
-              flush=True)
+        print(f"hidden state {layer:2d}: l2 {l2:g} train {rows[-1]['train']:.3f} val {val:.3f} "
+              f"test {rows[-1]['test']:.3f}", flush=True)
     return rows
 
 
@@ -110,6 +110,9 @@ def main():
     ap.add_argument("--activation-scaled", action="store_true",
                     help="replay ZO with --eps-scale activation's z (scaled by the normed state's channel energy)")
     args = ap.parse_args()
+    if not Path(args.features).is_file():
+        raise SystemExit(f"probe_ceiling.py: no file {args.features}; make it with bench/probe_features.py --out DIR "
+                         "and pass DIR/features.pt")
     data = torch.load(args.features)
     if not all(data[s].get("single_token", True) for s in ("train", "val", "test")):
         raise SystemExit("probe_ceiling.py: an answer here is more than one token, so the margin is not one read-out "

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from calibration_ceiling import two_answer_arguments, two_answer_setup   # bench/, beside this script
+from zolite.errors import ZoliteError
 from zolite.evaluate import encode_rows
 
 
@@ -72,4 +73,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ZoliteError as e:   # a wrong task, model or data folder: one line, as the CLI prints it
+        raise SystemExit(f"probe_features.py: {e}")

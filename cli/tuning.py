@@ -41,9 +41,9 @@ from .options import LR, custom_task_options, mode_option
                                 "per step).  [default: all]")
 @click.option("--eps-scale", type=click.Choice(["absolute", "relative", "activation", "sparse"]),
               help="absolute: W + eps z, z ~ N(0, 1) per weight; relative: each tensor's eps times the RMS of its "
-                   "base weights; activation: each matrix column's z, and each norm weight's, scaled down by the energy "
-                   "of the input channel it weighs, measured on training batches; sparse: z only on each tensor's quarter of smallest base weights "
-                   "(Sparse MeZO). The update follows the same scaling.  [default: absolute]")
+                   "base weights; activation: each matrix column's z, and each norm weight's, scaled down by the "
+                   "energy of the input channel it weighs, measured on training batches; sparse: z only on each "
+                   "tensor's quarter of smallest base weights (Sparse MeZO). The update follows the same scaling.  [default: absolute]")
 @click.option("--optimizer", type=click.Choice(["sgd", "momentum", "adam", "sign"]), help="[default: sgd]")
 @click.option("--momentum", type=float, help="Momentum of --optimizer momentum.  [default: 0.9]")
 @click.option("--layerwise/--no-layerwise", default=None,

@@ -185,8 +185,21 @@ def test_probe_features_saves_each_layers_state_and_the_final_norms_input(tiny_m
     normed = pre * torch.rsqrt(pre.pow(2).mean(-1, keepdim=True) + norm["eps"]) * norm["weight"]
     assert torch.allclose(layers[:, -1], normed, atol=1e-2)   # fp16-stored states: the last one is after the norm
     assert saved["test"]["single_token"] is False
-    result = subprocess.run([sys.executable, str(BENCH / "probe_ceiling.py"), "--features", str(tmp_path / "features.pt"),
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(BENCH / "probe_ceiling.py"), "--features",
+                             str(tmp_path / "features.pt"), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "more than one token" in result.stderr
+
+
+@pytest.mark.parametrize("script, args, says", [
+    ("probe_features.py", ["--task", "boolq", "--data", "{tmp}/missing", "--out", "{tmp}/out"], "no boolq data under"),
+    ("probe_ceiling.py", ["--features", "{tmp}/missing.pt", "--out", "{tmp}/out"], "no file"),
+])
+def test_probe_scripts_name_a_wrong_input_on_one_line(tmp_path, script, args, says):
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert says in result.stderr

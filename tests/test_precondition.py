@@ -93,6 +93,7 @@ def test_a_run_on_norms_resumes_with_the_scales_it_started_with(tiny_model, smal
         _cut_off_after(m, 2)
         with pytest.raises(Interrupted):
             zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "cut", **common)
+
     def measured_again(*args):
         raise AssertionError("a resumed run measured its scales again")
     monkeypatch.setattr(sys.modules["zolite.tune"], "measure_scales", measured_again)
