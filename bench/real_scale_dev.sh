@@ -21,12 +21,15 @@
 #   bash bench/real_scale_dev.sh boolq-late     # after the sixth part: BoolQ's recipe with activation-scaled z on
 #                                               # its norms (two lrs), the layers after the read-out's peak
 #                                               # (bitfit-late: two lrs; layer18), seed 0, on val
+#   bash bench/real_scale_dev.sh boolq-act      # after the seventh part: bitfit-nf4-act's seeds 1-2 (lr 3e-3), and
+#                                               # seed 0 of the unscaled recipe at 3e-3 and the scaled one at 1e-2
 #   bash bench/real_scale_dev.sh mezo-full [TASK..]  # full-model MeZO (fp16), $SEEDS (3) seeds side by side
 #                                               # (default task: sst2)
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
 #   bash bench/real_scale_dev.sh probe-qwen     # Qwen BoolQ (nf4): what a linear read-out of each layer reaches, and
 #                                               # ZO on the final norm replayed (bench/probe_ceiling.py; ~2 min GPU)
-#   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, four lrs)
+#   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, four lrs; and
+#                                               # activation-scaled, three lrs)
 #   bash bench/real_scale_dev.sh smollm2-long   # the same beside 10,000-step runs (layer 11, every norm; seed 0)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh watch S DIR    # wait S seconds, collect into DIR, print the logs' last lines: the
@@ -169,6 +172,16 @@ boolq-late)
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
     --arms bitfit-nf4-act,bitfit-late,layer18 --seeds 1 --jobs 5 --data /root/data --out $R/final/boolq-late --quiet \
     > $R/boolq-late.log 2>&1 < /dev/null & ;;
+boolq-act)
+  # after the seventh part: the scaled recipe's seeds 1-2 at its picked lr (3e-3), beside seed 0 of two controls:
+  # the unscaled recipe at 3e-3 (the scaling or the step?) and the scaled one at 1e-2 (the grid's edge)
+  qwen_once
+  setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
+    --arms bitfit-nf4-act --seeds 3 --jobs 2 --data /root/data --out $R/final/boolq-late --quiet \
+    > $R/boolq-act.log 2>&1 < /dev/null &
+  setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
+    --arms bitfit-nf4-3e-3,bitfit-nf4-act-1e-2 --seeds 1 --jobs 2 --data /root/data --out $R/final/boolq-act \
+    --quiet > $R/boolq-act-controls.log 2>&1 < /dev/null & ;;
 mezo-full)
   # the row every task still lacks: full-model MeZO (the final plan's `mezo-full`, fp16), 3 seeds, on the tasks given
   # (default sst2: its rows are the shortest, ~5x fewer tokens a step than BoolQ's)
