@@ -193,6 +193,23 @@ def test_probe_features_saves_each_layers_state_and_the_final_norms_input(tiny_m
     assert "more than one token" in result.stderr
 
 
+def test_curvature_spread_measures_the_probes_curvature_along_scaled_z(tiny_model, small_data, tmp_path):
+    """At the probe's eps the bench's mean curvature is the one `--lr auto` measured before a run with the same
+    --eps-scale activation (the same scaled directions, batches and losses), and it differs from the unscaled one."""
+    import zolite
+
+    common = dict(data=small_data, layer="all", params="norm", steps=1, eval_every=1, batch_size=4, lr="auto",
+                  dtype="float32", progress=False)
+    probed = {scale: zolite.tune(tiny_model, "sst2", run_dir=tmp_path / scale, eps_scale=scale, **common)
+              ["lr"]["probe"]["curvature"] for scale in ("absolute", "activation")}
+    _run(BENCH / "curvature_spread.py", "--model", tiny_model, "--task", "sst2", "--data", small_data, "--target",
+         "all:norm", "--eps", "1e-2", "--eps-scale", "activation", "--batch-size", 4, "--out", tmp_path / "c.json")
+    row, = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert (row["eps_scale"], len(row["values"])) == ("activation", PROBES)
+    assert row["mean"] == pytest.approx(probed["activation"], rel=1e-4)
+    assert probed["activation"] != pytest.approx(probed["absolute"], rel=1e-2)
+
+
 @pytest.mark.parametrize("script, args, says", [
     ("probe_features.py", ["--task", "boolq", "--data", "{tmp}/missing", "--out", "{tmp}/out"], "no boolq data under"),
     ("probe_ceiling.py", ["--features", "{tmp}/missing.pt", "--out", "{tmp}/out"], "no file"),
