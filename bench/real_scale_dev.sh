@@ -23,6 +23,7 @@
 #                                               # (bitfit-late: two lrs; layer18), seed 0, on val
 #   bash bench/real_scale_dev.sh boolq-act      # after the seventh part: bitfit-nf4-act's seeds 1-2 (lr 3e-3), and
 #                                               # seed 0 of the unscaled recipe at 3e-3 and the scaled one at 1e-2
+#                                               # and at the probed lr
 #   bash bench/real_scale_dev.sh mezo-full [TASK..]  # full-model MeZO (fp16), $SEEDS (3) seeds side by side
 #                                               # (default task: sst2)
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
@@ -173,15 +174,16 @@ boolq-late)
     --arms bitfit-nf4-act,bitfit-late,layer18 --seeds 1 --jobs 5 --data /root/data --out $R/final/boolq-late --quiet \
     > $R/boolq-late.log 2>&1 < /dev/null & ;;
 boolq-act)
-  # after the seventh part: the scaled recipe's seeds 1-2 at its picked lr (3e-3), beside seed 0 of two controls:
-  # the unscaled recipe at 3e-3 (the scaling or the step?) and the scaled one at 1e-2 (the grid's edge)
+  # after the seventh part: the scaled recipe's seeds 1-2 at its picked lr (3e-3), beside seed 0 of three controls:
+  # the unscaled recipe at 3e-3 (the scaling or the step?), the scaled one at 1e-2 (the grid's edge) and at the
+  # probed lr (no grid)
   qwen_once
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
     --arms bitfit-nf4-act --seeds 3 --jobs 2 --data /root/data --out $R/final/boolq-late --quiet \
     > $R/boolq-act.log 2>&1 < /dev/null &
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
-    --arms bitfit-nf4-3e-3,bitfit-nf4-act-1e-2 --seeds 1 --jobs 2 --data /root/data --out $R/final/boolq-act \
-    --quiet > $R/boolq-act-controls.log 2>&1 < /dev/null & ;;
+    --arms bitfit-nf4-3e-3,bitfit-nf4-act-1e-2,bitfit-nf4-act-auto --seeds 1 --jobs 3 --data /root/data \
+    --out $R/final/boolq-act --quiet > $R/boolq-act-controls.log 2>&1 < /dev/null & ;;
 mezo-full)
   # the row every task still lacks: full-model MeZO (the final plan's `mezo-full`, fp16), 3 seeds, on the tasks given
   # (default sst2: its rows are the shortest, ~5x fewer tokens a step than BoolQ's)
