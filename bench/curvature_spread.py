@@ -35,7 +35,7 @@ def spread(model, task, data, dtype, target, eps_values, probes, batch_size, see
     tuned = TunedLayers(loaded.model, indices, eps_scale, params=config.params)
     if eps_scale == "activation":
         # on the rows and in the batches a run measures them (zolite.tune's eval_batch: a doubled forward's rows)
-        tuned.set_scales(measure_scales(loaded.model, tuned, train, 2 * (config.micro_batch or batch_size),
+        tuned.set_scales(measure_scales(loaded.model, tuned, train, 2 * (config.micro_batch or config.batch_size),
                                         loaded.device))
     stepper = loss_stepper(loaded, tuned, config)
     curvature = {eps: [] for eps in eps_values}
