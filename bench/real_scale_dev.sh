@@ -30,7 +30,7 @@
 #   bash bench/real_scale_dev.sh probe-qwen     # Qwen BoolQ (nf4): what a linear read-out of each layer reaches, and
 #                                               # ZO on the final norm replayed (bench/probe_ceiling.py; ~2 min GPU)
 #   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, four lrs; and
-#                                               # activation-scaled, three lrs)
+#                                               # activation-scaled at 3e-4, 1e-3, 3e-3)
 #   bash bench/real_scale_dev.sh smollm2-long   # the same beside 10,000-step runs (layer 11, every norm; seed 0)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh watch S DIR    # wait S seconds, collect into DIR, print the logs' last lines: the
