@@ -22,7 +22,7 @@ from pathlib import Path
 
 def spread(model, task, data, dtype, target, eps_values, probes, batch_size, seed=0, eps_scale="absolute"):
     from train_rows import load_with_train_rows, loss_stepper
-    from zolite.tune import probe_batch
+    from zolite.tune import forward_rows, probe_batch
     from zolite.stepsize import probe_seed
     from zolite.precondition import measure_scales
     from zolite.tune_setup import TuneConfig
@@ -33,10 +33,8 @@ def spread(model, task, data, dtype, target, eps_values, probes, batch_size, see
                         batch_size=batch_size, seed=seed, lr="auto", eps_scale=eps_scale)
     loaded, indices, config, train = load_with_train_rows(config)
     tuned = TunedLayers(loaded.model, indices, eps_scale, params=config.params)
-    if eps_scale == "activation":
-        # on the rows and in the batches a run measures them (zolite.tune's eval_batch: a doubled forward's rows)
-        tuned.set_scales(measure_scales(loaded.model, tuned, train, 2 * (config.micro_batch or config.batch_size),
-                                        loaded.device))
+    if eps_scale == "activation":   # on the rows and in the batches a run measures them
+        tuned.set_scales(measure_scales(loaded.model, tuned, train, forward_rows(config), loaded.device))
     stepper = loss_stepper(loaded, tuned, config)
     curvature = {eps: [] for eps in eps_values}
     t0 = time.perf_counter()
@@ -49,9 +47,9 @@ def spread(model, task, data, dtype, target, eps_values, probes, batch_size, see
     rows = []
     for eps, c in curvature.items():
         mean, se = statistics.fmean(c), statistics.stdev(c) / len(c) ** 0.5
-        rows.append({"target": target, "eps_scale": eps_scale, "tuned_params": tuned.numel(), "eps": eps, "mean": mean, "se": se,
-                     "resolved": mean > 3 * se, "negative": sum(v < 0 for v in c), "median": statistics.median(c),
-                     "min": min(c), "max": max(c), "values": c})
+        rows.append({"target": target, "eps_scale": eps_scale, "tuned_params": tuned.numel(), "eps": eps,
+                     "mean": mean, "se": se, "resolved": mean > 3 * se, "negative": sum(v < 0 for v in c),
+                     "median": statistics.median(c), "min": min(c), "max": max(c), "values": c})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "values"}), flush=True)
     print(f"{target}: {probes} probes in {time.perf_counter() - t0:.0f} s", flush=True)
     return rows

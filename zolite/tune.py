@@ -161,8 +161,7 @@ class Run:
 
     @property
     def eval_batch(self) -> int:
-        """A ZO forward's rows: what memory was planned for."""
-        return 2 * (self.config.micro_batch or self.config.batch_size)
+        return forward_rows(self.config)
 
     def score(self, rows: list[dict]) -> dict:
         """The task's metric on rows; each rank scores its slice, the predictions are gathered."""
@@ -305,6 +304,12 @@ def auto_lr_supported(config: TuneConfig) -> bool:
 
 def uses_guard(config: TuneConfig) -> bool:
     return config.guard and auto_lr_supported(config)
+
+
+def forward_rows(config: TuneConfig) -> int:
+    """A ZO forward's rows (a micro-batch's +eps and -eps copies): what memory was planned for, and the batch that
+    scoring and the activation scales are measured in."""
+    return 2 * (config.micro_batch or config.batch_size)
 
 
 def probe_batch(train: list, config: TuneConfig, k: int) -> list:
