@@ -26,6 +26,8 @@
 #                                               # and at the probed lr
 #   bash bench/real_scale_dev.sh mezo-full [TASK..]  # full-model MeZO (fp16), $SEEDS (3) seeds side by side
 #                                               # (default task: sst2)
+#   bash bench/real_scale_dev.sh fp16-rows      # after the eighth part: SST-2's and RTE's recipes on the fp16 base,
+#                                               # 3 seeds each (layer27-fp16, eps1e-3-noguard-fp16)
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
 #   bash bench/real_scale_dev.sh probe-qwen     # Qwen BoolQ (nf4): what a linear read-out of each layer reaches, and
 #                                               # ZO on the final norm replayed (bench/probe_ceiling.py; ~2 min GPU)
@@ -192,6 +194,15 @@ mezo-full)
     setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_final.toml \
       --arms mezo-full --seeds ${SEEDS:-3} --jobs ${SEEDS:-3} --data /root/data --out $R/final/$t --quiet \
       > $R/mezo-full-$t.log 2>&1 < /dev/null &
+  done ;;
+fp16-rows)
+  # after the eighth part: each task's recipe on the fp16 base, 3 seeds (SST-2: layer 27; RTE: eps 1e-3, no guard)
+  qwen_once
+  for t in sst2 rte; do
+    arm=$(case $t in sst2) echo layer27-fp16 ;; *) echo eps1e-3-noguard-fp16 ;; esac)
+    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_candidates.toml \
+      --arms $arm --seeds 3 --jobs 3 --data /root/data --out $R/final/$t-fp16 --quiet \
+      > $R/fp16-rows-$t.log 2>&1 < /dev/null &
   done ;;
 refs-next)
   # bitfit-refs beside full-model MeZO on SST-2
