@@ -26,8 +26,8 @@
 #                                               # and at the probed lr
 #   bash bench/real_scale_dev.sh mezo-full [TASK..]  # full-model MeZO (fp16), $SEEDS (3) seeds side by side
 #                                               # (default task: sst2)
-#   bash bench/real_scale_dev.sh fp16-rows      # after the eighth part: SST-2's and RTE's recipes on the fp16 base,
-#                                               # 3 seeds each (layer27-fp16, eps1e-3-noguard-fp16)
+#   bash bench/real_scale_dev.sh rows-next      # after the eighth part: SST-2's and RTE's recipes on the fp16 base,
+#                                               # then SST-2's layer-27 references (plain MeZO, backprop), 3 seeds
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
 #   bash bench/real_scale_dev.sh probe-qwen     # Qwen BoolQ (nf4): what a linear read-out of each layer reaches, and
 #                                               # ZO on the final norm replayed (bench/probe_ceiling.py; ~2 min GPU)
@@ -195,15 +195,16 @@ mezo-full)
       --arms mezo-full --seeds ${SEEDS:-3} --jobs ${SEEDS:-3} --data /root/data --out $R/final/$t --quiet \
       > $R/mezo-full-$t.log 2>&1 < /dev/null &
   done ;;
-fp16-rows)
-  # after the eighth part: each task's recipe on the fp16 base, 3 seeds (SST-2: layer 27; RTE: eps 1e-3, no guard)
+rows-next)
+  # after the eighth part: the matrix's empty cells (bench/real_scale_matrix.py), one ablation after another so at
+  # most 3 more processes share the GPU: SST-2's recipe (layer 27) and RTE's (eps 1e-3, no guard) on the fp16 base,
+  # then plain MeZO and backprop on SST-2's layer 27; 3 seeds each
   qwen_once
-  for t in sst2 rte; do
-    arm=$(case $t in sst2) echo layer27-fp16 ;; *) echo eps1e-3-noguard-fp16 ;; esac)
-    setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task $t --plan bench/plans/real_scale_candidates.toml \
-      --arms $arm --seeds 3 --jobs 3 --data /root/data --out $R/final/$t-fp16 --quiet \
-      > $R/fp16-rows-$t.log 2>&1 < /dev/null &
-  done ;;
+  ab="zolite ablate --model qwen2.5-coder-1.5b --plan bench/plans/real_scale_candidates.toml --seeds 3 --jobs 3 --data /root/data --quiet"
+  setsid nohup bash -c "$ab --task sst2 --arms layer27-fp16 --out $R/final/sst2-fp16
+    $ab --task rte --arms eps1e-3-noguard-fp16 --out $R/final/rte-fp16
+    $ab --task sst2 --arms layer27-mezo,layer27-backprop --out $R/final/sst2-layer27-refs" \
+    > $R/rows-next.log 2>&1 < /dev/null & ;;
 refs-next)
   # bitfit-refs beside full-model MeZO on SST-2
   bash "$0" bitfit-refs && bash "$0" mezo-full sst2 ;;

@@ -96,6 +96,35 @@ def test_runs_table_reads_finished_and_cut_off_runs(tiny_model, small_data, tmp_
     assert f"| sst2/mezo lrauto | 2 | {sum(tests) / 2:.3f} ± " in table and "| zero-shot-sst2-fp16 | | 0.500 (n = 40)" in table
 
 
+def test_real_scale_matrix_fills_each_cell_from_its_arm(tiny_model, small_data, tmp_path, monkeypatch):
+    """Issue 22's matrix: a cell is its arm's finished seeds' test mean ± std, plus its cut-off runs; a cell whose
+    arm has no run reads "not run", zero-shot comes from the zero-shot files."""
+    import zolite
+    from test_tune import Interrupted, _cut_off_after
+
+    common = dict(data=small_data, layer="1", steps=4, eval_every=2, batch_size=4, lr="auto", eval_test=True,
+                  progress=False)
+    for seed in (0, 1):
+        zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "sst2" / "zolite" / f"lrauto-s{seed}", seed=seed, **common)
+    with monkeypatch.context() as m:
+        _cut_off_after(m, 2)
+        with pytest.raises(Interrupted):
+            zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "sst2" / "mezo-full" / "lrauto-s0", **common)
+    (tmp_path / "zero-shot-sst2-nf4.json").write_text(json.dumps({"zero_shot": {"score": 0.5, "n": 40}}))
+    _run(BENCH / "real_scale_matrix.py", tmp_path, "--md", tmp_path / "matrix.md")
+    cells = [line.strip("| ").split(" | ")
+             for line in (tmp_path / "matrix.md").read_text().split("\n\n")[1].splitlines()[2:]]
+    rows = {(c[0], c[1]): c[2:] for c in cells}   # (row, mode) -> the tasks' cells, SST-2's first
+    tests = [json.loads((tmp_path / "sst2" / "zolite" / f"lrauto-s{s}" / "report.json").read_text())
+             ["final"]["test"]["score"] for s in (0, 1)]
+    spread = abs(tests[0] - tests[1]) / 2 ** 0.5   # the std of two values
+    assert rows["zolite's defaults: layer 1, probed lr, eps 1e-2, guard", "nf4"][0] == \
+        f"{sum(tests) / 2:.3f} ± {spread:.3f} (2 of 3)"
+    assert rows["full-model MeZO (eps 1e-3, no guard, probed lr)", "fp16"][0] == "1 cut off at step 2"
+    assert rows["backprop into layer 1 (AdamW 1e-4, 500 steps)", "nf4"][0] == "not run"
+    assert rows["zero-shot", "nf4"] == ["0.500", "-", "-"] and rows["zero-shot", "fp16"][0] == "-"
+
+
 def test_guard_return_runs_both_guards(tiny_model, small_data, tmp_path):
     _run(BENCH / "guard_return_cpu.py", "--out", tmp_path, "--", "--model", tiny_model, "--task", "sst2", "--layer",
          "1", "--data", small_data, "--steps", "200", "--eval-every", "100", "--lr", "1e-3", "--batch-size", "4",
