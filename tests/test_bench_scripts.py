@@ -71,21 +71,27 @@ def test_step_ops_counts_each_dtype():
     assert [r[0].strip() for r in rows] == ["float32", "float16"] and all(int(r[3]) > 0 for r in rows)
 
 
-def test_runs_table_reads_finished_and_cut_off_runs(tiny_model, small_data, tmp_path, monkeypatch):
-    """The device sessions' runs come home finished (report.json) or cut off (a seed checkpoint): both get a row,
-    finished seeds an arm's test mean."""
+def _results_tree(root, tiny_model, small_data, monkeypatch, done_arm, cut_arm, zero_shot):
+    """A device session's results tree in small: two finished seeds of root/sst2/DONE_ARM, seed 0 of
+    root/sst2/CUT_ARM cut off after 2 of 4 steps, and a zero-shot file named ZERO_SHOT (score 0.5)."""
     import zolite
     from test_tune import Interrupted, _cut_off_after
 
     common = dict(data=small_data, layer="1", steps=4, eval_every=2, batch_size=4, lr="auto", eval_test=True,
                   progress=False)
     for seed in (0, 1):
-        zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "sst2" / "mezo" / f"lrauto-s{seed}", seed=seed, **common)
+        zolite.tune(tiny_model, "sst2", run_dir=root / "sst2" / done_arm / f"lrauto-s{seed}", seed=seed, **common)
     with monkeypatch.context() as m:
         _cut_off_after(m, 2)
         with pytest.raises(Interrupted):
-            zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "sst2" / "cut" / "lrauto-s0", **common)
-    (tmp_path / "zero-shot-sst2-fp16.json").write_text(json.dumps({"zero_shot": {"score": 0.5, "n": 40}}))
+            zolite.tune(tiny_model, "sst2", run_dir=root / "sst2" / cut_arm / "lrauto-s0", **common)
+    (root / zero_shot).write_text(json.dumps({"zero_shot": {"score": 0.5, "n": 40}}))
+
+
+def test_runs_table_reads_finished_and_cut_off_runs(tiny_model, small_data, tmp_path, monkeypatch):
+    """The device sessions' runs come home finished (report.json) or cut off (a seed checkpoint): both get a row,
+    finished seeds an arm's test mean."""
+    _results_tree(tmp_path, tiny_model, small_data, monkeypatch, "mezo", "cut", "zero-shot-sst2-fp16.json")
     _run(BENCH / "runs_table.py", tmp_path, "--json", tmp_path / "runs.json", "--md", tmp_path / "runs.md")
     rows = {r["run"]: r for r in json.loads((tmp_path / "runs.json").read_text())}
     assert rows["sst2/cut/lrauto-s0"]["status"] == "cut off" and rows["sst2/cut/lrauto-s0"]["steps"] == 2
@@ -99,18 +105,7 @@ def test_runs_table_reads_finished_and_cut_off_runs(tiny_model, small_data, tmp_
 def test_real_scale_matrix_fills_each_cell_from_its_arm(tiny_model, small_data, tmp_path, monkeypatch):
     """Issue 22's matrix: a cell is its arm's finished seeds' test mean ± std, plus its cut-off runs; a cell whose
     arm has no run reads "not run", zero-shot comes from the zero-shot files."""
-    import zolite
-    from test_tune import Interrupted, _cut_off_after
-
-    common = dict(data=small_data, layer="1", steps=4, eval_every=2, batch_size=4, lr="auto", eval_test=True,
-                  progress=False)
-    for seed in (0, 1):
-        zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "sst2" / "zolite" / f"lrauto-s{seed}", seed=seed, **common)
-    with monkeypatch.context() as m:
-        _cut_off_after(m, 2)
-        with pytest.raises(Interrupted):
-            zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "sst2" / "mezo-full" / "lrauto-s0", **common)
-    (tmp_path / "zero-shot-sst2-nf4.json").write_text(json.dumps({"zero_shot": {"score": 0.5, "n": 40}}))
+    _results_tree(tmp_path, tiny_model, small_data, monkeypatch, "zolite", "mezo-full", "zero-shot-sst2-nf4.json")
     _run(BENCH / "real_scale_matrix.py", tmp_path, "--md", tmp_path / "matrix.md")
     cells = [line.strip("| ").split(" | ")
              for line in (tmp_path / "matrix.md").read_text().split("\n\n")[1].splitlines()[2:]]
