@@ -244,3 +244,12 @@ def test_probe_scripts_name_a_wrong_input_on_one_line(tmp_path, script, args, sa
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert says in result.stderr
+
+
+@pytest.mark.parametrize("plan", sorted((BENCH / "plans").glob("*.toml")), ids=lambda p: p.stem)
+def test_bench_plans_load(plan):
+    """A device session spends minutes before a plan's first run: a misspelt option must fail here instead."""
+    from zolite.ablate import load_plan
+
+    arms = load_plan(str(plan))["arms"]
+    assert arms and len({a["name"] for a in arms}) == len(arms)
