@@ -49,11 +49,9 @@ ROWS = [
 def cell(runs: list[dict]) -> dict:
     done = [r for r in runs if r.get("status") == "done" and r.get("test") is not None]
     cut = [r for r in runs if r.get("status") == "cut off"]
-    tests = [r["test"] for r in done]
-    steps = [r["steps"] for r in done if r.get("steps")]
-    return {"tests": tests, "cut_off_at": sorted(r["steps"] for r in cut),
+    return {"tests": [r["test"] for r in done], "cut_off_at": sorted(r["steps"] for r in cut),
             "peak_gib": max((r["peak_gib"] or 0 for r in done), default=None) or None,
-            "ms_per_step": (1000 * statistics.fmean(r["train_s"] / r["steps"] for r in done) if steps else None)}
+            "ms_per_step": 1000 * statistics.fmean(r["train_s"] / r["steps"] for r in done) if done else None}
 
 
 def accuracy_text(c: dict | None) -> str:
@@ -68,7 +66,7 @@ def accuracy_text(c: dict | None) -> str:
     return "; ".join(parts) or "not run"
 
 
-def matrix(final: Path) -> tuple[list[dict], str]:
+def matrix(final: Path) -> str:
     runs = [run_row(c.parent, final) for c in sorted(final.rglob("config.json"))]
     zero = {}
     for f in final.glob("zero-shot-*-*.json"):
@@ -89,10 +87,9 @@ def matrix(final: Path) -> tuple[list[dict], str]:
         cost.append(f"| {r['row']} | {r['mode']} | " + " | ".join(
             f"{r[t]['peak_gib']:.2f} GiB, {r[t]['ms_per_step']:.0f} ms" if r.get(t) and r[t]["peak_gib"] else "-"
             for t in TASKS) + " |\n")
-    text = ("Test accuracy, mean ± std over the finished seeds:\n\n" + "".join(acc) +
+    return ("Test accuracy, mean ± std over the finished seeds:\n\n" + "".join(acc) +
             "\nPeak GPU memory (allocated) and training time per step of the finished runs (mean); the device runs "
             "shared one GPU, so the times are not speeds:\n\n" + "".join(cost))
-    return out, text
 
 
 def main() -> None:
@@ -102,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.final.is_dir():
         sys.exit(f"error: {args.final} is not a folder; give the final/ folder of an unpacked res.tgz")
-    _, text = matrix(args.final)
+    text = matrix(args.final)
     if args.md:
         args.md.write_text(text)
     else:
