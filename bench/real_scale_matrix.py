@@ -26,10 +26,11 @@ SEEDS = 3
 ROWS = [
     ("zolite's defaults: layer 1, probed lr, eps 1e-2, guard", "nf4",
      {"sst2": "sst2/zolite/", "rte": "rte/zolite/", "boolq": "boolq/zolite/"}),
-    ("the task's recipe (profile: SST-2 layer 27; RTE eps 1e-3, no guard; BoolQ every bias and norm, lr 1e-3)", "nf4",
-     {"sst2": "sst2-candidates/layer27/", "rte": "rte/mezo/", "boolq": "boolq-candidates/bitfit-nf4/"}),
-    ("BoolQ's candidate: the recipe with activation-scaled z, lr 3e-3", "nf4",
-     {"boolq": "boolq-late/bitfit-nf4-act/lr0.003-"}),
+    ("the task's recipe (profile: SST-2 layer 27; RTE eps 1e-3, no guard; BoolQ every bias and norm, "
+     "activation-scaled z, lr 3e-3)", "nf4",
+     {"sst2": "sst2-candidates/layer27/", "rte": "rte/mezo/", "boolq": "boolq-late/bitfit-nf4-act/lr0.003-"}),
+    ("BoolQ's earlier recipe: the same weights, unscaled z, lr 1e-3", "nf4",
+     {"boolq": "boolq-candidates/bitfit-nf4/"}),
     ("plain MeZO on layer 1 (eps 1e-3, no guard, probed lr)", "nf4",
      {"sst2": "sst2/mezo/", "rte": "rte/mezo/", "boolq": "boolq/mezo/"}),
     ("plain MeZO on the recipe's weights", "nf4",
@@ -40,7 +41,7 @@ ROWS = [
      {"sst2": "sst2/backprop/", "rte": "rte/backprop/", "boolq": "boolq/backprop/"}),
     ("backprop into the recipe's weights", "nf4",
      {"sst2": "sst2-layer27-refs/layer27-backprop/", "rte": "rte/backprop/", "boolq": "boolq-candidates/bitfit-nf4-backprop/"}),
-    ("the task's recipe", "fp16",
+    ("the task's recipe (BoolQ: the earlier one)", "fp16",
      {"sst2": "sst2-fp16/layer27-fp16/", "rte": "rte-fp16/eps1e-3-noguard-fp16/",
       "boolq": "boolq-candidates/bitfit-lr/lr0.001-"}),
 ]
