@@ -76,6 +76,17 @@ def test_tune_the_dominant_layer_then_apply_and_eval(smollm2, small_data, tmp_pa
     assert result["zero_shot"]["n"] == result["patched"]["n"] == 12
 
 
+def test_the_profiles_lr_serves_its_layer_and_other_weights_get_the_probe(smollm2, small_data, tmp_path):
+    """SmolLM2's 3e-4 was chosen for layer 11, whole: its norms alone get the probed step, and tune says so."""
+    r = run_cli("tune", "--model", "smollm2-135m", "--task", "sst2", "--data", small_data, "--params", "norm",
+                "--steps", "1", "--batch-size", "4", "--max-length", "64", "--eval-every", "0", "--quiet",
+                "--run-dir", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert "profile smollm2-135m's lr 0.0003 was chosen for layer 11's weights" in r.output
+    lr = json.loads((tmp_path / "run" / "report.json").read_text())["lr"]
+    assert lr["source"] == "probe" and lr["lr"] > 0
+
+
 def test_scan_finds_the_profile_layer_on_the_real_model(smollm2, tmp_path):
     """The shipped profile's dominant layer is what `zolite scan` measures (generic text and SST-2 prompts)."""
     from zolite.scan import scan

@@ -37,11 +37,11 @@ def test_every_shipped_recipe_is_a_run_tune_accepts(name):
 def test_qwen_ships_its_measured_recipes():
     """The options that scored best per task on Qwen2.5-Coder-1.5B (docs/evidence.md), as the CLI would take them."""
     recipes = {t: recipe_text(task_recipe("qwen2.5-coder-1.5b", t)) for t in ("sst2", "boolq", "rte", "copa")}
-    assert recipes == {"sst2": "--layer 27", "boolq": "--layer all --params bias,layernorm --lr 0.001",
+    assert recipes == {"sst2": "--layer 27", "boolq": "--layer all --params bias,layernorm --eps-scale activation --lr 0.003",
                        "rte": "--eps 0.001 --no-guard", "copa": ""}
     assert task_recipe("smollm2-135m", "sst2") == {}
     out = run_cli("models").output
-    assert "recipe for boolq: --layer all --params bias,layernorm --lr 0.001" in out
+    assert "recipe for boolq: --layer all --params bias,layernorm --eps-scale activation --lr 0.003" in out
 
 
 def test_tune_starts_from_the_recipe_and_says_so(tiny_recipe, tiny_model, small_data, tmp_path):
@@ -68,6 +68,20 @@ def test_options_given_win_over_the_recipe_and_no_recipe_leaves_it_out(tiny_reci
     # a task without a recipe runs on the defaults
     report = zolite.tune(tiny_model, "boolq", run_dir=tmp_path / "boolq", layer="0", lr=5e-3, **quick)
     assert report["recipe"] is None and report["config"]["recipe"] is False
+
+
+def test_a_recipes_lr_is_kept_only_for_the_recipes_weights(tiny_recipe, tiny_model, small_data, tmp_path):
+    """The recipe's lr was chosen for its layer: another --layer gets the probed step, and tune says so."""
+    result = run_cli("tune", "--model", tiny_model, "--data", small_data, "--layer", "0", "--steps", "1",
+                     "--eval-every", "0", "--batch-size", "2", "--run-dir", tmp_path / "other")
+    assert result.exit_code == 0, result.output
+    assert f"{tiny_model}'s recipe for sst2 chose lr 0.002 for --layer 1; other weights get the probed step" \
+        in result.output
+    report = json.loads((tmp_path / "other" / "report.json").read_text())
+    assert report["recipe"] == {"guard": False} and report["lr"]["source"] == "probe"
+    quick = dict(data=small_data, steps=1, eval_every=0, batch_size=2, progress=False)
+    report = zolite.tune(tiny_model, "sst2", run_dir=tmp_path / "same", layer="1", **quick)   # its own layer, named
+    assert report["recipe"] == RECIPE and report["lr"]["source"] == "recipe"
 
 
 def test_asking_for_a_recipe_that_does_not_exist_is_one_line(tiny_model, small_data, tmp_path):
@@ -147,5 +161,5 @@ def test_qwen_boolq_runs_its_recipe(small_data, tmp_path, monkeypatch):
                      "--run-dir", tmp_path / "run")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["recipe"] == {"layer": "all", "params": "bias,layernorm", "lr": 1e-3}
+    assert report["recipe"] == {"layer": "all", "params": "bias,layernorm", "eps_scale": "activation", "lr": 3e-3}
     assert (report["tuned_params"], report["lr"]["source"]) == (143_360, "recipe")

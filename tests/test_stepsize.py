@@ -168,6 +168,32 @@ def bowl_loss(monkeypatch):
     monkeypatch.setattr(optim, "micro_batched_losses", losses)
 
 
+@pytest.mark.parametrize("given, indices, profile_lr_kept", [
+    ({}, [1], True),                                     # the weights it was chosen for
+    ({"layer": "1"}, [1], True),                         # the same layer, named
+    ({"layer": "all"}, [0, 1], False),                   # every layer wants a smaller step
+    ({"layer": "0"}, [0], False),
+    ({"params": "norm"}, [1], False),                    # a part of the layer
+    ({"eps_scale": "activation"}, [1], False),           # z scaled otherwise
+    ({"layer": "all", "lr": 1e-4}, [0, 1], None),        # an lr given is taken as given
+])
+def test_a_profiles_lr_is_kept_for_the_weights_it_was_chosen_for(given, indices, profile_lr_kept, capsys):
+    from types import SimpleNamespace
+
+    from zolite.profile import Profile
+    from zolite.tasks import get_task
+    from zolite.tune_setup import TuneConfig, fill_defaults
+
+    profile = Profile(name="p", description="", source="hub:x/y", arch="llama", num_layers=2, dominant_layer=1,
+                      defaults={"lr": 3e-4})
+    loaded = SimpleNamespace(profile=profile, dtype=torch.float32, device=torch.device("cpu"), mode="fp16")
+    config = fill_defaults(TuneConfig(**given), loaded, indices, 2, get_task("sst2"))
+    expected = {True: 3e-4, False: "auto", None: given.get("lr")}[profile_lr_kept]
+    assert config.lr == expected
+    said = capsys.readouterr().err
+    assert ("profile p's lr 0.0003 was chosen for layer 1's weights" in said) == (profile_lr_kept is False)
+
+
 def test_a_deliberately_large_lr_is_caught_and_the_run_does_not_diverge(tiny_model, small_data, tmp_path,
                                                                         short_guard, bowl_loss):
     probed = _tune(tiny_model, small_data, tmp_path, "probed", steps=1, eval_every=0)["lr"]["lr"]

@@ -158,7 +158,28 @@ def with_recipe(model: str, task: str, given: dict) -> dict:
     recipe = task_recipe(model, task)
     if given.get("recipe") and not recipe:
         raise ZoliteError(f"{model} has no recipe for {task} (`zolite models` lists each profile's); drop --recipe")
+    if "lr" in recipe and "lr" not in given and _other_weights(recipe, given):
+        chosen_for = recipe_text({k: recipe[k] for k in WEIGHT_OPTIONS if k in recipe}) or "the dominant layer"
+        print(f"zolite: {model}'s recipe for {task} chose lr {recipe.pop('lr'):g} for {chosen_for}; other weights "
+              "get the probed step (--lr to give one)", file=sys.stderr)
     return {**recipe, **given, "recipe": bool(recipe)}
+
+
+# the options that choose the tuned weights and the shape of their steps: an lr is chosen for one such choice
+WEIGHT_OPTIONS = {"layer": None, "params": None, "eps_scale": "absolute"}
+
+
+def _weights(options: dict) -> dict:
+    """WEIGHT_OPTIONS as options give them, in one spelling (layer "auto" = None: the dominant layer)."""
+    layer = options.get("layer")
+    layer = None if layer is None or str(layer).strip().lower() == "auto" else str(layer).replace(" ", "").lower()
+    params = ",".join(parse_params(options["params"])) if options.get("params") else None
+    return {"layer": layer, "params": params, "eps_scale": options.get("eps_scale") or "absolute"}
+
+
+def _other_weights(recipe: dict, given: dict) -> bool:
+    """Whether the options given tune other weights (or scale z otherwise) than the recipe's."""
+    return any(given.get(k) is not None and _weights(given)[k] != _weights(recipe)[k] for k in WEIGHT_OPTIONS)
 
 
 def applied_recipe(config: TuneConfig, num_layers: int) -> dict | None:
@@ -316,6 +337,11 @@ def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=No
     micro-batch defaults to a process's slice of the batch (so a one-process run resumed from it evaluates the same
     micro-batches)."""
     defaults = dict(BUILTIN_DEFAULTS, **(loaded.profile.defaults if loaded.profile else {}))
+    if config.lr is None and defaults["lr"] != "auto" and not _profile_weights(config, indices, loaded.profile):
+        print(f"zolite: profile {loaded.profile.name}'s lr {defaults['lr']:g} was chosen for layer "
+              f"{loaded.profile.dominant_layer}'s weights, all of them, with unscaled z; these weights get the probed "
+              "step (--lr to give one)", file=sys.stderr)
+        defaults["lr"] = "auto"
     filled = {k: defaults[k] for k in BUILTIN_DEFAULTS if getattr(config, k) is None}
     if "eps" in filled and "eps" not in (loaded.profile.defaults if loaded.profile else {}):
         filled["eps"] = default_eps(loaded.mode, config.eps_scale)
@@ -334,6 +360,13 @@ def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=No
     if not task.generative and config.objective == "f1":
         raise ZoliteError(f"{task.name} is scored by accuracy over candidates: use --objective ce, lm or accuracy")
     return config
+
+
+def _profile_weights(config: TuneConfig, indices: list[int], profile) -> bool:
+    """Whether the run tunes the weights a profile's lr was chosen for: its dominant layer, whole, z unscaled.
+    SmolLM2's 3e-4, chosen for layer 11, learned and then diverged on every layer's norms, where the probed step
+    scored best (docs/evidence.md, eighth part); all of its layers want ~10x less."""
+    return indices == [profile.dominant_layer] and config.params is None and config.eps_scale == "absolute"
 
 
 def load_for_tuning(config: TuneConfig, world_size: int = 1):
