@@ -339,8 +339,8 @@ def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=No
     defaults = dict(BUILTIN_DEFAULTS, **(loaded.profile.defaults if loaded.profile else {}))
     if config.lr is None and defaults["lr"] != "auto" and not _profile_weights(config, indices, loaded.profile):
         print(f"zolite: profile {loaded.profile.name}'s lr {defaults['lr']:g} was chosen for layer "
-              f"{loaded.profile.dominant_layer}'s weights, all of them, with unscaled z; these weights get the probed "
-              "step (--lr to give one)", file=sys.stderr)
+              f"{loaded.profile.dominant_layer}'s weights (all of them, z unscaled); these get the probed step (--lr "
+              "to give one)", file=sys.stderr)
         defaults["lr"] = "auto"
     filled = {k: defaults[k] for k in BUILTIN_DEFAULTS if getattr(config, k) is None}
     if "eps" in filled and "eps" not in (loaded.profile.defaults if loaded.profile else {}):
