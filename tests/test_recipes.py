@@ -84,6 +84,20 @@ def test_a_recipes_lr_is_kept_only_for_the_recipes_weights(tiny_recipe, tiny_mod
     assert report["recipe"] == RECIPE and report["lr"]["source"] == "recipe"
 
 
+def test_a_recipes_lr_goes_only_where_the_probe_can_size_other_weights(monkeypatch, capsys):
+    from zolite.tune_setup import with_recipe
+
+    recipe = {"layer": "all", "params": "bias,layernorm", "lr": 3e-3}
+    monkeypatch.setattr("zolite.tune_setup.find_profile", lambda name: fake_profile({"boolq": recipe}))
+    assert with_recipe("tiny", "boolq", {"params": "layernorm, bias"})["lr"] == 3e-3   # the same weights, spelt otherwise
+    assert capsys.readouterr().err == ""
+    assert "lr" not in with_recipe("tiny", "boolq", {"eps_scale": "activation"})        # z scaled otherwise
+    assert "chose lr 0.003 for --layer all --params bias,layernorm" in capsys.readouterr().err
+    assert with_recipe("tiny", "boolq", {"layer": "0", "optimizer": "adam"})["lr"] == 3e-3   # Adam: no probe
+    monkeypatch.setattr("zolite.tune_setup.find_profile", lambda name: fake_profile({"boolq": {"lr": 3e-3}}))
+    assert with_recipe("tiny", "boolq", {"layer": "0"}) == {"layer": "0", "recipe": True}
+
+
 def test_asking_for_a_recipe_that_does_not_exist_is_one_line(tiny_model, small_data, tmp_path):
     result = run_cli("tune", "--model", tiny_model, "--task", "boolq", "--recipe", "--data", small_data,
                      "--run-dir", tmp_path / "run")

@@ -176,6 +176,7 @@ def bowl_loss(monkeypatch):
     ({"params": "norm"}, [1], False),                    # a part of the layer
     ({"eps_scale": "activation"}, [1], False),           # z scaled otherwise
     ({"layer": "all", "lr": 1e-4}, [0, 1], None),        # an lr given is taken as given
+    ({"layer": "all", "optimizer": "adam"}, [0, 1], True),   # Adam's step has no probe: the profile's lr, as before
 ])
 def test_a_profiles_lr_is_kept_for_the_weights_it_was_chosen_for(given, indices, profile_lr_kept, capsys):
     from types import SimpleNamespace

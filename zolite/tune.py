@@ -34,8 +34,8 @@ from .scoring import collate, pad_token_id
 from .stepsize import BASE_BATCHES, PROBES, LossGuard, effective_updates, new_guard, probe_lr, reference_losses
 from .tasks import CustomTask, Task, get_task, task_data
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
-from .tune_setup import (QUANTIZED_EPS, TuneConfig, applied_recipe, check_world, fill_defaults, fp32_matmuls,
-                         given_options, load_for_tuning, prepare_run)
+from .tune_setup import (QUANTIZED_EPS, TuneConfig, applied_recipe, auto_lr_supported, check_world, fill_defaults,
+                         fp32_matmuls, given_options, load_for_tuning, prepare_run)
 from .zo import TunedLayers, generation_losses
 
 SEED_CHECKPOINT_S = 60   # a seed checkpoint is kilobytes: ZO runs also write one this often between evals
@@ -293,13 +293,6 @@ def choose_step(run: Run, saved, profiler) -> None:
     run.config = dataclasses.replace(config, lr=run.lr_choice["lr"])   # patches and trajectories record the number
     if uses_guard(config):
         run.guard = new_guard(config.steps, run.lr_choice)
-
-
-def auto_lr_supported(config: TuneConfig) -> bool:
-    """The probe measures the step of ZO-SGD (momentum: scaled by 1 - beta); Adam, sign and the trust ratio take
-    steps of their own size, and backprop has no probe."""
-    return (config.estimator != "fo" and config.optimizer in ("sgd", "momentum") and not config.layerwise
-            and config.objective in ("ce", "lm"))
 
 
 def uses_guard(config: TuneConfig) -> bool:

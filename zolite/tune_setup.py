@@ -123,6 +123,7 @@ def with_new_options(saved: dict) -> dict:
     return {**ADDED_OPTIONS, "keep_whole_layers": whole_layers_kept(saved), **saved}
 
 
+_FIELDS = {f.name for f in dataclasses.fields(TuneConfig)}
 # what a profile's recipe may not set: which model, task, rows and seeds a run uses, and the machine's share of it
 _NOT_IN_RECIPES = {"model", "task", "recipe", "seed", "data_seed", "data", "device", "eval_test", "template",
                    "candidates", "label_field", "answer_field", "gpu_memory", "micro_batch", "keep_whole_layers"}
@@ -158,28 +159,41 @@ def with_recipe(model: str, task: str, given: dict) -> dict:
     recipe = task_recipe(model, task)
     if given.get("recipe") and not recipe:
         raise ZoliteError(f"{model} has no recipe for {task} (`zolite models` lists each profile's); drop --recipe")
-    if "lr" in recipe and "lr" not in given and _other_weights(recipe, given):
+    applied = bool(recipe)
+    if "lr" in recipe and "lr" not in given and _other_weights(recipe, given) \
+            and auto_lr_supported(TuneConfig(**{k: v for k, v in {**recipe, **given}.items() if k in _FIELDS})):
         chosen_for = recipe_text({k: recipe[k] for k in WEIGHT_OPTIONS if k in recipe}) or "the dominant layer"
-        print(f"zolite: {model}'s recipe for {task} chose lr {recipe.pop('lr'):g} for {chosen_for}; other weights "
-              "get the probed step (--lr to give one)", file=sys.stderr)
-    return {**recipe, **given, "recipe": bool(recipe)}
+        print(f"zolite: {model}'s recipe for {task} chose lr {recipe['lr']:g} for {chosen_for}; other weights get "
+              "the probed step (--lr to give one)", file=sys.stderr)
+        del recipe["lr"]
+    return {**recipe, **given, "recipe": applied}
 
 
 # the options that choose the tuned weights and the shape of their steps: an lr is chosen for one such choice
-WEIGHT_OPTIONS = {"layer": None, "params": None, "eps_scale": "absolute"}
+WEIGHT_OPTIONS = ("layer", "params", "eps_scale")
 
 
-def _weights(options: dict) -> dict:
-    """WEIGHT_OPTIONS as options give them, in one spelling (layer "auto" = None: the dominant layer)."""
+def _weight_choice(options: dict) -> dict:
+    """WEIGHT_OPTIONS as options give them, in one spelling: layers and params sorted, layer "auto" = None (the
+    dominant layer), eps_scale None = absolute."""
     layer = options.get("layer")
-    layer = None if layer is None or str(layer).strip().lower() == "auto" else str(layer).replace(" ", "").lower()
-    params = ",".join(parse_params(options["params"])) if options.get("params") else None
+    layer = None if layer is None or str(layer).strip().lower() == "auto" else \
+        ",".join(sorted(part.strip().lower() for part in str(layer).split(",")))
+    params = ",".join(sorted(parse_params(options["params"]))) if options.get("params") else None
     return {"layer": layer, "params": params, "eps_scale": options.get("eps_scale") or "absolute"}
 
 
 def _other_weights(recipe: dict, given: dict) -> bool:
     """Whether the options given tune other weights (or scale z otherwise) than the recipe's."""
-    return any(given.get(k) is not None and _weights(given)[k] != _weights(recipe)[k] for k in WEIGHT_OPTIONS)
+    ours, theirs = _weight_choice(given), _weight_choice(recipe)
+    return any(given.get(k) is not None and ours[k] != theirs[k] for k in WEIGHT_OPTIONS)
+
+
+def auto_lr_supported(config: TuneConfig) -> bool:
+    """The probe measures the step of ZO-SGD (momentum: scaled by 1 - beta); Adam, sign and the trust ratio take
+    steps of their own size, and backprop has no probe. (objective None: ce or lm, by the task.)"""
+    return (config.estimator != "fo" and config.optimizer in ("sgd", "momentum") and not config.layerwise
+            and config.objective in (None, "ce", "lm"))
 
 
 def applied_recipe(config: TuneConfig, num_layers: int) -> dict | None:
@@ -337,10 +351,12 @@ def fill_defaults(config: TuneConfig, loaded, indices, num_layers, task, plan=No
     micro-batch defaults to a process's slice of the batch (so a one-process run resumed from it evaluates the same
     micro-batches)."""
     defaults = dict(BUILTIN_DEFAULTS, **(loaded.profile.defaults if loaded.profile else {}))
-    if config.lr is None and defaults["lr"] != "auto" and not _profile_weights(config, indices, loaded.profile):
-        print(f"zolite: profile {loaded.profile.name}'s lr {defaults['lr']:g} was chosen for layer "
-              f"{loaded.profile.dominant_layer}'s weights (all of them, z unscaled); these get the probed step (--lr "
-              "to give one)", file=sys.stderr)
+    if config.lr is None and defaults["lr"] != "auto" and not _profile_weights(config, indices, loaded.profile) \
+            and auto_lr_supported(config):
+        layer = loaded.profile.dominant_layer
+        print(f"zolite: profile {loaded.profile.name}'s lr {defaults['lr']:g} was chosen for "
+              f"{'one layer' if layer is None else f'layer {layer}'}'s weights (all of them, z unscaled); these get "
+              "the probed step (--lr to give one)", file=sys.stderr)
         defaults["lr"] = "auto"
     filled = {k: defaults[k] for k in BUILTIN_DEFAULTS if getattr(config, k) is None}
     if "eps" in filled and "eps" not in (loaded.profile.defaults if loaded.profile else {}):
@@ -366,7 +382,8 @@ def _profile_weights(config: TuneConfig, indices: list[int], profile) -> bool:
     """Whether the run tunes the weights a profile's lr was chosen for: its dominant layer, whole, z unscaled.
     SmolLM2's 3e-4, chosen for layer 11, learned and then diverged on every layer's norms, where the probed step
     scored best (docs/evidence.md, eighth part); all of its layers want ~10x less."""
-    return indices == [profile.dominant_layer] and config.params is None and config.eps_scale == "absolute"
+    one_layer = len(indices) == 1 if profile.dominant_layer is None else indices == [profile.dominant_layer]
+    return one_layer and config.params is None and config.eps_scale == "absolute"
 
 
 def load_for_tuning(config: TuneConfig, world_size: int = 1):
