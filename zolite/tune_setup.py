@@ -123,7 +123,7 @@ def with_new_options(saved: dict) -> dict:
     return {**ADDED_OPTIONS, "keep_whole_layers": whole_layers_kept(saved), **saved}
 
 
-_FIELDS = {f.name for f in dataclasses.fields(TuneConfig)}
+_FIELDS = {f.name for f in dataclasses.fields(TuneConfig)}   # the option names tune() takes
 # what a profile's recipe may not set: which model, task, rows and seeds a run uses, and the machine's share of it
 _NOT_IN_RECIPES = {"model", "task", "recipe", "seed", "data_seed", "data", "device", "eval_test", "template",
                    "candidates", "label_field", "answer_field", "gpu_memory", "micro_batch", "keep_whole_layers"}
@@ -134,7 +134,7 @@ def task_recipe(model: str, task: str) -> dict:
     for a model without a profile or a task without a recipe."""
     profile = find_profile(str(model))
     recipe = dict(profile.tasks.get(task, {})) if profile else {}
-    unknown = set(recipe) - ({f.name for f in dataclasses.fields(TuneConfig)} - _NOT_IN_RECIPES)
+    unknown = set(recipe) - (_FIELDS - _NOT_IN_RECIPES)
     if unknown:
         raise ZoliteError(f"profile {profile.name}: [tasks.{task}] sets {', '.join(sorted(unknown))}, which a recipe "
                           "cannot (only how the run learns: layer, params, lr, eps, guard, steps ...)")
@@ -278,7 +278,7 @@ def check_world(world_size: int, estimator: str | None, batch_size: int | None) 
 
 def prepare_run(model, task, run_dir, out, force, resume, options):
     """The config, run folder and patch path; checks a resumed folder against the arguments given."""
-    unknown = set(options) - {f.name for f in dataclasses.fields(TuneConfig)}
+    unknown = set(options) - _FIELDS
     if unknown:
         cli_names = {"test": "eval_test", "layers": "layer"}   # the CLI's --test / --layers are these in Python
         hints = [f"{k} (use {cli_names[k]}=)" if k in cli_names else k for k in sorted(unknown)]
@@ -293,7 +293,7 @@ def prepare_run(model, task, run_dir, out, force, resume, options):
         if not (run_dir / "config.json").is_file():
             raise ZoliteError(f"{run_dir} is not a zolite run folder (no config.json); pass the RUN_DIR of an earlier tune")
         saved = read_json(run_dir / "config.json", "pass the RUN_DIR of an earlier tune, or start a new run")
-        if not isinstance(saved, dict) or set(saved) - {f.name for f in dataclasses.fields(TuneConfig)}:
+        if not isinstance(saved, dict) or set(saved) - _FIELDS:
             raise ZoliteError(f"{run_dir / 'config.json'} is not the config of a tune run of this zolite version "
                               "(unknown options); start a new run")
         saved = with_new_options(saved)
