@@ -186,9 +186,10 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float, world: W
     net, tokenizer = loaded.model, loaded.tokenizer
     _, layers = decoder_layers(net)
     task_ = get_task(config.task, **config.task_options())
-    lr_source = "profile" if config.lr is None and "lr" in (loaded.profile.defaults if loaded.profile else {}) \
-        else "given"
+    lr_given = config.lr is not None
     config = fill_defaults(config, loaded, indices, len(layers), task_, plan, world.size)
+    # read once the defaults are in: a numeric lr not given is the profile's (an "auto" one is reported as "probe")
+    lr_source = "given" if lr_given else "profile"
     recipe = applied_recipe(config, len(layers))   # what the run took from its task's recipe (None: no recipe)
     if recipe and "layer" in recipe:
         layer_source = f"profile {config.model}'s recipe for {config.task}"
