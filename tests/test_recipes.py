@@ -93,6 +93,9 @@ def test_a_recipes_lr_goes_only_where_the_probe_can_size_other_weights(monkeypat
     assert capsys.readouterr().err == ""
     assert "lr" not in with_recipe("tiny", "boolq", {"eps_scale": "activation"})        # z scaled otherwise
     assert "chose lr 0.003 for --layer all --params bias,layernorm" in capsys.readouterr().err
+    # --nproc's parent reads the recipe for the batch only; rank 0 prints the line
+    assert "lr" not in with_recipe("tiny", "boolq", {"eps_scale": "activation"}, say=False)
+    assert capsys.readouterr().err == ""
     assert with_recipe("tiny", "boolq", {"layer": "0", "optimizer": "adam"})["lr"] == 3e-3   # Adam: no probe
     monkeypatch.setattr("zolite.tune_setup.find_profile", lambda name: fake_profile({"boolq": {"lr": 3e-3}}))
     assert with_recipe("tiny", "boolq", {"layer": "0"}) == {"layer": "0", "recipe": True}

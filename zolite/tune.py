@@ -51,7 +51,8 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     if nproc is not None:
         check_at_least("--nproc", nproc, 1)
         if nproc > 1 and not in_worker():
-            given = given_options(model, task, resume, options)   # a recipe may set the batch
+            # a recipe may set the batch; rank 0 says what it took from the recipe
+            given = given_options(model, task, resume, options, say=False)
             check_world(nproc, given.get("estimator"), given.get("batch_size"))
             return launch(nproc, tune, model, task, run_dir=run_dir, out=out, force=force, resume=resume,
                           progress=progress, **options)

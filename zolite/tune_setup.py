@@ -145,15 +145,16 @@ def task_recipe(model: str, task: str) -> dict:
     return recipe
 
 
-def given_options(model: str, task: str, resume, options: dict) -> dict:
-    """tune()'s options that were given (not None), over the task's recipe in a new run (with_recipe)."""
+def given_options(model: str, task: str, resume, options: dict, say: bool = True) -> dict:
+    """tune()'s options that were given (not None), over the task's recipe in a new run (with_recipe; say: print
+    why a recipe's lr was dropped)."""
     given = {k: v for k, v in options.items() if v is not None}
-    return given if resume is not None else with_recipe(model, task, given)
+    return given if resume is not None else with_recipe(model, task, given, say)
 
 
-def with_recipe(model: str, task: str, given: dict) -> dict:
+def with_recipe(model: str, task: str, given: dict, say: bool = True) -> dict:
     """The options given over the profile's recipe for the task, and recipe = whether one was applied. recipe=False
-    given: none; True: the recipe must exist."""
+    given: none; True: the recipe must exist. say: print why the recipe's lr was dropped, if it was."""
     if given.get("recipe") is False:
         return given
     recipe = task_recipe(model, task)
@@ -163,8 +164,9 @@ def with_recipe(model: str, task: str, given: dict) -> dict:
     if "lr" in recipe and "lr" not in given and _other_weights(recipe, given) \
             and auto_lr_supported(TuneConfig(**{k: v for k, v in {**recipe, **given}.items() if k in _FIELDS})):
         chosen_for = recipe_text({k: recipe[k] for k in WEIGHT_OPTIONS if k in recipe}) or "the dominant layer"
-        print(f"zolite: {model}'s recipe for {task} chose lr {recipe['lr']:g} for {chosen_for}; other weights get "
-              "the probed step (--lr to give one)", file=sys.stderr)
+        if say:
+            print(f"zolite: {model}'s recipe for {task} chose lr {recipe['lr']:g} for {chosen_for}; other weights "
+                  "get the probed step (--lr to give one)", file=sys.stderr)
         del recipe["lr"]
     return {**recipe, **given, "recipe": applied}
 
