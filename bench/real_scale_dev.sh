@@ -29,6 +29,8 @@
 #   bash bench/real_scale_dev.sh rows-next      # after the eighth part: SST-2's and RTE's recipes on the fp16 base,
 #                                               # then SST-2's layer-27 references (plain MeZO, backprop), 3 seeds
 #   bash bench/real_scale_dev.sh boolq-long     # the scaled BoolQ recipe for 4,000 steps ($SEEDS seeds, default 3)
+#   bash bench/real_scale_dev.sh speed          # the ZO arms' ms/step alone on the GPU (bench/step_speed.py, Qwen
+#                                               # on BoolQ; ~3 min, in the foreground: before any run starts)
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
 #   bash bench/real_scale_dev.sh probe-qwen     # Qwen BoolQ (nf4): what a linear read-out of each layer reaches, and
 #                                               # ZO on the final norm replayed (bench/probe_ceiling.py; ~2 min GPU)
@@ -213,6 +215,13 @@ boolq-long)
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
     --arms bitfit-nf4-act-long --seeds ${SEEDS:-3} --jobs ${SEEDS:-3} --data /root/data --out $R/final/boolq-long \
     --quiet > $R/boolq-long.log 2>&1 < /dev/null & ;;
+speed)
+  # the matrix's times come from runs sharing the GPU; these are speeds: each ZO arm's step, eager MeZO and the
+  # forward floor on the same BoolQ batch, alone on the GPU
+  qwen_once
+  python bench/step_speed.py --out $R/speed --data /root/data --steps 20 --warmup 3 --rounds 2 --step-samples 3 \
+    --only zolite-bare,eager,floor-2x,floor-2b --configs qwen-L1-nf4,qwen-L27-nf4,qwen-bitfit-nf4,qwen-all-fp16 \
+    > $R/speed.log 2>&1; tail -n 12 $R/speed/results.md ;;
 refs-next)
   # bitfit-refs beside full-model MeZO on SST-2
   bash "$0" bitfit-refs && bash "$0" mezo-full sst2 ;;

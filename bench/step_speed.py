@@ -27,7 +27,8 @@ at both ends (steps overlap as in a training loop), pooled over rounds; per-step
 are reported beside it.
 
 Configs: SmolLM2-135M layer 11 and all layers in the profile's dtype (fp32 on CUDA; what `zolite tune` runs) and in
-fp16; Qwen2.5-Coder-1.5B layer 1 in nf4 and fp16 on BoolQ; the Llama-2-7B shape (random weights from its config,
+fp16, and every layer's norms; Qwen2.5-Coder-1.5B on BoolQ: layer 1 in nf4 and fp16, layer 27 and every layer's
+biases and norms in nf4, every layer (full-model MeZO) in fp16; the Llama-2-7B shape (random weights from its config,
 built once into --model-dir as bench/memory_modes.py builds it) layer 1 in nf4 on random tokens, batch 16 x 256
 (the shape of the 238.5 ms figure). Batch 16, eps 1e-3, SST-2 unless said.
 Writes OUT/results.json and OUT/results.md (rewritten after each config).
@@ -63,6 +64,11 @@ CONFIGS = {
     "qwen-L1-fp16": dict(model="qwen2.5-coder-1.5b", layer="1", mode="fp16", task="boolq"),
     "qwen-L27-nf4": dict(model="qwen2.5-coder-1.5b", layer="27", mode="nf4", task="boolq"),   # the graphs' doubled
                                                                                             # prefix at its largest
+    # the matrix's other ZO arms alone on the GPU (issue 22): BoolQ's recipe weights (every layer's biases and norms;
+    # its activation-scaled z is left out: one multiply per small tensor) and full-model MeZO
+    "qwen-bitfit-nf4": dict(model="qwen2.5-coder-1.5b", layer="all", params="bias,layernorm", mode="nf4", task="boolq"),
+    "qwen-all-fp16": dict(model="qwen2.5-coder-1.5b", layer="all", mode="fp16", task="boolq"),
+    "smollm2-norms": dict(model="smollm2-135m", layer="all", params="norm", mode="fp16", task="sst2"),
     "llama7b-L1-nf4": dict(model="llama7b-random", layer="1", mode="nf4", random_len=256),
     # SmolLM2's depth at a width where arithmetic costs nothing: on the CPU, a stand-in for the GPU's launch-bound
     # regime (the step's Python and per-kernel overhead); random weights and tokens, built into --model-dir's sibling
@@ -171,14 +177,14 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
         model = str(folder)
     config = TuneConfig(model=model, layer=spec["layer"], mode=spec["mode"] if device.type == "cuda" else None,
                         dtype=spec.get("dtype") if device.type == "cuda" or spec.get("random_len") else None, device=str(device),
-                        batch_size=args.batch_size, eps=args.eps)
+                        batch_size=args.batch_size, eps=args.eps, params=spec.get("params"))
     t0 = time.perf_counter()
     loaded, indices, _, plan = load_for_tuning(config)
     load_s = time.perf_counter() - t0
     net, pad = loaded.model, pad_token_id(loaded.tokenizer)
     examples = batch_examples(loaded, spec, args.data, args.batch_size)
     batch = collate(examples, pad).to(device)
-    tuned = TunedLayers(net, indices)
+    tuned = TunedLayers(net, indices, params=spec.get("params"))
     micro = plan.micro_batch if plan else None
 
     def loss_of(b):
@@ -208,7 +214,8 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
         if device.type == "cuda":
             graph_paths = graphs_check(net, tuned, batch, args.eps)
     if baseline is not None:   # its own tuned layers (hooks, residuals) on the same parameters
-        versions["base"] = (baseline.optim.Stepper, baseline.tune.train_step, baseline.zo.TunedLayers(net, indices))
+        versions["base"] = (baseline.optim.Stepper, baseline.tune.train_step,
+                            baseline.zo.TunedLayers(net, indices, params=spec.get("params")))
     fns = {}
     for version, (stepper_class, train_step_of, tuned_of) in versions.items():
         for name, phase in ((version, profiler.phase), (f"{version}-bare", None)):
@@ -261,7 +268,8 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
         train_phase.__exit__(None, None, None)
     finally:
         profiler_cm.__exit__(None, None, None)
-    out = {"model": spec["model"], "layers": spec["layer"], "mode": loaded.mode,
+    layers = spec["layer"] + (f" ({spec['params']})" if spec.get("params") else "")
+    out = {"model": spec["model"], "layers": layers, "mode": loaded.mode,
            "dtype": str(loaded.dtype).removeprefix("torch."), "task": spec.get("task", "random tokens"),
            "batch": args.batch_size, "micro_batch": micro, "seq_len": int(batch.input_ids.shape[1]),
            "tuned_params": tuned.numel(), "load_s": round(load_s, 1), "steps": wall[methods[0]][1],
