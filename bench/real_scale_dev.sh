@@ -31,6 +31,9 @@
 #   bash bench/real_scale_dev.sh boolq-long     # the scaled BoolQ recipe for 4,000 steps ($SEEDS seeds, default 3)
 #   bash bench/real_scale_dev.sh speed          # the ZO arms' ms/step alone on the GPU (bench/step_speed.py, Qwen
 #                                               # on BoolQ; ~3 min, in the foreground: before any run starts)
+#   bash bench/real_scale_dev.sh speed-profile  # after the tenth part: where the step on BoolQ's recipe weights and on
+#                                               # the full model spends its time (torch.profiler), and the recipe's
+#                                               # step under --cuda-graphs (~2 min, in the foreground)
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
 #   bash bench/real_scale_dev.sh probe-qwen     # Qwen BoolQ (nf4): what a linear read-out of each layer reaches, and
 #                                               # ZO on the final norm replayed (bench/probe_ceiling.py; ~2 min GPU)
@@ -222,6 +225,16 @@ speed)
   python bench/step_speed.py --out $R/speed --data /root/data --steps 20 --warmup 3 --rounds 2 --step-samples 3 \
     --only zolite-bare,eager,floor-2x,floor-2b --configs qwen-L1-nf4,qwen-L27-nf4,qwen-bitfit-nf4,qwen-all-fp16 \
     > $R/speed.log 2>&1; tail -n 12 $R/speed/results.md ;;
+speed-profile)
+  # the tenth part: zolite's step was 1.23x eager MeZO on every bias and norm and 1.79x on the full model (fp16);
+  # which operations take the difference, and do CUDA graphs remove the recipe's launches?
+  qwen_once
+  sp="python bench/step_speed.py --data /root/data --steps 10 --warmup 3 --rounds 1 --step-samples 3 --profile zolite-bare"
+  $sp --out $R/speed-profile/bitfit --only zolite-bare,graphs-bare,eager,floor-2b --configs qwen-bitfit-nf4 \
+    > $R/speed-profile-bitfit.log 2>&1
+  $sp --out $R/speed-profile/full --only zolite-bare,eager,floor-2b --configs qwen-all-fp16 \
+    > $R/speed-profile-full.log 2>&1
+  grep -h "^| qwen-.*| [0-9]" $R/speed-profile/*/results.md | head -8 ;;
 refs-next)
   # bitfit-refs beside full-model MeZO on SST-2
   bash "$0" bitfit-refs && bash "$0" mezo-full sst2 ;;
