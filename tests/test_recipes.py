@@ -15,8 +15,9 @@ from zolite.tune_setup import TuneConfig, check_options, recipe_text, task_recip
 RECIPE = {"layer": "1", "lr": 2e-3, "guard": False}
 
 
-def fake_profile(tasks: dict) -> Profile:
-    return Profile(name="tiny", description="", source="hub:x/y", arch="llama", num_layers=2, tasks=tasks)
+def fake_profile(tasks: dict, dominant_layer: int | None = None) -> Profile:
+    return Profile(name="tiny", description="", source="hub:x/y", arch="llama", num_layers=2, tasks=tasks,
+                   dominant_layer=dominant_layer)
 
 
 @pytest.fixture
@@ -99,6 +100,11 @@ def test_a_recipes_lr_goes_only_where_the_probe_can_size_other_weights(monkeypat
     assert with_recipe("tiny", "boolq", {"layer": "0", "optimizer": "adam"})["lr"] == 3e-3   # Adam: no probe
     monkeypatch.setattr("zolite.tune_setup.find_profile", lambda name: fake_profile({"boolq": {"lr": 3e-3}}))
     assert with_recipe("tiny", "boolq", {"layer": "0"}) == {"layer": "0", "recipe": True}
+    # a recipe without a layer was chosen for the profile's dominant layer: naming that layer keeps its lr
+    monkeypatch.setattr("zolite.tune_setup.find_profile", lambda name: fake_profile({"boolq": {"lr": 3e-3}}, 1))
+    assert with_recipe("tiny", "boolq", {"layer": "1"})["lr"] == 3e-3
+    assert with_recipe("tiny", "boolq", {"layer": "auto"})["lr"] == 3e-3
+    assert "lr" not in with_recipe("tiny", "boolq", {"layer": "0"})
 
 
 def test_asking_for_a_recipe_that_does_not_exist_is_one_line(tiny_model, small_data, tmp_path):

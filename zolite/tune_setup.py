@@ -161,7 +161,8 @@ def with_recipe(model: str, task: str, given: dict, say: bool = True) -> dict:
     if given.get("recipe") and not recipe:
         raise ZoliteError(f"{model} has no recipe for {task} (`zolite models` lists each profile's); drop --recipe")
     applied = bool(recipe)
-    if "lr" in recipe and "lr" not in given and _other_weights(recipe, given) \
+    profile = find_profile(str(model))
+    if "lr" in recipe and "lr" not in given and _other_weights(recipe, given, profile.dominant_layer) \
             and auto_lr_supported(TuneConfig(**{k: v for k, v in {**recipe, **given}.items() if k in _FIELDS})):
         chosen_for = recipe_text({k: recipe[k] for k in WEIGHT_OPTIONS if k in recipe}) or "the dominant layer"
         if say:
@@ -175,19 +176,22 @@ def with_recipe(model: str, task: str, given: dict, say: bool = True) -> dict:
 WEIGHT_OPTIONS = ("layer", "params", "eps_scale")
 
 
-def _weight_choice(options: dict) -> dict:
-    """WEIGHT_OPTIONS as options give them, in one spelling: layers and params sorted, layer "auto" = None (the
-    dominant layer), eps_scale None = absolute."""
+def _weight_choice(options: dict, dominant: int | None) -> dict:
+    """WEIGHT_OPTIONS as options give them, in one spelling: layers and params sorted, layer "auto" or not given =
+    the dominant layer (the profile's; None where it names none), eps_scale None = absolute."""
     layer = options.get("layer")
-    layer = None if layer is None or str(layer).strip().lower() == "auto" else \
-        ",".join(sorted(part.strip().lower() for part in str(layer).split(",")))
+    if layer is None or str(layer).strip().lower() == "auto":
+        layer = None if dominant is None else str(dominant)
+    else:
+        layer = ",".join(sorted(part.strip().lower() for part in str(layer).split(",")))
     params = ",".join(sorted(parse_params(options["params"]))) if options.get("params") else None
     return {"layer": layer, "params": params, "eps_scale": options.get("eps_scale") or "absolute"}
 
 
-def _other_weights(recipe: dict, given: dict) -> bool:
-    """Whether the options given tune other weights (or scale z otherwise) than the recipe's."""
-    ours, theirs = _weight_choice(given), _weight_choice(recipe)
+def _other_weights(recipe: dict, given: dict, dominant: int | None) -> bool:
+    """Whether the options given tune other weights (or scale z otherwise) than the recipe's (a recipe without a
+    layer was chosen for the profile's dominant one)."""
+    ours, theirs = _weight_choice(given, dominant), _weight_choice(recipe, dominant)
     return any(given.get(k) is not None and ours[k] != theirs[k] for k in WEIGHT_OPTIONS)
 
 
