@@ -224,17 +224,19 @@ speed)
   qwen_once
   python bench/step_speed.py --out $R/speed --data /root/data --steps 20 --warmup 3 --rounds 2 --step-samples 3 \
     --only zolite-bare,eager,floor-2x,floor-2b --configs qwen-L1-nf4,qwen-L27-nf4,qwen-bitfit-nf4,qwen-all-fp16 \
-    > $R/speed.log 2>&1; tail -n 12 $R/speed/results.md ;;
+    > $R/speed.log 2>&1; grep -h '^| qwen-' $R/speed/results.md ;;
 speed-profile)
   # the tenth part: zolite's step was 1.23x eager MeZO on every bias and norm and 1.79x on the full model (fp16);
-  # which operations take the difference, and do CUDA graphs remove the recipe's launches?
+  # which operations take the difference (torch.profiler's tables: $R/speed-profile/*/profile-*-zolite-bare.txt),
+  # and do CUDA graphs remove the recipe's launches?
   qwen_once
-  sp="python bench/step_speed.py --data /root/data --steps 10 --warmup 3 --rounds 1 --step-samples 3 --profile zolite-bare"
-  $sp --out $R/speed-profile/bitfit --only zolite-bare,graphs-bare,eager,floor-2b --configs qwen-bitfit-nf4 \
+  sp() { python bench/step_speed.py --data /root/data --steps 10 --warmup 3 --rounds 1 --step-samples 3 \
+           --profile zolite-bare "$@"; }
+  sp --out $R/speed-profile/bitfit --only zolite-bare,graphs-bare,eager,floor-2b --configs qwen-bitfit-nf4 \
     > $R/speed-profile-bitfit.log 2>&1
-  $sp --out $R/speed-profile/full --only zolite-bare,eager,floor-2b --configs qwen-all-fp16 \
+  sp --out $R/speed-profile/full --only zolite-bare,eager,floor-2b --configs qwen-all-fp16 \
     > $R/speed-profile-full.log 2>&1
-  grep -h "^| qwen-.*| [0-9]" $R/speed-profile/*/results.md | head -8 ;;
+  grep -h '^| qwen-' $R/speed-profile/*/results.md ;;
 refs-next)
   # bitfit-refs beside full-model MeZO on SST-2
   bash "$0" bitfit-refs && bash "$0" mezo-full sst2 ;;

@@ -51,7 +51,7 @@ def tune(model: str = "smollm2-135m", task: str = "sst2", *, run_dir=None, out=N
     if nproc is not None:
         check_at_least("--nproc", nproc, 1)
         if nproc > 1 and not in_worker():
-            # a recipe may set the batch; rank 0 says what it took from the recipe
+            # a recipe may set the batch; rank 0 prints the recipe's lines
             given = given_options(model, task, resume, options, say=False)
             check_world(nproc, given.get("estimator"), given.get("batch_size"))
             return launch(nproc, tune, model, task, run_dir=run_dir, out=out, force=force, resume=resume,
@@ -189,7 +189,8 @@ def set_up(config: TuneConfig, run_dir: Path, profiler, t_start: float, world: W
     task_ = get_task(config.task, **config.task_options())
     lr_given = config.lr is not None
     config = fill_defaults(config, loaded, indices, len(layers), task_, plan, world.size)
-    # read once the defaults are in: a numeric lr not given is the profile's (an "auto" one is reported as "probe")
+    # an lr not given can only be the profile's: the built-in default is "auto", which choose_lr reports as "probe",
+    # as it does a profile's lr that fill_defaults turned to the probe
     lr_source = "given" if lr_given else "profile"
     recipe = applied_recipe(config, len(layers))   # what the run took from its task's recipe (None: no recipe)
     if recipe and "layer" in recipe:

@@ -162,7 +162,8 @@ def with_recipe(model: str, task: str, given: dict, say: bool = True) -> dict:
         raise ZoliteError(f"{model} has no recipe for {task} (`zolite models` lists each profile's); drop --recipe")
     applied = bool(recipe)
     profile = find_profile(str(model))
-    if "lr" in recipe and "lr" not in given and _other_weights(recipe, given, profile.dominant_layer) \
+    dominant = profile.dominant_layer if profile else None
+    if "lr" in recipe and "lr" not in given and _other_weights(recipe, given, dominant) \
             and auto_lr_supported(TuneConfig(**{k: v for k, v in {**recipe, **given}.items() if k in _FIELDS})):
         chosen_for = recipe_text({k: recipe[k] for k in WEIGHT_OPTIONS if k in recipe}) or "the dominant layer"
         if say:
