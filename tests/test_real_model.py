@@ -85,6 +85,12 @@ def test_the_profiles_lr_serves_its_layer_and_other_weights_get_the_probe(smollm
     assert "profile smollm2-135m's lr 0.0003 was chosen for layer 11's weights" in r.output
     lr = json.loads((tmp_path / "run" / "report.json").read_text())["lr"]
     assert lr["source"] == "probe" and lr["lr"] > 0
+    # its own layer, whole: the profile's lr, reported as the profile's
+    r = run_cli("tune", "--model", "smollm2-135m", "--task", "sst2", "--data", small_data, "--steps", "1",
+                "--batch-size", "4", "--max-length", "64", "--eval-every", "0", "--quiet", "--run-dir", tmp_path / "own")
+    assert r.exit_code == 0, r.output
+    lr = json.loads((tmp_path / "own" / "report.json").read_text())["lr"]
+    assert (lr["source"], lr["lr"]) == ("profile", 3e-4)
 
 
 def test_scan_finds_the_profile_layer_on_the_real_model(smollm2, tmp_path):
