@@ -32,8 +32,8 @@
 #   bash bench/real_scale_dev.sh speed          # the ZO arms' ms/step alone on the GPU (bench/step_speed.py, Qwen
 #                                               # on BoolQ; ~3 min, in the foreground: before any run starts)
 #   bash bench/real_scale_dev.sh speed-profile  # after the tenth part: where the step on BoolQ's recipe weights and on
-#                                               # the full model spends its time (torch.profiler), and the recipe's
-#                                               # step under --cuda-graphs (~2 min, in the foreground)
+#                                               # the full model spends its time (torch.profiler), the recipe's
+#                                               # step under --cuda-graphs, backprop's step (~3 min, foreground)
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
 #   bash bench/real_scale_dev.sh probe-qwen     # Qwen BoolQ (nf4): what a linear read-out of each layer reaches, and
 #                                               # ZO on the final norm replayed (bench/probe_ceiling.py; ~2 min GPU)
@@ -230,12 +230,14 @@ speed-profile)
   # which operations take the difference (torch.profiler's tables: $R/speed-profile/*/profile-*-zolite-bare.txt),
   # and do CUDA graphs remove the recipe's launches?
   qwen_once
-  sp() { python bench/step_speed.py --data /root/data --steps 10 --warmup 3 --rounds 1 --step-samples 3 \
-           --profile zolite-bare "$@"; }
-  sp --out $R/speed-profile/bitfit --only zolite-bare,graphs-bare,eager,floor-2b --configs qwen-bitfit-nf4 \
-    > $R/speed-profile-bitfit.log 2>&1
-  sp --out $R/speed-profile/full --only zolite-bare,eager,floor-2b --configs qwen-all-fp16 \
+  # Also backprop's step (the matrix's ceiling rows) on layers 1 and 27 and on the recipe's weights.
+  sp() { python bench/step_speed.py --data /root/data --steps 10 --warmup 3 --rounds 1 --step-samples 3 "$@"; }
+  sp --out $R/speed-profile/bitfit --only zolite-bare,graphs-bare,eager,floor-2b,backprop \
+    --configs qwen-bitfit-nf4 --profile zolite-bare > $R/speed-profile-bitfit.log 2>&1
+  sp --out $R/speed-profile/full --only zolite-bare,eager,floor-2b --configs qwen-all-fp16 --profile zolite-bare \
     > $R/speed-profile-full.log 2>&1
+  sp --out $R/speed-profile/layers --only zolite-bare,backprop --configs qwen-L1-nf4,qwen-L27-nf4 \
+    > $R/speed-profile-layers.log 2>&1
   grep -h '^| qwen-' $R/speed-profile/*/results.md ;;
 refs-next)
   # bitfit-refs beside full-model MeZO on SST-2

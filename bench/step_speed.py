@@ -17,6 +17,9 @@ For each config, in one process, on the same model and the same batch (step 0's 
   graph, the batch padded to its 32-token bucket; on the CPU they run eagerly);
 - `eager`: MeZO written plainly here: one generator per step, z drawn in the weight's dtype tensor by tensor,
   W += eps z in place, forward, W -= 2 eps z, forward, W += eps z, W -= lr g z (the same tuned tensors);
+- `backprop` (only when --only names it): tune's first-order step on the same tensors (`--estimator fo
+  --optimizer adam`: forward, backward, AdamW; the matrix's ceiling row), in micro-batches of
+  --backprop-micro-batch (8, as those runs);
 - `floor-2x`: two plain forwards of the batch; `floor-2b`: one forward of the batch doubled (zolite's form: the
   layers before the first tuned one run on B rows, the rest on 2B, so zolite's floor lies between the two on one
   layer and is floor-2b on all layers).
@@ -75,13 +78,15 @@ CONFIGS = {
     "launch-L11": dict(model="launch-random", layer="11", mode="fp16", random_len=32),
     "launch-all": dict(model="launch-random", layer="all", mode="fp16", random_len=32),
     "launch-all-f16": dict(model="launch-random", layer="all", mode="fp16", dtype="float16", random_len=32),
+    "launch-norms": dict(model="launch-random", layer="all", params="norm", mode="fp16", random_len=32),
 }
 RANDOM_SHAPES = {"llama7b-random": "7b",
                  "launch-random": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=30,
                                        num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)}
 DEFAULT_CONFIGS = "smollm2-L11,smollm2-all,smollm2-L11-f16,smollm2-all-f16,qwen-L1-nf4,qwen-L1-fp16,llama7b-L1-nf4"
 METHODS = ("zolite", "base", "zolite-bare", "base-bare", "graphs", "graphs-bare", "eager", "floor-2x",
-           "floor-2b")   # one round's order
+           "floor-2b", "backprop")   # one round's order
+DEFAULT_METHODS = METHODS[:-1]   # backprop: on request
 LR = 1e-7   # small, so many timed steps leave the weights (and so the forwards' cost) as they were
 
 
@@ -228,6 +233,13 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
                                   world=World(), exchange=[0, 0, 0])   # one process: tune's loop counts nothing
             fns[name] = _tune_step(train_step_of, run)
 
+    if "backprop" in methods:   # tune's --estimator fo --optimizer adam step
+        stepper = Stepper(net, tuned, estimator="fo", objective="ce", micro_batch=args.backprop_micro_batch,
+                          seed=0, collate_to_device=lambda c: collate(c, pad).to(device), name="adam", lr=LR)
+        run = SimpleNamespace(config=SimpleNamespace(batch_size=args.batch_size, objective="ce", seed=0),
+                              train=examples, splits=None, stepper=stepper, guard=None, world=World(),
+                              exchange=[0, 0, 0])
+        fns["backprop"] = _tune_step(train_step, run)
     saved = [p.detach().clone() for p in tuned.params]   # eager perturbs in place: its weights go back after it
     fns.update({"eager": eager_mezo(net, [p.detach() for p in tuned.params], batch, loss_of, args.eps, LR),
                 "floor-2x": floor_2x, "floor-2b": floor_2b})
@@ -342,7 +354,7 @@ def _tune_step(train_step, run):
 def ratios(row: dict) -> dict:
     ms = row["ms"]
     out = {}
-    for step in (k for k in ms if k.startswith(("zolite", "base", "graphs"))):
+    for step in (k for k in ms if k.startswith(("zolite", "base", "graphs", "backprop"))):
         for ref in ("eager", "floor-2x", "floor-2b"):
             if ms.get(ref):
                 out[f"{step}/{ref}"] = round(ms[step] / ms[ref], 3)
@@ -424,10 +436,12 @@ def main():
     ap.add_argument("--step-samples", type=int, default=5, help="synchronised single steps per method per round")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--backprop-micro-batch", type=int, default=8)
     ap.add_argument("--data", help="task data folder (DIR/sst2/train.jsonl.gz, ...); default: the bundled samples")
     ap.add_argument("--model-dir", type=Path, default=Path("/root/llama7b-random"),
                     help="where the Llama-2-7B-shaped model is built (once)")
-    ap.add_argument("--only", default=",".join(METHODS), help="methods to time (default: all)")
+    ap.add_argument("--only", default=",".join(DEFAULT_METHODS),
+                    help=f"methods to time (default: all but backprop), of: {', '.join(METHODS)}")
     ap.add_argument("--profile", metavar="METHOD", help="also profile 10 steps of this method (torch.profiler): "
                     "OUT/profile-CONFIG-METHOD.txt")
     ap.add_argument("--baseline", type=Path,

@@ -36,6 +36,17 @@ def test_step_speed_times_every_method(tmp_path):
     assert config["fused_vs_per_half"]["max_abs_diff"] < 1e-4   # same z, same batch: rounding only
 
 
+def test_step_speed_times_some_tensors_and_backprop(tmp_path):
+    """--params configs (BoolQ's recipe shape: every layer's norms) and the opt-in backprop step."""
+    _run(BENCH / "step_speed.py", "--out", tmp_path, "--configs", "launch-norms", "--steps", "1", "--warmup", "1",
+         "--rounds", "1", "--step-samples", "1", "--only", "zolite-bare,eager,backprop")
+    config = json.loads((tmp_path / "results.json").read_text())["configs"]["launch-norms"]
+    assert "error" not in config, config.get("error")
+    assert set(config["ms"]) == {"zolite-bare", "eager", "backprop"} and all(ms > 0 for ms in config["ms"].values())
+    assert config["layers"] == "all (norm)" and config["tuned_params"] == 2 * 30 * 64   # 2 norms a layer
+    assert "backprop/eager" in config["ratios"]
+
+
 def test_serve_bench_answers_every_request(tiny_model, tmp_path):
     _run(BENCH / "serve_bench.py", "--model", tiny_model, "--device", "cpu", "--layer", "1", "--requests", "4",
          "--clients", "1,2", "--max-tokens", "4", "--workers", "one-at-a-time,continuous", "--out", tmp_path)
