@@ -103,6 +103,7 @@ def test_a_recipes_lr_goes_only_where_the_probe_can_size_other_weights(monkeypat
     # a recipe without a layer was chosen for the profile's dominant layer: naming that layer keeps its lr
     monkeypatch.setattr("zolite.tune_setup.find_profile", lambda name: fake_profile({"boolq": {"lr": 3e-3}}, 1))
     assert with_recipe("tiny", "boolq", {"layer": "1"})["lr"] == 3e-3
+    assert with_recipe("tiny", "boolq", {"layer": "01"})["lr"] == 3e-3
     assert with_recipe("tiny", "boolq", {"layer": "auto"})["lr"] == 3e-3
     assert "lr" not in with_recipe("tiny", "boolq", {"layer": "0"})
 

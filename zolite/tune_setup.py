@@ -184,7 +184,8 @@ def _weight_choice(options: dict, dominant: int | None) -> dict:
     if layer is None or str(layer).strip().lower() == "auto":
         layer = None if dominant is None else str(dominant)
     else:
-        layer = ",".join(sorted(part.strip().lower() for part in str(layer).split(",")))
+        parts = (part.strip().lower() for part in str(layer).split(","))
+        layer = ",".join(sorted(str(int(part)) if part.isdigit() else part for part in parts))   # 01 = 1
     params = ",".join(sorted(parse_params(options["params"]))) if options.get("params") else None
     return {"layer": layer, "params": params, "eps_scale": options.get("eps_scale") or "absolute"}
 
