@@ -159,7 +159,6 @@ def eager_mezo(model, params: list[torch.Tensor], batch, loss_of, eps: float, lr
 
 
 def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], baseline=None, config_name: str = "") -> dict:
-    from zolite.distributed import World
     from zolite.graphs import ForwardGraphs
     from zolite.memory import MemoryProfiler
     from zolite.optim import Stepper
@@ -228,18 +227,12 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
                                     phase=phase, collate_to_device=lambda c: collate(c, pad).to(device), lr=LR)
             if version == "graphs":
                 stepper.graphs = ForwardGraphs(net, tuned_of)
-            run = SimpleNamespace(config=SimpleNamespace(batch_size=args.batch_size, objective="ce", seed=0),
-                                  train=examples, splits=None, stepper=stepper, guard=None,
-                                  world=World(), exchange=[0, 0, 0])   # one process: tune's loop counts nothing
-            fns[name] = _tune_step(train_step_of, run)
+            fns[name] = _tune_step(train_step_of, _one_process_run(stepper, examples, args.batch_size))
 
     if "backprop" in methods:   # tune's --estimator fo --optimizer adam step
         stepper = Stepper(net, tuned, estimator="fo", objective="ce", micro_batch=args.backprop_micro_batch,
                           seed=0, collate_to_device=lambda c: collate(c, pad).to(device), name="adam", lr=LR)
-        run = SimpleNamespace(config=SimpleNamespace(batch_size=args.batch_size, objective="ce", seed=0),
-                              train=examples, splits=None, stepper=stepper, guard=None, world=World(),
-                              exchange=[0, 0, 0])
-        fns["backprop"] = _tune_step(train_step, run)
+        fns["backprop"] = _tune_step(train_step, _one_process_run(stepper, examples, args.batch_size))
     saved = [p.detach().clone() for p in tuned.params]   # eager perturbs in place: its weights go back after it
     fns.update({"eager": eager_mezo(net, [p.detach() for p in tuned.params], batch, loss_of, args.eps, LR),
                 "floor-2x": floor_2x, "floor-2b": floor_2b})
@@ -343,6 +336,14 @@ def graphs_check(net, tuned, batch, eps: float) -> dict:
     return {"eager": [e for e, _ in pairs], "graphs": [g for _, g in pairs], "recorded": len(forward_graphs.recorded),
             "capture_failed": forward_graphs.failed,
             "max_abs_diff": max(abs(a - b) for e, g in pairs for a, b in zip(e, g))}
+
+
+def _one_process_run(stepper, examples: list, batch_size: int):
+    """What tune's train_step reads of a Run, for one process (its loop counts no exchanged bytes)."""
+    from zolite.distributed import World
+
+    return SimpleNamespace(config=SimpleNamespace(batch_size=batch_size, objective="ce", seed=0), train=examples,
+                           splits=None, stepper=stepper, guard=None, world=World(), exchange=[0, 0, 0])
 
 
 def _tune_step(train_step, run):

@@ -132,7 +132,11 @@ _NOT_IN_RECIPES = {"model", "task", "recipe", "seed", "data_seed", "data", "devi
 def task_recipe(model: str, task: str) -> dict:
     """The options model profile `model` gives task `task` ([tasks.TASK] in its .toml: what scored best there); {}
     for a model without a profile or a task without a recipe."""
-    profile = find_profile(str(model))
+    return _profile_recipe(find_profile(str(model)), task)
+
+
+def _profile_recipe(profile, task: str) -> dict:
+    """task_recipe from a profile already read (None: no profile)."""
     recipe = dict(profile.tasks.get(task, {})) if profile else {}
     unknown = set(recipe) - (_FIELDS - _NOT_IN_RECIPES)
     if unknown:
@@ -157,11 +161,11 @@ def with_recipe(model: str, task: str, given: dict, say: bool = True) -> dict:
     given: none; True: the recipe must exist. say: print why the recipe's lr was dropped, if it was."""
     if given.get("recipe") is False:
         return given
-    recipe = task_recipe(model, task)
+    profile = find_profile(str(model))
+    recipe = _profile_recipe(profile, task)
     if given.get("recipe") and not recipe:
         raise ZoliteError(f"{model} has no recipe for {task} (`zolite models` lists each profile's); drop --recipe")
     applied = bool(recipe)
-    profile = find_profile(str(model))
     dominant = profile.dominant_layer if profile else None
     if "lr" in recipe and "lr" not in given and _other_weights(recipe, given, dominant) \
             and auto_lr_supported(TuneConfig(**{k: v for k, v in {**recipe, **given}.items() if k in _FIELDS})):
