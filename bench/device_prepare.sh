@@ -18,6 +18,9 @@ SMOL=$(python3 -c "import importlib.util, pathlib; print(pathlib.Path(importlib.
 [ -f .device/qwen-parts/SHA256 ] || bash "$SHARED"/models/qwen_parts.sh .device/qwen-parts
 # the step-speed baseline: zolite before issue 23's changes, timed beside the current step
 [ -d .device/zolite-base/zolite ] || { mkdir -p .device/zolite-base && git archive 4b3a7fd zolite | tar -x -C .device/zolite-base; }
+# and zolite before the small tensors' step was batched (eighteenth session), timed beside it by `real_scale_dev.sh
+# speed-next` (carry .device/zolite-prev)
+[ -d .device/zolite-prev/zolite ] || { mkdir -p .device/zolite-prev && git archive c4e3c6e zolite | tar -x -C .device/zolite-prev; }
 if [ $# -ge 1 ]; then
   mkdir -p .device/res
   if [ -d "$1" ]; then cp -r "$1"/. .device/res/; else tar xzf "$1" -C .device/res --strip-components=2 root/res; fi

@@ -34,6 +34,10 @@
 #   bash bench/real_scale_dev.sh speed-profile  # after the tenth part: where the step on BoolQ's recipe weights and on
 #                                               # the full model spends its time (torch.profiler), the recipe's
 #                                               # step under --cuda-graphs, backprop's step (~3 min, foreground)
+#   bash bench/real_scale_dev.sh speed-next     # after the eleventh part: the recipe's step again (eager, graphed),
+#                                               # 3 profiled full-model steps, backprop on layers 1 / 27 (~4 min,
+#                                               # foreground)
+#   bash bench/real_scale_dev.sh boolq-graphs   # BoolQ's recipe under --cuda-graphs, seed 0
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
 #   bash bench/real_scale_dev.sh probe-qwen     # Qwen BoolQ (nf4): what a linear read-out of each layer reaches, and
 #                                               # ZO on the final norm replayed (bench/probe_ceiling.py; ~2 min GPU)
@@ -239,6 +243,28 @@ speed-profile)
   sp --out $R/speed-profile/layers --only zolite-bare,backprop --configs qwen-L1-nf4,qwen-L27-nf4 \
     > $R/speed-profile-layers.log 2>&1
   grep -h '^| qwen-' $R/speed-profile/*/results.md ;;
+speed-next)
+  # the eleventh part: speed-profile ran past its 300 s after its first bench. Alone on the GPU, ~4 min: BoolQ's
+  # recipe weights since their 4-bit q/k/v run once on the doubled batch and their 140 tensors are stepped together
+  # (zolite, graphed, eager, floor; beside zolite before that, /root/zolite-prev, where the call copied
+  # .device/zolite-prev), 3 profiled steps of the full model (fp16: where the 1.79x of eager MeZO goes), backprop's
+  # step on layers 1 and 27
+  qwen_once
+  sp() { python bench/step_speed.py --data /root/data --warmup 3 --step-samples 3 "$@"; }
+  prev=""; [ -d /root/zolite-prev/zolite ] && prev="--baseline /root/zolite-prev"
+  sp --out $R/speed-next/bitfit --steps 20 --rounds 2 --only zolite-bare,base-bare,graphs-bare,eager,floor-2b \
+    --configs qwen-bitfit-nf4 $prev > $R/speed-next-bitfit.log 2>&1
+  sp --out $R/speed-next/full --steps 5 --rounds 1 --only zolite-bare,eager,floor-2b --configs qwen-all-fp16 \
+    --profile zolite-bare --profile-steps 3 > $R/speed-next-full.log 2>&1
+  sp --out $R/speed-next/layers --steps 10 --rounds 1 --only zolite-bare,backprop --configs qwen-L1-nf4,qwen-L27-nf4 \
+    > $R/speed-next-layers.log 2>&1
+  grep -h '^| qwen-' $R/speed-next/*/results.md ;;
+boolq-graphs)
+  # after the eleventh part: BoolQ's recipe under CUDA graphs, seed 0 (bench/plans/real_scale_candidates.toml)
+  qwen_once
+  setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
+    --arms bitfit-nf4-act-graphs --seeds 1 --jobs 1 --data /root/data --out $R/final/boolq-graphs --quiet \
+    > $R/boolq-graphs.log 2>&1 < /dev/null & ;;
 refs-next)
   # bitfit-refs beside full-model MeZO on SST-2
   bash "$0" bitfit-refs && bash "$0" mezo-full sst2 ;;

@@ -4,6 +4,7 @@
     python bench/step_speed.py --out OUT --configs smollm2-L11,smollm2-all --steps 300
     python bench/step_speed.py --out OUT --device cpu --configs smollm2-L11 --steps 3 --warmup 1   # CPU smoke
     python bench/step_speed.py ... --profile graphs-bare          # also where 10 of that method's steps spend time
+                                                                 # (--profile-steps N: N of them)
     python bench/step_speed.py ... --baseline DIR                # also the step of DIR/zolite (another version,
                                                                  # imported beside this one): before / after
 
@@ -269,7 +270,8 @@ def measure(spec: dict, args, device: torch.device, methods: tuple[str, ...], ba
                         for p, s in zip(tuned.params, saved):
                             p.copy_(s)
         if args.profile in fns:   # where the step's time goes, op by op (the host's time and the GPU's)
-            profile_steps(fns[args.profile], n, device, args.out / f"profile-{config_name}-{args.profile}.txt")
+            profile_steps(fns[args.profile], n, device, args.out / f"profile-{config_name}-{args.profile}.txt",
+                          args.profile_steps)
         train_phase.__exit__(None, None, None)
     finally:
         profiler_cm.__exit__(None, None, None)
@@ -443,8 +445,9 @@ def main():
                     help="where the Llama-2-7B-shaped model is built (once)")
     ap.add_argument("--only", default=",".join(DEFAULT_METHODS),
                     help=f"methods to time (default: all but backprop), of: {', '.join(METHODS)}")
-    ap.add_argument("--profile", metavar="METHOD", help="also profile 10 steps of this method (torch.profiler): "
-                    "OUT/profile-CONFIG-METHOD.txt")
+    ap.add_argument("--profile-steps", type=int, default=10, help="how many steps --profile records (default 10)")
+    ap.add_argument("--profile", metavar="METHOD",
+                    help="also profile --profile-steps steps of this method (torch.profiler): OUT/profile-CONFIG-METHOD.txt")
     ap.add_argument("--baseline", type=Path,
                     help="a source tree holding another zolite package (DIR/zolite): its step is timed too")
     args = ap.parse_args()

@@ -37,9 +37,12 @@ def test_step_speed_times_every_method(tmp_path):
 
 
 def test_step_speed_times_some_tensors_and_backprop(tmp_path):
-    """--params configs (BoolQ's recipe shape: every layer's norms) and the opt-in backprop step."""
+    """--params configs (BoolQ's recipe shape: every layer's norms), the opt-in backprop step, and a profile of
+    --profile-steps steps."""
     _run(BENCH / "step_speed.py", "--out", tmp_path, "--configs", "launch-norms", "--steps", "1", "--warmup", "1",
-         "--rounds", "1", "--step-samples", "1", "--only", "zolite-bare,eager,backprop")
+         "--rounds", "1", "--step-samples", "1", "--only", "zolite-bare,eager,backprop", "--profile", "zolite-bare",
+         "--profile-steps", "2")
+    assert (tmp_path / "profile-launch-norms-zolite-bare.txt").read_text().startswith("2 steps")
     config = json.loads((tmp_path / "results.json").read_text())["configs"]["launch-norms"]
     assert "error" not in config, config.get("error")
     assert set(config["ms"]) == {"zolite-bare", "eager", "backprop"} and all(ms > 0 for ms in config["ms"].values())

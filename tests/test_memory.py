@@ -17,7 +17,7 @@ from zolite.loading import load_model, model_skeleton
 from zolite.plan import estimate, parse_size, plan_memory
 from zolite.scoring import collate, pad_token_id
 from zolite.optim import micro_batched_losses
-from zolite.zo import TunedLayers
+from zolite.zo import TunedLayers, spsa_losses
 
 GIB = 2**30
 
@@ -487,16 +487,25 @@ def test_the_plan_quantizes_the_weights_params_leaves_out(llama7b_skeleton):
     assert whole["optimizer_state"] > 12 * v["optimizer_state"]
 
 
-def test_nf4_biases_take_the_doubled_forward(qwen2_64):
-    """Biases of NF4 Linears and norms, over every layer: one forward of the doubled batch (the 4-bit Linears
-    whose bias is tuned run once per half) gives the per-half path's l+ and l-."""
-    pytest.importorskip("bitsandbytes")
+def test_nf4_biases_take_the_doubled_forward(qwen2_64, monkeypatch):
+    """Biases of NF4 Linears and norms, over every layer: one forward of the doubled batch gives the per-half path's
+    l+ and l-, and each 4-bit matmul runs once on it (a 4-bit Linear whose bias alone is tuned runs without it, and
+    each half adds its own), where the per-half path runs the tuned ones twice."""
+    bnb = pytest.importorskip("bitsandbytes")
     from test_step_fast import _batch, assert_fused_equals_per_half
 
     loaded = load_model(qwen2_64, device="cpu", mode="nf4", keep_layers=[0, 1, 2], keep_params="bias,norm")
     tuned = TunedLayers(loaded.model, [0, 1, 2], params="bias,norm")
     assert {type(m).__name__ for m, _ in tuned.owner} == {"Linear4bit", "Qwen2RMSNorm"}
-    assert_fused_equals_per_half(loaded.model, tuned, _batch(loaded, "boolq"))
+    batch = _batch(loaded, "boolq")
+    assert_fused_equals_per_half(loaded.model, tuned, batch)
+
+    matmuls = []
+    matmul_4bit = bnb.matmul_4bit
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda x, *a, **k: matmuls.append(len(x)) or matmul_4bit(x, *a, **k))
+    spsa_losses(loaded.model, tuned, batch, seed=3, eps=1e-2, objective="ce")
+    four_bit = sum(type(m).__name__ == "Linear4bit" for m in loaded.model.modules())
+    assert matmuls == [2 * len(batch.input_ids)] * four_bit
 
 
 def test_backprop_through_cpu_nf4_biases_is_refused_up_front(qwen2_64, small_data, tmp_path):

@@ -146,6 +146,46 @@ def test_update_is_unchanged(tiny_model):
             assert torch.equal(tuned.master(i), expected[i]), (dtype, tuned.names[i])
 
 
+@pytest.mark.parametrize("params", ["bias,norm", "norm"])
+def test_vectors_together_have_the_one_by_one_bits(tiny_qwen2, params, monkeypatch):
+    """Half-precision vectors perturbed and updated as one concatenation (TunedLayers.together): l+ and l- and,
+    after three steps, every weight and residual bit for bit as one vector at a time, scale tensors included; z drawn
+    once a step instead of twice."""
+    draws = []
+    sample_z = zo.sample_z
+    monkeypatch.setattr(zo, "sample_z", lambda *a, **k: draws.append(1) or sample_z(*a, **k))
+    runs = []
+    for together in (True, False):
+        loaded = zolite.load_model(tiny_qwen2, dtype="float16")
+        tuned = TunedLayers(loaded.model, [0, 1, 2], params=params)
+        assert tuned.together and tuned.fused
+        gen = torch.Generator().manual_seed(0)
+        tuned.set_scales({n: torch.rand(p.shape[-1], generator=gen) + 0.5
+                          for n, p in zip(tuned.names, tuned.params) if "norm" in n})
+        tuned.together = together
+        batch = _batch(loaded, "boolq")
+        losses, draws[:] = [], []
+        for step, g in enumerate((0.7, -1.3, 2.1)):
+            seed = step_seed(4, step)
+            losses.append(spsa_losses(loaded.model, tuned, batch, seed, 1e-2, "ce"))
+            tuned.sgd_update(seed, g, 1e-3)
+        assert len(draws) == (1 if together else 2) * 3 * len(tuned.params)
+        runs.append((losses, tuned.exact_state()))
+    (together_losses, together_state), (one_by_one_losses, one_by_one_state) = runs
+    assert together_losses == one_by_one_losses
+    assert all(torch.equal(together_state[k], one_by_one_state[k]) for k in one_by_one_state)
+    assert any(k.endswith("#residual") and together_state[k].any() for k in together_state)
+
+
+def test_matrices_fp32_and_relative_scales_are_not_together(tiny_qwen2):
+    """Together takes vectors with residuals (half precision) and one scalar scale for every vector's z."""
+    half = zolite.load_model(tiny_qwen2, dtype="float16").model
+    assert not TunedLayers(half, [0]).together   # a whole layer's matrices: one by one
+    assert not TunedLayers(zolite.load_model(tiny_qwen2).model, [0], params="bias,norm").together
+    tuned = TunedLayers(half, [0], params="bias,norm", eps_scale="relative")
+    assert tuned.together and tuned._common_scale() is None   # each vector's own RMS: one by one
+
+
 def _reference_collate(encoded, pad_id):
     """collate as zolite wrote it before issue 23 (row by row), the layout the faster one must keep."""
     n_cand = max(len(e.answers) for e in encoded)

@@ -146,7 +146,7 @@ def test_update_of_a_non_contiguous_half_tensor():
     for weight in (torch.nn.Parameter(base.t().contiguous()), torch.nn.Parameter(base.clone().t())):
         tuned = TunedLayers.__new__(TunedLayers)
         tuned.params, tuned.residuals, tuned.scales = [weight], [torch.zeros_like(weight)], [1.0]
-        tuned.z_buffers = None
+        tuned.z_buffers, tuned.together = None, False
         assert tuned.residuals[0].is_contiguous() == weight.is_contiguous()
         for step in range(3):
             tuned.sgd_update(step, 0.5, 1e-3, weight_decay=0.1)

@@ -9,6 +9,7 @@
   launch-bound case: SmolLM2, Qwen-1.5B) run once on the doubled batch: each tuned module draws its z once and
   applies W + eps z to the first half and W - eps z to the second (a Linear as one batched matmul). Larger layers
   (a 7B's) run twice, once per half, each module building one perturbed weight at a time (the least memory).
+  Many half-precision vectors (every bias and norm) are perturbed and updated together, as one concatenation.
 - Many tiny steps are not lost to fp16/bf16 rounding: an fp32 layer is its own master; a half-precision layer keeps
   beside it a residual of the same dtype holding what rounding dropped (Kahan-style compensation), for half the
   memory of an fp32 master copy (0.38 instead of 0.75 GiB for a 7B layer). fp16 weight + residual carry about 22
@@ -126,6 +127,14 @@ class TunedLayers:
         # input rows are the batch's (Linear, norms)
         self.fused = (max((p.numel() for p in self.params), default=0) < FUSED_MAX_NUMEL
                       and all(_row_wise(module) for module, _ in self.owner))
+        # Many half-precision vectors (every bias and norm of a model, say) are perturbed and updated as one
+        # concatenation: the same elementwise arithmetic, so the same bits, in a few kernel launches where each
+        # vector took a few (the step is bound by launching them: docs/evidence.md, eleventh part). Vectors only:
+        # their pairs are used as they come (no batched matmul over them), and they take no weight decay
+        self.together = (self.fused and len(self.params) > 1 and self.numel() <= UPDATE_CHUNK
+                         and all(p.dim() == 1 and r is not None for p, r in zip(self.params, self.residuals))
+                         and len({(p.dtype, p.device) for p in self.params}) == 1)
+        self.z_flat: torch.Tensor | None = None   # with `together`: the z buffers are views of it
         if eps_scale == "relative":
             rms = [p.detach().float().pow(2).mean().sqrt().item() for p in self.params]
             self.scales = [r if r > 0 else 1.0 for r in rms]
@@ -155,8 +164,12 @@ class TunedLayers:
         return z, scale
 
     def use_z_buffers(self) -> None:
-        """Keep one fp32 buffer per tensor for z (zolite.graphs: perturbed(None, eps) reads them; fill_z draws)."""
-        if self.z_buffers is None:
+        """Keep one fp32 buffer per tensor for z (zolite.graphs: perturbed(None, eps) reads them; fill_z draws);
+        with `together`, views of one."""
+        if self.z_buffers is None and self.together:
+            self.z_flat = torch.empty(self.numel(), dtype=torch.float32, device=self.params[0].device)
+            self.z_buffers = self._split(self.z_flat)
+        elif self.z_buffers is None:
             self.z_buffers = [torch.empty(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
 
     @torch.no_grad()
@@ -167,6 +180,31 @@ class TunedLayers:
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a concatenation of the tensors (last dimension), one per tensor in its shape."""
+        views, start = [], 0
+        for p in self.params:
+            views.append(flat[..., start:start + p.numel()].view(*flat.shape[:-1], *p.shape))
+            start += p.numel()
+        return views
+
+    def _common_scale(self) -> float | None:
+        """With `together`: the scalar scale every tensor's z takes (z() applies scale tensors itself); None when
+        they differ (relative scales), and the tensors are then perturbed and updated one by one."""
+        scalars = {1.0 if isinstance(s, torch.Tensor) else s for s in self.scales}
+        return scalars.pop() if self.together and len(scalars) == 1 else None
+
+    def _buffered(self, seed: int) -> None:
+        """Step `seed`'s z in the buffers, drawn unless they hold it already."""
+        self.use_z_buffers()
+        if self.z_buffers_seed != seed:
+            self.fill_z(seed)
+
+    def _concatenated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weights, the residuals), each as one flat tensor of the weights' dtype."""
+        return (torch.cat([p.detach().reshape(-1) for p in self.params]),
+                torch.cat([r.reshape(-1) for r in self.residuals]))
 
     def master(self, i: int) -> torch.Tensor:
         """Tensor i's fp32 value: the weight itself (fp32), or weight + residual (a new tensor)."""
@@ -227,6 +265,11 @@ class TunedLayers:
         Beside z, a half-precision tensor needs its fp32 value; it is built UPDATE_CHUNK elements at a time (the
         arithmetic is elementwise, so the result is the same bits), and each z is freed before the next is drawn:
         one fp32 tensor plus a chunk alive at a time, where a whole fp32 value and two z's were before."""
+        scale = self._common_scale()
+        if scale is not None:   # vectors: no decay
+            self._buffered(seed)
+            self._update_together(-lr * projected_grad * scale)
+            return
         # z drawn into the buffers for this step's graphed forward is read from there (not written), not drawn again
         buffered = self.z_buffers is not None and self.z_buffers_seed == seed
         for i, (p, r) in enumerate(zip(self.params, self.residuals)):
@@ -240,6 +283,15 @@ class TunedLayers:
             else:
                 self._update_half(p, r, z, decay, step)
             del z
+
+    def _update_together(self, step: float) -> None:
+        """_update_half's arithmetic on the concatenation of every vector, weight and residual (no decay), with z from
+        the flat buffer; written back with one copy per list."""
+        weights, residuals = self._concatenated()
+        value = weights.float().add_(residuals, alpha=1 / RESIDUAL_SCALE).add_(self.z_flat, alpha=step)
+        rounded = value.to(weights.dtype)   # the rounding p.copy_(value) does
+        torch._foreach_copy_([p.detach() for p in self.params], self._split(rounded))
+        torch._foreach_copy_(self.residuals, self._split(value.sub_(rounded).mul_(RESIDUAL_SCALE).to(weights.dtype)))
 
     def _update_half(self, p: torch.Tensor, r: torch.Tensor, z: torch.Tensor, decay: float | None, step: float):
         """p + r/RESIDUAL_SCALE (fp32) <- that * decay + step * z, rounded back into p and r, chunk by chunk."""
@@ -303,15 +355,28 @@ class TunedLayers:
             saved_forwards.append((layer, layer.__dict__.get("forward")))
             layer.forward = _doubled_forward(layer.forward, state)
         by_module = self._by_module()
+        pairs = self._pairs_together(seed, eps) if self._common_scale() is not None else None
         for module, entries in by_module.values():
             saved_forwards.append((module, module.__dict__.get("forward")))
-            module.forward = self._pair_forward(module, entries, seed, eps, state)
+            module.forward = self._pair_forward(module, entries, seed, eps, state, pairs)
         try:
             yield
         finally:
             _restore_forwards(saved_forwards)
             for (module, attr), p in zip(self.owner, self.params):
                 module._parameters[attr] = p
+
+    def _pairs_together(self, seed: int | None, eps: float) -> list[torch.Tensor]:
+        """[W_i + eps z_i, W_i - eps z_i] of every vector i ([2, n_i], W's dtype), as _offset and _perturbed_weight
+        compute them, on the concatenation of all: views of one [2, numel] tensor. z is drawn into the buffers (seed
+        None: they hold it), where the update reads it again."""
+        if seed is not None:
+            self._buffered(seed)
+        weights, residuals = self._concatenated()
+        offset = self.z_flat.mul(eps * self._common_scale())
+        plus = torch.add(offset, weights).add_(residuals, alpha=1 / RESIDUAL_SCALE)
+        minus = torch.sub(weights, offset).add_(residuals, alpha=1 / RESIDUAL_SCALE)
+        return self._split(torch.stack([plus, minus]).to(weights.dtype))
 
     def _offset(self, seed: int | None, i: int, eps: float) -> torch.Tensor:
         """eps * z_i (times tensor i's scale), fp32, in z's buffer: W +- this is tensor i perturbed. seed None: z
@@ -336,26 +401,37 @@ class TunedLayers:
             o.copy_(value.add_(res, alpha=1 / RESIDUAL_SCALE))
         return out
 
-    def _pair_forward(self, module, entries, seed: int, eps: float, state: dict):
+    def _pair(self, i: int, offsets: dict, pairs: list | None) -> torch.Tensor:
+        """[W_i + eps z_i, W_i - eps z_i] in W_i's dtype: from the pairs built together, or built here."""
+        if pairs is not None:
+            return pairs[i]
+        p = self.params[i]
+        pair = torch.empty((2, *p.shape), dtype=p.dtype, device=p.device)
+        for k, sign in enumerate((1, -1)):
+            self._perturbed_weight(i, offsets[i], sign, out=pair[k])
+        return pair
+
+    def _pair_forward(self, module, entries, seed: int, eps: float, state: dict, pairs: list | None = None):
         """module's forward on the doubled batch: rows [0, B) see W + eps z, rows [B, 2B) W - eps z, z drawn once.
-        A Linear runs as one batched matmul over the two weights; another module (a norm) runs once per half."""
+        A Linear runs as one batched matmul over the two weights; a quantized Linear (bitsandbytes' 4-bit or 8-bit)
+        whose bias alone is tuned runs once without its bias, and each half adds its own (its weight is the base's
+        for both); another module (a norm) runs once per half."""
         forward = module.forward
         linear = type(module) is torch.nn.Linear
+        bias_only = (not linear and isinstance(module, torch.nn.Linear)
+                     and [attr for _, attr in entries] == ["bias"])
 
         def run(x, *args, **kwargs):
             if x.dim() < 3 or x.shape[0] != state["rows"]:   # [rows, tokens, ...]: not, e.g., routed tokens
                 raise ZoliteError(f"{type(module).__name__} of a tuned layer got an input of shape {tuple(x.shape)}, "
                                   f"not [{state['rows']}, tokens, ...] (the doubled batch): this architecture needs "
                                   "TunedLayers.fused = False")
-            offsets = {i: self._offset(seed, i, eps) for i, _ in entries}
+            offsets = {} if pairs is not None else {i: self._offset(seed, i, eps) for i, _ in entries}
+            pair = {attr: self._pair(i, offsets, pairs) for i, attr in entries}   # [W + eps z, W - eps z] each
+            del offsets
+            if bias_only:
+                return self._bias_pair_forward(module, forward, entries[0][0], pair["bias"], x, *args, **kwargs)
             if linear:
-                pair = {}
-                for i, attr in entries:   # [W + eps z, W - eps z], one buffer
-                    p = self.params[i]
-                    pair[attr] = torch.empty((2, *p.shape), dtype=p.dtype, device=p.device)
-                    for k, sign in enumerate((1, -1)):
-                        self._perturbed_weight(i, offsets[i], sign, out=pair[attr][k])
-                del offsets
                 for attr in ("weight", "bias"):   # a tensor left out by --params: the base's, for both halves
                     base = getattr(module, attr)
                     if attr not in pair and base is not None:
@@ -367,14 +443,26 @@ class TunedLayers:
                 return out.reshape(*x.shape[:-1], out.shape[-1])
             half = x.shape[0] // 2
             outs = []
-            for k, sign in enumerate((1, -1)):
-                for i, attr in entries:
-                    module._parameters[attr] = self._perturbed_weight(i, offsets[i], sign)
+            for k in range(2):
+                for _, attr in entries:
+                    module._parameters[attr] = pair[attr][k]
                 outs.append(forward(x[k * half:(k + 1) * half], *args, **kwargs))
             for i, attr in entries:
                 module._parameters[attr] = self.params[i]
             return torch.cat(outs)
         return run
+
+    def _bias_pair_forward(self, module, forward, i: int, pair: torch.Tensor, x, *args, **kwargs):
+        """forward(x) of a Linear without its bias (tensor i), then b + eps z added to rows [0, B) and b - eps z to
+        rows [B, 2B): the quantized matmul runs once on 2B rows, where per half it ran (and dequantized) twice. The
+        bias is added after the matmul's rounding, not inside it: the same sums to the output dtype's last bit."""
+        module._parameters["bias"] = None
+        try:
+            out = forward(x, *args, **kwargs)
+        finally:
+            module._parameters["bias"] = self.params[i]
+        halves = out.reshape(2, -1, out.shape[-1])
+        return (halves + pair.unsqueeze(1).to(out.dtype)).reshape(out.shape)
 
     @contextmanager
     def _perturbed_per_half(self, seed: int, eps: float):
