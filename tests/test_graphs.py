@@ -46,11 +46,14 @@ class RerunRecorder:
         return Recorded(replay, inputs, answers), pool
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_z_buffers_give_the_eager_bits(tiny_model, dtype):
-    """perturbed(None, eps) after fill_z(seed) is perturbed(seed, eps), bit for bit (fp32, and fp16 with residuals)."""
-    loaded = zolite.load_model(tiny_model, dtype=dtype)
-    tuned = TunedLayers(loaded.model, [1, 2])
+@pytest.mark.parametrize("model,dtype,params", [("tiny_model", "float32", None), ("tiny_model", "float16", None),
+                                                 ("tiny_qwen2", "float16", "bias,norm")])
+def test_z_buffers_give_the_eager_bits(model, dtype, params, request):
+    """perturbed(None, eps) after fill_z(seed) is perturbed(seed, eps), bit for bit (fp32, fp16 with residuals, and
+    fp16 vectors stepped together)."""
+    loaded = zolite.load_model(request.getfixturevalue(model), dtype=dtype)
+    tuned = TunedLayers(loaded.model, [1, 2], params=params)
+    assert tuned.together == (params is not None)
     tuned.sgd_update(3, 0.7, 1e-3)   # residuals that are not zero
     batch = _batch(loaded)
     with torch.inference_mode(), tuned.perturbed(5, 1e-2):

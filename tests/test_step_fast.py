@@ -170,11 +170,26 @@ def test_vectors_together_have_the_one_by_one_bits(tiny_qwen2, params, monkeypat
             losses.append(spsa_losses(loaded.model, tuned, batch, seed, 1e-2, "ce"))
             tuned.sgd_update(seed, g, 1e-3)
         assert len(draws) == (1 if together else 2) * 3 * len(tuned.params)
+        tuned.sgd_update(step_seed(4, 3), 0.5, 1e-3)   # a replayed step: z drawn outside the forward's inference mode
         runs.append((losses, tuned.exact_state()))
     (together_losses, together_state), (one_by_one_losses, one_by_one_state) = runs
     assert together_losses == one_by_one_losses
     assert all(torch.equal(together_state[k], one_by_one_state[k]) for k in one_by_one_state)
     assert any(k.endswith("#residual") and together_state[k].any() for k in together_state)
+
+
+def test_a_failure_building_the_pairs_leaves_the_model_as_it_was(tiny_qwen2, monkeypatch):
+    """The pairs are built before any forward is wrapped: an error there (out of memory, say) leaves no layer
+    doubling its batch."""
+    loaded = zolite.load_model(tiny_qwen2, dtype="float16")
+    tuned = TunedLayers(loaded.model, [0, 1], params="bias,norm")
+
+    def fail(*_):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(tuned, "_pairs_together", fail)
+    with pytest.raises(RuntimeError):
+        spsa_losses(loaded.model, tuned, _batch(loaded), seed=1, eps=1e-2, objective="ce")
+    assert all("forward" not in m.__dict__ for m in loaded.model.modules())
 
 
 def test_matrices_fp32_and_relative_scales_are_not_together(tiny_qwen2):

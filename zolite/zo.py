@@ -166,11 +166,12 @@ class TunedLayers:
     def use_z_buffers(self) -> None:
         """Keep one fp32 buffer per tensor for z (zolite.graphs: perturbed(None, eps) reads them; fill_z draws);
         with `together`, views of one."""
-        if self.z_buffers is None and self.together:
-            self.z_flat = torch.empty(self.numel(), dtype=torch.float32, device=self.params[0].device)
-            self.z_buffers = self._split(self.z_flat)
-        elif self.z_buffers is None:
-            self.z_buffers = [torch.empty(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+        with torch.inference_mode(False):   # made under a forward's inference mode, refilled by updates outside it
+            if self.together and self.z_flat is None:
+                self.z_flat = torch.empty(self.numel(), dtype=torch.float32, device=self.params[0].device)
+                self.z_buffers, self.z_buffers_seed = self._split(self.z_flat), None
+            elif self.z_buffers is None:
+                self.z_buffers = [torch.empty(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
 
     @torch.no_grad()
     def fill_z(self, seed: int) -> None:
@@ -349,13 +350,13 @@ class TunedLayers:
             with self._perturbed_per_half(seed, eps):
                 yield
             return
+        pairs = self._pairs_together(seed, eps) if self._common_scale() is not None else None   # before any wrapping
         state = {"doubled": False, "rows": None}
         saved_forwards = []
         for layer in self.layers:
             saved_forwards.append((layer, layer.__dict__.get("forward")))
             layer.forward = _doubled_forward(layer.forward, state)
         by_module = self._by_module()
-        pairs = self._pairs_together(seed, eps) if self._common_scale() is not None else None
         for module, entries in by_module.values():
             saved_forwards.append((module, module.__dict__.get("forward")))
             module.forward = self._pair_forward(module, entries, seed, eps, state, pairs)
@@ -413,13 +414,14 @@ class TunedLayers:
 
     def _pair_forward(self, module, entries, seed: int, eps: float, state: dict, pairs: list | None = None):
         """module's forward on the doubled batch: rows [0, B) see W + eps z, rows [B, 2B) W - eps z, z drawn once.
-        A Linear runs as one batched matmul over the two weights; a quantized Linear (bitsandbytes' 4-bit or 8-bit)
-        whose bias alone is tuned runs once without its bias, and each half adds its own (its weight is the base's
-        for both); another module (a norm) runs once per half."""
+        A Linear runs as one batched matmul over the two weights; a 4-bit Linear whose bias alone is tuned runs once
+        without its bias, and each half adds its own (its weight is the base's for both); another module (a norm,
+        an int8 Linear) runs once per half."""
         forward = module.forward
         linear = type(module) is torch.nn.Linear
-        bias_only = (not linear and isinstance(module, torch.nn.Linear)
-                     and [attr for _, attr in entries] == ["bias"])
+        # (not bitsandbytes' int8 Linear: LLM.int8 picks its outlier columns from all rows it is given, so on 2B rows
+        # each half's output would depend on the other's)
+        bias_only = type(module).__name__ == "Linear4bit" and [attr for _, attr in entries] == ["bias"]
 
         def run(x, *args, **kwargs):
             if x.dim() < 3 or x.shape[0] != state["rows"]:   # [rows, tokens, ...]: not, e.g., routed tokens
