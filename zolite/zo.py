@@ -183,12 +183,8 @@ class TunedLayers:
         return sum(p.numel() for p in self.params)
 
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Views of a concatenation of the tensors (last dimension), one per tensor in its shape."""
-        views, start = [], 0
-        for p in self.params:
-            views.append(flat[..., start:start + p.numel()].view(*flat.shape[:-1], *p.shape))
-            start += p.numel()
-        return views
+        """Views of a concatenation of the vectors (`together`: all 1-D) along its last dimension, one per vector."""
+        return list(flat.split([p.numel() for p in self.params], dim=-1))
 
     def _common_scale(self) -> float | None:
         """With `together`: the scalar scale every tensor's z takes (z() applies scale tensors itself); None when
@@ -350,7 +346,8 @@ class TunedLayers:
             with self._perturbed_per_half(seed, eps):
                 yield
             return
-        pairs = self._pairs_together(seed, eps) if self._common_scale() is not None else None   # before any wrapping
+        scale = self._common_scale()
+        pairs = self._pairs_together(seed, eps, scale) if scale is not None else None   # before any wrapping
         state = {"doubled": False, "rows": None}
         saved_forwards = []
         for layer in self.layers:
@@ -367,14 +364,14 @@ class TunedLayers:
             for (module, attr), p in zip(self.owner, self.params):
                 module._parameters[attr] = p
 
-    def _pairs_together(self, seed: int | None, eps: float) -> list[torch.Tensor]:
+    def _pairs_together(self, seed: int | None, eps: float, scale: float) -> list[torch.Tensor]:
         """[W_i + eps z_i, W_i - eps z_i] of every vector i ([2, n_i], W's dtype), as _offset and _perturbed_weight
         compute them, on the concatenation of all: views of one [2, numel] tensor. z is drawn into the buffers (seed
-        None: they hold it), where the update reads it again."""
+        None: they hold it), where the update reads it again. scale: _common_scale()."""
         if seed is not None:
             self._buffered(seed)
         weights, residuals = self._concatenated()
-        offset = self.z_flat.mul(eps * self._common_scale())
+        offset = self.z_flat.mul(eps * scale)
         plus = torch.add(offset, weights).add_(residuals, alpha=1 / RESIDUAL_SCALE)
         minus = torch.sub(weights, offset).add_(residuals, alpha=1 / RESIDUAL_SCALE)
         return self._split(torch.stack([plus, minus]).to(weights.dtype))
@@ -457,7 +454,8 @@ class TunedLayers:
     def _bias_pair_forward(self, module, forward, i: int, pair: torch.Tensor, x, *args, **kwargs):
         """forward(x) of a Linear without its bias (tensor i), then b + eps z added to rows [0, B) and b - eps z to
         rows [B, 2B): the quantized matmul runs once on 2B rows, where per half it ran (and dequantized) twice. The
-        bias is added after the matmul's rounding, not inside it: the same sums to the output dtype's last bit."""
+        bias is added after the matmul's rounding, not inside it, so the sums may differ in the output dtype's last
+        bit."""
         module._parameters["bias"] = None
         try:
             out = forward(x, *args, **kwargs)
