@@ -377,6 +377,26 @@ def qwen2_64(tmp_path_factory) -> str:
     return str(build_tiny_qwen2(tmp_path_factory.mktemp("qwen2-64") / "model", hidden=64))
 
 
+def test_the_plan_counts_the_vectors_z_buffer():
+    """Half-precision vectors alone (--params norm) are stepped together, their z drawn into one fp32 buffer, graphed
+    or not: the estimate counts 4 bytes per tuned weight, and nothing for fp32 vectors (one by one) or for more than
+    one update chunk of them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def wide(hidden):   # on meta: only the counts are real, so a layer this wide costs nothing
+        with torch.device("meta"):
+            return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=1, num_key_value_heads=1, vocab_size=64))
+
+    model = wide(1 << 20)   # two norms of 2^20: 8 MiB of fp32 z
+    vectors = estimate(model, [0], "nf4", 1, 8, torch.float16, params="norm")
+    assert vectors["z_buffers"] == round(4 * 2 * (1 << 20) / GIB, 3) > 0
+    assert vectors["perturbation"] == round(3 * 2 * 2 * (1 << 20) / GIB, 3)   # the pairs and the concatenation
+    assert estimate(model, [0], "nf4", 1, 8, torch.float32, params="norm")["z_buffers"] == 0
+    assert estimate(model, [0], "nf4", 1, 8, torch.float16)["z_buffers"] == 0   # the layer's matrices: one by one
+    assert estimate(wide(1 << 22), [0], "nf4", 1, 8, torch.float16, params="norm")["z_buffers"] == 0
+
+
 def test_quantized_modes_keep_only_the_tuned_weights_linears(qwen2_64):
     """nf4 / int8 leave a Linear unquantized only where its weight is tuned: --params bias,norm over every layer
     keeps every Linear in 4 bits (biases and norms are never quantized); v_proj keeps one Linear a layer."""

@@ -29,7 +29,7 @@ import torch
 
 from .errors import ZoliteError
 from .layers import decoder_layers, is_weight_matrix, parse_params
-from .zo import FUSED_MAX_NUMEL
+from .zo import FUSED_MAX_NUMEL, UPDATE_CHUNK
 
 GIB = 2**30
 ACTIVATION_MARGIN = 1.5
@@ -69,7 +69,7 @@ def _sizes(skeleton, layers: list[int], params: str | None = None) -> dict:
     tuned_names = {f"{prefix}.{i}." for i in layers}
     wanted = parse_params(params)
     sizes = {"linear_frozen": 0, "linear_frozen_rows": 0, "other_frozen": 0, "tuned": 0, "largest_tuned": 0,
-             "largest_streamed": 0}
+             "largest_streamed": 0, "tuned_matrices": 0}
     seen = set()
     for name, module in skeleton.named_modules():
         for attr, p in module.named_parameters(recurse=False):
@@ -81,6 +81,7 @@ def _sizes(skeleton, layers: list[int], params: str | None = None) -> dict:
             if layer and (not wanted or any(w in full[len(layer):] for w in wanted)):
                 sizes["tuned"] += p.numel()
                 sizes["largest_tuned"] = max(sizes["largest_tuned"], p.numel())
+                sizes["tuned_matrices"] += p.dim() != 1
             elif is_weight_matrix(module) and full.startswith(prefix + ".") and attr == "weight":
                 sizes["linear_frozen"] += p.numel()
                 sizes["linear_frozen_rows"] += p.shape[0]
@@ -102,7 +103,8 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
     Backprop (`fo`): no doubled batch, but every layer from the first tuned one keeps its activations for the
     backward pass, and the gradients are held in fp32. cuda_graphs: z of every tuned tensor in fp32 buffers, where
     the step is graphed (zolite.graphs: the fused path of small tensors, not offload); None: graphed in mode fp16
-    only (a profile's default: zolite.tune_setup.speed_option). params: --params (the tuned tensors; the Linear
+    only (a profile's default: zolite.tune_setup.speed_option); half-precision vectors alone (--params norm,bias)
+    hold their z in one fp32 buffer either way. params: --params (the tuned tensors; the Linear
     weights it leaves out are quantized with the rest)."""
     cfg = skeleton.config
     b = torch.finfo(dtype).bits // 8
@@ -134,8 +136,13 @@ def estimate(skeleton, layers: list[int], mode: str, micro_batch: int, seq_len: 
         optimizer_state += 4 * s["tuned"]   # the gradients, fp32
     graphed = (cuda_graphs if cuda_graphs is not None else mode == "fp16") and estimator == "spsa" \
         and mode != "offload" and s["largest_tuned"] < FUSED_MAX_NUMEL
+    # half-precision vectors alone (biases, norms) are stepped together, z drawn into one fp32 buffer (TunedLayers)
+    together = estimator == "spsa" and dtype != torch.float32 and s["tuned_matrices"] == 0 \
+        and s["tuned"] <= UPDATE_CHUNK
+    if together:   # their pairs and the weights' concatenation, during the forward
+        perturb = max(perturb, 3 * b * s["tuned"])
     parts = {"weights": weights, "master_copy": master, "perturbation": perturb, "activations": activations,
-             "optimizer_state": optimizer_state, "z_buffers": 4 * s["tuned"] if graphed else 0,
+             "optimizer_state": optimizer_state, "z_buffers": 4 * s["tuned"] if graphed or together else 0,
              "cuda_context": int(CUDA_CONTEXT_GIB * GIB)}
     return {k: round(v / GIB, 3) for k, v in parts.items()}
 
