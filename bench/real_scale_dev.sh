@@ -43,7 +43,7 @@
 #                                               # ZO on the final norm replayed (bench/probe_ceiling.py; ~2 min GPU)
 #   bash bench/real_scale_dev.sh smollm2-norms  # SmolLM2 BoolQ on every layer's norms (seed 0, four lrs; and
 #                                               # activation-scaled at 3e-4, 1e-3, 3e-3)
-#   bash bench/real_scale_dev.sh smollm2-long   # the same beside 10,000-step runs (layer 11, every norm; seed 0)
+#   bash bench/real_scale_dev.sh smollm2-long   # SmolLM2 BoolQ for 10,000 steps (layer 11, every norm; seed 0)
 #   bash bench/real_scale_dev.sh collect DIR    # tables so far, reports and seed checkpoints -> DIR (the $OUT)
 #   bash bench/real_scale_dev.sh watch S DIR    # wait S seconds, collect into DIR, print the logs' last lines: the
 #                                               # waiting call, repeated (a machine taken back loses at most S)
@@ -275,8 +275,9 @@ probe-qwen)
     --out /tmp/probe-qwen && python bench/probe_ceiling.py --features /tmp/probe-qwen/features.pt --out $R/probe-qwen \
     && cp /tmp/probe-qwen/meta.json $R/probe-qwen/" > $R/probe-qwen.log 2>&1 < /dev/null & ;;
 smollm2-long)
-  # SmolLM2 BoolQ at 10x the steps (bench/plans/smollm2_boolq_long.toml) beside smollm2-norms, seed 0, on val
-  bash "$0" smollm2-norms
+  # SmolLM2 BoolQ at 10x the steps (bench/plans/smollm2_boolq_long.toml), seed 0, on val (smollm2-norms is done:
+  # docs/evidence.md, eighth part)
+  convert_once smollm2-135m
   setsid nohup zolite ablate --model smollm2-135m --task boolq --plan bench/plans/smollm2_boolq_long.toml \
     --seeds 1 --jobs 2 --data /root/data --out $R/smollm2-long/boolq --quiet > $R/smollm2-long.log 2>&1 < /dev/null & ;;
 smollm2-norms)
