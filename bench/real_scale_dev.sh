@@ -38,6 +38,7 @@
 #                                               # 3 profiled full-model steps, backprop on layers 1 / 27 (~4 min,
 #                                               # foreground)
 #   bash bench/real_scale_dev.sh boolq-graphs   # BoolQ's recipe under --cuda-graphs, seed 0
+#   bash bench/real_scale_dev.sh boolq-decay    # BoolQ's recipe with --lr-schedule linear, 3 seeds
 #   bash bench/real_scale_dev.sh refs-next      # bitfit-refs and mezo-full sst2
 #   bash bench/real_scale_dev.sh probe-qwen     # Qwen BoolQ (nf4): what a linear read-out of each layer reaches, and
 #                                               # ZO on the final norm replayed (bench/probe_ceiling.py; ~2 min GPU)
@@ -222,6 +223,12 @@ boolq-long)
   setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
     --arms bitfit-nf4-act-long --seeds ${SEEDS:-3} --jobs ${SEEDS:-3} --data /root/data --out $R/final/boolq-long \
     --quiet > $R/boolq-long.log 2>&1 < /dev/null & ;;
+boolq-decay)
+  # after the twelfth part: BoolQ's recipe with its lr decaying linearly to 0 over its 2,000 steps, 3 seeds
+  qwen_once
+  setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
+    --arms bitfit-nf4-act-linear --seeds 3 --jobs 3 --data /root/data --out $R/final/boolq-decay --quiet \
+    > $R/boolq-decay.log 2>&1 < /dev/null & ;;
 speed)
   # the matrix's times come from runs sharing the GPU; these are speeds: each ZO arm's step, eager MeZO and the
   # forward floor on the same BoolQ batch, alone on the GPU

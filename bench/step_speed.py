@@ -344,7 +344,8 @@ def _one_process_run(stepper, examples: list, batch_size: int):
     """What tune's train_step reads of a Run, for one process (its loop counts no exchanged bytes)."""
     from zolite.distributed import World
 
-    return SimpleNamespace(config=SimpleNamespace(batch_size=batch_size, objective="ce", seed=0), train=examples,
+    config = SimpleNamespace(batch_size=batch_size, objective="ce", seed=0, lr_schedule="constant", steps=0)
+    return SimpleNamespace(config=config, train=examples,
                            splits=None, stepper=stepper, guard=None, world=World(), exchange=[0, 0, 0])
 
 

@@ -25,6 +25,9 @@ from .options import LR, custom_task_options, mode_option
 @click.option("--steps", type=int, help="ZO steps. Default: the profile's.")
 @click.option("--lr", type=LR, help="Step size, or auto: probed from the model's curvature before the run "
               "(docs/guide.md, step size).  [default: the profile's, else auto]")
+@click.option("--lr-schedule", type=click.Choice(["constant", "linear", "cosine"]),
+              help="The lr over the run: constant (MeZO's), or decaying linearly or along a cosine from the lr at "
+                   "the first step towards 0 at the last (ZO-SGD and momentum).  [default: constant]")
 @click.option("--guard/--no-guard", default=None,
               help="Halve the step when the training loss turns up (ZO-SGD / momentum), and in plain MeZO go back "
                    "to the weights of the lowest loss so far.  [default: on]")
@@ -117,7 +120,8 @@ def tune(ctx, model, task, run_dir, out, resume, force, nproc, as_json, quiet, *
         halved = f"; halved at steps {', '.join(str(b[0]) for b in lr['backoffs'])}" if lr.get("backoffs") else ""
         if lr.get("returned"):
             halved += "; each time the weights went back to where the lowest-loss block started"
-        click.echo(f"lr: {lr['lr']:.3g} ({how}{halved})")
+        decay = f", {lr['schedule']} decay to 0" if lr.get("schedule", "constant") != "constant" else ""
+        click.echo(f"lr: {lr['lr']:.3g} ({how}{decay}{halved})")
         for part in ("val", "test"):
             if report["final"].get(part):
                 r = report["final"][part]

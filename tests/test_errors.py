@@ -53,6 +53,13 @@ def test_bad_numbers_fail_before_loading(option, value, needle, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_schedule_is_refused_where_the_optimizer_sizes_its_own_steps(tmp_path):
+    assert_user_error(run_cli("tune", "--model", tmp_path / "no-model", "--optimizer", "adam", "--lr-schedule", "linear",
+                              "--run-dir", tmp_path / "r"), "--lr-schedule linear decays the steps of ZO-SGD",
+                      "drop --lr-schedule")
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("args, needle", [
     (("eval", "--batch-size", "0"), "--batch-size must be at least 1, got 0"),
     (("eval", "--limit", "-1"), "--limit must be at least 1, got -1"),   # was python's [:-1]: all rows but one

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from zolite.stepsize import (KAPPA, PROBE_EPS, PROBES, LossGuard, effective_updates, guard_reference, probe_lr,
-                             probe_seed)
+                             probe_seed, schedule_factor)
 
 
 def quadratic_pair_losses(h: torch.Tensor, b: torch.Tensor, noise: float = 0.0):
@@ -129,8 +129,8 @@ def test_tune_probes_its_lr_and_says_so(tiny_model, small_data, tmp_path):
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["lr"] == "auto"   # the run asked for auto
     assert report["forward_passes"] == 2 * 4 and lr["forwards"] == lr["probe"]["forwards"] == 6 * PROBES
     given = _tune(tiny_model, small_data, tmp_path, "given", steps=2, eval_every=0, lr=1e-3)
-    assert given["lr"] == {"lr": 1e-3, "source": "given", "probe": None, "backoffs": [], "returned": [],
-                           "forwards": 16}
+    assert given["lr"] == {"lr": 1e-3, "source": "given", "probe": None, "schedule": "constant", "backoffs": [],
+                           "returned": [], "forwards": 16}
 
 
 @pytest.fixture
@@ -348,3 +348,40 @@ def test_chained_returns_resume_and_replay_bit_for_bit(tiny_model, small_data, t
                 and zolite.load_patch(resumed["patch"]).tensors.keys() == dense.tensors.keys())
         again = zolite.load_patch(resumed["patch"])
         assert all(torch.equal(again.tensors[k], dense.tensors[k]) for k in dense.tensors), cut
+
+
+def test_the_schedules_decay_from_the_lr_towards_zero():
+    assert [schedule_factor("constant", t, 4) for t in range(4)] == [1.0] * 4
+    assert [schedule_factor("linear", t, 4) for t in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [schedule_factor("cosine", t, 4) for t in range(4)] == pytest.approx([1.0, 0.8536, 0.5, 0.1464], abs=1e-4)
+
+
+def test_a_scheduled_run_records_the_decayed_steps(tiny_model, small_data, tmp_path, monkeypatch):
+    """Each update's recorded slope is the step's (l+ - l-) / 2eps times the schedule's factor: the seed trajectory
+    (which replays the run) holds the decayed steps, and the report says which schedule ran."""
+    import zolite
+    from zolite.optim import Stepper
+    from zolite.trajectory import trajectory_path
+
+    seen, pair_losses = [], Stepper.pair_losses
+
+    def recording(self, examples, seed, eps=None):
+        plus, minus = pair_losses(self, examples, seed, eps)
+        seen.append((plus - minus) / (2 * self.eps))
+        return plus, minus
+    monkeypatch.setattr(Stepper, "pair_losses", recording)
+    report = _tune(tiny_model, small_data, tmp_path, "linear", steps=4, eval_every=0, lr=1e-2, guard=False,
+                   lr_schedule="linear")
+    grads = zolite.load_patch(trajectory_path(report["patch"])).tensors["trajectory.grads"].tolist()
+    assert report["lr"]["schedule"] == "linear" and len(seen) == 4
+    assert grads == [g * f for g, f in zip(seen, [1.0, 0.75, 0.5, 0.25])]
+
+
+def test_tune_says_which_schedule_ran(tiny_model, small_data, tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("tune", "--model", tiny_model, "--data", small_data, "--layer", "1", "--steps", "2",
+                     "--eval-every", "0", "--batch-size", "2", "--lr", "2e-3", "--lr-schedule", "cosine", "--quiet",
+                     "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "lr: 0.002 (as given, cosine decay to 0)" in result.output

@@ -159,9 +159,9 @@ def _cut_off_after(monkeypatch, step: int):
     {}, {"n_z": 2, "optimizer": "momentum"}, {"estimator": "residual", "optimizer": "adam"},
     {"layerwise": True, "weight_decay": 0.1}, {"optimizer": "sign"}, {"dtype": "float16", "optimizer": "adam"},
     {"estimator": "fo", "optimizer": "adam"}, {"params": "v_proj,down_proj"},
-    {"eps_scale": "sparse", "dtype": "float16"}],
+    {"eps_scale": "sparse", "dtype": "float16"}, {"lr_schedule": "cosine", "optimizer": "momentum"}],
     ids=["mezo", "nz2-momentum", "residual-adam", "layerwise-wd", "sign", "fp16-residuals-adam", "fo-adam",
-         "params-subset", "sparse-fp16"])
+         "params-subset", "sparse-fp16", "cosine-momentum"])
 def test_resume_gives_the_uninterrupted_run(options, tiny_model, small_data, tmp_path, monkeypatch):
     """A run cut off after its step-4 checkpoint and resumed ends bit for bit like one that was never stopped (the
     patch keeps the last step, so it holds the weights the resumed steps made). ZO runs checkpoint their seeds and

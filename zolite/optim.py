@@ -169,8 +169,8 @@ class Stepper:
         # with the base weights they rebuild the weights and optimiser state (seed checkpoints, trajectories)
         self.updates = [] if estimator != "fo" else None
         self.forwards = 0
-        # the step-size guard's multiplier (a power of two, so slopes scaled by it replay exactly): ZO steps apply
-        # and record lr_factor * g
+        # the step's lr multiplier (the guard's backoffs times --lr-schedule's decay, set by the tune loop): ZO steps
+        # apply and record lr_factor * g, so a replay applies the same numbers
         self.lr_factor = 1.0
         self.phase = phase or (lambda name: contextlib.nullcontext())   # a MemoryProfiler's phase, to measure
         self.graphs = None   # a zolite.graphs.ForwardGraphs: the ±eps forwards replayed from CUDA graphs

@@ -235,6 +235,18 @@ def new_guard(steps: int, lr_choice: dict, returns: bool = False) -> LossGuard:
     return LossGuard(guard_window(steps), guard_reference(lr_choice), returns)
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def schedule_factor(schedule: str, step: int, steps: int) -> float:
+    """The lr's multiplier at `step` (0-based) of a run of `steps`: constant 1 (MeZO's); linear and cosine decay from
+    1 at the first step towards 0 at the last, so the last steps add less of ZO's noise to the weights."""
+    if schedule == "constant" or steps <= 0:
+        return 1.0
+    done = step / steps
+    return 1.0 - done if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+
 def guard_window(steps: int) -> int:
     """Windows of 2% of the run, at least 25 steps (blocks of 8%, at least 100 steps)."""
     return max(25, steps // 50)

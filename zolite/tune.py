@@ -31,7 +31,8 @@ from .optim import Stepper, weighted_mean
 from .precondition import measure_scales, scale_summary
 from .patch import fingerprint, save_patch
 from .scoring import collate, pad_token_id
-from .stepsize import BASE_BATCHES, PROBES, LossGuard, effective_updates, new_guard, probe_lr, reference_losses
+from .stepsize import (BASE_BATCHES, PROBES, LossGuard, effective_updates, new_guard, probe_lr, reference_losses,
+                       schedule_factor)
 from .tasks import CustomTask, Task, get_task, task_data
 from .trajectory import device_descriptor, device_kind, save_trajectory, trajectory_path
 from .tune_setup import (QUANTIZED_EPS, TuneConfig, applied_recipe, auto_lr_supported, check_world, fill_defaults,
@@ -249,7 +250,6 @@ def start(run: Run, run_dir: Path, resume, profiler) -> tuple[dict, dict | None,
         run.guard.returns = guard_returns(run) if saved is None else _resumed_guard_returns(run, saved[2])
         if saved is not None:
             run.guard.replay(saved[2]["losses"])
-            run.stepper.lr_factor = run.guard.factor
         if run.guard.returns:   # the base's weights (before a seed checkpoint's replay), until a block's loss is lower
             run.kept_weights = run.block_start = _cpu_copy(run.tuned.exact_state())
     if saved is not None:
@@ -350,6 +350,10 @@ def train_step(run: Run, state: dict) -> None:
     else:
         examples = [run.train[i] for i in rows]
         state["tokens"] += sum(len(e.context) for e in examples)
+    # the step's lr multiplier: the guard's backoffs times the schedule's decay (the updates record it, so a resume
+    # or a trajectory replays them as they were)
+    run.stepper.lr_factor = ((run.guard.factor if run.guard is not None else 1.0)
+                             * schedule_factor(config.lr_schedule, step, config.steps))
     state["losses"].append(run.stepper.step(step, examples))
     state["step"] = step + 1
     state["train_s"] += time.perf_counter() - t0
@@ -368,8 +372,6 @@ def guard_returns(run: Run) -> bool:
 def follow_guard(run: Run, action: str | None, step: int) -> None:
     """Do what the guard said after `step` (stepsize.LossGuard.check): a smaller step, the weights back to the kept
     ones, or the block's starting weights as the kept ones; then copy the weights if a block starts here."""
-    if action in ("halve", "return"):
-        run.stepper.lr_factor = run.guard.factor
     if action == "return":
         run.tuned.load(run.kept_weights)
     elif action == "snapshot":
@@ -449,6 +451,7 @@ def write_report(run: Run, run_dir: Path, out: Path, state: dict, final: dict, m
         "data": {"source": run.splits.source, "rows_in_file": run.splits.total_rows, "counts": run.splits.counts},
         "steps": state["step"], "kept_step": metric["kept_step"], "forward_passes": run.stepper.forwards,
         "lr": {**{k: v for k, v in run.lr_choice.items() if k not in ("guard_reference", "base_losses")},
+               "schedule": config.lr_schedule,
                "backoffs": run.guard.backoffs if run.guard else None,
                "returned": run.guard.returned if run.guard and run.guard.returns else None},
         "activation_scales": scale_summary(run.tuned.scale_tensors()) if run.tuned.scale_tensors() else None,
@@ -538,7 +541,7 @@ def _resume(saved, run: Run, run_dir) -> tuple[dict | None, dict]:
     best = {}
 
     def after_step(step: int) -> None:
-        if run.guard is not None:   # (its lr factor is the replayed guard's last one already; the updates carry theirs)
+        if run.guard is not None:   # (the updates carry their lr factors; train_step sets the next one)
             follow_guard(run, run.guard.action_at(step), step)
         if step == state["best_step"]:
             best.update(_cpu_copy(tuned.state()))

@@ -26,6 +26,7 @@ from .patch import whole_layers_kept
 from .plan import measured_activations, parse_size, plan_memory
 from .profile import find_profile
 from .scan import choose_layers, folder_identity, scan
+from .stepsize import LR_SCHEDULES
 from .tasks import get_task
 from .trajectory import trajectory_path
 from .zo import EPS_SCALES, selected_tensors
@@ -76,6 +77,8 @@ class TuneConfig:
     optimizer: str = "sgd"            # sgd | momentum | adam (AdamW) | sign
     momentum: float = 0.9
     layerwise: bool = False           # per-tensor trust ratio ||W|| / ||update|| (lr becomes a relative step)
+    lr_schedule: str = "constant"     # constant | linear | cosine: the lr's decay towards 0 over the steps (ZO with
+                                      # sgd / momentum)
     guard: bool = True                # halve the step when the training loss turns up (ZO with sgd / momentum)
                                       # and, in plain MeZO, go back to the lowest loss's weights
     params: str | None = None         # "v_proj,down_proj": only the tuned layers' tensors whose name holds one
@@ -251,6 +254,12 @@ def check_options(config: TuneConfig) -> None:
         raise ZoliteError(f"--keep must be best or last, got {config.keep!r}")
     if config.micro_batch and config.batch_size and config.batch_size % config.micro_batch:
         raise ZoliteError(f"--micro-batch {config.micro_batch} must divide --batch-size {config.batch_size}")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ZoliteError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}")
+    if config.lr_schedule != "constant" and (config.estimator == "fo" or config.optimizer not in ("sgd", "momentum")
+                                             or config.layerwise):
+        raise ZoliteError(f"--lr-schedule {config.lr_schedule} decays the steps of ZO-SGD and momentum; Adam, sign, "
+                          "the trust ratio (--layerwise) and backprop size their own: drop --lr-schedule")
     if config.eps_scale not in EPS_SCALES:
         raise ZoliteError(f"--eps-scale must be one of {', '.join(EPS_SCALES)}, got {config.eps_scale!r}")
     if config.estimator not in ESTIMATORS:
