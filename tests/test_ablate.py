@@ -213,8 +213,8 @@ def test_a_cut_off_run_resumes_or_starts_again(tiny_model, small_data, tmp_path,
 
 
 def test_a_run_of_an_older_zolite_resumes(tiny_model, small_data, tmp_path, monkeypatch):
-    """A run folder whose config.json predates an option (cuda_graphs, tf32: it ran at their defaults) is resumed by
-    ablate and by tune --resume, not refused as another run's ("cuda_graphs = None, not False")."""
+    """A run folder whose config.json predates an option (cuda_graphs, tf32, lr_schedule: it ran at their defaults) is
+    resumed by ablate and by tune --resume, not refused as another run's ("cuda_graphs = None, not False")."""
     from test_tune import Interrupted, _cut_off_after
 
     options = dict(data=small_data, layer="1", steps=4, eval_every=2, batch_size=4)
@@ -227,12 +227,12 @@ def test_a_run_of_an_older_zolite_resumes(tiny_model, small_data, tmp_path, monk
                 zolite.tune(tiny_model, "sst2", run_dir=run_dir, lr=1e-2, seed=0, progress=False, **options)
         config = json.loads((run_dir / "config.json").read_text())
         (run_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items()
-                                                         if k not in ("cuda_graphs", "tf32")}))
+                                                         if k not in ("cuda_graphs", "tf32", "lr_schedule")}))
         if name == "by-ablate":
-            sys.modules["zolite.ablate"]._run(tiny_model, "sst2", run_dir, {**options, "cuda_graphs": False}, 1e-2, 0,
-                                              False)
+            sys.modules["zolite.ablate"]._run(tiny_model, "sst2", run_dir, {**options, "cuda_graphs": False,
+                                                                            "lr_schedule": "constant"}, 1e-2, 0, False)
         else:
-            zolite.tune(tiny_model, "sst2", resume=run_dir, progress=False, cuda_graphs=False)
+            zolite.tune(tiny_model, "sst2", resume=run_dir, progress=False, cuda_graphs=False, lr_schedule="constant")
         report = json.loads((run_dir / "report.json").read_text())
         assert report["loss_curve"] == whole["loss_curve"]
 

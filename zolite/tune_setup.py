@@ -106,7 +106,7 @@ class TuneConfig:
 
 
 # options added to TuneConfig after runs were made without them, at what those runs did
-ADDED_OPTIONS = {"cuda_graphs": False, "tf32": False, "recipe": False}
+ADDED_OPTIONS = {"cuda_graphs": False, "tf32": False, "recipe": False, "lr_schedule": "constant"}
 # off unless the profile turns them on, and then only on a GPU with unquantized weights (where they were measured to
 # keep the results; under bitsandbytes they are not measured)
 GPU_SPEED_OPTIONS = ("cuda_graphs", "tf32")
