@@ -64,6 +64,12 @@ convert_once() {   # join (SHA-256) and convert a model's GGUF once, before runs
   python3 -c "from zolite.loading import resolve_model; print(resolve_model('$1')[0])" || exit 1
 }
 qwen_once() { convert_once qwen2.5-coder-1.5b; }
+boolq_arm() {   # ARM SEEDS NAME: an arm of bench/plans/real_scale_candidates.toml on BoolQ, its seeds side by side,
+                # into $R/final/NAME (log $R/NAME.log)
+  qwen_once
+  setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
+    --arms $1 --seeds $2 --jobs $2 --data /root/data --out $R/final/$3 --quiet > $R/$3.log 2>&1 < /dev/null &
+}
 case $1 in
 smollm2)
   for t in sst2 boolq; do
@@ -219,16 +225,10 @@ rows-next)
 boolq-long)
   # after the ninth part: the scaled BoolQ recipe (0.2 points short of its target) for 4,000 steps ($SEEDS seeds,
   # default 3), resumed over sessions
-  qwen_once
-  setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
-    --arms bitfit-nf4-act-long --seeds ${SEEDS:-3} --jobs ${SEEDS:-3} --data /root/data --out $R/final/boolq-long \
-    --quiet > $R/boolq-long.log 2>&1 < /dev/null & ;;
+  boolq_arm bitfit-nf4-act-long ${SEEDS:-3} boolq-long ;;
 boolq-decay)
   # after the twelfth part: BoolQ's recipe with its lr decaying linearly to 0 over its 2,000 steps, 3 seeds
-  qwen_once
-  setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
-    --arms bitfit-nf4-act-linear --seeds 3 --jobs 3 --data /root/data --out $R/final/boolq-decay --quiet \
-    > $R/boolq-decay.log 2>&1 < /dev/null & ;;
+  boolq_arm bitfit-nf4-act-linear 3 boolq-decay ;;
 speed)
   # the matrix's times come from runs sharing the GPU; these are speeds: each ZO arm's step, eager MeZO and the
   # forward floor on the same BoolQ batch, alone on the GPU
@@ -268,10 +268,7 @@ speed-next)
   grep -h '^| qwen-' $R/speed-next/*/results.md ;;
 boolq-graphs)
   # after the eleventh part: BoolQ's recipe under CUDA graphs, seed 0 (bench/plans/real_scale_candidates.toml)
-  qwen_once
-  setsid nohup zolite ablate --model qwen2.5-coder-1.5b --task boolq --plan bench/plans/real_scale_candidates.toml \
-    --arms bitfit-nf4-act-graphs --seeds 1 --jobs 1 --data /root/data --out $R/final/boolq-graphs --quiet \
-    > $R/boolq-graphs.log 2>&1 < /dev/null & ;;
+  boolq_arm bitfit-nf4-act-graphs 1 boolq-graphs ;;
 refs-next)
   # bitfit-refs beside full-model MeZO on SST-2
   bash "$0" bitfit-refs && bash "$0" mezo-full sst2 ;;

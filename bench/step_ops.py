@@ -26,10 +26,15 @@ def count(zo, model, layers: int, params: str | None = None) -> tuple[collection
         with tuned.perturbed(123, 1e-3):
             model.base_model(input_ids=torch.cat([ids, ids]), use_cache=False)
         tuned.sgd_update(123, 0.5, 1e-4)
-    step()   # warm: the first call of each op initialises things
+    return aten_calls(step), len(tuned.params)
+
+
+def aten_calls(fn) -> collections.Counter:
+    """aten calls of one fn() by name, after a first call (the first call of each op initialises things)."""
+    fn()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step()
-    return collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::")), len(tuned.params)
+        fn()
+    return collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
 
 
 def main():
@@ -67,10 +72,7 @@ def main():
 def forward_calls(model) -> collections.Counter:
     """aten calls of the step's doubled forward alone."""
     ids = torch.randint(0, 100, (8, 16))
-    model.base_model(input_ids=ids, use_cache=False)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        model.base_model(input_ids=ids, use_cache=False)
-    return collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+    return aten_calls(lambda: model.base_model(input_ids=ids, use_cache=False))
 
 
 RECIPE_LAYERS = 28   # Qwen2.5-Coder-1.5B's

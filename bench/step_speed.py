@@ -341,11 +341,12 @@ def graphs_check(net, tuned, batch, eps: float) -> dict:
 
 
 def _one_process_run(stepper, examples: list, batch_size: int):
-    """What tune's train_step reads of a Run, for one process (its loop counts no exchanged bytes)."""
+    """What tune's train_step reads of a Run, for one process (its loop counts no exchanged bytes); the config is a
+    real TuneConfig, so every option train_step reads has its default."""
     from zolite.distributed import World
+    from zolite.tune_setup import TuneConfig
 
-    config = SimpleNamespace(batch_size=batch_size, objective="ce", seed=0, lr_schedule="constant", steps=0)
-    return SimpleNamespace(config=config, train=examples,
+    return SimpleNamespace(config=TuneConfig(batch_size=batch_size, objective="ce", seed=0), train=examples,
                            splits=None, stepper=stepper, guard=None, world=World(), exchange=[0, 0, 0])
 
 

@@ -370,8 +370,9 @@ def guard_returns(run: Run) -> bool:
 
 
 def follow_guard(run: Run, action: str | None, step: int) -> None:
-    """Do what the guard said after `step` (stepsize.LossGuard.check): a smaller step, the weights back to the kept
-    ones, or the block's starting weights as the kept ones; then copy the weights if a block starts here."""
+    """Do what the guard said after `step` (stepsize.LossGuard.check): the weights back to the kept ones, or the
+    block's starting weights as the kept ones (a halving needs nothing here: train_step reads the guard's factor);
+    then copy the weights if a block starts here."""
     if action == "return":
         run.tuned.load(run.kept_weights)
     elif action == "snapshot":
